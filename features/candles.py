@@ -13,6 +13,7 @@ feature window and label window stays inside one segment.
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import numpy as np
 import pandas as pd
 
 from features.errors import CandleDataError
+
+log = logging.getLogger(__name__)
 
 FIVE_MINUTES_MS = 5 * 60 * 1000
 ONE_MINUTE_MS = 60 * 1000
@@ -198,7 +201,7 @@ def load_candles(path: str | Path, interval: str = "5m", resample_from: str | No
 
     ``resample_from="1m"`` aggregates 1-minute candles into ``interval`` candles. If the file's
     candles are 1-minute and ``interval`` is 5m, pass it explicitly: guessing would hide mistakes.
-    The returned frame's ``attrs["gaps"]`` holds the :class:`GapReport`.
+    Gaps are logged (count and longest span); :func:`gap_report` gives them to callers.
     """
     p = Path(path)
     if not p.exists():
@@ -225,5 +228,7 @@ def load_candles(path: str | Path, interval: str = "5m", resample_from: str | No
         out = validate_candles(df, target_ms)
     except CandleDataError as exc:
         raise CandleDataError(f"{p}: {exc}") from None
-    out.attrs["gaps"] = gap_report(out["open_time"], target_ms)
+    gaps = gap_report(out["open_time"], target_ms)
+    if gaps.gap_count:
+        log.warning("%s: %s", p.name, gaps)
     return out

@@ -1,0 +1,209 @@
+"""Typed settings: one object for the whole engine.
+
+Sources, highest priority first: keyword arguments, ``MLE_*`` environment variables, an optional
+``.env`` file, then the YAML files in the config directory (``MLE_CONFIG_DIR``, default: this
+package's folder) that operators edit. Defaults need no environment at all. Unknown keys and bad
+values fail at start-up with a :class:`ConfigError` naming the key — a typo in a YAML file must
+never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+
+CONFIG_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = CONFIG_DIR.parent
+YAML_FILES = ("market.yaml", "features.yaml", "models.yaml")
+# Longest look-back any feature may need, in 5-minute candles; features.WARMUP mirrors it.
+MAX_FEATURE_WINDOW = 576
+
+
+class Strict(BaseModel):
+    """Base for YAML sections: unknown keys are errors, values are checked."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _positive_unique(values: tuple[int, ...] | list[int], limit: int = MAX_FEATURE_WINDOW) -> tuple[int, ...]:
+    if not values:
+        raise ValueError("must not be empty")
+    for v in values:
+        if v < 1 or v > limit:
+            raise ValueError(f"{v} is outside 1..{limit}")
+    if len(set(values)) != len(values):
+        raise ValueError("values must be unique")
+    return tuple(sorted(values))
+
+
+class MarketConfig(Strict):
+    symbols: list[str] = ["BTCUSDT", "ETHUSDT"]
+    horizons: list[int] = [6, 18, 36, 72]
+    interval: Literal["5m"] = "5m"
+
+    @field_validator("symbols")
+    @classmethod
+    def _symbols(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must name at least one symbol")
+        for s in v:
+            if not s.isalnum() or s.upper() != s:
+                raise ValueError(f"{s!r} is not an upper-case exchange symbol like BTCUSDT")
+        return v
+
+    @field_validator("horizons")
+    @classmethod
+    def _horizons(cls, v: list[int]) -> list[int]:
+        return list(_positive_unique(v, 288))
+
+
+class FeatureParams(Strict):
+    rsi_periods: tuple[int, ...] = (6, 14)
+    roc_periods: tuple[int, ...] = (1, 3, 6, 12, 36)
+    ema_periods: tuple[int, ...] = (9, 21, 50)
+    rv_windows: tuple[int, ...] = (12, 48, 288)
+    volume_z_windows: tuple[int, ...] = (48, 288)
+    flow_windows: tuple[int, ...] = (12, 48)
+    vwap_windows: tuple[int, ...] = (48, 288)
+    range_windows: tuple[int, ...] = (48, 288)
+
+    @field_validator("rsi_periods", "ema_periods")
+    @classmethod
+    def _recursive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        # Recursive (Wilder/EMA) indicators must forget their seed within WARMUP candles so the
+        # incremental path equals the batch path to 1e-9; period 60 decays to ~1e-14 in 1000.
+        v = _positive_unique(v, 60)
+        if min(v) < 2:
+            raise ValueError("periods must be at least 2")
+        return v
+
+    @field_validator("roc_periods", "rv_windows", "volume_z_windows", "flow_windows",
+                     "vwap_windows", "range_windows")
+    @classmethod
+    def _windows(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        return _positive_unique(v)
+
+
+class LabelParams(Strict):
+    atr_period: int = Field(14, ge=2, le=60)
+    tp_atr_mult: float = Field(0.75, gt=0, le=20)
+    sl_atr_mult: float = Field(0.5, gt=0, le=20)
+
+
+class XGBParams(Strict):
+    max_depth: int = Field(6, ge=1, le=16)
+    eta: float = Field(0.05, gt=0, le=1)
+    subsample: float = Field(0.8, gt=0, le=1)
+    colsample_bytree: float = Field(0.8, gt=0, le=1)
+    min_child_weight: float = Field(50, ge=0)
+    tree_method: Literal["hist", "approx", "exact"] = "hist"
+    max_bin: int = Field(256, ge=16, le=4096)
+
+
+class ModelConfig(Strict):
+    per_symbol: bool = False
+    quantiles: list[float] = [0.1, 0.5, 0.9]
+    num_boost_round: int = Field(400, ge=1, le=10000)
+    early_stopping_rounds: int = Field(30, ge=1)
+    xgb_params: XGBParams = XGBParams()
+
+    @field_validator("quantiles")
+    @classmethod
+    def _quantiles(cls, v: list[float]) -> list[float]:
+        if len(v) != 3 or not (0 < v[0] < v[1] < v[2] < 1):
+            raise ValueError("need three increasing quantiles in (0, 1): lower, median, upper")
+        return v
+
+
+class Settings(BaseSettings):
+    """Everything configurable, in one typed object. See docs/configuration.md."""
+
+    model_config = SettingsConfigDict(env_prefix="MLE_", env_file=".env", env_file_encoding="utf-8",
+                                      env_nested_delimiter="__", extra="forbid", frozen=True)
+
+    # Operator-edited YAML sections.
+    market: MarketConfig = MarketConfig()
+    features: FeatureParams = FeatureParams()
+    labels: LabelParams = LabelParams()
+    models: ModelConfig = ModelConfig()
+
+    # Paths.
+    config_dir: Path = CONFIG_DIR
+    data_dir: Path = PROJECT_DIR / "data"
+    sample_dir: Path = PROJECT_DIR / "data" / "sample"
+    models_dir: Path = PROJECT_DIR / "models"
+    spool_dir: Path = PROJECT_DIR / "var" / "spool"
+
+    # Services (all optional at run time: the engine degrades without them).
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = "postgresql://127.0.0.1:5432/test"
+
+    # HTTP and Ray.
+    api_keys: Annotated[list[SecretStr], NoDecode] = []  # MLE_API_KEYS=key1,key2
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=1, le=65535)
+    ray_port: int = Field(6380, ge=1, le=65535)
+    rate_limit_per_minute: int = Field(100, ge=1)
+
+    # Market feed.
+    feed: Literal["replay", "binance"] = "replay"
+    replay_speed: float = Field(0.0, ge=0)  # 0 = as fast as possible, 1 = real time, N = xN
+    binance_api_url: str = "https://api.binance.com/api"
+    binance_ws_url: str = "wss://stream.binance.com:9443/ws"
+    max_data_age_s: float = Field(900.0, gt=0)  # older market data makes the engine answer 503
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if max(self.market.horizons) > MAX_FEATURE_WINDOW:
+            raise ValueError("market.horizons: longest horizon exceeds the feature window")
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config_dir = Path(os.environ.get("MLE_CONFIG_DIR", CONFIG_DIR))
+        yaml_files = [config_dir / name for name in YAML_FILES if (config_dir / name).exists()]
+        yaml_source = YamlConfigSettingsSource(settings_cls, yaml_file=yaml_files)
+        return init_settings, env_settings, dotenv_settings, yaml_source
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        lines.append(f"{key}: {err['msg']}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build :class:`Settings`, turning validation errors into a :class:`ConfigError` naming keys."""
+    # Imported here: ``features`` imports this module for its parameter types, so a module-level
+    # import back into ``features`` would be circular.
+    from features.errors import ConfigError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, loaded once (call ``get_settings.cache_clear()`` in tests)."""
+    return load_settings()

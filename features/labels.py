@@ -1,0 +1,126 @@
+"""Labels: what happened *after* candle t (rows t+1 … t+h only).
+
+The same functions serve training (:func:`build_labels` over a history), the live outcome
+resolver and the backtester (:func:`first_touch` on the candles after an entry), so a live
+outcome and a training label can never disagree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import talib
+from numpy.lib.stride_tricks import sliding_window_view
+
+from configs.settings import LabelParams
+from features.candles import segment_ids
+
+# Outcome codes of a barrier trade.
+TP, SL, EXPIRED = 1, -1, 0
+# Signal classes, in the order the signal classifier's probabilities use.
+SIGNAL_CLASSES: tuple[str, ...] = ("SELL", "HOLD", "BUY")
+SELL, HOLD, BUY = 0, 1, 2
+
+
+def barrier_distances(atr_pct: np.ndarray | float, horizon: int,
+                      params: LabelParams = LabelParams()) -> tuple[np.ndarray | float, np.ndarray | float]:
+    """Take-profit and stop-loss distances as fractions of the entry price.
+
+    ``multiple x ATR/close x sqrt(horizon)``: barriers widen like a random walk's spread, so the
+    share of trades that reach a barrier is comparable across horizons.
+    """
+    scale = np.sqrt(horizon) * atr_pct
+    return params.tp_atr_mult * scale, params.sl_atr_mult * scale
+
+
+def first_touch(highs: np.ndarray, lows: np.ndarray, take_profit: np.ndarray, stop_loss: np.ndarray,
+                side: str) -> tuple[np.ndarray, np.ndarray]:
+    """Which barrier each trade touches first.
+
+    ``highs``/``lows`` are ``(n, h)``: the candles after entry, in order. ``take_profit`` and
+    ``stop_loss`` are ``(n,)`` prices. Returns ``(outcome, bars)``: outcome is ``TP``, ``SL`` or
+    ``EXPIRED``; ``bars`` is the 1-based candle of the exit (``h`` on expiry). A candle touching
+    both barriers counts as the stop: inside one candle we cannot know which came first, and
+    assuming the worst keeps labels and backtests honest.
+    """
+    if side == "long":
+        hit_tp = highs >= take_profit[:, None]
+        hit_sl = lows <= stop_loss[:, None]
+    elif side == "short":
+        hit_tp = lows <= take_profit[:, None]
+        hit_sl = highs >= stop_loss[:, None]
+    else:
+        raise ValueError(f"side must be 'long' or 'short', not {side!r}")
+    h = highs.shape[1]
+    first_tp = np.where(hit_tp.any(axis=1), hit_tp.argmax(axis=1), h)
+    first_sl = np.where(hit_sl.any(axis=1), hit_sl.argmax(axis=1), h)
+    outcome = np.where(first_sl <= first_tp, np.where(first_sl < h, SL, EXPIRED), TP)
+    bars = np.minimum(first_tp, first_sl) + 1
+    bars = np.where(outcome == EXPIRED, h, bars)
+    return outcome.astype(np.int8), bars.astype(np.int16)
+
+
+def signal_from_outcomes(outcome_long: np.ndarray, outcome_short: np.ndarray) -> np.ndarray:
+    """BUY when only the long reaches its take-profit first, SELL when only the short does, else HOLD."""
+    long_wins = outcome_long == TP
+    short_wins = outcome_short == TP
+    return np.where(long_wins & ~short_wins, BUY, np.where(short_wins & ~long_wins, SELL, HOLD))
+
+
+def atr_fraction(candles: pd.DataFrame, period: int) -> np.ndarray:
+    """ATR/close at each candle, computed per contiguous segment (never across a gap)."""
+    t = candles["open_time"].to_numpy(np.int64)
+    h, l, c = (candles[k].to_numpy(np.float64) for k in ("high", "low", "close"))
+    seg = segment_ids(t)
+    out = np.full(len(t), np.nan)
+    bounds = np.flatnonzero(np.diff(seg)) + 1
+    for lo, hi in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(t)]])):
+        if hi - lo > period:
+            out[lo:hi] = talib.ATR(h[lo:hi], l[lo:hi], c[lo:hi], period) / c[lo:hi]
+    return out
+
+
+def build_labels(candles: pd.DataFrame, horizons: tuple[int, ...] | list[int] = (6, 18, 36, 72),
+                 params: LabelParams = LabelParams()) -> pd.DataFrame:
+    """Labels for every candle and horizon; NaN where ``t+1 … t+h`` runs past the data or a gap.
+
+    Per horizon ``h``: ``fut_high_h``/``fut_low_h`` (extremes of the next h candles relative to
+    close[t]); ``outcome_long_h``/``outcome_short_h`` (TP=1, SL=-1, expired=0 for a trade entered
+    at close[t] with ATR-based barriers); ``tp_long_h``/``tp_short_h`` (1.0 when TP came first);
+    ``signal_h`` (0=SELL, 1=HOLD, 2=BUY).
+    """
+    t = candles["open_time"].to_numpy(np.int64)
+    high, low, close = (candles[k].to_numpy(np.float64) for k in ("high", "low", "close"))
+    n = len(t)
+    seg = segment_ids(t)
+    atr = atr_fraction(candles, params.atr_period)
+    cols: dict[str, np.ndarray] = {}
+    for h in horizons:
+        m = n - h  # rows with h candles after them
+        fut_high = np.full(n, np.nan)
+        fut_low = np.full(n, np.nan)
+        outcome = {s: np.full(n, np.nan) for s in ("long", "short")}
+        if m > 0:
+            hw = sliding_window_view(high[1:], h)[:m]  # row t: high[t+1 .. t+h]
+            lw = sliding_window_view(low[1:], h)[:m]
+            same = seg[h:] == seg[:m]  # the whole window lies in t's contiguous segment
+            c0 = close[:m]
+            fut_high[:m] = np.where(same, hw.max(axis=1) / c0 - 1.0, np.nan)
+            fut_low[:m] = np.where(same, lw.min(axis=1) / c0 - 1.0, np.nan)
+            tp_d, sl_d = barrier_distances(atr[:m], h, params)
+            ok = same & np.isfinite(tp_d)
+            idx = np.flatnonzero(ok)
+            for side, tp_px, sl_px in (("long", c0 * (1 + tp_d), c0 * (1 - sl_d)),
+                                       ("short", c0 * (1 - tp_d), c0 * (1 + sl_d))):
+                res, _ = first_touch(hw[idx], lw[idx], tp_px[idx], sl_px[idx], side)
+                outcome[side][idx] = res
+        cols[f"fut_high_{h}"] = fut_high
+        cols[f"fut_low_{h}"] = fut_low
+        cols[f"outcome_long_{h}"] = outcome["long"]
+        cols[f"outcome_short_{h}"] = outcome["short"]
+        cols[f"tp_long_{h}"] = np.where(np.isnan(outcome["long"]), np.nan, outcome["long"] == TP)
+        cols[f"tp_short_{h}"] = np.where(np.isnan(outcome["short"]), np.nan, outcome["short"] == TP)
+        defined = ~np.isnan(outcome["long"])
+        sig = signal_from_outcomes(outcome["long"], outcome["short"]).astype(np.float64)
+        cols[f"signal_{h}"] = np.where(defined, sig, np.nan)
+    return pd.DataFrame(cols, index=candles.index)
