@@ -32,3 +32,41 @@ def real_candles() -> dict[str, pd.DataFrame]:
 @pytest.fixture(scope="session")
 def has_shared_data() -> bool:
     return all((SHARED_DATA / f"{s}_5m.parquet").exists() for s in SYMBOLS)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole suite (started by this driver, stopped at the end).
+
+    The dashboard (and its job server) is on, so `ray job submit` tests can use the same cluster;
+    Serve tests deploy into it. Logical CPUs exceed the 2 physical cores on purpose: deployments
+    ask for fractions, and the suite's small workloads interleave.
+    """
+    import ray
+
+    dashboard_port = free_port()
+    ctx = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+                   configure_logging=False, log_to_driver=False,
+                   runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+    # Ray 2.5x+ enables token auth by default; the token is saved in ~/.ray/auth_token, which the
+    # Ray CLI (`ray job submit`) reads itself. Plain HTTP clients send it as a bearer token.
+    token_file = Path.home() / ".ray" / "auth_token"
+    headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file.exists() else {}
+    info = {"address": ctx.address_info["address"], "gcs_address": ctx.address_info["gcs_address"],
+            "dashboard_url": f"http://127.0.0.1:{dashboard_port}", "auth_headers": headers}
+    yield info
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:  # Serve was never started
+        pass
+    ray.shutdown()
