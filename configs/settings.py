@@ -112,6 +112,17 @@ class ModelConfig(Strict):
     num_boost_round: int = Field(400, ge=1, le=10000)
     early_stopping_rounds: int = Field(30, ge=1)
     xgb_params: XGBParams = XGBParams()
+    # Walk-forward evaluation (training/data.py): expanding train windows; the first test fold
+    # starts after `min_train_fraction` of the timeline; early stopping uses the last
+    # `validation_fraction` of each train window (separated from fit and test rows by the embargo).
+    walk_forward_folds: int = Field(4, ge=1, le=20)
+    min_train_fraction: float = Field(0.5, gt=0, lt=1)
+    validation_fraction: float = Field(0.15, gt=0, lt=0.5)
+    # Share of the out-of-fold rows (the newest) held out from the meta-model to calibrate its confidence.
+    calibration_fraction: float = Field(0.3, gt=0, lt=0.9)
+    # Cap on rows per boosting fit: longer windows are subsampled by a fixed time stride (neighbouring
+    # 5-minute rows share most of their label window, so striding loses little and keeps 2 cores usable).
+    max_train_rows: int = Field(200_000, ge=1000)
 
     @field_validator("quantiles")
     @classmethod
