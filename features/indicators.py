@@ -111,43 +111,48 @@ class _HigherTimeframe:
 
     A bucket's close is the close of its last 5-minute candle; the bucket counts as completed at
     row ``t`` only once that last candle is row ``t`` or earlier. Only closes are used, so a bucket
-    cut by the start of the input is still exact.
+    cut by the start of the input is still exact. Values are produced for the last ``tail`` rows.
     """
 
-    def __init__(self, open_time: np.ndarray, close: np.ndarray, bucket_ms: int) -> None:
+    def __init__(self, open_time: np.ndarray, close: np.ndarray, bucket_ms: int, tail: int) -> None:
         n = len(close)
         bucket = open_time // bucket_ms
-        starts = np.flatnonzero(np.concatenate([[True], bucket[1:] != bucket[:-1]]))
-        ends = np.concatenate([starts[1:] - 1, [n - 1]])
+        ends = np.flatnonzero(bucket[1:] != bucket[:-1])  # last row of every bucket but the newest
+        ends = np.append(ends, n - 1)
         self.closes = close[ends]
         self.log_closes = np.log(self.closes)
-        row_bucket = np.repeat(np.arange(len(starts)), ends - starts + 1)
-        closes_bucket = (open_time + 300_000) % bucket_ms == 0
+        rows = np.arange(n - tail, n)
+        row_bucket = np.searchsorted(ends, rows)  # index of the bucket holding each row
+        closes_bucket = (open_time[n - tail:] + 300_000) % bucket_ms == 0
         # Row t sees its own bucket if t is that bucket's final slot, else the previous bucket.
         ref = np.where(closes_bucket, row_bucket, row_bucket - 1)
         self._valid = ref >= 0
         self._ref = np.where(self._valid, ref, 0)
 
-    def at_rows(self, x: np.ndarray) -> np.ndarray:
-        """Map a per-bucket series to the 5-minute rows (NaN before the first completed bucket)."""
+    def _at_rows(self, x: np.ndarray) -> np.ndarray:
+        """Map a per-bucket series to the rows (NaN before the first completed bucket)."""
         return np.where(self._valid, x[self._ref], np.nan)
 
     def log_return(self, k: int) -> np.ndarray:
-        return self.at_rows(self.log_closes - _shift(self.log_closes, k))
+        return self._at_rows(self.log_closes - _shift(self.log_closes, k))
 
     def realised_vol(self, window: int) -> np.ndarray:
         r = np.concatenate([[np.nan], np.diff(self.log_closes)])
-        return self.at_rows(np.sqrt(_mean_tail(r * r, window, len(r))))
+        return self._at_rows(np.sqrt(_mean_tail(r * r, window, len(r))))
 
     def sma(self, window: int) -> np.ndarray:
-        return self.at_rows(_mean_tail(self.closes, window, len(self.closes)))
+        return self._at_rows(_mean_tail(self.closes, window, len(self.closes)))
 
 
 def _log_slope(logc: np.ndarray, window: int, tail: int) -> np.ndarray:
     """Least-squares slope of log close over the last ``window`` candles (log-return per candle)."""
+    return _correlate_tail(logc, _slope_kernel(window), tail)
+
+
+@lru_cache(maxsize=8)
+def _slope_kernel(window: int) -> np.ndarray:
     x = np.arange(window, dtype=np.float64)
-    weights = (x - x.mean()) / ((x - x.mean()) ** 2).sum()
-    return _correlate_tail(logc, weights, tail)
+    return (x - x.mean()) / ((x - x.mean()) ** 2).sum()
 
 
 def _correlate_tail(x: np.ndarray, kernel: np.ndarray, tail: int) -> np.ndarray:
@@ -169,6 +174,35 @@ def _correlate_tail(x: np.ndarray, kernel: np.ndarray, tail: int) -> np.ndarray:
     return out
 
 
+class _WindowMeans:
+    """Trailing-window means of several series, for the last ``tail`` rows.
+
+    In batch mode each (series, window) is one exact correlation over the history. In the serving
+    mode (``tail == 1``) every series' mean over a window comes from one matrix-vector product, so
+    a new candle costs a handful of numpy calls instead of dozens (the results agree to ~1e-16).
+    """
+
+    def __init__(self, series: dict[str, np.ndarray], tail: int) -> None:
+        self._series = series
+        self._tail = tail
+        self._names = list(series)
+        self._stack = np.vstack(list(series.values())) if tail == 1 else None
+        self._cache: dict[tuple[str, int], np.ndarray] = {}
+
+    def mean(self, name: str, w: int) -> np.ndarray:
+        key = (name, w)
+        if key not in self._cache:
+            if self._stack is not None:
+                n = self._stack.shape[1]
+                means = (self._stack[:, n - w:] @ _kernel(w, True) if n >= w
+                         else np.full(len(self._names), np.nan))
+                for i, other in enumerate(self._names):
+                    self._cache[(other, w)] = means[i:i + 1]
+            else:
+                self._cache[key] = _mean_tail(self._series[name], w, self._tail)
+        return self._cache[key]
+
+
 @lru_cache(maxsize=64)
 def _kernel(w: int, mean: bool) -> np.ndarray:
     return np.full(w, 1.0 / w) if mean else np.ones(w)
@@ -180,6 +214,15 @@ def _mean_tail(x: np.ndarray, w: int, tail: int) -> np.ndarray:
 
 def _sum_tail(x: np.ndarray, w: int, tail: int) -> np.ndarray:
     return _correlate_tail(x, _kernel(w, False), tail)
+
+
+def _lag_ratio(x: np.ndarray, tail: int) -> np.ndarray:
+    """``x[t] / x[t - 1]`` for the last ``tail`` rows."""
+    n = len(x)
+    out = np.full(tail, np.nan)
+    first = max(n - tail, 1)
+    out[first - (n - tail):] = x[first:] / x[first - 1:n - 1]
+    return out
 
 
 def _lag_diff(x: np.ndarray, lag: int, tail: int) -> np.ndarray:
@@ -234,14 +277,21 @@ def compute_features(open_time: np.ndarray, o: np.ndarray, h: np.ndarray, l: np.
     r = np.concatenate([[np.nan], np.diff(logc)])
     c_t = last(c)
 
+    # Trailing-window means of these series feed the volatility and volume groups.
+    hl2 = np.log(h / l) ** 2
+    lv = np.log1p(v)
+    tp = (h + l + c) / 3.0
+    win = _WindowMeans({
+        "r2": r * r, "hl2": hl2, "gk": 0.5 * hl2 - (2.0 * np.log(2.0) - 1.0) * np.log(c / o) ** 2,
+        "lv": lv, "lv2": lv * lv, "signed": np.sign(np.concatenate([[0.0], np.diff(c)])) * v,
+        "v": v, "tpv": tp * v, "tp": tp}, k)
+
     # Volatility.
     cols += [last(atr) / c_t, last(h - l) / c_t]
-    rv = {w: np.sqrt(_mean_tail(r * r, w, k)) for w in p.rv_windows}
+    rv = {w: np.sqrt(np.maximum(win.mean("r2", w), 0.0)) for w in p.rv_windows}
     cols += [rv[w] for w in p.rv_windows]
-    hl2 = np.log(h / l) ** 2
-    cols += [np.sqrt(_mean_tail(hl2, w, k) / (4.0 * np.log(2.0))) for w in p.rv_windows]
-    gk = 0.5 * hl2 - (2.0 * np.log(2.0) - 1.0) * np.log(c / o) ** 2
-    cols += [np.sqrt(np.maximum(_mean_tail(gk, w, k), 0.0)) for w in p.rv_windows]
+    cols += [np.sqrt(np.maximum(win.mean("hl2", w), 0.0) / (4.0 * np.log(2.0))) for w in p.rv_windows]
+    cols += [np.sqrt(np.maximum(win.mean("gk", w), 0.0)) for w in p.rv_windows]
     cols.append(_div(rv[p.rv_windows[0]], rv[p.rv_windows[-1]], 1.0))
 
     # Momentum.
@@ -253,25 +303,22 @@ def compute_features(open_time: np.ndarray, o: np.ndarray, h: np.ndarray, l: np.
 
     # Trend.
     cols += [c_t / last(emas[q]) - 1.0 for q in p.ema_periods]
-    cols += [np.exp(_lag_diff(np.log(emas[q][-k - 1:]), 1, k)) - 1.0 for q in p.ema_periods]
+    cols += [_lag_ratio(emas[q], k) - 1.0 for q in p.ema_periods]
     cols += [last(adx) / 100.0, last(di) / 100.0, _log_slope(logc, 20, k)]
     for w in p.range_windows:
         lo, hi = last(talib.MIN(l, w)), last(talib.MAX(h, w))
         cols.append(_div(c_t - lo, hi - lo, 0.5))
 
-    # Volume.
-    lv = np.log1p(v)
+    # Volume (ratios of window means equal ratios of window sums).
     for w in p.volume_z_windows:
-        mean = _mean_tail(lv, w, k)
-        var = np.maximum(_mean_tail(lv * lv, w, k) - mean * mean, 0.0)
+        mean = win.mean("lv", w)
+        var = np.maximum(win.mean("lv2", w) - mean * mean, 0.0)
         cols.append(_div(last(lv) - mean, np.sqrt(var), 0.0))
-    signed = np.sign(np.concatenate([[0.0], np.diff(c)])) * v
     for w in p.flow_windows:
-        cols.append(_div(_sum_tail(signed, w, k), _sum_tail(v, w, k), 0.0))
-    tp = (h + l + c) / 3.0
+        cols.append(_div(win.mean("signed", w), win.mean("v", w), 0.0))
     for w in p.vwap_windows:
-        vwap = _div(_sum_tail(tp * v, w, k), _sum_tail(v, w, k), np.nan)
-        vwap = np.where(np.isnan(vwap), _mean_tail(tp, w, k), vwap)  # no volume at all: plain mean
+        vwap = _div(win.mean("tpv", w), win.mean("v", w), np.nan)
+        vwap = np.where(np.isnan(vwap), win.mean("tp", w), vwap)  # no volume at all: plain mean
         cols.append(c_t / vwap - 1.0)
 
     # Calendar.
@@ -281,12 +328,11 @@ def compute_features(open_time: np.ndarray, o: np.ndarray, h: np.ndarray, l: np.
     cols += [np.sin(day_phase), np.cos(day_phase), np.sin(week_phase), np.cos(week_phase)]
 
     # Higher time frames, from completed candles only.
-    h1 = _HigherTimeframe(t, c, HOUR_MS)
-    cols += [last(h1.log_return(1)), last(h1.log_return(4)), last(h1.log_return(H1_WINDOW)),
-             last(h1.realised_vol(H1_WINDOW)), c_t / last(h1.sma(H1_WINDOW)) - 1.0]
-    h4 = _HigherTimeframe(t, c, H4_MS)
-    cols += [last(h4.log_return(1)), last(h4.log_return(H4_WINDOW)), last(h4.realised_vol(H4_WINDOW)),
-             c_t / last(h4.sma(H4_WINDOW)) - 1.0]
+    h1 = _HigherTimeframe(t, c, HOUR_MS, k)
+    cols += [h1.log_return(1), h1.log_return(4), h1.log_return(H1_WINDOW), h1.realised_vol(H1_WINDOW),
+             c_t / h1.sma(H1_WINDOW) - 1.0]
+    h4 = _HigherTimeframe(t, c, H4_MS, k)
+    cols += [h4.log_return(1), h4.log_return(H4_WINDOW), h4.realised_vol(H4_WINDOW), c_t / h4.sma(H4_WINDOW) - 1.0]
 
     out = np.empty((k, len(cols)))
     for j, col in enumerate(cols):
