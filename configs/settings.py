@@ -169,6 +169,17 @@ class Settings(BaseSettings):
     binance_ws_url: str = "wss://stream.binance.com:9443/ws"
     max_data_age_s: float = Field(900.0, gt=0)  # older market data makes the engine answer 503
 
+    # Prediction and signal logs, outcome resolution, live accuracy (deployments/db, issue 6).
+    log_batch_size: int = Field(2000, ge=1, le=100_000)  # rows per INSERT
+    log_flush_interval_s: float = Field(0.2, gt=0, le=60)  # longest a logged row waits before it is written
+    log_retry_interval_s: float = Field(1.0, gt=0, le=300)  # how often an unreachable PostgreSQL is retried
+    db_timeout_s: float = Field(5.0, gt=0, le=300)  # connect/statement timeout: a hung server counts as down
+    spool_max_bytes: int = Field(1 << 30, ge=1 << 20)  # disk the spool may fill in an outage; beyond: dropped, counted
+    fee_rate: float = Field(0.001, ge=0, lt=0.05)  # exchange fee per side (0.001 = 0.1%), paid on entry and exit
+    drift_mae_margin: float = Field(0.25, ge=0)  # drift: live MAE > walk-forward MAE x (1 + margin) ...
+    drift_min_samples: int = Field(200, ge=1)  # ... over at least this many resolved predictions ...
+    drift_window: Literal["24h", "7d", "all"] = "24h"  # ... in this window
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, v: Any) -> Any:
