@@ -146,13 +146,14 @@ def candle_path(out_dir: str | Path, symbol: str, interval: str) -> Path:
 def make_client(base_url: str | None = None, timeout_s: float = 10.0) -> Client:
     """A key-less python-binance client, optionally pointed at another REST endpoint.
 
-    ``base_url`` (or ``$MLE_BINANCE_API_URL``) replaces ``https://api.binance.com``; tests and
-    mirrors use it. ``ping=False`` because the constructor's ping would be an unretried request.
+    ``base_url`` (default: ``Settings.binance_api_url``, i.e. ``$MLE_BINANCE_API_URL``) replaces
+    ``https://api.binance.com``; tests and mirrors use it. ``ping=False`` because the constructor's
+    ping would be an unretried request.
     """
+    from configs.settings import load_settings
+
     client = Client(ping=False, requests_params={"timeout": timeout_s})
-    url = base_url or os.environ.get(BASE_URL_ENV)
-    if url:
-        client.API_URL = api_root(url)
+    client.API_URL = api_root(base_url or load_settings().binance_api_url)
     return client
 
 
