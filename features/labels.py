@@ -60,6 +60,35 @@ def first_touch(highs: np.ndarray, lows: np.ndarray, take_profit: np.ndarray, st
     return outcome.astype(np.int8), bars.astype(np.int16)
 
 
+def windows_after(open_time: np.ndarray, high: np.ndarray, low: np.ndarray, index: np.ndarray,
+                  horizon: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``horizon`` candles after each candle ``index``: ``(highs (n, h), lows (n, h), complete (n,))``.
+
+    For resolving single logged forecasts against a candle history (the live resolver), where
+    :func:`build_labels` would label every row. ``complete`` is False when ``t+1 … t+h`` runs past
+    the history or crosses a gap, exactly where ``build_labels`` gives NaN (same segment rule);
+    the windows of such rows hold arbitrary candles and must be ignored.
+    """
+    t = np.asarray(open_time, dtype=np.int64)
+    idx = np.asarray(index, dtype=np.int64)
+    n = len(t)
+    seg = segment_ids(t)
+    last = idx + horizon
+    inside = (idx >= 0) & (last < n)
+    complete = np.zeros(len(idx), dtype=bool)
+    complete[inside] = seg[last[inside]] == seg[idx[inside]]
+    cols = np.clip(idx[:, None] + np.arange(1, horizon + 1), 0, max(n - 1, 0))
+    return np.asarray(high, dtype=np.float64)[cols], np.asarray(low, dtype=np.float64)[cols], complete
+
+
+def future_extremes(highs: np.ndarray, lows: np.ndarray, close0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``fut_high``/``fut_low``: the extremes of the ``(n, h)`` candles after entry, as fractions of ``close0``.
+
+    The one definition of the range labels: :func:`build_labels` and the live resolver both call it.
+    """
+    return highs.max(axis=1) / close0 - 1.0, lows.min(axis=1) / close0 - 1.0
+
+
 def signal_from_outcomes(outcome_long: np.ndarray, outcome_short: np.ndarray) -> np.ndarray:
     """BUY when only the long reaches its take-profit first, SELL when only the short does, else HOLD."""
     long_wins = outcome_long == TP
@@ -105,8 +134,9 @@ def build_labels(candles: pd.DataFrame, horizons: tuple[int, ...] | list[int] = 
             lw = sliding_window_view(low[1:], h)[:m]
             same = seg[h:] == seg[:m]  # the whole window lies in t's contiguous segment
             c0 = close[:m]
-            fut_high[:m] = np.where(same, hw.max(axis=1) / c0 - 1.0, np.nan)
-            fut_low[:m] = np.where(same, lw.min(axis=1) / c0 - 1.0, np.nan)
+            ext_high, ext_low = future_extremes(hw, lw, c0)
+            fut_high[:m] = np.where(same, ext_high, np.nan)
+            fut_low[:m] = np.where(same, ext_low, np.nan)
             tp_d, sl_d = barrier_distances(atr[:m], h, params)
             ok = same & np.isfinite(tp_d)
             idx = np.flatnonzero(ok)
