@@ -1,0 +1,39 @@
+"""Apply a declarative :class:`configs.strategies.Strategy` to a signal table (pure, vectorised)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from configs.strategies import Strategy
+
+_SIDE = {"BUY": 1, "SELL": -1}
+
+
+def select_signals(signals: pd.DataFrame, strategy: Strategy) -> pd.DataFrame:
+    """The rows of ``signals`` the strategy trades.
+
+    ``signals`` needs the simulator's columns plus every feature its filters name (the feature row
+    of the signal candle). A NaN feature fails its filter: missing data is never a reason to trade.
+    """
+    missing = [c for c in strategy.feature_columns if c not in signals.columns]
+    if missing:
+        raise ValueError(f"signal table lacks the feature columns {missing} that the strategy filters on")
+    side = signals["side"].to_numpy(np.int64)
+    keep = signals["horizon"].to_numpy(np.int64) == strategy.horizon
+    keep &= np.isin(side, [_SIDE[s] for s in strategy.sides])
+    keep &= signals["confidence"].to_numpy(np.float64) >= strategy.min_confidence
+    if strategy.min_reward_risk is not None:
+        rr = signals["tp_frac"].to_numpy(np.float64) / signals["sl_frac"].to_numpy(np.float64)
+        keep &= rr >= strategy.min_reward_risk
+    for f in strategy.filters:
+        v = signals[f.feature].to_numpy(np.float64)
+        if f.with_side:
+            v = v * side
+        ok = np.isfinite(v)
+        if f.min is not None:
+            ok &= v >= f.min
+        if f.max is not None:
+            ok &= v <= f.max
+        keep &= ok
+    return signals[keep]
