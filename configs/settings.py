@@ -180,6 +180,18 @@ class Settings(BaseSettings):
     drift_min_samples: int = Field(200, ge=1)  # ... over at least this many resolved predictions ...
     drift_window: Literal["24h", "7d", "all"] = "24h"  # ... in this window
 
+    # Serving graph, prediction cache and market replay (deployments/, issue 5).
+    prediction_ttl_s: float = Field(0.0, ge=0)  # Redis expiry of a cached prediction; 0 = when the next candle closes
+    signal_horizon: int | None = None  # horizon of POST /signals when the request names none; None = the shortest
+    replay_files: dict[str, Path] = {}  # symbol -> candle file to replay; default: sample_dir/{SYMBOL}_5m.parquet
+    replay_history: int = Field(1000, ge=0)  # candles loaded at once before streaming (>= WARMUP: predictions at once)
+    model_poll_s: float = Field(2.0, gt=0, le=3600)  # how often the registry's `current` pointers are checked
+    batch_max_size: int = Field(64, ge=1, le=4096)  # @serve.batch size in the model replica pools
+    batch_wait_s: float = Field(0.001, ge=0, le=1)  # longest a model request waits for batch-mates
+    redis_timeout_s: float = Field(0.25, gt=0, le=30)  # a Redis slower than this counts as down
+    redis_retry_s: float = Field(1.0, gt=0, le=300)  # how long a down Redis is skipped before it is tried again
+    serving_log: str = ""  # "module:factory" building the prediction/request log hook (issue 6); "" = none
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, v: Any) -> Any:
@@ -191,6 +203,13 @@ class Settings(BaseSettings):
     def _check(self) -> "Settings":
         if max(self.market.horizons) > MAX_FEATURE_WINDOW:
             raise ValueError("market.horizons: longest horizon exceeds the feature window")
+        return self
+
+    @model_validator(mode="after")
+    def _check_serving(self) -> "Settings":
+        if self.signal_horizon is not None and self.signal_horizon not in self.market.horizons:
+            raise ValueError(f"signal_horizon: {self.signal_horizon} is not one of market.horizons "
+                             f"{self.market.horizons}")
         return self
 
     @classmethod
