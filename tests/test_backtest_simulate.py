@@ -130,6 +130,9 @@ def test_trade_running_into_a_gap_is_closed_before_it():
     assert tr.exit_time == T0 + 2 * FIVE_MINUTES_MS and tr.exit_price == pytest.approx(100.4)
     # A signal on the last candle before the gap has no next open: not traded.
     assert run(rows, [signal(2, +1, 0.02, 0.01, 1)], missing=(3,)).empty
+    # The end of the data truncates the same way, reported as "end".
+    tr = run(rows[:3], [signal(0, +1, 0.02, 0.01, 4)]).iloc[0]
+    assert tr.outcome == "end" and tr.bars == 2 and tr.exit_price == pytest.approx(100.4)
     # A barrier reached before the gap is an ordinary exit.
     rows[2] = (100.3, 102.5, 99.7, 102)
     assert run(rows, [signal(0, +1, 0.02, 0.01, 4)], missing=(3,)).iloc[0].outcome == "tp"

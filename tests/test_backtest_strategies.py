@@ -94,7 +94,7 @@ def test_metrics_by_hand():
     assert m["sharpe_per_trade"] == pytest.approx(0.2 / np.std([2, -1, -1, 1.5, -0.5], ddof=1))
     assert m["exposure"] == pytest.approx(0.2)
     assert m["return_pct_1x"] == pytest.approx(1.0)
-    assert m["outcomes"] == {"tp": 2, "sl": 2, "expiry": 1, "gap": 0}
+    assert m["outcomes"] == {"tp": 2, "sl": 2, "expiry": 1, "gap": 0, "end": 0}
     assert max_drawdown(np.array([-1.0, 2.0])) == pytest.approx(1.0)
     months = per_month(tr)
     assert [x["month"] for x in months] == ["2025-01", "2025-02"]

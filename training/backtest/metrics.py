@@ -82,7 +82,7 @@ def summarize(trades: pd.DataFrame, candles_in_period: int | None = None, n_symb
         "exposure": _f(exposure),
         "avg_bars_held": _f(trades["bars"].mean()) if n else None,
         "return_pct_1x": _f(return_pct),
-        "outcomes": {k: int(outcomes.get(k, 0)) for k in ("tp", "sl", "expiry", "gap")},
+        "outcomes": {k: int(outcomes.get(k, 0)) for k in ("tp", "sl", "expiry", "gap", "end")},
     }
 
 

@@ -44,7 +44,7 @@ from features.labels import EXPIRED, SL, TP, first_touch
 # The simulator's input: one row per signal.
 SIGNAL_COLUMNS: tuple[str, ...] = ("open_time", "symbol", "side", "confidence", "tp_frac", "sl_frac", "horizon")
 # Exit reasons in the trade table.
-OUTCOMES: tuple[str, ...] = ("tp", "sl", "expiry", "gap")
+OUTCOMES: tuple[str, ...] = ("tp", "sl", "expiry", "gap", "end")
 _CHUNK = 65_536  # rows per first_touch call: bounds the (rows x horizon) window copies
 
 
@@ -141,7 +141,8 @@ def _walk(m: _Market, sig_idx: np.ndarray, side: np.ndarray, tp_frac: np.ndarray
     exit_open = m.o[exit_idx]
     stop_fill = np.where(side == 1, np.minimum(sl_px, exit_open), np.maximum(sl_px, exit_open))
     exit_px = np.where(outcome == TP, tp_px, np.where(outcome == SL, stop_fill, m.c[exit_idx]))
-    reason = np.where(outcome == TP, 0, np.where(outcome == SL, 1, np.where(gap, 3, 2)))
+    at_end = exit_idx == n - 1  # truncated by the end of the data rather than by missing candles
+    reason = np.where(outcome == TP, 0, np.where(outcome == SL, 1, np.where(gap, np.where(at_end, 4, 3), 2)))
     return {"entry_idx": entry_idx, "exit_idx": exit_idx, "entry_price": entry, "tp_price": tp_px,
             "sl_price": sl_px, "exit_price": exit_px, "reason": reason, "bars": bars}
 

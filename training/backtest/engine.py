@@ -1,0 +1,70 @@
+"""One backtest run: signal table -> every strategy's trades, metrics and baselines (JSON-ready).
+
+Kept apart from the CLI so the benchmark, the walk-forward and the tests drive exactly the code
+the command runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from configs.strategies import Strategy
+from training.backtest.baselines import buy_and_hold, random_entry_baseline
+from training.backtest.metrics import calibration, per_month, summarize
+from training.backtest.signals import SignalTable, period_mask
+from training.backtest.simulate import Costs, empty_trades, simulate
+from training.backtest.strategy import select_signals
+
+
+@dataclass
+class StrategyRun:
+    name: str
+    strategy: Strategy
+    trades: pd.DataFrame
+    result: dict[str, Any]
+
+
+def candles_in_period(candles: Mapping[str, pd.DataFrame], start_ms: int | None, end_ms: int | None) -> dict[str, int]:
+    return {s: int(period_mask(c["open_time"].to_numpy(np.int64), start_ms, end_ms).sum()) for s, c in candles.items()}
+
+
+def run_strategy(name: str, strategy: Strategy, candles: Mapping[str, pd.DataFrame], table: SignalTable,
+                 costs: Costs, start_ms: int | None, end_ms: int | None, random_seeds: int = 100,
+                 first_seed: int = 0, progress: Any = None) -> StrategyRun:
+    """Select, simulate and summarise one strategy, with its random-entry baseline."""
+    chosen = select_signals(table.signals, strategy) if len(table.signals) else table.signals
+    trades = simulate(candles, chosen, costs) if len(chosen) else empty_trades()
+    n_candles = candles_in_period(candles, start_ms, end_ms)
+    per_symbol = {s: summarize(trades[trades["symbol"] == s], n_candles[s], 1) for s in sorted(candles)}
+    result = {
+        "definition": strategy.model_dump(mode="json"),
+        "signals": int(len(chosen)),
+        "metrics": summarize(trades, sum(n_candles.values()), len(candles)),
+        "per_symbol": per_symbol,
+        "per_month": per_month(trades),
+        "calibration": calibration(trades),
+        "random_entry": random_entry_baseline(candles, trades, table.eligible, costs, random_seeds, first_seed,
+                                              progress),
+    }
+    return StrategyRun(name, strategy, trades, result)
+
+
+def run_strategies(strategies: Mapping[str, Strategy], candles: Mapping[str, pd.DataFrame], table: SignalTable,
+                   costs: Costs, start_ms: int | None, end_ms: int | None, random_seeds: int = 100,
+                   first_seed: int = 0, progress: Any = None) -> tuple[dict[str, Any], dict[str, StrategyRun]]:
+    """Every strategy over one signal table, plus buy-and-hold of the same period: ``(json, runs)``."""
+    runs = {name: run_strategy(name, s, candles, table, costs, start_ms, end_ms, random_seeds, first_seed, progress)
+            for name, s in strategies.items()}
+    n_candles = candles_in_period(candles, start_ms, end_ms)
+    out = {
+        "candles": n_candles,
+        "forecasts": table.counts,
+        "hold_reasons": table.hold_reasons,
+        "buy_and_hold": buy_and_hold(candles, start_ms, end_ms, costs),
+        "strategies": {name: r.result for name, r in runs.items()},
+    }
+    return out, runs

@@ -1,0 +1,111 @@
+"""The signal table of a backtest, from the serving ensemble (``Ensemble.forecast``, no second path).
+
+Features are built once per symbol over the whole file (``features.build_features``: a row uses
+candles <= t only, so candles before the backtest start just warm the indicators up), then the
+rows of the backtest period are forecast in large batches. BUY/SELL forecasts become signal rows;
+take-profit and stop-loss prices are turned back into fractions of the forecast's entry price
+(the signal candle's close), which the simulator re-anchors to the real entry (the next open).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+import pandas as pd
+
+_SIDES = {"BUY": 1, "SELL": -1}
+FORECAST_BATCH = 131_072  # rows per Ensemble.forecast call: bounded memory, a progress tick each
+
+
+class Forecaster(Protocol):
+    """What the backtest needs of a model set: ``training.ensemble.Ensemble`` satisfies it."""
+
+    horizons: tuple[int, ...]
+    symbols: tuple[str, ...]
+
+    def forecast(self, features: np.ndarray, symbols: Sequence[str], closes: Sequence[float],
+                 candle_open_times: Sequence[int], horizon: int) -> list[Any]: ...
+
+
+@dataclass
+class SignalTable:
+    """BUY/SELL signals of a period plus what baselines and reports need about that period."""
+
+    signals: pd.DataFrame                          # simulator columns + probabilities + filter features
+    eligible: dict[str, np.ndarray]                # open times with defined features (random entries draw here)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # per horizon: BUY/SELL/HOLD counts
+    hold_reasons: dict[str, int] = field(default_factory=dict)
+
+
+def period_mask(open_time: np.ndarray, start_ms: int | None, end_ms: int | None) -> np.ndarray:
+    m = np.ones(len(open_time), bool)
+    if start_ms is not None:
+        m &= open_time >= start_ms
+    if end_ms is not None:
+        m &= open_time < end_ms
+    return m
+
+
+def forecasts_to_frame(forecasts: Sequence[Any]) -> pd.DataFrame:
+    """The columns of a Forecast list the backtest uses (one pass over the objects)."""
+    cols = list(zip(*[(f.candle_open_time, f.signal_type, f.confidence, f.entry_price,
+                       np.nan if f.take_profit is None else f.take_profit,
+                       np.nan if f.stop_loss is None else f.stop_loss,
+                       f.signal_probs[0], f.signal_probs[1], f.signal_probs[2], f.p_tp_long, f.p_tp_short,
+                       f.reason) for f in forecasts])) if forecasts else [[]] * 12
+    names = ("open_time", "signal_type", "confidence", "entry_price", "take_profit", "stop_loss", "p_sell",
+             "p_hold", "p_buy", "p_tp_long", "p_tp_short", "reason")
+    df = pd.DataFrame(dict(zip(names, cols)))
+    return df.astype({"open_time": np.int64, "confidence": np.float64, "entry_price": np.float64,
+                      "take_profit": np.float64, "stop_loss": np.float64})
+
+
+def signal_table(forecaster: Forecaster, candles: Mapping[str, pd.DataFrame], features: Mapping[str, pd.DataFrame],
+                 horizons: Sequence[int], start_ms: int | None, end_ms: int | None,
+                 feature_columns: Sequence[str] = (), progress: Any = None, tag: Mapping[str, Any] | None = None,
+                 ) -> SignalTable:
+    """Forecast every feature-defined row of ``[start_ms, end_ms)`` at each horizon; keep BUY/SELL.
+
+    ``features[symbol]`` is ``build_features`` of ``candles[symbol]`` (same index). ``tag`` adds
+    constant columns (walk-forward: which model produced the rows).
+    """
+    parts: list[pd.DataFrame] = []
+    eligible: dict[str, np.ndarray] = {}
+    counts: dict[str, dict[str, int]] = {str(h): {"BUY": 0, "SELL": 0, "HOLD": 0} for h in horizons}
+    reasons: dict[str, int] = {}
+    for symbol, c in candles.items():
+        t = c["open_time"].to_numpy(np.int64)
+        F = features[symbol].to_numpy(np.float64)
+        rows = np.flatnonzero(period_mask(t, start_ms, end_ms) & np.isfinite(F).all(axis=1))
+        eligible[symbol] = t[rows]
+        close = c["close"].to_numpy(np.float64)
+        feat_cols = {name: features[symbol][name].to_numpy(np.float64) for name in feature_columns}
+        for h in horizons:
+            for lo in range(0, len(rows), FORECAST_BATCH):
+                r = rows[lo:lo + FORECAST_BATCH]
+                fc = forecasts_to_frame(forecaster.forecast(F[r], [symbol] * len(r), close[r], t[r], int(h)))
+                for k, v in fc["signal_type"].value_counts().items():
+                    counts[str(h)][k] = counts[str(h)].get(k, 0) + int(v)
+                for k, v in fc["reason"].dropna().value_counts().items():
+                    reasons[k] = reasons.get(k, 0) + int(v)
+                trade = fc["signal_type"].isin(list(_SIDES)).to_numpy()
+                fc, r = fc[trade], r[trade]
+                side = fc["signal_type"].map(_SIDES).to_numpy(np.int64)
+                ratio_tp = fc["take_profit"].to_numpy() / fc["entry_price"].to_numpy() - 1.0
+                ratio_sl = fc["stop_loss"].to_numpy() / fc["entry_price"].to_numpy() - 1.0
+                part = pd.DataFrame({
+                    "open_time": fc["open_time"].to_numpy(), "symbol": symbol, "side": side,
+                    "confidence": fc["confidence"].to_numpy(), "tp_frac": side * ratio_tp, "sl_frac": -side * ratio_sl,
+                    "horizon": int(h),
+                    **{k: fc[k].to_numpy(np.float64) for k in ("p_sell", "p_hold", "p_buy", "p_tp_long", "p_tp_short")},
+                    **{name: col[r] for name, col in feat_cols.items()},
+                    **(dict(tag) if tag else {}),
+                })
+                parts.append(part)
+                if progress is not None:
+                    progress.update(len(trade))
+    signals = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+        columns=["open_time", "symbol", "side", "confidence", "tp_frac", "sl_frac", "horizon"])
+    return SignalTable(signals, eligible, counts, reasons)
