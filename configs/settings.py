@@ -192,6 +192,14 @@ class Settings(BaseSettings):
     redis_retry_s: float = Field(1.0, gt=0, le=300)  # how long a down Redis is skipped before it is tried again
     serving_log: str = ""  # "module:factory" building the prediction/request log hook (issue 6); "" = none
 
+    # Scheduled retraining, champion/challenger (training/retrain.py, issue 8).
+    retrain_margin: float = Field(0.01, ge=0, lt=1)  # promote only if the range MAE is lower by this fraction
+    retrain_tolerance: float = Field(0.02, ge=0, lt=1)  # ... and TP/SL Brier and signal log-loss worse by at most this
+    retrain_min_eval_rows: int = Field(576, ge=1)  # fewer unseen evaluation rows: keep the champion, decide later
+    retrain_holdout_days: float | None = Field(None, gt=0)  # evaluation window; None = the last walk-forward fold
+    retrain_history_days: int = Field(365, ge=30)  # history a first download fetches (later runs resume)
+    retrain_log: Path = PROJECT_DIR / "var" / "retrain" / "decisions.jsonl"  # one JSON line per decision
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, v: Any) -> Any:
