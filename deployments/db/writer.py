@@ -1,0 +1,395 @@
+"""The asynchronous batched log writer: logging never slows or fails a request, and loses no row.
+
+``log_forecasts``/``submit`` (any thread, never raises) dedupe the forecast, encode its rows and
+append them to this process's :class:`~deployments.db.spool.Spool` with one ``write()``; that is
+all the request path pays. A daemon thread with its own asyncio loop (so the host's loop — a Ray
+Serve replica's, a FastAPI app's — never waits on it) fsyncs in groups, reads rows back in order
+in batches of ``Settings.log_batch_size``, and inserts them with one multi-row
+``INSERT … SELECT FROM unnest(…) ON CONFLICT (id) DO NOTHING`` per table, in one transaction.
+
+PostgreSQL unreachable (refused, stopped, hung past ``db_timeout_s``): the rows simply stay in the
+spool, the thread retries every ``log_retry_interval_s`` and, once connected, applies the
+migrations and replays the backlog in order. Spools left by dead processes (their flock is free)
+are adopted and replayed too. Rows PostgreSQL refuses for what they contain (not for being down)
+are inserted one by one so a single bad row cannot block the rest; the refused ones are kept in
+``rejected.log`` and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import asyncpg
+
+from configs.settings import Settings
+from deployments.db.migrate import apply_migrations
+from deployments.db.rows import (PREDICTION_COLUMNS, SIGNAL_COLUMNS, ForecastLike, PredictionRow, SignalRow,
+                                 encode, rows_from_forecast)
+from deployments.db.spool import Spool, SpoolBusy, orphans
+
+log = logging.getLogger(__name__)
+
+_PG_TYPES = {"id": "uuid", "symbol": "text", "horizon": "int4", "candle_open_time": "int8",
+             "resolve_after": "int8", "model_version": "text", "close": "float8", "predicted_high": "float8",
+             "predicted_low": "float8", "high_lower": "float8", "high_upper": "float8", "low_lower": "float8",
+             "low_upper": "float8", "created_ms": "int8", "signal_type": "text", "confidence": "float8",
+             "entry_price": "float8", "take_profit": "float8", "stop_loss": "float8",
+             "model_versions": "text", "reason": "text"}
+
+
+def _insert_sql(table: str, columns: Sequence[str]) -> str:
+    """``INSERT … SELECT FROM unnest($1::t[], …) ON CONFLICT (id) DO NOTHING``: one round trip per batch."""
+    params = ", ".join(f"${i}::{_PG_TYPES[c]}[]" for i, c in enumerate(columns, 1))
+    target = [("created_at" if c == "created_ms" else c) for c in columns]
+    select = []
+    for c in columns:
+        if c == "created_ms":
+            select.append("to_timestamp(u.created_ms / 1000.0)")
+        elif c == "model_versions":
+            select.append("u.model_versions::jsonb")
+        else:
+            select.append(f"u.{c}")
+    return (f"INSERT INTO {table} ({', '.join(target)}) SELECT {', '.join(select)} "
+            f"FROM unnest({params}) AS u({', '.join(columns)}) ON CONFLICT (id) DO NOTHING")
+
+
+INSERT_PREDICTIONS = _insert_sql("ml.prediction_logs", PREDICTION_COLUMNS)
+INSERT_SIGNALS = _insert_sql("ml.signal_logs", SIGNAL_COLUMNS)
+
+# Errors that mean "PostgreSQL is not there (or not usable) right now": keep the rows, retry later.
+# A missing table or schema counts too: reconnecting re-applies the migrations.
+UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+               asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InsufficientResourcesError,
+               asyncpg.exceptions.UndefinedTableError, asyncpg.exceptions.InvalidSchemaNameError,
+               asyncpg.exceptions.ReadOnlySQLTransactionError)
+
+
+async def insert_rows(conn: asyncpg.Connection, rows: Sequence[PredictionRow | SignalRow],
+                      timeout: float | None = None) -> None:
+    """Insert a batch (both tables, one transaction); rows already present are left alone."""
+    preds = [r for r in rows if isinstance(r, PredictionRow)]
+    sigs = [r for r in rows if isinstance(r, SignalRow)]
+    async with conn.transaction():
+        if preds:
+            await conn.execute(INSERT_PREDICTIONS, *(list(c) for c in zip(*preds)), timeout=timeout)
+        if sigs:
+            await conn.execute(INSERT_SIGNALS, *(list(c) for c in zip(*sigs)), timeout=timeout)
+
+
+class LogWriter:
+    """Per-process writer of prediction and signal logs. ``start()`` once, ``close()`` at shutdown."""
+
+    DEDUPE_KEYS = 65_536  # recent forecasts remembered, so a cached one served again costs a dict lookup
+
+    def __init__(self, settings: Settings, *, name: str = "engine", database_url: str | None = None,
+                 spool_root: Path | None = None) -> None:
+        self.settings = settings
+        self.database_url = database_url or settings.database_url
+        self.spool_root = Path(spool_root or settings.spool_dir)
+        self.name = name
+        self._spool: Spool | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._stop = threading.Event()
+        self._stop_deadline = 0.0
+        self._submit_lock = threading.Lock()
+        self._recent: OrderedDict[Any, None] = OrderedDict()
+        self._done = threading.Condition()
+        # Counters (rows). submitted/written are for this process's own spool; adopted for orphans.
+        self.submitted = 0
+        self.written = 0
+        self.adopted = 0
+        self.dropped = 0
+        self.rejected = 0
+        self._unread = 0
+        self.postgres_up = False
+        self.last_error: str | None = None
+        self.last_write_at: float | None = None
+        self.down_since: float | None = time.time()
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> "LogWriter":
+        if self._thread is not None:
+            return self
+        directory = self.spool_root / f"{self.name}.{os.getpid()}.{secrets.token_hex(4)}"
+        self._spool = Spool(directory, self.settings.spool_max_bytes).open()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._thread_main, args=(ready,), name=f"log-writer-{self.name}",
+                                        daemon=True)
+        self._thread.start()
+        ready.wait(5)
+        return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what can be written within ``timeout``; the rest stays in the spool for the next start."""
+        if self._thread is None:
+            return
+        self._stop_deadline = time.monotonic() + timeout
+        self._stop.set()
+        self._poke()
+        self._thread.join(timeout + 2.0)
+        self._thread = None
+
+    # ---- request path --------------------------------------------------------------------------
+    def log_forecasts(self, forecasts: Iterable[ForecastLike]) -> int:
+        """Log forecasts (prediction + signal rows each); returns rows accepted. Never raises."""
+        try:
+            rows: list[PredictionRow | SignalRow] = []
+            now_ms = int(time.time() * 1000)
+            with self._submit_lock:
+                for f in forecasts:
+                    key = (f.symbol, f.horizon, f.candle_open_time, tuple(sorted(f.model_versions.items())))
+                    if key in self._recent:
+                        continue
+                    self._remember(key)
+                    rows.extend(rows_from_forecast(f, now_ms))
+            return self.submit(rows) if rows else 0
+        except Exception as exc:  # logging must never fail a request
+            self._count_drop(1, exc)
+            return 0
+
+    def submit(self, rows: Sequence[PredictionRow | SignalRow]) -> int:
+        """Append rows to the spool (one write); returns rows accepted. Never raises."""
+        if not rows:
+            return 0
+        try:
+            data = encode(rows)
+            spool = self._spool
+            if spool is None:
+                raise RuntimeError("LogWriter.start() was not called")
+            with self._submit_lock:
+                if not spool.append(data):
+                    self._count_drop(len(rows), "spool full (Settings.spool_max_bytes)")
+                    return 0
+                self.submitted += len(rows)
+                self._unread += len(rows)
+                wake = self._unread >= self.settings.log_batch_size
+            if wake:
+                self._poke()
+            return len(rows)
+        except Exception as exc:
+            self._count_drop(len(rows), exc)
+            return 0
+
+    def _remember(self, key: Any) -> None:
+        self._recent[key] = None
+        if len(self._recent) > self.DEDUPE_KEYS:
+            self._recent.popitem(last=False)
+
+    def _count_drop(self, n: int, why: Any) -> None:
+        self.dropped += n
+        self.last_error = f"dropped {n} row(s): {why}"
+        log.error("log writer: %s", self.last_error)
+
+    def _poke(self) -> None:
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # loop already closed
+                pass
+
+    # ---- observation ---------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """For ``/health/detailed``: is PostgreSQL reachable, what waits in the spool, what was lost."""
+        spool = self._spool
+        return {
+            "postgres": "up" if self.postgres_up else "down",
+            "rows_submitted": self.submitted,
+            "rows_written": self.written,
+            "rows_replayed_from_dead_processes": self.adopted,
+            "rows_pending": max(0, self.submitted - self.written),
+            "spool_pending_bytes": spool.pending_bytes() if spool else 0,
+            "rows_dropped": self.dropped,
+            "rows_rejected": self.rejected,
+            "down_for_s": None if self.down_since is None else round(time.time() - self.down_since, 1),
+            "last_error": self.last_error,
+        }
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every row submitted so far is in PostgreSQL (tests, benchmarks, shutdown)."""
+        target = self.submitted
+        deadline = time.monotonic() + timeout
+        self._poke()
+        with self._done:
+            while self.written < target:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._done.wait(min(left, 0.05))
+                self._poke()
+        return True
+
+    # ---- the writer thread ---------------------------------------------------------------------
+    def _thread_main(self, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._wake = asyncio.Event()
+        ready.set()
+        try:
+            loop.run_until_complete(self._run())
+        except Exception:
+            log.exception("log writer thread died; rows stay in the spool for the next start")
+        finally:
+            self._loop = None
+            loop.close()
+
+    async def _run(self) -> None:
+        adopted: list[Spool] = []
+        state = {"conn": None, "next_connect": 0.0, "next_adopt": 0.0}
+        try:
+            while True:
+                try:
+                    if not await self._step(state, adopted):
+                        break
+                except Exception as exc:  # a bug or a local disk error: keep the thread alive, retry
+                    log.exception("log writer: unexpected error; retrying")
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    await self._sleep(self.settings.log_retry_interval_s)
+        finally:
+            for sp in adopted:
+                sp.close()
+            self._spool.close()
+            if state["conn"] is not None:
+                await _close_quietly(state["conn"])
+            with self._done:
+                self._done.notify_all()
+
+    async def _step(self, state: dict[str, Any], adopted: list[Spool]) -> bool:
+        """One round: sync the spool, (re)connect if due, write one batch. False when it is time to stop."""
+        s = self.settings
+        assert self._spool is not None
+        stopping = self._stop.is_set()
+        if stopping and (time.monotonic() >= self._stop_deadline or
+                         (state["conn"] is not None and self._idle(adopted))):
+            return False
+        self._spool.sync()
+        if state["conn"] is None and time.monotonic() >= state["next_connect"]:
+            state["conn"] = await self._connect()
+            if state["conn"] is None:
+                if stopping:
+                    return False  # nothing more can be written now; the spool keeps the rest
+                state["next_connect"] = time.monotonic() + s.log_retry_interval_s
+        conn = state["conn"]
+        if conn is None:
+            await self._sleep(max(0.01, state["next_connect"] - time.monotonic()))
+            return True
+        if not stopping and time.monotonic() >= state["next_adopt"]:
+            adopted.extend(self._adopt())
+            state["next_adopt"] = time.monotonic() + 30.0
+        source = adopted[0] if adopted else self._spool
+        rows, pos = source.read(s.log_batch_size)
+        if source is self._spool:
+            with self._submit_lock:
+                self._unread = max(0, self._unread - len(rows))
+        if rows:
+            try:
+                await self._write(conn, source, rows)
+            except UNAVAILABLE as exc:  # the rows stay in the spool and are read again
+                self._mark_down(exc)
+                await _close_quietly(conn)
+                state["conn"], state["next_connect"] = None, time.monotonic() + s.log_retry_interval_s
+                return True
+            source.commit(pos)
+            self._count_written(source, len(rows))
+            self.last_write_at = time.time()
+        if source is not self._spool:
+            if source.pending_bytes() == 0:
+                source.close()
+                adopted.remove(source)
+            return True
+        if len(rows) < s.log_batch_size:
+            await self._sleep(0 if stopping else s.log_flush_interval_s)
+        return True
+
+    def _idle(self, adopted: list[Spool]) -> bool:
+        return not adopted and self._spool is not None and self._spool.pending_bytes() == 0
+
+    async def _sleep(self, seconds: float) -> None:
+        assert self._wake is not None
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+        self._wake.clear()
+
+    async def _connect(self) -> asyncpg.Connection | None:
+        timeout = self.settings.db_timeout_s
+        try:
+            conn = await asyncpg.connect(self.database_url, timeout=timeout, command_timeout=timeout)
+        except Exception as exc:  # refused, timed out, no such database, bad URL: all mean "down"
+            self._mark_down(exc)
+            return None
+        try:
+            await apply_migrations(conn)
+        except Exception as exc:
+            self._mark_down(exc)
+            await _close_quietly(conn)
+            return None
+        if not self.postgres_up:
+            log.info("log writer: PostgreSQL is up (%s pending bytes in the spool)", self._spool.pending_bytes())
+        self.postgres_up, self.down_since = True, None
+        return conn
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if self.postgres_up or self.last_error is None:
+            log.warning("log writer: PostgreSQL unavailable, spooling (%s: %s)", type(exc).__name__, exc)
+        self.postgres_up = False
+        self.down_since = self.down_since or time.time()
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+    async def _write(self, conn: asyncpg.Connection, source: Spool, rows: list[PredictionRow | SignalRow]) -> None:
+        timeout = self.settings.db_timeout_s
+        try:
+            await insert_rows(conn, rows, timeout)
+        except UNAVAILABLE:
+            raise
+        except asyncpg.PostgresError as exc:
+            # Something in the batch is refused (not an outage): find it row by row.
+            log.error("log writer: batch refused (%s: %s); retrying row by row", type(exc).__name__, exc)
+            bad = []
+            for r in rows:
+                try:
+                    await insert_rows(conn, [r], timeout)
+                except UNAVAILABLE:
+                    raise
+                except asyncpg.PostgresError:
+                    bad.append(r)
+            if bad:
+                source.reject([encode([r]) for r in bad])
+                self.rejected += len(bad)
+
+    def _count_written(self, source: Spool, n: int) -> None:
+        with self._done:
+            if source is self._spool:
+                self.written += n
+            else:
+                self.adopted += n
+            self._done.notify_all()
+
+    def _adopt(self) -> list[Spool]:
+        found = []
+        for d in orphans(self.spool_root, self._spool.directory):
+            try:
+                sp = Spool(d, self.settings.spool_max_bytes, append=False).open()
+            except SpoolBusy:  # another live writer adopted it first
+                continue
+            log.info("log writer: replaying the spool of a dead process: %s (%d bytes)", d, sp.pending_bytes())
+            found.append(sp)
+        return found
+
+
+async def _close_quietly(conn: asyncpg.Connection) -> None:
+    try:
+        await asyncio.wait_for(conn.close(), 1.0)
+    except Exception:
+        conn.terminate()
