@@ -1,0 +1,184 @@
+"""Scheduled retraining (training/retrain.py) on the shipped 30-day sample, with tiny boosters.
+
+What must hold whatever the figures are: the challenger never trains on the evaluation window, the
+window holds only rows the champion never saw, the decision follows the gate on the logged figures,
+the registry's `current` changes if and only if the decision is "promote", and every run leaves one
+JSON line with its figures. The gate itself is a pure function, tested on hand-made figures.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from features.candles import FIVE_MINUTES_MS, load_candles
+from training import retrain
+from training.registry import MODEL_NAMES, ModelRegistry
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = {s: ROOT / "data" / "sample" / f"{s}_5m.parquet" for s in ("BTCUSDT", "ETHUSDT")}
+SLICE = 4000  # last candles of the shipped sample: 2025-11-06 .. 2025-11-19 (999 of them warm features up)
+FAST = ["--rounds", "5", "--folds", "2", "--nthread", "1"]
+CHAMPION_END = "2025-11-17"
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> dict[str, Path]:
+    """The small slice every test here trains on (keeps the suite's share of 2 cores small)."""
+    folder = tmp_path_factory.mktemp("candles")
+    out = {}
+    for s, p in SHIPPED.items():
+        out[s] = folder / f"{s}_5m.parquet"
+        load_candles(p).tail(SLICE).reset_index(drop=True).to_parquet(out[s])
+    return out
+
+
+def _ms(iso: str) -> int:
+    return int(pd.Timestamp(iso).value // 1_000_000)
+
+
+@pytest.fixture(scope="module")
+def champion_registry(tmp_path_factory, sample) -> Path:
+    """A champion trained on the sample up to CHAMPION_END (weak on purpose: one boosting round)."""
+    from training.train import main as train_main
+
+    out = tmp_path_factory.mktemp("champion") / "models"
+    rc = train_main(["--candles", *[f"{s}={p}" for s, p in sample.items()], "--out", str(out),
+                     "--end", CHAMPION_END, "--rounds", "1", "--folds", "2", "--nthread", "1"])
+    assert rc == 0
+    return out
+
+
+def _retrain(sample: dict[str, Path], models: Path, log: Path, *extra: str) -> dict:
+    args = retrain.parser().parse_args(["--no-download", "--candles", *[f"{s}={p}" for s, p in sample.items()],
+                                        "--out", str(models), "--log", str(log), *FAST, *extra])
+    return retrain.run(args)
+
+
+def _current(models: Path) -> dict[str, str]:
+    reg = ModelRegistry(models)
+    return {m: reg.current(m) for m in MODEL_NAMES}
+
+
+def test_challenger_against_champion(champion_registry, tmp_path, sample):
+    models = tmp_path / "models"
+    shutil.copytree(champion_registry, models)
+    before = _current(models)
+    log = tmp_path / "decisions.jsonl"
+    record = _retrain(sample, models, log, "--margin", "0.0", "--tolerance", "0.5")
+
+    # The window: rows the champion never saw, and the challenger was trained strictly before it.
+    reg = ModelRegistry(models)
+    champ_last = _ms(reg.metadata("range_predictor", before["range_predictor"])["data_range"]["end"])
+    start = _ms(record["window"]["start"])
+    assert start >= champ_last + FIVE_MINUTES_MS and start >= _ms(record["window"]["holdout_start"])
+    assert record["challenger"]["trained_until"] == record["window"]["start"]
+    challenger = record["challenger"]["versions"]["range_predictor"]
+    assert _ms(reg.metadata("range_predictor", challenger)["data_range"]["end"]) < start
+
+    # Figures for both models, per symbol and horizon; the decision is the gate applied to them.
+    cells = {f"{s}/{h}" for s in sample for h in (6, 18, 36, 72)}
+    assert set(record["champion"]["scores"]) == cells == set(record["challenger"]["scores"])
+    verdict = retrain.compare(record["champion"]["scores"], record["challenger"]["scores"], 0.0, 0.5)
+    assert record["decision"] == ("promote" if verdict.promote else "keep")
+    assert record["changes"] == pytest.approx(verdict.changes)
+    after = _current(models)
+    if record["decision"] == "promote":
+        assert after == record["challenger"]["versions"]
+    else:
+        assert after == before
+    # The same figures under an unreachable margin would have kept the champion.
+    assert not retrain.compare(record["champion"]["scores"], record["challenger"]["scores"], 0.99, 0.5).promote
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(logged) == 1 and logged[0]["decision"] == record["decision"]
+    assert logged[0]["challenger"]["scores"] == record["challenger"]["scores"]
+
+
+def test_too_few_unseen_rows_keeps_the_champion_without_training(champion_registry, tmp_path, sample):
+    models = tmp_path / "models"
+    shutil.copytree(champion_registry, models)
+    versions_before = ModelRegistry(models).versions("range_predictor")
+    record = _retrain(sample, models, tmp_path / "log.jsonl", "--min-eval-rows", "100000")
+    assert record["decision"] == "keep" and "unseen by the champion" in record["reason"]
+    assert "challenger" not in record and ModelRegistry(models).versions("range_predictor") == versions_before
+
+
+def test_first_model_is_promoted_without_comparison(tmp_path, sample):
+    models = tmp_path / "models"
+    record = _retrain(sample, models, tmp_path / "log.jsonl", "--holdout-days", "2")
+    assert record["decision"] == "promote" and "no champion" in record["reason"]
+    assert _current(models) == record["challenger"]["versions"]
+    # With no champion the window is exactly the last 2 days, and nothing after it was trained on.
+    end = _ms(record["window"]["end"])
+    assert _ms(record["window"]["start"]) == end - 2 * 86_400_000 + FIVE_MINUTES_MS
+
+
+# ---------------------------------------------------------------------------------------------
+# The gate (pure)
+# ---------------------------------------------------------------------------------------------
+
+def _cells(range_mae: float, brier: float, logloss: float) -> dict:
+    return {c: {"range_mae": range_mae, "tpsl_brier": brier, "signal_log_loss": logloss}
+            for c in ("BTCUSDT/6", "ETHUSDT/6")}
+
+
+def test_gate_promotes_only_beyond_the_margin():
+    champ = _cells(0.010, 0.20, 1.00)
+    assert retrain.compare(champ, _cells(0.0098, 0.20, 1.00), 0.01, 0.02).promote        # -2% MAE
+    v = retrain.compare(champ, _cells(0.0105, 0.20, 1.00), 0.01, 0.02)                   # +5%
+    assert not v.promote and v.changes["range_mae"] > 0
+    v = retrain.compare(champ, _cells(0.00995, 0.20, 1.00), 0.01, 0.02)                 # -0.5% only
+    assert not v.promote and "does not beat" in v.reason
+
+
+def test_gate_refuses_a_better_range_bought_with_worse_signals():
+    champ = _cells(0.010, 0.20, 1.00)
+    v = retrain.compare(champ, _cells(0.009, 0.20, 1.05), 0.01, 0.02)                    # log-loss +5%
+    assert not v.promote and "signal_log_loss" in v.reason
+    v = retrain.compare(champ, _cells(0.009, 0.21, 1.00), 0.01, 0.02)                    # Brier +5%
+    assert not v.promote and "tpsl_brier" in v.reason
+    assert retrain.compare(champ, _cells(0.009, 0.203, 1.01), 0.01, 0.02).promote        # within tolerance
+
+
+def test_gate_averages_relative_changes_so_no_horizon_dominates():
+    champ = {"A/6": {"range_mae": 0.002, "tpsl_brier": 0.2, "signal_log_loss": 1.0},
+             "A/72": {"range_mae": 0.020, "tpsl_brier": 0.2, "signal_log_loss": 1.0}}
+    chal = {"A/6": {"range_mae": 0.001, "tpsl_brier": 0.2, "signal_log_loss": 1.0},     # -50%
+            "A/72": {"range_mae": 0.022, "tpsl_brier": 0.2, "signal_log_loss": 1.0}}    # +10% (absolute +0.002)
+    v = retrain.compare(champ, chal, 0.01, 0.02)
+    assert v.changes["range_mae"] == pytest.approx(-0.20) and v.promote
+    assert not retrain.compare(champ, {}, 0.01, 0.02).promote
+
+
+# ---------------------------------------------------------------------------------------------
+# Pulling the latest candles (resumable), against the fake Binance server on loopback
+# ---------------------------------------------------------------------------------------------
+
+def test_pull_candles_resumes_to_the_last_closed_candle(tmp_path, sample):
+    from configs.settings import load_settings
+    from tests.fake_binance import FakeBinance
+
+    full = {s: load_candles(p).tail(3000).reset_index(drop=True) for s, p in SHIPPED.items()}
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for s, df in full.items():  # the files on disk stop 500 candles short
+        df.iloc[:-500].to_parquet(data_dir / f"{s}_5m.parquet")
+    last = int(full["BTCUSDT"]["open_time"].iloc[-1])
+    settings = load_settings()
+    with FakeBinance(full, interval="5m") as fake:
+        paths = retrain.pull_candles(settings, list(sample), data_dir, download=True, base_url=fake.base_url,
+                                     now_ms=last + 2 * FIVE_MINUTES_MS)
+        starts = sorted(r.int_param("startTime") for r in fake.klines_requests())
+    for s, path in paths.items():
+        got = load_candles(path)
+        assert len(got) == 3000 and int(got["open_time"].iloc[-1]) == last
+        assert np.array_equal(got["close"].to_numpy(), full[s]["close"].to_numpy())
+    # Resumed after the last stored candle: nothing before it was fetched again.
+    assert min(starts) == int(full["BTCUSDT"]["open_time"].iloc[-500])
+    with pytest.raises(Exception, match="no candle file"):
+        retrain.pull_candles(settings, ["BTCUSDT"], tmp_path / "empty", download=False)

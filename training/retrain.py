@@ -1,0 +1,370 @@
+"""``python -m training.retrain``: scheduled retraining with a champion/challenger gate.
+
+    ray job submit --address http://127.0.0.1:8265 -- python -m training.retrain
+    python -m training.retrain --no-download            # offline: the candle files already on disk
+
+One run: (1) pull the latest closed candles for every configured symbol (resumable download into
+``Settings.data_dir``); (2) choose the evaluation window, the most recent walk-forward fold (or the
+last ``retrain_holdout_days``); (3) train a challenger on the candles *before* that window with the
+training pipeline, saved but not promoted; (4) score the challenger and the current champion on the
+window's rows that neither model has seen; (5) promote the challenger only if it is better by the
+configured margin; (6) append the decision with every figure to ``Settings.retrain_log`` (one JSON
+line) and print it. The serving graph watches the registry's ``current`` pointers
+(``Settings.model_poll_s``), so a promotion reaches it with no restart.
+
+Why the challenger stops where the window starts (and not at the last candle): the window must be
+unseen by both models for the comparison to mean anything, and what gets promoted is exactly the
+model that was measured. The window starts at ``max(last-fold start, the champion's last training
+candle + 1)``, so a champion trained more recently than the fold began is never scored on rows it
+learnt from; too few unseen rows and the champion is kept with that reason (retry later).
+
+The gate (figures per symbol and horizon, then averaged as relative changes so no horizon dominates):
+- range predictor: mean absolute error of the median high and low (fractions of close) must drop by
+  at least ``retrain_margin`` (0.01 = 1%);
+- TP/SL classifier (Brier score) and the final signal (meta-model log-loss) may not get worse by
+  more than ``retrain_tolerance``.
+A missing or unloadable champion (none yet, or trained on another feature set) is replaced by the
+challenger without comparison, and the record says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from configs.settings import Settings, get_settings, load_settings
+from features.candles import FIVE_MINUTES_MS
+from features.download import candle_path, download_klines
+from features.errors import MLEngineError, ModelLoadError, ModelNotFoundError
+from features.indicators import feature_set_hash
+from training.data import Prepared, load_histories, parse_candle_args, prepare, walk_forward_splits
+from training.ensemble import Ensemble
+from training.metrics import brier, mae
+from training.progress import log, setup_logging
+from training.registry import MODEL_NAMES, ModelRegistry
+from training.train import parser as train_parser
+from training.train import run as train_run
+from training.train import with_overrides
+
+DAY_MS = 86_400_000
+# The figures the gate reads, and whether lower is better (all of them are losses).
+RANGE_KEY, TPSL_KEY, SIGNAL_KEY = "range_mae", "tpsl_brier", "signal_log_loss"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Candles
+# ---------------------------------------------------------------------------------------------
+
+def pull_candles(settings: Settings, symbols: Sequence[str], data_dir: Path, *, download: bool,
+                 base_url: str | None = None, now_ms: int | None = None) -> dict[str, Path]:
+    """Bring ``{data_dir}/{SYMBOL}_5m.parquet`` up to the last closed candle (resumes existing files).
+
+    Offline (``download=False``) the files must already exist: retraining on a silently stale or
+    missing history would be worse than failing.
+    """
+    paths: dict[str, Path] = {}
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    for symbol in symbols:
+        path = candle_path(data_dir, symbol, settings.market.interval)
+        if download:
+            start = now_ms - settings.retrain_history_days * DAY_MS
+            path = download_klines(symbol, settings.market.interval, start, None, data_dir,
+                                   base_url or settings.binance_api_url, progress=False,
+                                   clock=lambda: now_ms / 1000)
+        elif not path.exists():
+            raise MLEngineError(f"--no-download: no candle file {path} for {symbol}")
+        paths[symbol] = path
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The evaluation window
+# ---------------------------------------------------------------------------------------------
+
+def last_fold_start(open_time: np.ndarray, settings: Settings) -> int:
+    """Open time of the first row of the most recent walk-forward fold (the training pipeline's own split)."""
+    cfg = settings.models
+    folds = walk_forward_splits(open_time, cfg.walk_forward_folds, max(settings.market.horizons),
+                                cfg.min_train_fraction, cfg.validation_fraction)
+    return int(open_time[folds[-1].test].min())
+
+
+def champion_last_candle(registry: ModelRegistry) -> int | None:
+    """Open time (ms) of the newest candle any current model was trained on; None without a champion."""
+    last: list[int] = []
+    for name in MODEL_NAMES:
+        try:
+            meta = registry.metadata(name)
+        except (ModelNotFoundError, ModelLoadError):
+            return None
+        end = (meta.get("data_range") or {}).get("end")
+        if end is None:
+            return None
+        last.append(int(pd.Timestamp(end).value // 1_000_000))
+    return max(last)
+
+
+def evaluation_start(open_time: np.ndarray, settings: Settings, champion_last: int | None) -> tuple[int, int]:
+    """(window start, the unrestricted holdout start): rows at or after the start are unseen by both."""
+    end = int(open_time.max())
+    if settings.retrain_holdout_days is not None:
+        holdout = end - int(settings.retrain_holdout_days * DAY_MS) + FIVE_MINUTES_MS
+    else:
+        holdout = last_fold_start(open_time, settings)
+    start = holdout if champion_last is None else max(holdout, champion_last + FIVE_MINUTES_MS)
+    return start, holdout
+
+
+# ---------------------------------------------------------------------------------------------
+# 3./4. Scoring
+# ---------------------------------------------------------------------------------------------
+
+def _log_loss(y: np.ndarray, probs: np.ndarray) -> float:
+    p = np.clip(probs[np.arange(len(y)), y.astype(int)], 1e-12, 1.0)
+    return float(-np.mean(np.log(p)))
+
+
+def score(ensemble: Ensemble, data: Prepared, rows: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Losses of one model set on ``rows``, per ``"SYMBOL/h"``: range MAE, TP/SL Brier, signal log-loss.
+
+    Rows whose label is undefined (the window's last h candles, gaps) are left out of that figure.
+    """
+    F = len(data.feature_names)
+    lab = data.labels
+    out: dict[str, dict[str, Any]] = {}
+    for symbol in data.symbols:
+        r = rows[data.symbol[rows] == symbol]
+        if len(r) == 0 or symbol not in ensemble.symbols:
+            continue
+        features = data.X[r, :F].astype(np.float64)
+        for h in ensemble.horizons:
+            outputs = ensemble.predict_arrays(features, [symbol] * len(r), h)
+            rng, tpsl, meta = outputs["range_predictor"], outputs["tpsl_classifier"], outputs["meta_model"]
+            y_hi, y_lo = lab[f"fut_high_{h}"].to_numpy()[r], lab[f"fut_low_{h}"].to_numpy()[r]
+            y_tl, y_ts = lab[f"tp_long_{h}"].to_numpy()[r], lab[f"tp_short_{h}"].to_numpy()[r]
+            y_sig = lab[f"signal_{h}"].to_numpy()[r]
+            ok_r = np.isfinite(y_hi) & np.isfinite(y_lo) & np.isfinite(rng[:, [1, 4]]).all(axis=1)
+            ok_t = np.isfinite(y_tl) & np.isfinite(y_ts) & np.isfinite(tpsl).all(axis=1)
+            ok_s = np.isfinite(y_sig) & np.isfinite(meta[:, :3]).all(axis=1)
+            if not (ok_r.any() and ok_t.any() and ok_s.any()):
+                continue
+            out[f"{symbol}/{h}"] = {
+                "rows": int(ok_r.sum()),
+                RANGE_KEY: (mae(y_hi[ok_r], rng[ok_r, 1]) + mae(y_lo[ok_r], rng[ok_r, 4])) / 2,
+                TPSL_KEY: (brier(y_tl[ok_t], tpsl[ok_t, 0]) + brier(y_ts[ok_t], tpsl[ok_t, 1])) / 2,
+                SIGNAL_KEY: _log_loss(y_sig[ok_s], meta[ok_s, :3]),
+                "signal_accuracy": float(np.mean(meta[ok_s, :3].argmax(axis=1) == y_sig[ok_s])),
+            }
+    return out
+
+
+@dataclass(frozen=True)
+class Verdict:
+    promote: bool
+    reason: str
+    changes: dict[str, float]  # mean relative change challenger vs champion per loss (negative = better)
+
+
+def compare(champion: Mapping[str, Mapping[str, float]], challenger: Mapping[str, Mapping[str, float]],
+            margin: float, tolerance: float) -> Verdict:
+    """The promotion gate on per-(symbol, horizon) losses (pure; see the module docstring)."""
+    cells = sorted(set(champion) & set(challenger))
+    if not cells:
+        return Verdict(False, "no (symbol, horizon) scored for both models", {})
+    changes: dict[str, float] = {}
+    for key in (RANGE_KEY, TPSL_KEY, SIGNAL_KEY):
+        rel = [(challenger[c][key] - champion[c][key]) / champion[c][key] for c in cells
+               if champion[c][key] and math.isfinite(champion[c][key]) and math.isfinite(challenger[c][key])]
+        changes[key] = float(np.mean(rel)) if rel else float("nan")
+    if not math.isfinite(changes[RANGE_KEY]):
+        return Verdict(False, "range MAE could not be compared", changes)
+    if changes[RANGE_KEY] > -margin:
+        return Verdict(False, f"range MAE change {changes[RANGE_KEY]:+.2%} does not beat the required "
+                              f"-{margin:.2%}", changes)
+    for key in (TPSL_KEY, SIGNAL_KEY):
+        if math.isfinite(changes[key]) and changes[key] > tolerance:
+            return Verdict(False, f"{key} worse by {changes[key]:+.2%} (tolerance {tolerance:.2%}) although range "
+                                  f"MAE improved {changes[RANGE_KEY]:+.2%}", changes)
+    return Verdict(True, f"range MAE {changes[RANGE_KEY]:+.2%} (required -{margin:.2%}), TP/SL Brier "
+                         f"{changes[TPSL_KEY]:+.2%}, signal log-loss {changes[SIGNAL_KEY]:+.2%} "
+                         f"(tolerance {tolerance:.2%})", changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+def _iso(ms: int | None) -> str | None:
+    return None if ms is None else pd.Timestamp(int(ms), unit="ms", tz="UTC").isoformat()
+
+
+def _load_version(registry: ModelRegistry, version: Mapping[str, str], settings: Settings) -> Ensemble:
+    return Ensemble({name: registry.load(name, version[name]) for name in MODEL_NAMES}, settings)
+
+
+def _current_versions(registry: ModelRegistry) -> dict[str, str] | None:
+    try:
+        return {name: registry.current(name) for name in MODEL_NAMES}
+    except ModelNotFoundError:
+        return None
+
+
+def write_decision(record: Mapping[str, Any], path: Path) -> None:
+    """Append one JSON line (the audit trail of every decision; never rewritten)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    overrides = {f"retrain_{k}": getattr(args, k) for k in ("margin", "tolerance", "min_eval_rows", "holdout_days")
+                 if getattr(args, k) is not None}
+    # Command-line overrides go through the same validation (bounds) as the YAML and MLE_* values.
+    base = load_settings(**overrides) if overrides else get_settings()
+    settings = with_overrides(base, args.rounds, args.folds, args.max_rows)
+    models_dir = Path(args.out) if args.out else settings.models_dir
+    log_path = Path(args.log) if args.log else settings.retrain_log
+    registry = ModelRegistry(models_dir, feature_set_hash(settings.features))
+    timings: dict[str, float] = {}
+
+    # 1. candles
+    t0 = time.perf_counter()
+    if args.candles:
+        paths = parse_candle_args(args.candles)
+        if not args.no_download:
+            raise MLEngineError("--candles names fixed files: combine it with --no-download")
+    else:
+        paths = pull_candles(settings, settings.market.symbols, Path(args.data_dir or settings.data_dir),
+                             download=not args.no_download, base_url=args.base_url)
+    histories = load_histories(paths)
+    timings["candles"] = time.perf_counter() - t0
+
+    # 2. window
+    t0 = time.perf_counter()
+    data = prepare(histories, settings)
+    champion_versions = _current_versions(registry)
+    champion: Ensemble | None = None
+    champion_problem = None
+    if champion_versions is None:
+        champion_problem = "no champion in the registry"
+    else:
+        try:
+            champion = _load_version(registry, champion_versions, settings)
+        except (ModelLoadError, ModelNotFoundError) as exc:
+            champion_problem = f"champion {champion_versions['range_predictor']} cannot be loaded: {exc}"
+    champ_last = champion_last_candle(registry) if champion is not None else None
+    start, holdout = evaluation_start(data.open_time, settings, champ_last)
+    eval_rows = np.flatnonzero(data.open_time >= start)
+    timings["prepare"] = time.perf_counter() - t0
+    record: dict[str, Any] = {
+        "time": datetime.now(timezone.utc).isoformat(), "models_dir": str(models_dir),
+        "candles": {s: {"file": str(p), "rows": int(len(h)), "last": _iso(int(h["open_time"].iloc[-1]))}
+                    for (s, p), h in zip(paths.items(), histories.values())},
+        "window": {"holdout_start": _iso(holdout), "start": _iso(start), "end": _iso(int(data.open_time.max())),
+                   "rows": int(len(eval_rows)),
+                   "source": "retrain_holdout_days" if settings.retrain_holdout_days else "last walk-forward fold"},
+        "champion": {"versions": champion_versions, "last_training_candle": _iso(champ_last),
+                     "problem": champion_problem},
+        "margin": settings.retrain_margin, "tolerance": settings.retrain_tolerance,
+    }
+    if champion is not None and len(eval_rows) < settings.retrain_min_eval_rows:
+        return _finish(record, "keep", f"only {len(eval_rows)} rows unseen by the champion (trained up to "
+                       f"{_iso(champ_last)}); need {settings.retrain_min_eval_rows}: no challenger trained, retry "
+                       "when more candles have closed", log_path, timings, t_start)
+
+    # 3. challenger: candles before the window only (labels never cross it), saved, not promoted
+    t0 = time.perf_counter()
+    targv = ["--candles", *[f"{s}={p}" for s, p in paths.items()], "--out", str(models_dir),
+             "--end", _iso(start), "--no-promote", "--engine", args.engine]
+    for flag, value in (("--rounds", args.rounds), ("--folds", args.folds), ("--max-rows", args.max_rows),
+                        ("--address", args.address), ("--nthread", args.nthread)):
+        if value is not None:
+            targv += [flag, str(value)]
+    summary = train_run(train_parser().parse_args(targv))
+    challenger_version = {name: summary["version"] for name in MODEL_NAMES}
+    timings["train_challenger"] = time.perf_counter() - t0
+    record["challenger"] = {"versions": challenger_version, "trained_until": _iso(start), "train_rows": summary["rows"]}
+
+    # 4. score both on the unseen window
+    t0 = time.perf_counter()
+    challenger = _load_version(registry, challenger_version, settings)
+    challenger_scores = score(challenger, data, eval_rows)
+    record["challenger"]["scores"] = challenger_scores
+    if champion is None:
+        verdict = Verdict(True, f"{champion_problem}: the challenger is promoted without comparison", {})
+    else:
+        champion_scores = score(champion, data, eval_rows)
+        record["champion"]["scores"] = champion_scores
+        verdict = compare(champion_scores, challenger_scores, settings.retrain_margin, settings.retrain_tolerance)
+    record["changes"] = verdict.changes
+    timings["evaluate"] = time.perf_counter() - t0
+
+    # 5. promote (all four together: the serving graph swaps on the `current` pointers)
+    if verdict.promote and not args.dry_run:
+        for name in MODEL_NAMES:
+            registry.promote(name, challenger_version[name])
+    decision = "promote" if verdict.promote and not args.dry_run else "keep"
+    reason = verdict.reason + (" (dry run: not promoted)" if verdict.promote and args.dry_run else "")
+    return _finish(record, decision, reason, log_path, timings, t_start)
+
+
+def _finish(record: dict[str, Any], decision: str, reason: str, log_path: Path, timings: dict[str, float],
+            t_start: float) -> dict[str, Any]:
+    timings["total"] = time.perf_counter() - t_start
+    record.update(decision=decision, reason=reason, timings={k: round(v, 3) for k, v in timings.items()})
+    write_decision(record, log_path)
+    log.info("retrain decision: %s — %s (logged to %s)", decision, reason, log_path)
+    return record
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.retrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--no-download", action="store_true", help="use the candle files on disk (offline)")
+    p.add_argument("--data-dir", default=None, help="candle folder (default: Settings.data_dir)")
+    p.add_argument("--candles", nargs="+", default=None,
+                   help="explicit SYMBOL_5m.parquet files or SYMBOL=path (with --no-download)")
+    p.add_argument("--base-url", default=None, help="Binance REST root (default: Settings.binance_api_url)")
+    p.add_argument("--out", default=None, help="registry folder (default: Settings.models_dir)")
+    p.add_argument("--log", default=None, help="decision log (default: Settings.retrain_log)")
+    p.add_argument("--margin", type=float, default=None, help="override retrain_margin")
+    p.add_argument("--tolerance", type=float, default=None, help="override retrain_tolerance")
+    p.add_argument("--min-eval-rows", type=int, default=None, help="override retrain_min_eval_rows")
+    p.add_argument("--holdout-days", type=float, default=None, help="override retrain_holdout_days")
+    p.add_argument("--dry-run", action="store_true", help="decide and log, never promote")
+    p.add_argument("--engine", choices=("plain", "ray"), default="plain", help="training engine (training.train)")
+    p.add_argument("--address", default=None, help="Ray address for --engine ray")
+    p.add_argument("--nthread", type=int, default=None, help="plain engine: XGBoost threads")
+    p.add_argument("--rounds", type=int, default=None, help="override models.num_boost_round")
+    p.add_argument("--folds", type=int, default=None, help="override models.walk_forward_folds")
+    p.add_argument("--max-rows", type=int, default=None, help="override models.max_train_rows")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        record = run(args)
+    except MLEngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(record, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
