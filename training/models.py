@@ -1,0 +1,125 @@
+"""The model definitions: which boosters exist, their objectives and targets, and how one is fit.
+
+Model code only fits and predicts; it never loads candles, splits data or writes files (that is
+``training/data.py`` and ``training/registry.py``). A *target* is one booster: the range predictor
+has two per horizon (future high, future low; each a multi-quantile regression), the TP/SL
+classifier two (long, short), the signal classifier and the meta-model one each (3 classes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import xgboost as xgb
+
+from configs.settings import ModelConfig, Settings
+from features.labels import SIGNAL_CLASSES
+from training.ensemble import booster_name
+from training.transforms import range_scale
+
+SEED = 20240601
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One booster to train: model, target, horizon, objective kind, label column, optional symbol."""
+
+    model: str
+    target: str
+    horizon: int
+    kind: str    # "quantile" | "binary" | "multiclass"
+    label: str   # column of features.labels.build_labels
+    symbol: str | None = None
+
+    @property
+    def name(self) -> str:
+        return booster_name(self.target, self.horizon, self.symbol)
+
+    @property
+    def width(self) -> int:
+        """Columns of the booster's raw prediction."""
+        return 3 if self.kind in ("quantile", "multiclass") else 1
+
+
+def base_specs(settings: Settings, symbols: Sequence[str]) -> list[TargetSpec]:
+    """Every base booster, per horizon (and per symbol when ``models.per_symbol``)."""
+    per = list(symbols) if settings.models.per_symbol else [None]
+    specs: list[TargetSpec] = []
+    for h in settings.market.horizons:
+        for s in per:
+            specs += [TargetSpec("range_predictor", "high", h, "quantile", f"fut_high_{h}", s),
+                      TargetSpec("range_predictor", "low", h, "quantile", f"fut_low_{h}", s),
+                      TargetSpec("tpsl_classifier", "tp_long", h, "binary", f"tp_long_{h}", s),
+                      TargetSpec("tpsl_classifier", "tp_short", h, "binary", f"tp_short_{h}", s),
+                      TargetSpec("signal_classifier", "signal", h, "multiclass", f"signal_{h}", s)]
+    return specs
+
+
+def meta_specs(settings: Settings, symbols: Sequence[str]) -> list[TargetSpec]:
+    per = list(symbols) if settings.models.per_symbol else [None]
+    return [TargetSpec("meta_model", "meta", h, "multiclass", f"signal_{h}", s)
+            for h in settings.market.horizons for s in per]
+
+
+def xgb_params(spec: TargetSpec, cfg: ModelConfig, nthread: int) -> dict:
+    """XGBoost parameters of one booster: the configured tree parameters plus its objective."""
+    params: dict = dict(cfg.xgb_params.model_dump(), seed=SEED, nthread=nthread)
+    if spec.kind == "quantile":
+        params.update(objective="reg:quantileerror", quantile_alpha=list(cfg.quantiles), eval_metric="quantile")
+    elif spec.kind == "binary":
+        params.update(objective="binary:logistic", eval_metric="logloss")
+    elif spec.kind == "multiclass":
+        params.update(objective="multi:softprob", num_class=len(SIGNAL_CLASSES), eval_metric="mlogloss")
+    else:
+        raise ValueError(f"unknown target kind {spec.kind!r}")
+    return params
+
+
+def target_values(spec: TargetSpec, labels: pd.DataFrame, atr_fraction: np.ndarray) -> np.ndarray:
+    """The booster's training target for every row (NaN where the label is undefined).
+
+    Range targets are divided by the volatility unit (see ``training.transforms.range_scale``);
+    predictions are multiplied back by ``training.transforms.range_output``.
+    """
+    y = labels[spec.label].to_numpy(np.float64)
+    if spec.kind == "quantile":
+        return y / range_scale(atr_fraction, spec.horizon)
+    return y
+
+
+@dataclass(frozen=True)
+class FitOutcome:
+    """A fitted booster (raw UBJSON, trimmed to its best iteration) and its predictions."""
+
+    key: str
+    booster: bytes
+    best_iteration: int      # number of boosting rounds kept
+    predictions: np.ndarray | None
+
+
+def fit_booster(params: dict, rounds: int, X_fit: np.ndarray, y_fit: np.ndarray, X_val: np.ndarray | None = None,
+                y_val: np.ndarray | None = None, early_stopping: int | None = None) -> tuple[xgb.Booster, int]:
+    """Train one booster; with a validation set, stop early on it and keep only the best rounds."""
+    dfit = xgb.QuantileDMatrix(X_fit, label=y_fit, max_bin=params.get("max_bin", 256))
+    evals = []
+    if X_val is not None and len(X_val) and early_stopping:
+        dval = xgb.QuantileDMatrix(X_val, label=y_val, ref=dfit)
+        evals = [(dval, "val")]
+    booster = xgb.train(params, dfit, num_boost_round=rounds, evals=evals,
+                        early_stopping_rounds=early_stopping if evals else None, verbose_eval=False)
+    if evals:
+        kept = booster.best_iteration + 1
+        booster = booster[:kept]
+    else:
+        kept = rounds
+    return booster, kept
+
+
+def predict_raw(booster: xgb.Booster, X: np.ndarray, width: int) -> np.ndarray:
+    """Raw booster output as (n, width) float64."""
+    if len(X) == 0:
+        return np.empty((0, width))
+    return np.asarray(booster.inplace_predict(X), dtype=np.float64).reshape(len(X), width)

@@ -1,0 +1,185 @@
+"""``python -m training.train``: train the four models and save them to the registry.
+
+    python -m training.train --candles data/sample/BTCUSDT_5m.parquet data/sample/ETHUSDT_5m.parquet --out models
+    python -m training.train --engine ray --num-workers 1 --candles ... --out /abs/path/models
+
+The plain engine (default) fits everything in this process; ``--engine ray`` fans the walk-forward
+fits out as Ray tasks and refits the final boosters in one ``ray.train.xgboost.XGBoostTrainer`` run
+(see ``training/ray_engine.py``). Both call the same pipeline (``training/pipeline.py``) on the same
+prepared rows (``training/data.py``), so they produce equivalent models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import xgboost as xgb
+
+from configs.settings import Settings, get_settings
+from features.errors import MLEngineError
+from features.indicators import feature_set_hash
+from training.data import load_histories, parse_candle_args, prepare, to_ms
+from training.pipeline import Engine, PlainEngine, TrainOutput, train
+from training.progress import log, setup_logging
+from training.registry import MODEL_NAMES, ModelRegistry, new_version
+from training.transforms import REGIME_FEATURES, meta_columns
+
+BASE = ("range_predictor", "tpsl_classifier", "signal_classifier")
+
+
+def code_commit() -> str:
+    """The git commit of the code that trained the model ("unknown" outside a checkout, e.g. a Ray job)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def with_overrides(settings: Settings, rounds: int | None = None, folds: int | None = None,
+                   max_rows: int | None = None, per_symbol: bool | None = None) -> Settings:
+    """Settings with command-line overrides of the model section (validated like the YAML)."""
+    update: dict[str, Any] = {}
+    if rounds is not None:
+        update["num_boost_round"] = rounds
+    if folds is not None:
+        update["walk_forward_folds"] = folds
+    if max_rows is not None:
+        update["max_train_rows"] = max_rows
+    if per_symbol is not None:
+        update["per_symbol"] = per_symbol
+    if not update:
+        return settings
+    models = type(settings.models).model_validate({**settings.models.model_dump(), **update})
+    return settings.model_copy(update={"models": models})
+
+
+def save_models(out: TrainOutput, registry: ModelRegistry, settings: Settings, data_info: dict[str, Any],
+                engine: str, promote: bool = True) -> str:
+    """Write the four models as one version (same id for all) and promote them together."""
+    version = new_version()
+    common = {
+        "created": datetime.now(timezone.utc).isoformat(), "engine": engine, "xgboost_version": xgb.__version__,
+        "code_commit": code_commit(), "feature_set_hash": feature_set_hash(settings.features),
+        "label_params": settings.labels.model_dump(), "model_config": settings.models.model_dump(), **data_info,
+    }
+    # Write every version first, promote afterwards: a reader never sees a mixed set for long, and a
+    # failure while writing leaves the previous set current.
+    for name in MODEL_NAMES:
+        meta = {**common, **out.metadata[name]}
+        if name == "meta_model":
+            meta.update(base_versions={m: version for m in BASE}, meta_columns=list(meta_columns()),
+                        regime_features=list(REGIME_FEATURES))
+        registry.save(name, version, out.boosters[name], meta, out.documents.get(name), promote=False)
+    if promote:
+        for name in MODEL_NAMES:
+            registry.promote(name, version)
+    return version
+
+
+def make_engine(args: argparse.Namespace) -> Engine:
+    if args.engine == "plain":
+        return PlainEngine(args.nthread)
+    from training.ray_engine import RayEngine
+
+    return RayEngine(address=args.address, num_workers=args.num_workers)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    settings = with_overrides(get_settings(), args.rounds, args.folds, args.max_rows,
+                              True if args.per_symbol else None)
+    out_dir = Path(args.out) if args.out else settings.models_dir
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    engine = make_engine(args)
+    timings.update(engine.timings)  # cluster start for Ray
+
+    t0 = time.perf_counter()
+    paths = parse_candle_args(args.candles)
+    histories = load_histories(paths)
+    data = prepare(histories, settings, start_ms=to_ms(args.start), end_ms=to_ms(args.end))
+    timings["data_prepare"] = time.perf_counter() - t0
+    log.info("prepared %d rows, %d symbols (%s), %s .. %s", len(data), len(data.symbols), ", ".join(data.symbols),
+             data.data_range()["start"], data.data_range()["end"])
+
+    result = train(data, settings, engine)
+    timings.update(result.timings)
+    timings.update({k: v for k, v in engine.timings.items() if k not in timings})
+
+    t0 = time.perf_counter()
+    per_symbol_range = {s: prepare_range(data, s) for s in data.symbols}
+    data_info = {"data_range": data.data_range(), "data_by_symbol": per_symbol_range,
+                 "candle_files": {s: str(p) for s, p in paths.items()}, "symbols": list(data.symbols),
+                 "horizons": list(settings.market.horizons), "per_symbol": settings.models.per_symbol,
+                 "feature_names": list(data.feature_names), "model_columns": list(data.columns),
+                 "train_end": args.end, "train_start": args.start}
+    registry = ModelRegistry(out_dir, feature_set_hash(settings.features))
+    version = save_models(result, registry, settings, data_info, engine.name, promote=not args.no_promote)
+    timings["save"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    summary = {"version": version, "out": str(out_dir), "engine": engine.name, "rows": len(data),
+               "timings": {k: round(v, 3) for k, v in timings.items()},
+               "walk_forward": result.metadata["range_predictor"]["metrics"]["walk_forward"],
+               "meta": {h: {k: v for k, v in m.items() if k != "reliability"}
+                        for h, m in result.metadata["meta_model"]["metrics"]["calibration_holdout"].items()}}
+    if hasattr(engine, "close"):
+        engine.close()
+    return summary
+
+
+def prepare_range(data, symbol: str) -> dict[str, Any]:
+    rows = data.symbol == symbol
+    import pandas as pd
+
+    t = data.open_time[rows]
+    return {"start": pd.Timestamp(int(t.min()), unit="ms", tz="UTC").isoformat(),
+            "end": pd.Timestamp(int(t.max()), unit="ms", tz="UTC").isoformat(), "rows": int(rows.sum())}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--candles", nargs="+", required=True, help="SYMBOL_5m.parquet files or SYMBOL=path")
+    p.add_argument("--out", help="registry folder (default: Settings.models_dir)")
+    p.add_argument("--engine", choices=("plain", "ray"), default="plain")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--num-workers", type=int, default=1, help="XGBoostTrainer workers (ScalingConfig)")
+    p.add_argument("--nthread", type=int, default=None, help="plain engine: XGBoost threads (default: all cores)")
+    p.add_argument("--start", default=None, help="ignore candles before this UTC date (after feature warm-up)")
+    p.add_argument("--end", default=None, help="train only on candles before this UTC date (labels never cross it)")
+    p.add_argument("--rounds", type=int, default=None, help="override models.num_boost_round")
+    p.add_argument("--folds", type=int, default=None, help="override models.walk_forward_folds")
+    p.add_argument("--max-rows", type=int, default=None, help="override models.max_train_rows")
+    p.add_argument("--per-symbol", action="store_true", help="one model per symbol (models.per_symbol)")
+    p.add_argument("--no-promote", action="store_true", help="save the version without making it current")
+    p.add_argument("--json", action="store_true", help="print a JSON summary (version, timings, metrics)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        summary = run(args)
+    except MLEngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"saved version {summary['version']} of {', '.join(MODEL_NAMES)} to {summary['out']} "
+              f"({summary['engine']} engine, {summary['rows']} rows, {summary['timings']['total']:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Small pure functions shared by training and inference (numpy only).
+
+Why a module of its own: the inference path (``training/ensemble.py``) must not import training
+code, yet it has to undo exactly the target scaling the trainer applied and build exactly the
+meta-model input the trainer built. Keeping those definitions here, in one place, makes a silent
+train/serve mismatch impossible.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+# The model input is the feature vector plus one column: the symbol's index in the model's symbol
+# list (one model for all symbols; the features are scale-free, the symbol lets trees specialise).
+SYMBOL_COLUMN = "symbol_id"
+
+# Range targets are learnt in units of recent volatility: y / (ATR14/close x sqrt(h)). Raw ratios
+# make the model chase the volatility regime of its training years; scaled targets transfer
+# across regimes and are multiplied back at prediction time.
+VOL_FEATURE = "atr_14"
+VOL_FLOOR = 1e-4  # ATR/close below 0.01% only happens on frozen markets; keeps the division sane
+
+# Regime features the meta-model sees next to the base models' outputs.
+REGIME_FEATURES: tuple[str, ...] = ("atr_14", "rv_288", "vol_ratio", "adx_14", "range_pos_288", "volume_z_288",
+                                    "h1_ret_24")
+
+# Column order of each base model's raw output (``Ensemble.predict_stage``).
+RANGE_OUTPUTS: tuple[str, ...] = ("high_lower", "high_median", "high_upper", "low_lower", "low_median", "low_upper")
+TPSL_OUTPUTS: tuple[str, ...] = ("p_tp_long", "p_tp_short")
+SIGNAL_OUTPUTS: tuple[str, ...] = ("p_sell", "p_hold", "p_buy")
+# The meta-model's stage output: class probabilities then the calibrated confidence of the argmax.
+META_OUTPUTS: tuple[str, ...] = ("p_sell", "p_hold", "p_buy", "confidence")
+
+
+def model_columns(feature_names: Sequence[str]) -> tuple[str, ...]:
+    """Column names of the base models' input matrix."""
+    return (*feature_names, SYMBOL_COLUMN)
+
+
+def meta_columns() -> tuple[str, ...]:
+    """Column names of the meta-model's input matrix (see :func:`meta_matrix`)."""
+    scaled = tuple(f"{c}_scaled" for c in RANGE_OUTPUTS)
+    return (*scaled, *TPSL_OUTPUTS, *SIGNAL_OUTPUTS, *REGIME_FEATURES, SYMBOL_COLUMN)
+
+
+def range_scale(atr_fraction: np.ndarray, horizon: int) -> np.ndarray:
+    """The volatility unit of a range target: ATR/close x sqrt(horizon), floored."""
+    return np.sqrt(horizon) * np.maximum(np.asarray(atr_fraction, dtype=np.float64), VOL_FLOOR)
+
+
+def meta_matrix(X: np.ndarray, columns: Sequence[str], base_outputs: Mapping[str, np.ndarray],
+                horizon: int) -> np.ndarray:
+    """The meta-model's input: base outputs (range in volatility units) + regime features + symbol.
+
+    ``X`` is the base-model input (columns ``columns``); ``base_outputs`` holds the raw outputs of
+    ``range_predictor`` (n, 6), ``tpsl_classifier`` (n, 2) and ``signal_classifier`` (n, 3).
+    """
+    index = {c: i for i, c in enumerate(columns)}
+    scale = range_scale(X[:, index[VOL_FEATURE]], horizon)
+    rng = np.asarray(base_outputs["range_predictor"], dtype=np.float64) / scale[:, None]
+    parts = [rng, np.asarray(base_outputs["tpsl_classifier"], dtype=np.float64),
+             np.asarray(base_outputs["signal_classifier"], dtype=np.float64),
+             X[:, [index[c] for c in REGIME_FEATURES]], X[:, [index[SYMBOL_COLUMN]]]]
+    return np.hstack(parts)
+
+
+def apply_calibration(calibration: Mapping[str, object], p: np.ndarray) -> np.ndarray:
+    """Map raw confidences to calibrated ones with a calibrator saved as JSON (never pickled).
+
+    ``isotonic``: a monotone step function given by its knots ``x``/``y`` (linear between knots,
+    as scikit-learn's IsotonicRegression predicts); ``platt``: ``1 / (1 + exp(a*p + b))``;
+    ``identity``: unchanged (recorded when there was too little data to fit one).
+    """
+    p = np.asarray(p, dtype=np.float64)
+    method = calibration["method"]
+    if method == "isotonic":
+        x = np.asarray(calibration["x"], dtype=np.float64)
+        y = np.asarray(calibration["y"], dtype=np.float64)
+        return np.interp(p, x, y)
+    if method == "platt":
+        a = float(calibration["a"])  # type: ignore[arg-type]
+        b = float(calibration["b"])  # type: ignore[arg-type]
+        return 1.0 / (1.0 + np.exp(a * p + b))
+    if method == "identity":
+        return p.copy()
+    raise ValueError(f"unknown calibration method {method!r}")
+
+
+def range_output(raw_high: np.ndarray, raw_low: np.ndarray, atr_fraction: np.ndarray, horizon: int) -> np.ndarray:
+    """The range predictor's (n, 6) output from its two boosters' raw quantiles (volatility units).
+
+    Each row's quantiles are sorted (quantile regressions trained separately can cross; sorting is
+    the standard monotone rearrangement and never worsens pinball loss), then multiplied back by
+    the volatility unit. Training (out-of-fold predictions) and inference both call this.
+    """
+    scale = range_scale(atr_fraction, horizon)[:, None]
+    high = np.sort(np.asarray(raw_high, dtype=np.float64).reshape(len(scale), -1), axis=1) * scale
+    low = np.sort(np.asarray(raw_low, dtype=np.float64).reshape(len(scale), -1), axis=1) * scale
+    return np.hstack([high, low])
