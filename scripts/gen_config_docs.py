@@ -178,10 +178,35 @@ def _escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def yaml_values() -> dict[str, Any]:
+    """Dotted key -> the value the shipped YAML files set (what a fresh checkout actually runs with)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+
+    def flatten(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                flatten(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = node
+
+    for name in YAML_FILES:
+        path = settings_module.CONFIG_DIR / name
+        if path.exists():
+            flatten("", yaml.safe_load(path.read_text()) or {})
+    return out
+
+
 def _rows(model: type[BaseModel], env_path: list[str]) -> Iterator[tuple[str, str, str, str, str, str]]:
-    """(key, env var, type, default, bounds, description) for each leaf field, nested models flattened."""
+    """(key, env var, type, default, bounds, description) for each leaf field, nested models flattened.
+
+    For keys the shipped YAML files set, the default column shows that value (what runs) and the
+    code default next to it when they differ.
+    """
     comments = field_comments(model)
     from_yaml = yaml_comments()
+    shipped = yaml_values()
     for name, info in model.model_fields.items():
         annotation = info.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -191,7 +216,12 @@ def _rows(model: type[BaseModel], env_path: list[str]) -> Iterator[tuple[str, st
         env = ENV_PREFIX.upper() + NESTED.join(p.upper() for p in env_path + [name])
         dotted = ".".join(env_path + [name])
         desc = comments.get(name) or info.description or from_yaml.get(dotted, "")
-        yield (key, env, type_name(annotation), default_text(info.default), bounds_text(info), _escape(desc))
+        default = default_text(info.default)
+        if dotted in shipped:
+            value = shipped[dotted]
+            code_default = info.default if not isinstance(info.default, tuple) else list(info.default)
+            default = default_text(value) + ("" if value == code_default else f" (YAML; code: {default})")
+        yield (key, env, type_name(annotation), default, bounds_text(info), _escape(desc))
 
 
 def _yaml_file_of(section: str) -> str:
@@ -221,7 +251,8 @@ def render() -> str:
         "3. a `.env` file in the working directory (same names; any other key is an error),",
         f"4. the YAML files in `configs/` (or `{ENV_PREFIX}CONFIG_DIR`): " + ", ".join(f"`{f}`" for f in YAML_FILES)
         + ", each holding the sections named below,",
-        "5. the defaults below.",
+        "5. the defaults in the code. The tables show, for keys the shipped YAML files set, that value",
+        "   (what a fresh checkout runs with) and the code default beside it when they differ.",
         "",
         "Unknown keys and out-of-range values stop the engine at start-up with a `ConfigError` naming the key.",
         "Ray workers (Serve replicas, jobs) inherit the environment of the `ray start` that launched them, so",
