@@ -125,15 +125,33 @@ def walk_forward_table(candles: Mapping[str, pd.DataFrame], features: Mapping[st
     return SignalTable(signals, eligible, counts, reasons), info
 
 
-def plain_engine_fit(settings: Any, work_dir: Path) -> Fit:
-    """A ``Fit`` that trains a full model set with the training engineer's plain engine into
-    ``work_dir/period_<k>`` and loads it with the serving ``Ensemble``."""
+def trained_until(metadata: Mapping[str, Mapping[str, Any]]) -> int | None:
+    """Latest training-data candle of a model set (max over its models' ``data_range.end``), or None."""
+    ends = [int(pd.Timestamp(m["data_range"]["end"]).value // 1_000_000)
+            for m in metadata.values() if (m.get("data_range") or {}).get("end")]
+    return max(ends) if ends else None
+
+
+def plain_engine_fit(candle_specs: Sequence[str], settings: Any, work_dir: Path,
+                     train_args: Sequence[str] = ()) -> Fit:
+    """A ``Fit`` that runs the training engineer's plain engine — ``python -m training.train`` with
+    ``--end <period cut>`` on the same candle files (``training.data.prepare`` cuts the candles before
+    labels are computed) — into ``work_dir/period_<k>``, loads the result with the serving
+    ``Ensemble`` and checks from its metadata that it saw nothing at or after the cut."""
     from training.ensemble import Ensemble
-    from training.train import train_models  # the training engineer's entry point
+    from training.train import parser as train_parser
+    from training.train import run as train_run
 
     def fit(train: Mapping[str, pd.DataFrame], period: Period) -> Forecaster:
         out = Path(work_dir) / f"period_{period.index}"
-        train_models(dict(train), settings, out, engine="plain")
-        return Ensemble.load(out, settings)
+        cut = pd.Timestamp(period.train_end_ms, unit="ms", tz="UTC").isoformat()
+        train_run(train_parser().parse_args(["--candles", *candle_specs, "--end", cut, "--out", str(out),
+                                             "--engine", "plain", *train_args]))
+        ens = Ensemble.load(out, settings)
+        last = trained_until(ens.metadata)
+        if last is None or last >= period.train_end_ms:
+            raise AssertionError(f"walk-forward model for period {period.index} was trained on data up to "
+                                 f"{last}, past its cut {cut}")
+        return ens
 
     return fit
