@@ -1,0 +1,206 @@
+"""``python -m training.evaluate``: score the current models out of sample against naive baselines.
+
+    python -m training.evaluate --models models --candles BTCUSDT_5m.parquet ETHUSDT_5m.parquet \\
+        --start 2025-06-01 --json [--report reports/eval]
+
+Candles before ``--start`` only warm the features up; every row from ``--start`` on with a defined
+label is scored. ``--json`` prints exactly one object ``{"rows": [...]}``, one row per symbol and
+horizon (keys documented in docs/models.md); ``--report DIR`` also writes ``report.md`` with PNG
+plots. A row whose period overlaps the models' training data says so (``overlaps_training``):
+such figures are in-sample and must not be quoted as out-of-sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from configs.settings import Settings, get_settings
+from features.errors import MLEngineError
+from training.data import Prepared, load_histories, parse_candle_args, prepare, to_ms
+from training.ensemble import Ensemble
+from training.metrics import (BASELINE_VOL_FEATURE, baseline_predictions, range_metrics, reliability_curve,
+                              signal_metrics, tpsl_metrics)
+from training.progress import progress, setup_logging
+
+
+def _iso(ms: int) -> str:
+    return pd.Timestamp(int(ms), unit="ms", tz="UTC").isoformat()
+
+
+def predictions(ensemble: Ensemble, data: Prepared, horizon: int) -> dict[str, np.ndarray]:
+    """Every stage's output for the prepared rows (features without the symbol code column)."""
+    features = data.X[:, :-1].astype(np.float64)
+    return ensemble.predict_arrays(features, list(data.symbol), horizon)
+
+
+def evaluate(ensemble: Ensemble, candles: Mapping[str, pd.DataFrame], settings: Settings,
+             start_ms: int | None = None, keep: dict | None = None) -> list[dict[str, Any]]:
+    """One metrics row per symbol and horizon (``keep`` collects arrays for the report)."""
+    range_meta = ensemble.metadata["range_predictor"]
+    train_end = pd.Timestamp(range_meta["data_range"]["end"]).value // 1_000_000
+    rows: list[dict[str, Any]] = []
+    with progress(len(candles) * len(ensemble.horizons), "evaluate") as bar:
+        for symbol, df in candles.items():
+            data = prepare({symbol: df}, settings, symbols=ensemble.symbols, start_ms=start_ms)
+            if len(data) == 0:
+                bar.update(len(ensemble.horizons))
+                continue
+            rv = data.X[:, data.columns.index(BASELINE_VOL_FEATURE)].astype(np.float64)
+            baselines = range_meta["baselines"].get(symbol)
+            for h in ensemble.horizons:
+                out = predictions(ensemble, data, h)
+                lab = data.labels
+                y_high, y_low = lab[f"fut_high_{h}"].to_numpy(), lab[f"fut_low_{h}"].to_numpy()
+                scored = np.isfinite(y_high) & np.isfinite(y_low)
+                r = np.flatnonzero(scored)
+                row: dict[str, Any] = {"symbol": symbol, "horizon": int(h), "n": int(len(r))}
+                if baselines is None:  # a symbol the models never saw: no training baseline exists
+                    base = {k: np.full(len(r), np.nan) for k in ("mean_high", "vol_high", "mean_low", "vol_low")}
+                else:
+                    base = baseline_predictions(baselines[str(h)], rv[r])
+                row.update(range_metrics(y_high[r], y_low[r], out["range_predictor"][r], base))
+                row.update({k: v for k, v in tpsl_metrics(lab[f"tp_long_{h}"].to_numpy()[r],
+                                                          lab[f"tp_short_{h}"].to_numpy()[r],
+                                                          out["tpsl_classifier"][r]).items()})
+                meta = out["meta_model"][r]
+                y_sig = lab[f"signal_{h}"].to_numpy()[r]
+                row.update(signal_metrics(y_sig, meta[:, :3], meta[:, 3], prefix="signal"))
+                cls = signal_metrics(y_sig, out["signal_classifier"][r], prefix="classifier")
+                row.update({k: v for k, v in cls.items() if k != "confidence_ece"})
+                t = data.open_time[r]
+                row.update(start=_iso(t.min()) if len(t) else None, end=_iso(t.max()) if len(t) else None,
+                           overlaps_training=bool(len(t) and t.min() <= train_end))
+                rows.append(row)
+                if keep is not None:
+                    correct = (meta[:, :3].argmax(axis=1) == y_sig).astype(float)
+                    keep[(symbol, int(h))] = {"t": t, "y_high": y_high[r], "y_low": y_low[r],
+                                              "pred": out["range_predictor"][r], "conf": meta[:, 3],
+                                              "correct": correct}
+                bar.update(1)
+    return rows
+
+
+def write_report(out_dir: Path, rows: list[dict[str, Any]], kept: dict, ensemble: Ensemble) -> Path:
+    """report.md with PNG plots: predicted vs actual, interval coverage over time, reliability,
+    feature importance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# Model evaluation", "",
+             f"Models: {', '.join(f'{m} {v}' for m, v in ensemble.versions.items())}", "",
+             "| symbol | h | n | R² high | R² low | MAE high | mean | vol | MAE low | mean | vol | cov high | cov low "
+             "| AUC long | AUC short | acc | F1 | ECE |", "|" + "---|" * 18]
+    for r in rows:
+        def f(k: str, d: int = 4) -> str:
+            v = r.get(k)
+            return "" if v is None else f"{v:.{d}f}"
+
+        lines.append(f"| {r['symbol']} | {r['horizon']} | {r['n']} | {f('r2_high', 3)} | {f('r2_low', 3)} | "
+                     f"{f('mae_high', 5)} | {f('mean_mae_high', 5)} | {f('vol_mae_high', 5)} | {f('mae_low', 5)} | "
+                     f"{f('mean_mae_low', 5)} | {f('vol_mae_low', 5)} | {f('coverage_high', 3)} | "
+                     f"{f('coverage_low', 3)} | {f('tpsl_auc_long', 3)} | {f('tpsl_auc_short', 3)} | "
+                     f"{f('signal_accuracy', 3)} | {f('signal_macro_f1', 3)} | {f('confidence_ece', 3)} |")
+    if any(r.get("overlaps_training") for r in rows):
+        lines += ["", "**Warning: the evaluated period overlaps the models' training data (in-sample figures).**"]
+    for (symbol, h), k in sorted(kept.items()):
+        if len(k["t"]) == 0:
+            continue
+        stem = f"{symbol}_h{h}"
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for ax, name, y, col in ((axes[0], "high", k["y_high"], 1), (axes[1], "low", k["y_low"], 4)):
+            ax.scatter(k["pred"][:, col], y, s=2, alpha=0.3)
+            lim = [np.nanpercentile(y, 0.5), np.nanpercentile(y, 99.5)]
+            ax.plot(lim, lim, "k--", lw=1)
+            ax.set(title=f"{symbol} h={h}: {name} (median) vs actual", xlabel="predicted", ylabel="actual")
+        t = pd.to_datetime(k["t"], unit="ms")
+        inside_h = (k["y_high"] >= k["pred"][:, 0]) & (k["y_high"] <= k["pred"][:, 2])
+        inside_l = (k["y_low"] >= k["pred"][:, 3]) & (k["y_low"] <= k["pred"][:, 5])
+        win = max(1, min(2016, len(t) // 20))  # about a week of 5-minute rows
+        axes[2].plot(t, pd.Series(inside_h.astype(float)).rolling(win).mean(), label="high")
+        axes[2].plot(t, pd.Series(inside_l.astype(float)).rolling(win).mean(), label="low")
+        axes[2].axhline(0.8, color="k", ls="--", lw=1)
+        axes[2].set(title=f"10-90% interval coverage (rolling {win} rows)", ylim=(0, 1))
+        axes[2].legend()
+        fig.autofmt_xdate()
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{stem}_range.png", dpi=80)
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(5, 5))
+        curve = reliability_curve(k["conf"], k["correct"])
+        ax.plot([c["confidence"] for c in curve], [c["accuracy"] for c in curve], "o-")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ax.set(title=f"{symbol} h={h}: reliability (calibrated confidence)", xlabel="confidence", ylabel="accuracy")
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{stem}_reliability.png", dpi=80)
+        plt.close(fig)
+        lines += ["", f"## {symbol}, horizon {h}", "", f"![range]({stem}_range.png)", "",
+                  f"![reliability]({stem}_reliability.png)"]
+    # Feature importance (gain) of the shortest horizon's boosters.
+    h = min(ensemble.horizons)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 6))
+    for ax, (model, name) in zip(axes, (("range_predictor", f"high_h{h}"), ("tpsl_classifier", f"tp_long_h{h}"),
+                                        ("signal_classifier", f"signal_h{h}"))):
+        booster = ensemble.models[model].boosters.get(name)
+        if booster is None:
+            continue
+        score = booster.get_score(importance_type="gain")
+        names = ensemble.columns
+        top = sorted(((v, names[int(k[1:])] if k.startswith("f") and k[1:].isdigit() else k)
+                      for k, v in score.items()), reverse=True)[:15]
+        ax.barh([n for _, n in top][::-1], [v for v, _ in top][::-1])
+        ax.set(title=f"{model} {name}: gain")
+    fig.tight_layout()
+    fig.savefig(out_dir / "feature_importance.png", dpi=80)
+    plt.close(fig)
+    lines += ["", "## Feature importance", "", "![importance](feature_importance.png)", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", type=Path, default=None, help="registry folder (default: Settings.models_dir)")
+    p.add_argument("--candles", nargs="+", required=True, help="SYMBOL_5m.parquet files or SYMBOL=path")
+    p.add_argument("--start", default=None, help="score rows from this UTC date on (earlier candles warm up)")
+    p.add_argument("--json", action="store_true", help='print exactly {"rows": [...]}')
+    p.add_argument("--report", type=Path, default=None, help="also write report.md and PNG plots here")
+    args = p.parse_args(argv)
+    setup_logging()
+    settings = get_settings()
+    try:
+        ensemble = Ensemble.load(args.models or settings.models_dir, settings)
+        candles = load_histories(parse_candle_args(args.candles))
+        kept: dict | None = {} if args.report else None
+        rows = evaluate(ensemble, candles, settings, to_ms(args.start), kept)
+        if args.report:
+            path = write_report(args.report, rows, kept or {}, ensemble)
+            print(f"report: {path}", file=sys.stderr)
+    except MLEngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"rows": rows}))
+    else:
+        for r in rows:
+            print(f"{r['symbol']:<9} h={r['horizon']:<3} n={r['n']:<7} R² high {r['r2_high']} low {r['r2_low']} | "
+                  f"MAE high {r['mae_high']} (mean {r['mean_mae_high']}, vol {r['vol_mae_high']}) "
+                  f"low {r['mae_low']} (mean {r['mean_mae_low']}, vol {r['vol_mae_low']}) | "
+                  f"cov {r['coverage_high']}/{r['coverage_low']} | AUC {r['tpsl_auc_long']}/{r['tpsl_auc_short']} | "
+                  f"acc {r['signal_accuracy']} F1 {r['signal_macro_f1']} ECE {r['confidence_ece']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
