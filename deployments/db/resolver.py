@@ -1,0 +1,388 @@
+"""The outcome resolver: at each candle close, score the logged forecasts that have come due.
+
+I/O edge around :mod:`deployments.db.resolution` (pure) and :mod:`deployments.db.live_metrics`.
+:class:`OutcomeResolver` holds a bounded candle history per symbol, fed by the engine's market
+feed (``add_candles`` once with the warm-up history, then ``on_candle_close`` per closed candle);
+each close it selects that symbol's unresolved rows whose window has ended (partial ``*_due``
+indexes), resolves them in one vectorised pass, and writes the results back with one
+``UPDATE … FROM unnest(…)`` per table. Then it refreshes the rolling live metrics.
+
+PostgreSQL down: nothing is lost — unresolved rows simply wait in the table (and rows still in the
+writer's spool wait there); the next close after it is back resolves the backlog, as long as the
+candles are still in the history (``history_candles``, 14 days by default; older rows become
+``no_data`` rather than a guess). A window with a missing candle waits ``gap_grace_candles`` for
+it (deliveries may come late or out of order) before it is written off as a ``gap``.
+
+Run it as a Ray actor with :func:`start_resolver` (one per cluster, named, fractional CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import asyncpg
+import numpy as np
+
+from configs.settings import Settings
+from deployments.db.live_metrics import (Baseline, fetch_live_metrics, latest_version, summarize,
+                                         walk_forward_baseline)
+from deployments.db.migrate import apply_migrations
+from deployments.db.resolution import CandleHistory, resolve_predictions, resolve_signals
+from deployments.db.rows import RANGE_MODEL, SIGNAL_MODEL
+from deployments.db.writer import UNAVAILABLE, _close_quietly
+
+log = logging.getLogger(__name__)
+
+ACTOR_NAME = "outcome_resolver"
+BATCH = 20_000  # rows fetched per query; a backlog is worked through in several
+
+_DUE_PREDICTIONS = """
+SELECT id, horizon, candle_open_time, predicted_high, predicted_low, high_lower, high_upper, low_lower, low_upper
+FROM ml.prediction_logs
+WHERE resolved_at IS NULL AND symbol = $1 AND resolve_after <= $2
+ORDER BY resolve_after LIMIT $3"""
+
+_DUE_SIGNALS = """
+SELECT id, horizon, candle_open_time, signal_type, entry_price, take_profit, stop_loss
+FROM ml.signal_logs
+WHERE resolved_at IS NULL AND symbol = $1 AND resolve_after <= $2
+ORDER BY resolve_after LIMIT $3"""
+
+_UPDATE_PREDICTIONS = """
+UPDATE ml.prediction_logs AS p
+SET actual_high = u.actual_high, actual_low = u.actual_low, mae = u.mae, high_inside = u.high_inside,
+    low_inside = u.low_inside, inside_interval = u.inside_interval, resolve_status = u.status, resolved_at = now()
+FROM unnest($1::uuid[], $2::float8[], $3::float8[], $4::float8[], $5::bool[], $6::bool[], $7::bool[], $8::text[])
+     AS u(id, actual_high, actual_low, mae, high_inside, low_inside, inside_interval, status)
+WHERE p.id = u.id AND p.resolved_at IS NULL"""
+
+_UPDATE_SIGNALS = """
+UPDATE ml.signal_logs AS s
+SET outcome = u.outcome, exit_price = u.exit_price, exit_bar = u.exit_bar, pnl_percent = u.pnl_percent,
+    r_multiple = u.r_multiple, resolve_status = u.status, resolved_at = now()
+FROM unnest($1::uuid[], $2::text[], $3::float8[], $4::int2[], $5::float8[], $6::float8[], $7::text[])
+     AS u(id, outcome, exit_price, exit_bar, pnl_percent, r_multiple, status)
+WHERE s.id = u.id AND s.resolved_at IS NULL"""
+
+
+def _nullable(values: np.ndarray) -> list[Any]:
+    """NaN -> NULL (a gap has no actual range; it is not zero)."""
+    out = []
+    for v in values.tolist():
+        out.append(None if isinstance(v, float) and not math.isfinite(v) else v)
+    return out
+
+
+def _col(rows: Sequence[asyncpg.Record], key: str, dtype: Any = np.float64) -> np.ndarray:
+    if dtype is object:
+        return np.array([r[key] for r in rows], dtype=object)
+    return np.array([np.nan if r[key] is None else r[key] for r in rows], dtype=dtype)
+
+
+def registry_baselines(settings: Settings) -> Callable[[str], Mapping[tuple[str, int], Baseline]]:
+    """Walk-forward baselines read from the model registry's metadata of each range-predictor version."""
+    def load(version: str) -> Mapping[tuple[str, int], Baseline]:
+        from training.registry import ModelRegistry  # inference-side module: no training code on import
+
+        return walk_forward_baseline(ModelRegistry(settings.models_dir).metadata(RANGE_MODEL, version))
+    return load
+
+
+class OutcomeResolver:
+    """Resolves due predictions and signals at each candle close and keeps live metrics."""
+
+    def __init__(self, settings: Settings, *, database_url: str | None = None,
+                 baselines: Callable[[str], Mapping[tuple[str, int], Baseline]]
+                 | Mapping[str, Mapping[tuple[str, int], Baseline]] | None = None,
+                 history_candles: int = 14 * 288, gap_grace_candles: int = 36,
+                 metrics_interval_s: float = 1.0) -> None:
+        self.settings = settings
+        self.database_url = database_url or settings.database_url
+        if baselines is None:
+            baselines = registry_baselines(settings)
+        elif isinstance(baselines, Mapping):
+            table = dict(baselines)
+            baselines = lambda version: table.get(version, {})  # noqa: E731  (a fixed table: tests, tools)
+        self.baseline_source = baselines
+        self.history_candles = history_candles
+        self.instance = secrets.token_hex(8)  # changes when Ray restarts the actor (its history is then empty)
+        self.gap_grace_candles = gap_grace_candles
+        self.metrics_interval_s = metrics_interval_s
+        self.histories: dict[str, CandleHistory] = {}
+        self._conn: asyncpg.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._baselines: dict[str, Mapping[tuple[str, int], Baseline]] = {}
+        self._metrics: dict[str, Any] = {}
+        self._metrics_at = 0.0
+        self._versions_seen: dict[str, dict[str, int]] = {RANGE_MODEL: {}, SIGNAL_MODEL: {}}
+        self.resolved = {"predictions": 0, "signals": 0}
+        self.postgres_up = False
+        self.last_error: str | None = None
+        self.last_resolve_at: float | None = None
+
+    # ---- candles -------------------------------------------------------------------------------
+    def _history(self, symbol: str) -> CandleHistory:
+        return self.histories.setdefault(symbol, CandleHistory(self.history_candles))
+
+    async def add_candles(self, symbol: str, open_time: Sequence[int], high: Sequence[float],
+                          low: Sequence[float], close: Sequence[float]) -> int:
+        """Load history (start-up, the feed's warm-up window) without resolving; returns candles added."""
+        return self._history(symbol).extend(open_time, high, low, close)
+
+    @property
+    def market_time(self) -> int | None:
+        """Latest candle open time seen on any symbol: the clock of the metric windows."""
+        times = [h.last_open_time for h in self.histories.values() if h.last_open_time is not None]
+        return max(times) if times else None
+
+    async def on_candles(self, symbol: str, open_time: Sequence[int], high: Sequence[float],
+                         low: Sequence[float], close: Sequence[float]) -> dict[str, int]:
+        """Candles closed (one, or several when the feed ran ahead): add them, resolve what came due
+        for ``symbol``, refresh the live metrics."""
+        self._history(symbol).extend(open_time, high, low, close)
+        counts = await self.resolve(symbol)
+        await self.refresh_metrics()
+        return {**counts, "history": len(self.histories[symbol]), "instance": self.instance}
+
+    async def on_candle_close(self, symbol: str, open_time: int, high: float, low: float, close: float,
+                              ) -> dict[str, int]:
+        """One candle closed (see :meth:`on_candles`); returns rows resolved and the history length."""
+        return await self.on_candles(symbol, [open_time], [high], [low], [close])
+
+    # ---- resolution ----------------------------------------------------------------------------
+    async def resolve(self, symbol: str | None = None) -> dict[str, int]:
+        """Resolve every due row of ``symbol`` (all symbols if None); PostgreSQL down -> zeros."""
+        counts = {"predictions": 0, "signals": 0}
+        symbols = [symbol] if symbol is not None else list(self.histories)
+        async with self._lock:
+            conn = await self._connection()
+            if conn is None:
+                return counts
+            try:
+                for sym in symbols:
+                    hist = self.histories.get(sym)
+                    if hist is None or hist.last_open_time is None:
+                        continue
+                    counts["predictions"] += await self._resolve_predictions(conn, sym, hist)
+                    counts["signals"] += await self._resolve_signals(conn, sym, hist)
+            except UNAVAILABLE as exc:
+                await self._drop_connection(exc)
+        for k, v in counts.items():
+            self.resolved[k] += v
+        self.last_resolve_at = time.time()
+        return counts
+
+    async def _resolve_predictions(self, conn: asyncpg.Connection, symbol: str, hist: CandleHistory) -> int:
+        done = 0
+        timeout = self.settings.db_timeout_s
+        while True:
+            rows = await conn.fetch(_DUE_PREDICTIONS, symbol, hist.last_open_time, BATCH, timeout=timeout)
+            if not rows:
+                return done
+            res = resolve_predictions(hist, _col(rows, "candle_open_time", np.int64), _col(rows, "horizon", np.int64),
+                                      *(_col(rows, k) for k in ("predicted_high", "predicted_low", "high_lower",
+                                                                 "high_upper", "low_lower", "low_upper")),
+                                      gap_grace_candles=self.gap_grace_candles)
+            ready = np.flatnonzero(res["status"] != "pending")
+            if len(ready):
+                await conn.execute(_UPDATE_PREDICTIONS, [rows[i]["id"] for i in ready],
+                                   *(_nullable(res[k][ready]) for k in ("actual_high", "actual_low", "mae")),
+                                   *(list(res[k][ready]) for k in ("high_inside", "low_inside", "inside_interval",
+                                                                   "status")), timeout=timeout)
+            done += len(ready)
+            if len(rows) < BATCH or not len(ready):
+                return done
+
+    async def _resolve_signals(self, conn: asyncpg.Connection, symbol: str, hist: CandleHistory) -> int:
+        done = 0
+        timeout = self.settings.db_timeout_s
+        while True:
+            rows = await conn.fetch(_DUE_SIGNALS, symbol, hist.last_open_time, BATCH, timeout=timeout)
+            if not rows:
+                return done
+            res = resolve_signals(hist, _col(rows, "candle_open_time", np.int64), _col(rows, "horizon", np.int64),
+                                  _col(rows, "signal_type", object), _col(rows, "entry_price"),
+                                  _col(rows, "take_profit"), _col(rows, "stop_loss"), self.settings.fee_rate,
+                                  gap_grace_candles=self.gap_grace_candles)
+            ready = np.flatnonzero(res["status"] != "pending")
+            if len(ready):
+                await conn.execute(_UPDATE_SIGNALS, [rows[i]["id"] for i in ready], list(res["outcome"][ready]),
+                                   _nullable(res["exit_price"][ready]), list(res["exit_bar"][ready]),
+                                   _nullable(res["pnl_percent"][ready]), _nullable(res["r_multiple"][ready]),
+                                   list(res["status"][ready]), timeout=timeout)
+            done += len(ready)
+            if len(rows) < BATCH or not len(ready):
+                return done
+
+    # ---- live metrics --------------------------------------------------------------------------
+    async def refresh_metrics(self, force: bool = False) -> dict[str, Any]:
+        """Recompute the rolling metrics (at most every ``metrics_interval_s`` unless forced)."""
+        now = self.market_time
+        if now is None or (not force and time.monotonic() - self._metrics_at < self.metrics_interval_s):
+            return self._metrics
+        async with self._lock:
+            conn = await self._connection()
+            if conn is None:
+                return self._metrics
+            try:
+                pred_rows, sig_rows = await fetch_live_metrics(conn, now, self.settings.db_timeout_s)
+                seen = await conn.fetch(
+                    "SELECT 'p' AS k, model_version, max(candle_open_time) AS t FROM ml.prediction_logs "
+                    "WHERE mae IS NOT NULL GROUP BY model_version UNION ALL "
+                    "SELECT 's', model_version, max(candle_open_time) FROM ml.signal_logs "
+                    "WHERE outcome IS NOT NULL GROUP BY model_version", timeout=self.settings.db_timeout_s)
+            except UNAVAILABLE as exc:
+                await self._drop_connection(exc)
+                return self._metrics
+        for r in seen:
+            self._versions_seen[RANGE_MODEL if r["k"] == "p" else SIGNAL_MODEL][r["model_version"]] = int(r["t"])
+        for v in {r["model_version"] for r in pred_rows}:
+            if v not in self._baselines:
+                try:
+                    self._baselines[v] = self.baseline_source(v)
+                except Exception as exc:  # unknown version, unreadable metadata: no baseline, said so
+                    log.warning("resolver: no walk-forward baseline for %s %s: %s", RANGE_MODEL, v, exc)
+                    self._baselines[v] = {}
+        s = self.settings
+        summary = summarize(pred_rows, sig_rows, self._baselines, drift_margin=s.drift_mae_margin,
+                            drift_min_samples=s.drift_min_samples, drift_window=s.drift_window)
+        self._metrics = {"market_time": now, "models": summary,
+                         "current": {m: latest_version(v) for m, v in self._versions_seen.items()}}
+        self._metrics_at = time.monotonic()
+        return self._metrics
+
+    async def live_metrics(self) -> dict[str, Any]:
+        """For ``/models/status``: per model and version, the 24 h / 7 d / all figures and drift."""
+        return self._metrics
+
+    async def drift(self) -> dict[str, Any]:
+        """For ``/health/detailed``: the drift verdict of the serving range-predictor version."""
+        current = self._metrics.get("current", {}).get(RANGE_MODEL)
+        verdict = self._metrics.get("models", {}).get(RANGE_MODEL, {}).get(current, {}).get("drift") \
+            if current else None
+        return {"model_name": RANGE_MODEL, "version": current, "drift": bool(verdict and verdict["flag"]),
+                "detail": verdict}
+
+    async def status(self) -> dict[str, Any]:
+        return {"postgres": "up" if self.postgres_up else "down", "last_error": self.last_error,
+                "resolved": dict(self.resolved), "market_time": self.market_time,
+                "history_candles": {s: len(h) for s, h in self.histories.items()},
+                "last_resolve_at": self.last_resolve_at}
+
+    # ---- connection ----------------------------------------------------------------------------
+    async def _connection(self) -> asyncpg.Connection | None:
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        timeout = self.settings.db_timeout_s
+        try:
+            conn = await asyncpg.connect(self.database_url, timeout=timeout, command_timeout=timeout)
+            await apply_migrations(conn)
+        except Exception as exc:
+            self.postgres_up = False
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            return None
+        self._conn, self.postgres_up = conn, True
+        return conn
+
+    async def _drop_connection(self, exc: BaseException) -> None:
+        log.warning("resolver: PostgreSQL unavailable (%s: %s); rows wait for the next close", type(exc).__name__, exc)
+        self.postgres_up = False
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        if self._conn is not None:
+            await _close_quietly(self._conn)
+        self._conn = None
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await _close_quietly(self._conn)
+            self._conn = None
+
+
+def start_resolver(settings: Settings, *, name: str = ACTOR_NAME, namespace: str | None = None,
+                   detached: bool = True, **kwargs: Any):
+    """The cluster's resolver actor (created, or the running one if it exists), on a fraction of a CPU.
+
+    Detached by default, so it outlives the deployment that started it: a Serve redeploy does not
+    lose its candle history. Restarted by Ray if it dies; the feed's history (``add_candles``)
+    refills it.
+    """
+    import ray
+
+    actor = ray.remote(num_cpus=0.05, max_restarts=-1, max_concurrency=64)(OutcomeResolver)
+    options: dict[str, Any] = {"name": name, "namespace": namespace, "get_if_exists": True}
+    if detached:
+        options["lifetime"] = "detached"
+    return actor.options(**options).remote(settings, **kwargs)
+
+
+class CandleForwarder:
+    """The feed's side: hands closed candles to the resolver actor in order, never blocking the feed.
+
+    An async Ray actor may run calls out of submission order, and a candle that overtakes its
+    predecessor would make the resolver see a hole. So one call is in flight at a time: ``push``
+    only queues (O(1)), and a background task sends everything queued for a symbol in one
+    ``on_candles`` call, awaits it, then sends the next — a fast replay is batched, not reordered.
+
+    It also keeps the last ``keep`` candles it sent: a resolver that restarted (empty history; its
+    reply carries a new ``instance``) gets them again, so rows logged before the restart can still be resolved.
+    A failed call is retried. Memory is bounded by ``keep`` per symbol.
+    """
+
+    def __init__(self, actor: Any, keep: int = 14 * 288, retry_s: float = 1.0) -> None:
+        self.actor = actor
+        self.keep = keep
+        self.retry_s = retry_s
+        self._queued: dict[str, list[tuple[int, float, float, float]]] = {}
+        self._sent: dict[str, list[tuple[int, float, float, float]]] = {}
+        self._instance: dict[str, str] = {}
+        self._task: asyncio.Task | None = None
+        self.sent = 0
+        self.failures = 0
+        self.last_error: str | None = None
+
+    def push(self, symbol: str, open_time: int, high: float, low: float, close: float) -> None:
+        q = self._queued.setdefault(symbol, [])
+        q.append((int(open_time), float(high), float(low), float(close)))
+        if len(q) > self.keep:
+            del q[: len(q) - self.keep]
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        while any(self._queued.values()):
+            for symbol in list(self._queued):
+                batch = self._queued[symbol]
+                if not batch:
+                    continue
+                self._queued[symbol] = []
+                sent = self._sent.setdefault(symbol, [])
+                try:
+                    reply = await self._call(symbol, batch)
+                    known = self._instance.get(symbol)
+                    if known is not None and reply["instance"] != known and sent:  # the resolver restarted
+                        reply = await self._call(symbol, (sent + batch)[-self.keep:])
+                    self._instance[symbol] = reply["instance"]
+                except Exception as exc:  # resolver unreachable for now: keep the candles, retry
+                    self.failures += 1
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    log.warning("candle forwarder: resolver call failed (%s); retrying", self.last_error)
+                    self._queued[symbol] = (batch + self._queued[symbol])[-self.keep:]
+                    await asyncio.sleep(self.retry_s)
+                    continue
+                sent.extend(batch)
+                del sent[: max(0, len(sent) - self.keep)]
+                self.sent += len(batch)
+
+    async def _call(self, symbol: str, candles: list[tuple[int, float, float, float]]) -> dict[str, int]:
+        t, h, lo, c = (list(x) for x in zip(*candles))
+        return await self.actor.on_candles.remote(symbol, t, h, lo, c)
+
+    async def drain(self) -> None:
+        """Wait until every pushed candle has been handed over (tests, shutdown)."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
