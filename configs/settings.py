@@ -194,7 +194,7 @@ class Settings(BaseSettings):
 
     # Scheduled retraining, champion/challenger (training/retrain.py, issue 8).
     retrain_margin: float = Field(0.01, ge=0, lt=1)  # promote only if the range MAE is lower by this fraction
-    retrain_tolerance: float = Field(0.02, ge=0, lt=1)  # ... and TP/SL Brier and signal log-loss worse by at most this
+    retrain_tolerance: float = Field(0.02, ge=0, lt=1)  # ... and TP/SL Brier and signal accuracy worse by at most this
     retrain_min_eval_rows: int = Field(576, ge=1)  # fewer unseen evaluation rows: keep the champion, decide later
     retrain_holdout_days: float | None = Field(None, gt=0)  # evaluation window; None = the last walk-forward fold
     retrain_history_days: int = Field(365, ge=30)  # history a first download fetches (later runs resume)
