@@ -122,34 +122,35 @@ def test_first_model_is_promoted_without_comparison(tmp_path, sample):
 # The gate (pure)
 # ---------------------------------------------------------------------------------------------
 
-def _cells(range_mae: float, brier: float, logloss: float) -> dict:
-    return {c: {"range_mae": range_mae, "tpsl_brier": brier, "signal_log_loss": logloss}
+def _cells(range_mae: float, brier: float, accuracy: float) -> dict:
+    return {c: {"range_mae": range_mae, "tpsl_brier": brier, "signal_accuracy": accuracy}
             for c in ("BTCUSDT/6", "ETHUSDT/6")}
 
 
 def test_gate_promotes_only_beyond_the_margin():
-    champ = _cells(0.010, 0.20, 1.00)
-    assert retrain.compare(champ, _cells(0.0098, 0.20, 1.00), 0.01, 0.02).promote        # -2% MAE
-    v = retrain.compare(champ, _cells(0.0105, 0.20, 1.00), 0.01, 0.02)                   # +5%
+    champ = _cells(0.010, 0.20, 0.50)
+    assert retrain.compare(champ, _cells(0.0098, 0.20, 0.50), 0.01, 0.02).promote        # -2% MAE
+    v = retrain.compare(champ, _cells(0.0105, 0.20, 0.50), 0.01, 0.02)                   # +5%
     assert not v.promote and v.changes["range_mae"] > 0
-    v = retrain.compare(champ, _cells(0.00995, 0.20, 1.00), 0.01, 0.02)                 # -0.5% only
+    v = retrain.compare(champ, _cells(0.00995, 0.20, 0.50), 0.01, 0.02)                 # -0.5% only
     assert not v.promote and "does not beat" in v.reason
 
 
 def test_gate_refuses_a_better_range_bought_with_worse_signals():
-    champ = _cells(0.010, 0.20, 1.00)
-    v = retrain.compare(champ, _cells(0.009, 0.20, 1.05), 0.01, 0.02)                    # log-loss +5%
-    assert not v.promote and "signal_log_loss" in v.reason
-    v = retrain.compare(champ, _cells(0.009, 0.21, 1.00), 0.01, 0.02)                    # Brier +5%
-    assert not v.promote and "tpsl_brier" in v.reason
-    assert retrain.compare(champ, _cells(0.009, 0.203, 1.01), 0.01, 0.02).promote        # within tolerance
+    champ = _cells(0.010, 0.20, 0.50)
+    v = retrain.compare(champ, _cells(0.009, 0.20, 0.475), 0.01, 0.02)                   # accuracy -5%
+    assert not v.promote and "signal accuracy" in v.reason
+    v = retrain.compare(champ, _cells(0.009, 0.21, 0.50), 0.01, 0.02)                    # Brier +5%
+    assert not v.promote and "TP/SL Brier" in v.reason
+    assert retrain.compare(champ, _cells(0.009, 0.203, 0.495), 0.01, 0.02).promote       # within tolerance
+    assert retrain.compare(champ, _cells(0.009, 0.19, 0.60), 0.01, 0.02).promote         # all better
 
 
 def test_gate_averages_relative_changes_so_no_horizon_dominates():
-    champ = {"A/6": {"range_mae": 0.002, "tpsl_brier": 0.2, "signal_log_loss": 1.0},
-             "A/72": {"range_mae": 0.020, "tpsl_brier": 0.2, "signal_log_loss": 1.0}}
-    chal = {"A/6": {"range_mae": 0.001, "tpsl_brier": 0.2, "signal_log_loss": 1.0},     # -50%
-            "A/72": {"range_mae": 0.022, "tpsl_brier": 0.2, "signal_log_loss": 1.0}}    # +10% (absolute +0.002)
+    champ = {"A/6": {"range_mae": 0.002, "tpsl_brier": 0.2, "signal_accuracy": 0.5},
+             "A/72": {"range_mae": 0.020, "tpsl_brier": 0.2, "signal_accuracy": 0.5}}
+    chal = {"A/6": {"range_mae": 0.001, "tpsl_brier": 0.2, "signal_accuracy": 0.5},     # -50%
+            "A/72": {"range_mae": 0.022, "tpsl_brier": 0.2, "signal_accuracy": 0.5}}    # +10% (absolute +0.002)
     v = retrain.compare(champ, chal, 0.01, 0.02)
     assert v.changes["range_mae"] == pytest.approx(-0.20) and v.promote
     assert not retrain.compare(champ, {}, 0.01, 0.02).promote

@@ -21,8 +21,9 @@ learnt from; too few unseen rows and the champion is kept with that reason (retr
 The gate (figures per symbol and horizon, then averaged as relative changes so no horizon dominates):
 - range predictor: mean absolute error of the median high and low (fractions of close) must drop by
   at least ``retrain_margin`` (0.01 = 1%);
-- TP/SL classifier (Brier score) and the final signal (meta-model log-loss) may not get worse by
-  more than ``retrain_tolerance``.
+- TP/SL classifier (Brier score) and the final signal (meta-model accuracy) may not get worse by
+  more than ``retrain_tolerance`` (relative).
+The figures are ``training.evaluate``'s, the same the model cards and backtests quote.
 A missing or unloadable champion (none yet, or trained on another feature set) is replaced by the
 challenger without comparison, and the record says so.
 """
@@ -47,9 +48,9 @@ from features.candles import FIVE_MINUTES_MS
 from features.download import candle_path, download_klines
 from features.errors import MLEngineError, ModelLoadError, ModelNotFoundError
 from features.indicators import feature_set_hash
-from training.data import Prepared, load_histories, parse_candle_args, prepare, walk_forward_splits
+from training.data import load_histories, parse_candle_args, prepare, walk_forward_splits
 from training.ensemble import Ensemble
-from training.metrics import brier, mae
+from training.evaluate import evaluate
 from training.progress import log, setup_logging
 from training.registry import MODEL_NAMES, ModelRegistry
 from training.train import parser as train_parser
@@ -57,8 +58,8 @@ from training.train import run as train_run
 from training.train import with_overrides
 
 DAY_MS = 86_400_000
-# The figures the gate reads, and whether lower is better (all of them are losses).
-RANGE_KEY, TPSL_KEY, SIGNAL_KEY = "range_mae", "tpsl_brier", "signal_log_loss"
+# The figures the gate reads: two losses (lower is better) and the final signal's accuracy.
+RANGE_KEY, TPSL_KEY, SIGNAL_KEY = "range_mae", "tpsl_brier", "signal_accuracy"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,42 +130,28 @@ def evaluation_start(open_time: np.ndarray, settings: Settings, champion_last: i
 # 3./4. Scoring
 # ---------------------------------------------------------------------------------------------
 
-def _log_loss(y: np.ndarray, probs: np.ndarray) -> float:
-    p = np.clip(probs[np.arange(len(y)), y.astype(int)], 1e-12, 1.0)
-    return float(-np.mean(np.log(p)))
+def score(ensemble: Ensemble, histories: Mapping[str, pd.DataFrame], settings: Settings,
+          start_ms: int) -> dict[str, dict[str, Any]]:
+    """Figures of one model set from ``start_ms`` on, per ``"SYMBOL/h"`` (``training.evaluate``'s rows).
 
-
-def score(ensemble: Ensemble, data: Prepared, rows: np.ndarray) -> dict[str, dict[str, Any]]:
-    """Losses of one model set on ``rows``, per ``"SYMBOL/h"``: range MAE, TP/SL Brier, signal log-loss.
-
-    Rows whose label is undefined (the window's last h candles, gaps) are left out of that figure.
+    ``range_mae``: mean of the median high and low MAE; ``tpsl_brier``: mean Brier score of the long
+    and short TP/SL probabilities; ``signal_accuracy``: accuracy of the final (meta-model) signal.
+    Rows whose label is undefined (the window's last h candles, gaps) are not scored.
     """
-    F = len(data.feature_names)
-    lab = data.labels
     out: dict[str, dict[str, Any]] = {}
-    for symbol in data.symbols:
-        r = rows[data.symbol[rows] == symbol]
-        if len(r) == 0 or symbol not in ensemble.symbols:
+    for row in evaluate(ensemble, histories, settings, start_ms=start_ms):
+        figures = (row.get("mae_high"), row.get("mae_low"), row.get("tpsl_brier_long"),
+                   row.get("tpsl_brier_short"), row.get("signal_accuracy"))
+        if row["n"] == 0 or any(f is None for f in figures):
             continue
-        features = data.X[r, :F].astype(np.float64)
-        for h in ensemble.horizons:
-            outputs = ensemble.predict_arrays(features, [symbol] * len(r), h)
-            rng, tpsl, meta = outputs["range_predictor"], outputs["tpsl_classifier"], outputs["meta_model"]
-            y_hi, y_lo = lab[f"fut_high_{h}"].to_numpy()[r], lab[f"fut_low_{h}"].to_numpy()[r]
-            y_tl, y_ts = lab[f"tp_long_{h}"].to_numpy()[r], lab[f"tp_short_{h}"].to_numpy()[r]
-            y_sig = lab[f"signal_{h}"].to_numpy()[r]
-            ok_r = np.isfinite(y_hi) & np.isfinite(y_lo) & np.isfinite(rng[:, [1, 4]]).all(axis=1)
-            ok_t = np.isfinite(y_tl) & np.isfinite(y_ts) & np.isfinite(tpsl).all(axis=1)
-            ok_s = np.isfinite(y_sig) & np.isfinite(meta[:, :3]).all(axis=1)
-            if not (ok_r.any() and ok_t.any() and ok_s.any()):
-                continue
-            out[f"{symbol}/{h}"] = {
-                "rows": int(ok_r.sum()),
-                RANGE_KEY: (mae(y_hi[ok_r], rng[ok_r, 1]) + mae(y_lo[ok_r], rng[ok_r, 4])) / 2,
-                TPSL_KEY: (brier(y_tl[ok_t], tpsl[ok_t, 0]) + brier(y_ts[ok_t], tpsl[ok_t, 1])) / 2,
-                SIGNAL_KEY: _log_loss(y_sig[ok_s], meta[ok_s, :3]),
-                "signal_accuracy": float(np.mean(meta[ok_s, :3].argmax(axis=1) == y_sig[ok_s])),
-            }
+        if row["overlaps_training"]:  # the window is chosen so this cannot happen; refuse rather than trust it
+            raise MLEngineError(f"{row['symbol']}/{row['horizon']}: evaluation rows overlap the training data of "
+                                f"{ensemble.versions['range_predictor']}")
+        out[f"{row['symbol']}/{row['horizon']}"] = {
+            "rows": row["n"], RANGE_KEY: (row["mae_high"] + row["mae_low"]) / 2,
+            TPSL_KEY: (row["tpsl_brier_long"] + row["tpsl_brier_short"]) / 2,
+            SIGNAL_KEY: row["signal_accuracy"], "coverage_high": row.get("coverage_high"),
+            "coverage_low": row.get("coverage_low"), "start": row.get("start"), "end": row.get("end")}
     return out
 
 
@@ -172,7 +159,7 @@ def score(ensemble: Ensemble, data: Prepared, rows: np.ndarray) -> dict[str, dic
 class Verdict:
     promote: bool
     reason: str
-    changes: dict[str, float]  # mean relative change challenger vs champion per loss (negative = better)
+    changes: dict[str, float]  # mean relative change challenger vs champion per figure
 
 
 def compare(champion: Mapping[str, Mapping[str, float]], challenger: Mapping[str, Mapping[str, float]],
@@ -191,12 +178,14 @@ def compare(champion: Mapping[str, Mapping[str, float]], challenger: Mapping[str
     if changes[RANGE_KEY] > -margin:
         return Verdict(False, f"range MAE change {changes[RANGE_KEY]:+.2%} does not beat the required "
                               f"-{margin:.2%}", changes)
-    for key in (TPSL_KEY, SIGNAL_KEY):
-        if math.isfinite(changes[key]) and changes[key] > tolerance:
-            return Verdict(False, f"{key} worse by {changes[key]:+.2%} (tolerance {tolerance:.2%}) although range "
-                                  f"MAE improved {changes[RANGE_KEY]:+.2%}", changes)
+    if math.isfinite(changes[TPSL_KEY]) and changes[TPSL_KEY] > tolerance:
+        return Verdict(False, f"TP/SL Brier worse by {changes[TPSL_KEY]:+.2%} (tolerance {tolerance:.2%}) although "
+                              f"range MAE improved {changes[RANGE_KEY]:+.2%}", changes)
+    if math.isfinite(changes[SIGNAL_KEY]) and changes[SIGNAL_KEY] < -tolerance:
+        return Verdict(False, f"signal accuracy worse by {changes[SIGNAL_KEY]:+.2%} (tolerance {tolerance:.2%}) "
+                              f"although range MAE improved {changes[RANGE_KEY]:+.2%}", changes)
     return Verdict(True, f"range MAE {changes[RANGE_KEY]:+.2%} (required -{margin:.2%}), TP/SL Brier "
-                         f"{changes[TPSL_KEY]:+.2%}, signal log-loss {changes[SIGNAL_KEY]:+.2%} "
+                         f"{changes[TPSL_KEY]:+.2%}, signal accuracy {changes[SIGNAL_KEY]:+.2%} "
                          f"(tolerance {tolerance:.2%})", changes)
 
 
@@ -300,12 +289,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # 4. score both on the unseen window
     t0 = time.perf_counter()
     challenger = _load_version(registry, challenger_version, settings)
-    challenger_scores = score(challenger, data, eval_rows)
+    challenger_scores = score(challenger, histories, settings, start)
     record["challenger"]["scores"] = challenger_scores
     if champion is None:
         verdict = Verdict(True, f"{champion_problem}: the challenger is promoted without comparison", {})
     else:
-        champion_scores = score(champion, data, eval_rows)
+        champion_scores = score(champion, histories, settings, start)
         record["champion"]["scores"] = champion_scores
         verdict = compare(champion_scores, challenger_scores, settings.retrain_margin, settings.retrain_tolerance)
     record["changes"] = verdict.changes
