@@ -266,7 +266,7 @@ def test_resolver_actor_on_a_replayed_day_matches_build_labels(real_candles, ray
                              for i in range(feeds[symbol] + 1, len(df)))
 
             async def feed() -> CandleForwarder:
-                fwd = CandleForwarder(actor)
+                fwd = CandleForwarder(lambda: actor)
                 for _, symbol, i in candles:
                     c = frames[symbol].iloc[i]
                     fwd.push(symbol, int(c["open_time"]), float(c["high"]), float(c["low"]), float(c["close"]))
@@ -387,7 +387,7 @@ def test_forwarder_refills_a_restarted_resolver(real_candles, ray_cluster):
         await fwd.drain()
 
     async def scenario() -> tuple[int, int]:
-        fwd = CandleForwarder(actor, keep=40)
+        fwd = CandleForwarder(lambda: actor, keep=40)
         await push(fwd, range(0, 30))
         before = (await actor.status.remote())["history_candles"]["BTCUSDT"]
         ray.kill(actor, no_restart=False)  # a crash: Ray restarts it, empty

@@ -93,6 +93,68 @@ def registry_baselines(settings: Settings) -> Callable[[str], Mapping[tuple[str,
     return load
 
 
+class LiveGauges:
+    """The live figures as Prometheus gauges, recorded with Ray's metrics (exported ``ray_``-prefixed by
+    each node's agent; the API's ``/metrics`` serves them under their own names).
+
+    - ``ml_model_accuracy{model_name}`` (the engine's gauge, :mod:`deployments.metrics`):
+      ``range_predictor`` = 24 h interval coverage (share of actual highs/lows inside the predicted
+      10–90% interval; nominal 0.8); ``meta_model`` = 24 h signal hit rate (share of resolved BUY/SELL
+      signals that reached take-profit first) — of the version serving now;
+    - ``ml_model_drift{model_name}``: 1 when the drift flag is up, else 0;
+    - ``ml_model_live_mae{model_name,window}`` and ``ml_model_mae_ratio{model_name,window}`` (live MAE
+      over the mix-weighted walk-forward MAE);
+    - ``ml_signal_cumulative_r{model_name,window}``.
+    """
+
+    def __init__(self) -> None:
+        from ray.util import metrics as m
+
+        from deployments.metrics import EngineMetrics
+
+        self.engine = EngineMetrics(use_ray=True)
+        self.drift = m.Gauge("ml_model_drift", "1 when live MAE is worse than walk-forward MAE beyond the margin",
+                             tag_keys=("model_name",))
+        self.mae = m.Gauge("ml_model_live_mae", "live MAE of the range forecasts (fraction of close)",
+                           tag_keys=("model_name", "window"))
+        self.ratio = m.Gauge("ml_model_mae_ratio", "live MAE / walk-forward MAE on the same symbol-horizon mix",
+                             tag_keys=("model_name", "window"))
+        self.cum_r = m.Gauge("ml_signal_cumulative_r", "cumulative R multiple of resolved signals",
+                             tag_keys=("model_name", "window"))
+
+    @classmethod
+    def create(cls) -> "LiveGauges | None":
+        try:
+            import ray
+
+            return cls() if ray.is_initialized() else None
+        except Exception as exc:  # metrics are a view; resolution goes on without them
+            log.warning("resolver: live gauges unavailable: %s", exc)
+            return None
+
+    def export(self, metrics: Mapping[str, Any]) -> None:
+        current = metrics["current"]
+        models = metrics["models"]
+        rv, sv = current.get(RANGE_MODEL), current.get(SIGNAL_MODEL)
+        if rv in models[RANGE_MODEL]:
+            entry = models[RANGE_MODEL][rv]
+            if entry["24h"]["interval_coverage"] is not None:
+                self.engine.model_accuracy(RANGE_MODEL, entry["24h"]["interval_coverage"])
+            self.drift.set(1.0 if entry["drift"]["flag"] else 0.0, {"model_name": RANGE_MODEL})
+            for w in ("24h", "7d", "all"):
+                tags = {"model_name": RANGE_MODEL, "window": w}
+                if entry[w]["mae"] is not None:
+                    self.mae.set(entry[w]["mae"], tags)
+                if entry[w]["mae_ratio"] is not None:
+                    self.ratio.set(entry[w]["mae_ratio"], tags)
+        if sv in models[SIGNAL_MODEL]:
+            entry = models[SIGNAL_MODEL][sv]
+            if entry["24h"]["hit_rate"] is not None:
+                self.engine.model_accuracy(SIGNAL_MODEL, entry["24h"]["hit_rate"])
+            for w in ("24h", "7d", "all"):
+                self.cum_r.set(entry[w]["cumulative_r"], {"model_name": SIGNAL_MODEL, "window": w})
+
+
 class OutcomeResolver:
     """Resolves due predictions and signals at each candle close and keeps live metrics."""
 
@@ -124,6 +186,7 @@ class OutcomeResolver:
         self.postgres_up = False
         self.last_error: str | None = None
         self.last_resolve_at: float | None = None
+        self._gauges: LiveGauges | None = None
 
     # ---- candles -------------------------------------------------------------------------------
     def _history(self, symbol: str) -> CandleHistory:
@@ -254,6 +317,10 @@ class OutcomeResolver:
         self._metrics = {"market_time": now, "models": summary,
                          "current": {m: latest_version(v) for m, v in self._versions_seen.items()}}
         self._metrics_at = time.monotonic()
+        if self._gauges is None:
+            self._gauges = LiveGauges.create()
+        if self._gauges is not None:
+            self._gauges.export(self._metrics)
         return self._metrics
 
     async def live_metrics(self) -> dict[str, Any]:
@@ -333,8 +400,9 @@ class CandleForwarder:
     A failed call is retried. Memory is bounded by ``keep`` per symbol.
     """
 
-    def __init__(self, actor: Any, keep: int = 14 * 288, retry_s: float = 1.0) -> None:
-        self.actor = actor
+    def __init__(self, get_resolver: Callable[[], Any], keep: int = 14 * 288, retry_s: float = 1.0) -> None:
+        self.get_resolver = get_resolver  # returns the actor handle; called again after a failed call
+        self.actor: Any = None
         self.keep = keep
         self.retry_s = retry_s
         self._queued: dict[str, list[tuple[int, float, float, float]]] = {}
@@ -368,6 +436,7 @@ class CandleForwarder:
                         reply = await self._call(symbol, (sent + batch)[-self.keep:])
                     self._instance[symbol] = reply["instance"]
                 except Exception as exc:  # resolver unreachable for now: keep the candles, retry
+                    self.actor = None  # look it up (or start it) again
                     self.failures += 1
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     log.warning("candle forwarder: resolver call failed (%s); retrying", self.last_error)
@@ -380,6 +449,8 @@ class CandleForwarder:
 
     async def _call(self, symbol: str, candles: list[tuple[int, float, float, float]]) -> dict[str, int]:
         t, h, lo, c = (list(x) for x in zip(*candles))
+        if self.actor is None:
+            self.actor = self.get_resolver()
         return await self.actor.on_candles.remote(symbol, t, h, lo, c)
 
     async def drain(self) -> None:

@@ -1,0 +1,128 @@
+"""The serving log hook (``deployments.hooks.ServingLog``) backed by PostgreSQL.
+
+Enable with ``MLE_SERVING_LOG=deployments.db.serving_log:make_serving_log`` (``make serve`` does).
+One instance per replica, by role:
+
+- ``router`` (EnsembleRouter): ``candle_closed(forecasts)`` logs every forecast computed at a candle
+  close (prediction + signal rows) through this process's :class:`LogWriter`;
+  ``candles_closed(event)`` forwards the event's candles, in order, to the :class:`OutcomeResolver`
+  actor (started here if the cluster has none), which resolves what came due;
+- ``ingress`` (ApiIngress): ``request_served(record, forecast)`` logs the forecast a request was
+  answered with — usually already logged at the close, so it costs a dictionary lookup — and
+  ``health()``/``live_metrics()`` ask the resolver for the drift verdict and rolling accuracy.
+
+Nothing here blocks or raises into serving: writes go to the spool, calls to the resolver are
+queued (:class:`CandleForwarder`), and health answers with what it knows within its timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from typing import Any, Sequence
+
+from configs.settings import Settings
+from deployments.db.resolver import ACTOR_NAME, CandleForwarder, start_resolver
+from deployments.db.writer import LogWriter
+
+log = logging.getLogger(__name__)
+
+CALL_TIMEOUT_S = 2.0
+
+
+def resolver_name(settings: Settings) -> str:
+    """One resolver per database: an engine pointed at another database gets its own."""
+    return f"{ACTOR_NAME}-{hashlib.sha256(settings.database_url.encode()).hexdigest()[:10]}"
+
+
+class DbServingLog:
+    """Prediction/signal logging, outcome resolution and live accuracy for one Serve replica."""
+
+    def __init__(self, settings: Settings, role: str) -> None:
+        self.settings = settings
+        self.role = role
+        self.writer = LogWriter(settings, name=role)
+        self.forwarder: CandleForwarder | None = None
+        self._resolver: Any = None
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.writer.start)
+        if self.role == "router":
+            self.forwarder = CandleForwarder(self._resolver_handle, retry_s=1.0)
+
+    # ---- resolver handle -----------------------------------------------------------------------
+    def _resolver_handle(self, create: bool | None = None) -> Any:
+        """The cluster's resolver (the router creates it; the ingress only looks it up)."""
+        import ray
+
+        create = self.role == "router" if create is None else create
+        name = resolver_name(self.settings)
+        if create:
+            self._resolver = start_resolver(self.settings, name=name, detached=False)
+        else:
+            try:
+                self._resolver = ray.get_actor(name)
+            except ValueError:
+                self._resolver = None
+        return self._resolver
+
+    # ---- hook points ---------------------------------------------------------------------------
+    def candle_closed(self, forecasts: Sequence[Any]) -> None:
+        self.writer.log_forecasts(forecasts)
+
+    def request_served(self, record: Any, forecast: Any | None) -> None:
+        if forecast is not None and getattr(record, "status", 200) == 200:
+            self.writer.log_forecasts((forecast,))
+
+    def candles_closed(self, event: Any) -> None:
+        """Closed candles of one symbol (a MarketData event: history, backfill or live), for the resolver."""
+        if self.forwarder is None:
+            return
+        try:
+            ohlcv = event.ohlcv
+            for i, t in enumerate(event.open_time.tolist()):
+                self.forwarder.push(event.symbol, t, float(ohlcv[i, 1]), float(ohlcv[i, 2]), float(ohlcv[i, 3]))
+        except Exception:  # never into the candle pipeline
+            log.exception("serving log: could not queue candles for the resolver")
+
+    # ---- status --------------------------------------------------------------------------------
+    async def _ask(self, method: str) -> Any:
+        handle = self._resolver or self._resolver_handle(create=False)
+        if handle is None:
+            raise LookupError("the outcome resolver is not running (it starts with the EnsembleRouter)")
+        return await asyncio.wait_for(getattr(handle, method).remote(), CALL_TIMEOUT_S)
+
+    async def live_metrics(self) -> dict[str, Any]:
+        """Rolling live accuracy per model version (24 h, 7 d, all) with the drift verdicts."""
+        try:
+            return await self._ask("live_metrics")
+        except Exception as exc:
+            self._resolver = None
+            return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+    async def health(self) -> dict[str, Any]:
+        """``/health/detailed``'s ``database.log``: writer (spool, losses), resolver, drift."""
+        writer = self.writer.status()
+        out: dict[str, Any] = {"status": "up" if writer["postgres"] == "up" else "spooling", "writer": writer}
+        try:
+            out["resolver"] = await self._ask("status")
+            out["drift"] = await self._ask("drift")
+        except Exception as exc:
+            self._resolver = None
+            out["resolver"] = {"status": "unknown", "error": f"{type(exc).__name__}: {exc}"[:300]}
+            out["drift"] = {"drift": None, "detail": "resolver unreachable"}
+        return out
+
+    async def close(self) -> None:
+        if self.forwarder is not None:
+            try:
+                await asyncio.wait_for(self.forwarder.drain(), 5.0)
+            except Exception:
+                pass
+        await asyncio.to_thread(self.writer.close, 5.0)
+
+
+def make_serving_log(settings: Settings, role: str) -> DbServingLog:
+    """``Settings.serving_log`` factory: ``deployments.db.serving_log:make_serving_log``."""
+    return DbServingLog(settings, role)
