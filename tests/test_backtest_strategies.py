@@ -149,3 +149,31 @@ def test_buy_and_hold_by_hand():
     assert bh["per_symbol"]["X"]["return_pct"] == pytest.approx(100 * (120 * 0.999 / (110 * 1.001) - 1))
     assert bh["per_symbol"]["X"]["max_drawdown_pct"] == pytest.approx(100 * (1 - 90 / 110))
     assert bh["return_pct"] == bh["per_symbol"]["X"]["return_pct"]
+
+
+def test_candidate_rows_never_drop_a_tradable_signal():
+    """Rows skipped before forecasting are exactly rows no side of the strategy could trade."""
+    from training.backtest.strategy import candidate_rows
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    feats = pd.DataFrame({"adx_14": rng.uniform(0, 0.5, n), "ema_slope_50": rng.normal(0, 1e-4, n),
+                          "h1_dist_sma_24": rng.normal(0, 1e-3, n), "h4_dist_sma_6": rng.normal(0, 1e-3, n),
+                          "atr_14": rng.uniform(0, 0.01, n), "vol_ratio": rng.uniform(0, 3, n)})
+    feats.loc[::97, "adx_14"] = np.nan
+    for strat in load_strategies().values():
+        cand = candidate_rows(feats, strat)
+        for side in (1, -1):
+            sig = _table(side=np.full(n, side), horizon=np.full(n, strat.horizon), tp_frac=0.02, sl_frac=0.01,
+                         **{c: feats[c].to_numpy() for c in feats})
+            kept = select_signals(sig, strat).index.to_numpy()
+            assert cand[kept].all()
+        if strat.filters:
+            assert 0 < cand.sum() < n
+            # a row passing for some side is kept by select_signals for that side
+            any_side = np.zeros(n, bool)
+            for side in (1, -1):
+                sig = _table(side=np.full(n, side), horizon=np.full(n, strat.horizon), tp_frac=0.02, sl_frac=0.01,
+                             **{c: feats[c].to_numpy() for c in feats})
+                any_side[select_signals(sig, strat).index.to_numpy()] = True
+            assert (any_side == cand).all()

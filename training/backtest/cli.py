@@ -110,7 +110,7 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> tuple[dic
                           *(["--folds", str(args.wf_folds)] if args.wf_folds else [])]
             fit = plain_engine_fit(args.candles, settings, work, train_args)
             table, wf_info = walk_forward_table(candles, features, fit, periods, horizons, embargo,
-                                                feature_columns, bar)
+                                                feature_columns, bar, strategies)
             config["walk_forward_dir"] = str(work)
             out_of_sample = True  # check_unseen has verified every row
         else:
@@ -128,7 +128,8 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> tuple[dic
             if not out_of_sample:
                 print(f"warning: the models were trained on data up to {_iso(last_trained) or 'an unknown date'}; "
                       f"a backtest from {_iso(first)} is NOT out of sample", file=sys.stderr)
-            table = signal_table(ensemble, candles, features, horizons, start_ms, end_ms, feature_columns, bar)
+            table = signal_table(ensemble, candles, features, horizons, start_ms, end_ms, feature_columns, bar,
+                                 strategies=strategies)
     n_random = args.random_seeds * len(strategies)
     with _progress(n_random, "random entries") as bar:
         body, runs = run_strategies(strategies, candles, table, costs, start_ms, end_ms, args.random_seeds,

@@ -15,6 +15,9 @@ from typing import Any, Mapping, Protocol, Sequence
 import numpy as np
 import pandas as pd
 
+from configs.strategies import Strategy
+from training.backtest.strategy import candidate_rows
+
 _SIDES = {"BUY": 1, "SELL": -1}
 FORECAST_BATCH = 131_072  # rows per Ensemble.forecast call: bounded memory, a progress tick each
 
@@ -35,7 +38,7 @@ class SignalTable:
 
     signals: pd.DataFrame                          # simulator columns + probabilities + filter features
     eligible: dict[str, np.ndarray]                # open times with defined features (random entries draw here)
-    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # per horizon: BUY/SELL/HOLD counts
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # per horizon: BUY/SELL/HOLD of rows forecast
     hold_reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -65,24 +68,34 @@ def forecasts_to_frame(forecasts: Sequence[Any]) -> pd.DataFrame:
 def signal_table(forecaster: Forecaster, candles: Mapping[str, pd.DataFrame], features: Mapping[str, pd.DataFrame],
                  horizons: Sequence[int], start_ms: int | None, end_ms: int | None,
                  feature_columns: Sequence[str] = (), progress: Any = None, tag: Mapping[str, Any] | None = None,
-                 ) -> SignalTable:
-    """Forecast every feature-defined row of ``[start_ms, end_ms)`` at each horizon; keep BUY/SELL.
+                 strategies: Mapping[str, Strategy] | None = None) -> SignalTable:
+    """Forecast the feature-defined rows of ``[start_ms, end_ms)`` at each horizon; keep BUY/SELL.
 
-    ``features[symbol]`` is ``build_features`` of ``candles[symbol]`` (same index). ``tag`` adds
-    constant columns (walk-forward: which model produced the rows).
+    ``features[symbol]`` is ``build_features`` of ``candles[symbol]`` (same index). With
+    ``strategies``, a horizon's rows are limited to those some strategy of that horizon could
+    trade (:func:`candidate_rows`: its feature filters pass for one of its sides) — forecasts no
+    strategy can use are not computed. ``tag`` adds constant columns (walk-forward: which model
+    produced the rows).
     """
     parts: list[pd.DataFrame] = []
     eligible: dict[str, np.ndarray] = {}
     counts: dict[str, dict[str, int]] = {str(h): {"BUY": 0, "SELL": 0, "HOLD": 0} for h in horizons}
+    by_horizon = {h: [s for s in (strategies or {}).values() if s.horizon == h] for h in horizons}
     reasons: dict[str, int] = {}
     for symbol, c in candles.items():
         t = c["open_time"].to_numpy(np.int64)
         F = features[symbol].to_numpy(np.float64)
-        rows = np.flatnonzero(period_mask(t, start_ms, end_ms) & np.isfinite(F).all(axis=1))
-        eligible[symbol] = t[rows]
+        defined = np.flatnonzero(period_mask(t, start_ms, end_ms) & np.isfinite(F).all(axis=1))
+        eligible[symbol] = t[defined]
         close = c["close"].to_numpy(np.float64)
         feat_cols = {name: features[symbol][name].to_numpy(np.float64) for name in feature_columns}
         for h in horizons:
+            rows = defined
+            if by_horizon[h]:
+                wanted = np.zeros(len(t), bool)
+                for strat in by_horizon[h]:
+                    wanted |= candidate_rows(features[symbol], strat)
+                rows = defined[wanted[defined]]
             for lo in range(0, len(rows), FORECAST_BATCH):
                 r = rows[lo:lo + FORECAST_BATCH]
                 fc = forecasts_to_frame(forecaster.forecast(F[r], [symbol] * len(r), close[r], t[r], int(h)))

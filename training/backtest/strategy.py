@@ -37,3 +37,30 @@ def select_signals(signals: pd.DataFrame, strategy: Strategy) -> pd.DataFrame:
             ok &= v <= f.max
         keep &= ok
     return signals[keep]
+
+
+def candidate_rows(features: pd.DataFrame, strategy: Strategy) -> np.ndarray:
+    """Rows whose features could pass the strategy's filters for at least one of its sides.
+
+    Filters read only the feature row, so a row failing them for every allowed side can never be
+    traded by this strategy: the backtest need not forecast it. :func:`select_signals` still applies
+    the exact check (with the forecast's side) afterwards.
+    """
+    n = len(features)
+    if not strategy.filters:
+        return np.ones(n, bool)
+    any_side = np.zeros(n, bool)
+    for s in strategy.sides:
+        ok = np.ones(n, bool)
+        for f in strategy.filters:
+            v = features[f.feature].to_numpy(np.float64)
+            if f.with_side:
+                v = v * _SIDE[s]
+            cond = np.isfinite(v)
+            if f.min is not None:
+                cond &= v >= f.min
+            if f.max is not None:
+                cond &= v <= f.max
+            ok &= cond
+        any_side |= ok
+    return any_side

@@ -92,7 +92,7 @@ def check_unseen(signals: pd.DataFrame, periods: Sequence[Period], embargo_candl
 def walk_forward_table(candles: Mapping[str, pd.DataFrame], features: Mapping[str, pd.DataFrame], fit: Fit,
                        periods: Sequence[Period], horizons: Sequence[int], embargo_candles: int,
                        feature_columns: Sequence[str] = (), progress: Any = None,
-                       ) -> tuple[SignalTable, list[dict[str, Any]]]:
+                       strategies: Mapping[str, Any] | None = None) -> tuple[SignalTable, list[dict[str, Any]]]:
     """Fit per period, forecast that period only, and merge the periods' signal tables."""
     tables: list[SignalTable] = []
     info: list[dict[str, Any]] = []
@@ -103,7 +103,7 @@ def walk_forward_table(candles: Mapping[str, pd.DataFrame], features: Mapping[st
             raise AssertionError("training candles past the period's cut")  # training_candles guarantees it
         model = fit(train, p)
         tables.append(signal_table(model, candles, features, horizons, p.test_start_ms, p.test_end_ms,
-                                   feature_columns, progress, tag={"wf_period": p.index}))
+                                   feature_columns, progress, tag={"wf_period": p.index}, strategies=strategies))
         d = p.describe()
         d["train_candles"] = {s: int(len(c)) for s, c in train.items()}
         d["last_train_candle"] = (pd.Timestamp(last_train, unit="ms", tz="UTC").isoformat()
