@@ -183,3 +183,34 @@ def test_pull_candles_resumes_to_the_last_closed_candle(tmp_path, sample):
     assert min(starts) == int(full["BTCUSDT"]["open_time"].iloc[-500])
     with pytest.raises(Exception, match="no candle file"):
         retrain.pull_candles(settings, ["BTCUSDT"], tmp_path / "empty", download=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# As a Ray job: `ray job submit ... -- python -m training.retrain`
+# ---------------------------------------------------------------------------------------------
+
+def test_runs_as_a_ray_job(ray_cluster, champion_registry, tmp_path, sample):
+    """The documented submission, against the suite's cluster (the cheap "keep" path: no training)."""
+    import subprocess
+    import sys
+
+    models = tmp_path / "models"
+    shutil.copytree(champion_registry, models)
+    log = tmp_path / "decisions.jsonl"
+    entry = [sys.executable, "-m", "training.retrain", "--no-download", "--candles",
+             *[f"{s}={p}" for s, p in sample.items()], "--out", str(models), "--log", str(log),
+             "--min-eval-rows", "100000"]
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster["dashboard_url"],
+           "--working-dir", str(ROOT), "--", *entry]
+    import time
+
+    deadline = time.monotonic() + 120
+    while True:  # a freshly started cluster's job agent may need a moment ("No available agent")
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        if "No available agent" not in result.stderr + result.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "succeeded" in result.stdout.lower()
+    decision = json.loads(log.read_text().splitlines()[-1])
+    assert decision["decision"] == "keep" and decision["reason"] in result.stdout
