@@ -140,6 +140,32 @@ def test_random_entry_baseline_is_deterministic_by_seed(real_candles):
     assert random_entry_baseline(cands, trades, eligible, Costs(), seeds=5, first_seed=100) != b1
 
 
+def test_random_entries_keep_the_geometry_in_volatility_units(real_candles):
+    from features.build import build_features
+
+    cands = _real_slice(real_candles)
+    atr = {s: build_features(c)["atr_14"].to_numpy() for s, c in cands.items()}
+    trades = _some_trades(cands)
+    trades["atr_14"] = [atr[s][int(np.searchsorted(cands[s].open_time, t))] for s, t in
+                        zip(trades.symbol, trades.signal_time)]
+    trades = trades[np.isfinite(trades.atr_14)].reset_index(drop=True)
+    ok = {s: np.isfinite(a) for s, a in atr.items()}
+    eligible = {s: cands[s].open_time.to_numpy()[ok[s]] for s in cands}
+    vol = {s: atr[s][ok[s]] for s in cands}
+    sig = random_signals(trades, eligible, seed=1, volatility=vol)
+    pd.testing.assert_frame_equal(sig, random_signals(trades, eligible, seed=1, volatility=vol))
+    for s in cands:
+        mine = sig[sig.symbol == s]
+        here = vol[s][np.searchsorted(eligible[s], mine.open_time.to_numpy())]
+        # tp in ATR units at the random candle is one of the strategy's tp-in-ATR-units
+        k = mine.tp_frac.to_numpy() / here
+        ref = (trades.tp_frac / trades.atr_14)[trades.symbol == s].to_numpy()
+        assert np.isclose(k[:, None], ref[None, :]).any(axis=1).all()
+        assert np.allclose(mine.tp_frac / mine.sl_frac, 1.5)  # reward/risk unchanged
+    b = random_entry_baseline(cands, trades, eligible, Costs(), seeds=3, volatility=vol)
+    assert b["geometry"] == "volatility-scaled" and b["trades"]["mean"] > 0
+
+
 def test_buy_and_hold_by_hand():
     c = pd.DataFrame({"open_time": T0 + np.arange(4) * FIVE_MINUTES_MS, "open": [100.0, 110, 90, 95],
                       "high": [111.0, 111, 96, 121], "low": [99.0, 89, 89, 94], "close": [110.0, 90, 95, 120],

@@ -3,9 +3,15 @@
 An R-multiple edge can come from the barrier geometry alone (a 1.5:1 take-profit/stop in a
 trending period, a volatility regime) rather than from knowing *when* to trade. The random-entry
 baseline keeps everything but the timing: the same symbols, number of trades, sides, take-profit
-and stop fractions and horizons (resampled from the strategy's own trades), the same simulator,
+and stop distances and horizons (resampled from the strategy's own trades), the same simulator,
 costs and one-position rule — only the entry candles are random. Repeated over many seeds it gives
 the spread a strategy must beat.
+
+Distances are carried in volatility units when the volatility is known: a trade's ``tp_frac`` and
+``sl_frac`` divided by ATR/close at its signal candle, times ATR/close at the random candle. The
+engine's barriers are ATR multiples, so this *is* the same geometry; copying raw fractions would
+put a quiet-hour random entry under barriers drawn for a volatile hour (mostly expiries) and make
+the baseline differ for a reason that has nothing to do with timing.
 """
 
 from __future__ import annotations
@@ -18,17 +24,20 @@ import pandas as pd
 from training.backtest.metrics import _f, summarize
 from training.backtest.simulate import Costs, simulate
 
+VOL_COLUMN = "atr_14"  # ATR(14)/close of the signal candle (a feature column)
 RANDOM_KEYS: tuple[str, ...] = ("trades", "win_rate", "avg_r", "total_r", "profit_factor", "max_drawdown_r",
                                 "sharpe_per_trade")
 
 
 def random_signals(trades: pd.DataFrame, eligible: Mapping[str, np.ndarray], seed: int,
-                   oversample: int = 3) -> pd.DataFrame:
+                   oversample: int = 3, volatility: Mapping[str, np.ndarray] | None = None) -> pd.DataFrame:
     """Random-entry signals mimicking ``trades``: per symbol ``oversample x`` as many candidates.
 
     Entry candles are drawn uniformly (without replacement) from ``eligible[symbol]`` (open times
     where the strategy could have signalled); each gets the (side, tp_frac, sl_frac, horizon) of a
-    trade of the strategy drawn with replacement. Deterministic for a given ``seed``.
+    trade of the strategy drawn with replacement. With ``volatility[symbol]`` (ATR/close aligned
+    with ``eligible[symbol]``) and a ``VOL_COLUMN`` in ``trades``, the distances are rescaled to
+    the random candle's volatility. Deterministic for a given ``seed``.
     """
     rng = np.random.default_rng(seed)
     parts = []
@@ -38,15 +47,25 @@ def random_signals(trades: pd.DataFrame, eligible: Mapping[str, np.ndarray], see
         if len(mine) == 0 or len(times) == 0:
             continue
         k = min(len(times), oversample * len(mine))
-        when = np.sort(rng.choice(times, size=k, replace=False))
+        at = np.sort(rng.choice(len(times), size=k, replace=False))
         pick = rng.integers(0, len(mine), size=k)
+        tp = mine["tp_frac"].to_numpy(np.float64)[pick]
+        sl = mine["sl_frac"].to_numpy(np.float64)[pick]
+        if volatility is not None and symbol in volatility and VOL_COLUMN in mine.columns:
+            scale = np.asarray(volatility[symbol], dtype=np.float64)[at] / mine[VOL_COLUMN].to_numpy(np.float64)[pick]
+            ok = np.isfinite(scale) & (scale > 0)
+            tp = np.where(ok, tp * scale, tp)
+            sl = np.where(ok, sl * scale, sl)
+            keep = (tp < 1) & (sl < 1)
+        else:
+            keep = np.ones(k, bool)
         parts.append(pd.DataFrame({
-            "open_time": when, "symbol": symbol,
-            "side": mine["side"].to_numpy(np.int64)[pick],
+            "open_time": times[at][keep], "symbol": symbol,
+            "side": mine["side"].to_numpy(np.int64)[pick][keep],
             "confidence": 0.0,
-            "tp_frac": mine["tp_frac"].to_numpy(np.float64)[pick],
-            "sl_frac": mine["sl_frac"].to_numpy(np.float64)[pick],
-            "horizon": mine["horizon"].to_numpy(np.int64)[pick],
+            "tp_frac": tp[keep],
+            "sl_frac": sl[keep],
+            "horizon": mine["horizon"].to_numpy(np.int64)[pick][keep],
         }))
     if not parts:
         return pd.DataFrame({c: [] for c in ("open_time", "symbol", "side", "confidence", "tp_frac", "sl_frac",
@@ -55,11 +74,11 @@ def random_signals(trades: pd.DataFrame, eligible: Mapping[str, np.ndarray], see
 
 
 def random_trades(candles: Mapping[str, pd.DataFrame], trades: pd.DataFrame, eligible: Mapping[str, np.ndarray],
-                  costs: Costs, seed: int) -> pd.DataFrame:
+                  costs: Costs, seed: int, volatility: Mapping[str, np.ndarray] | None = None) -> pd.DataFrame:
     """One random-entry backtest: simulate oversampled random signals, then keep as many trades per
     symbol as the strategy made (a random subset, so the kept ones are still non-overlapping)."""
     rng = np.random.default_rng([seed, 1])
-    sim = simulate(candles, random_signals(trades, eligible, seed), costs)
+    sim = simulate(candles, random_signals(trades, eligible, seed, volatility=volatility), costs)
     keep = []
     for symbol, g in sim.groupby("symbol", sort=True):
         n = int((trades["symbol"] == symbol).sum())
@@ -70,7 +89,8 @@ def random_trades(candles: Mapping[str, pd.DataFrame], trades: pd.DataFrame, eli
 
 def random_entry_baseline(candles: Mapping[str, pd.DataFrame], trades: pd.DataFrame,
                           eligible: Mapping[str, np.ndarray], costs: Costs, seeds: int = 100,
-                          first_seed: int = 0, progress: Any = None) -> dict[str, Any]:
+                          first_seed: int = 0, progress: Any = None,
+                          volatility: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Mean, spread and 5-95% range of the random-entry metrics over ``seeds`` seeds.
 
     ``strategy_beats_share`` is the share of seeds whose total R the strategy's beats — an
@@ -80,10 +100,12 @@ def random_entry_baseline(candles: Mapping[str, pd.DataFrame], trades: pd.DataFr
         return {"seeds": 0, "note": "no strategy trades to mimic"}
     per_seed = []
     for s in range(first_seed, first_seed + seeds):
-        per_seed.append(summarize(random_trades(candles, trades, eligible, costs, s)))
+        per_seed.append(summarize(random_trades(candles, trades, eligible, costs, s, volatility)))
         if progress is not None:
             progress.update(1)
-    out: dict[str, Any] = {"seeds": seeds, "first_seed": first_seed}
+    out: dict[str, Any] = {"seeds": seeds, "first_seed": first_seed,
+                           "geometry": "volatility-scaled" if volatility is not None and VOL_COLUMN in trades.columns
+                           else "same fractions"}
     for key in RANDOM_KEYS:
         v = np.array([p[key] for p in per_seed if p[key] is not None], dtype=np.float64)
         out[key] = ({"mean": _f(v.mean()), "std": _f(v.std(ddof=1)) if len(v) > 1 else None,

@@ -48,7 +48,7 @@ def run_strategy(name: str, strategy: Strategy, candles: Mapping[str, pd.DataFra
         "per_month": per_month(trades),
         "calibration": calibration(trades),
         "random_entry": random_entry_baseline(candles, trades, table.eligible, costs, random_seeds, first_seed,
-                                              progress),
+                                              progress, table.volatility or None),
     }
     return StrategyRun(name, strategy, trades, result)
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from configs.strategies import Strategy
+from training.backtest.baselines import VOL_COLUMN
 from training.backtest.strategy import candidate_rows
 
 _SIDES = {"BUY": 1, "SELL": -1}
@@ -40,6 +41,7 @@ class SignalTable:
     eligible: dict[str, np.ndarray]                # open times with defined features (random entries draw here)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # per horizon: BUY/SELL/HOLD of rows forecast
     hold_reasons: dict[str, int] = field(default_factory=dict)
+    volatility: dict[str, np.ndarray] = field(default_factory=dict)  # ATR/close at the eligible times
 
 
 def period_mask(open_time: np.ndarray, start_ms: int | None, end_ms: int | None) -> np.ndarray:
@@ -79,6 +81,8 @@ def signal_table(forecaster: Forecaster, candles: Mapping[str, pd.DataFrame], fe
     """
     parts: list[pd.DataFrame] = []
     eligible: dict[str, np.ndarray] = {}
+    volatility: dict[str, np.ndarray] = {}
+    feature_columns = list(dict.fromkeys([*feature_columns, VOL_COLUMN]))  # baselines rescale by it
     counts: dict[str, dict[str, int]] = {str(h): {"BUY": 0, "SELL": 0, "HOLD": 0} for h in horizons}
     by_horizon = {h: [s for s in (strategies or {}).values() if s.horizon == h] for h in horizons}
     reasons: dict[str, int] = {}
@@ -87,6 +91,7 @@ def signal_table(forecaster: Forecaster, candles: Mapping[str, pd.DataFrame], fe
         F = features[symbol].to_numpy(np.float64)
         defined = np.flatnonzero(period_mask(t, start_ms, end_ms) & np.isfinite(F).all(axis=1))
         eligible[symbol] = t[defined]
+        volatility[symbol] = features[symbol][VOL_COLUMN].to_numpy(np.float64)[defined]
         close = c["close"].to_numpy(np.float64)
         feat_cols = {name: features[symbol][name].to_numpy(np.float64) for name in feature_columns}
         for h in horizons:
@@ -121,4 +126,4 @@ def signal_table(forecaster: Forecaster, candles: Mapping[str, pd.DataFrame], fe
                     progress.update(len(trade))
     signals = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
         columns=["open_time", "symbol", "side", "confidence", "tp_frac", "sl_frac", "horizon"])
-    return SignalTable(signals, eligible, counts, reasons)
+    return SignalTable(signals, eligible, counts, reasons, volatility)

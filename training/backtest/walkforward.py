@@ -113,6 +113,7 @@ def walk_forward_table(candles: Mapping[str, pd.DataFrame], features: Mapping[st
     signals = pd.concat([t.signals for t in tables], ignore_index=True) if tables else pd.DataFrame()
     check_unseen(signals, periods, embargo_candles)
     eligible = {s: np.concatenate([t.eligible.get(s, np.zeros(0, np.int64)) for t in tables]) for s in candles}
+    volatility = {s: np.concatenate([t.volatility.get(s, np.zeros(0)) for t in tables]) for s in candles}
     counts: dict[str, dict[str, int]] = {}
     reasons: dict[str, int] = {}
     for t in tables:
@@ -122,7 +123,7 @@ def walk_forward_table(candles: Mapping[str, pd.DataFrame], features: Mapping[st
                 counts[h][k] += v
         for k, v in t.hold_reasons.items():
             reasons[k] = reasons.get(k, 0) + v
-    return SignalTable(signals, eligible, counts, reasons), info
+    return SignalTable(signals, eligible, counts, reasons, volatility), info
 
 
 def trained_until(metadata: Mapping[str, Mapping[str, Any]]) -> int | None:
