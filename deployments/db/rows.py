@@ -8,10 +8,12 @@ makes every path idempotent and the accuracy figures weigh each forecast once, n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 import uuid
+from functools import lru_cache
 from typing import Any, NamedTuple, Protocol, Sequence
 
 from features.candles import FIVE_MINUTES_MS
@@ -101,12 +103,34 @@ def _versions_key(versions: dict[str, str]) -> str:
     return ",".join(f"{k}={versions[k]}" for k in sorted(versions))
 
 
+_NS = NAMESPACE.bytes
+
+
+def uuid5_str(name: str) -> str:
+    """``str(uuid.uuid5(NAMESPACE, name))`` without building UUID objects (it runs per logged row)."""
+    d = bytearray(hashlib.sha1(_NS + name.encode()).digest()[:16])
+    d[6] = (d[6] & 0x0F) | 0x50  # version 5
+    d[8] = (d[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = d.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def prediction_id(symbol: str, horizon: int, candle_open_time: int, model_version: str) -> str:
-    return str(uuid.uuid5(NAMESPACE, f"{PREDICTION}|{symbol}|{horizon}|{candle_open_time}|{model_version}"))
+    return uuid5_str(f"{PREDICTION}|{symbol}|{horizon}|{candle_open_time}|{model_version}")
 
 
 def signal_id(symbol: str, horizon: int, candle_open_time: int, versions: dict[str, str]) -> str:
-    return str(uuid.uuid5(NAMESPACE, f"{SIGNAL}|{symbol}|{horizon}|{candle_open_time}|{_versions_key(versions)}"))
+    return _signal_id(symbol, horizon, candle_open_time, _versions_key(versions))
+
+
+def _signal_id(symbol: str, horizon: int, candle_open_time: int, versions_key: str) -> str:
+    return uuid5_str(f"{SIGNAL}|{symbol}|{horizon}|{candle_open_time}|{versions_key}")
+
+
+@lru_cache(maxsize=64)
+def _versions_strings(items: tuple[tuple[str, str], ...]) -> tuple[str, str]:
+    """(id key, sorted JSON) of a set of model versions; few distinct sets exist (one per promotion)."""
+    return ",".join(f"{k}={v}" for k, v in items), json.dumps(dict(items), sort_keys=True)
 
 
 def rows_from_forecast(f: ForecastLike, created_ms: int | None = None) -> list[PredictionRow | SignalRow]:
@@ -119,18 +143,19 @@ def rows_from_forecast(f: ForecastLike, created_ms: int | None = None) -> list[P
     created_ms = int(time.time() * 1000) if created_ms is None else created_ms
     cot, h = int(f.candle_open_time), int(f.horizon)
     due = resolve_after(cot, h)
-    versions = dict(f.model_versions)
+    versions = f.model_versions
+    vkey, vjson = _versions_strings(tuple(sorted(versions.items())))
     rows: list[PredictionRow | SignalRow] = []
     ph, pl = _finite(f.pred_high_pct), _finite(f.pred_low_pct)
     if ph is not None and pl is not None:
-        range_version = versions.get(RANGE_MODEL, _versions_key(versions))
+        range_version = versions.get(RANGE_MODEL, vkey)
         rows.append(PredictionRow(prediction_id(f.symbol, h, cot, range_version), f.symbol, h, cot, due,
                                   range_version, float(f.close), ph, pl, _finite(f.high_lower),
                                   _finite(f.high_upper), _finite(f.low_lower), _finite(f.low_upper), created_ms))
-    rows.append(SignalRow(signal_id(f.symbol, h, cot, versions), f.symbol, h, cot, due, str(f.signal_type),
+    rows.append(SignalRow(_signal_id(f.symbol, h, cot, vkey), f.symbol, h, cot, due, str(f.signal_type),
                           float(f.confidence), _finite(f.entry_price), _finite(f.take_profit),
-                          _finite(f.stop_loss), versions.get(SIGNAL_MODEL, _versions_key(versions)),
-                          json.dumps(versions, sort_keys=True), f.reason, created_ms))
+                          _finite(f.stop_loss), versions.get(SIGNAL_MODEL, vkey), vjson, f.reason,
+                          created_ms))
     return rows
 
 
