@@ -193,6 +193,10 @@ class FakeBinance:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
+        # Kline websocket: open connections per stream name ("btcusdt@kline_5m").
+        self._ws_conns: dict[str, list[tuple[web.WebSocketResponse, web.Request]]] = {}
+        self._ws_refuse = False
+        self._ws_connects: list[str] = []
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -278,6 +282,7 @@ class FakeBinance:
             web.get("/api/v3/time", self._time),
             web.get("/api/v3/exchangeInfo", self._exchange_info),
             web.get(KLINES_PATH, self._klines),
+            web.get("/ws/{stream}", self._kline_ws),
         ]
 
     # ---- data ----------------------------------------------------------------------------
@@ -394,6 +399,99 @@ class FakeBinance:
         if isinstance(body, str):
             return web.Response(status=inj.status, text=body, headers=dict(inj.headers))
         return web.json_response(body, status=inj.status, headers=dict(inj.headers))
+
+    # ---- kline websocket ----------------------------------------------------------------
+    # Binance's ``wss://stream.binance.com:9443/ws/<symbol>@kline_<interval>``: the server pushes a
+    # kline message on every trade, ``k.x`` true once the candle has closed. Test code decides what
+    # is sent and when (``push_kline``), and can drop every connection (``drop_websockets``) or
+    # refuse new ones for a while (``refuse_websockets``) to simulate an outage.
+
+    def stream_name(self, symbol: str) -> str:
+        return f"{symbol.lower()}@kline_{self.interval}"
+
+    def kline_message(self, symbol: str, candle: Mapping[str, Any], closed: bool,
+                      event_time_ms: int | None = None) -> dict[str, Any]:
+        """A Binance kline stream message for ``candle`` (open_time, open, high, low, close, volume)."""
+        t = int(candle["open_time"])
+        vol = float(candle["volume"])
+        return {
+            "e": "kline", "E": int(event_time_ms if event_time_ms is not None else self._server_time_ms()),
+            "s": symbol,
+            "k": {"t": t, "T": t + self.interval_ms - 1, "s": symbol, "i": self.interval, "f": 0, "L": 0,
+                  "o": _fmt_decimal(float(candle["open"])), "c": _fmt_decimal(float(candle["close"])),
+                  "h": _fmt_decimal(float(candle["high"])), "l": _fmt_decimal(float(candle["low"])),
+                  "v": _fmt_decimal(vol), "n": 1, "x": bool(closed), "q": "0", "V": "0", "Q": "0", "B": "0"},
+        }
+
+    def push_kline(self, symbol: str, candle: Mapping[str, Any], closed: bool, timeout: float = 5.0) -> int:
+        """Send a kline message to every open connection of ``symbol``; returns how many got it."""
+        msg = self.kline_message(symbol, candle, closed)
+        return self.run_coroutine(self._broadcast(self.stream_name(symbol), msg)).result(timeout)
+
+    async def _broadcast(self, stream: str, msg: dict[str, Any]) -> int:
+        sent = 0
+        for ws, _ in list(self._ws_conns.get(stream, [])):
+            if not ws.closed:
+                await ws.send_json(msg)
+                sent += 1
+        return sent
+
+    def drop_websockets(self, symbol: str | None = None, timeout: float = 5.0) -> int:
+        """Cut every open kline connection (of ``symbol``) without a close frame, like a network drop."""
+        return self.run_coroutine(self._drop(symbol)).result(timeout)
+
+    async def _drop(self, symbol: str | None) -> int:
+        dropped = 0
+        for stream, conns in self._ws_conns.items():
+            if symbol is not None and stream != self.stream_name(symbol):
+                continue
+            for _, request in list(conns):
+                if request.transport is not None:
+                    request.transport.abort()
+                    dropped += 1
+            conns.clear()
+        return dropped
+
+    def refuse_websockets(self, refuse: bool = True) -> None:
+        """While true, websocket handshakes get HTTP 503 (the exchange's stream is down)."""
+        self._ws_refuse = refuse
+
+    def ws_connections(self, symbol: str) -> int:
+        return sum(1 for ws, _ in self._ws_conns.get(self.stream_name(symbol), []) if not ws.closed)
+
+    @property
+    def ws_connects(self) -> list[str]:
+        """Stream names of every accepted websocket handshake, in order."""
+        with self._lock:
+            return list(self._ws_connects)
+
+    def wait_for_ws(self, symbol: str, connects: int = 1, timeout: float = 20.0) -> None:
+        """Block until ``symbol``'s stream has been connected ``connects`` times in total and is open."""
+        deadline = time.monotonic() + timeout
+        stream = self.stream_name(symbol)
+        while time.monotonic() < deadline:
+            if self.ws_connects.count(stream) >= connects and self.ws_connections(symbol) > 0:
+                return
+            time.sleep(0.02)
+        raise TimeoutError(f"{stream}: {self.ws_connects.count(stream)} connects, wanted {connects}")
+
+    async def _kline_ws(self, request: web.Request) -> web.StreamResponse:
+        stream = request.match_info["stream"]
+        if self._ws_refuse:
+            return _binance_error(503, -1008, "Service Unavailable.")
+        ws = web.WebSocketResponse(heartbeat=None)
+        await ws.prepare(request)
+        with self._lock:
+            self._ws_connects.append(stream)
+        self._ws_conns.setdefault(stream, []).append((ws, request))
+        try:
+            async for _ in ws:  # clients send nothing that matters (pongs are handled by aiohttp)
+                pass
+        finally:
+            conns = self._ws_conns.get(stream, [])
+            if (ws, request) in conns:
+                conns.remove((ws, request))
+        return ws
 
     # ---- handlers ------------------------------------------------------------------------
 
