@@ -1,0 +1,257 @@
+"""The HTTP API (FastAPI): routes, request/response schemas, auth and rate limiting.
+
+``create_app`` builds the app around a :class:`~deployments.service.PredictionService`; the Serve
+ingress (``@serve.ingress``) and the plain baseline both call it, so they serve identical routes.
+Request models are built from the settings: the OpenAPI schema lists the supported symbols and
+horizons as enums, and every response (200 and each error) is documented with its schema.
+
+Hot-path note: /predictions and /signals return pre-rendered JSON bytes (``Response``), so
+FastAPI does not re-validate and re-serialise the answer; the response models are for the docs.
+"""
+
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, Optional
+
+from fastapi import Depends, FastAPI, Header, Query, Request, Response, Security
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from deployments.auth import retry_after_header
+from deployments.errors import ApiError, ErrorBody, install_error_handlers, openapi_errors
+from deployments.hooks import ServingLog
+from deployments.service import PredictionService
+
+API_KEY_HEADER = "X-API-Key"
+
+
+# ---- response schemas (documentation of what the service renders) --------------------------
+class PriceBand(BaseModel):
+    lower: float
+    upper: float
+    lower_pct: float
+    upper_pct: float
+
+
+class Interval(BaseModel):
+    coverage: float = Field(description="probability mass between lower and upper (0.8 = the 10%-90% quantiles)")
+    high: PriceBand = Field(description="interval of the highest price over the horizon")
+    low: PriceBand = Field(description="interval of the lowest price over the horizon")
+
+
+class PredictionResponse(BaseModel):
+    symbol: str
+    horizon: int = Field(description="in 5-minute candles")
+    horizon_minutes: int
+    candle_open_time: int = Field(description="open time (ms UTC) of the last closed candle the prediction uses")
+    candle_time: str = Field(description="the same, ISO 8601")
+    close: float = Field(description="close price of that candle")
+    predicted_high: float = Field(description="median predicted highest price over the horizon")
+    predicted_high_pct: float = Field(description="the same in percent of close (0.4 = +0.4%)")
+    predicted_low: float
+    predicted_low_pct: float
+    interval: Interval
+    model_version: Optional[str] = Field(description="version of the range predictor")
+    model_versions: dict[str, str]
+    cached: bool = Field(description="answered from the cache (computed at candle close) rather than computed now")
+    data_age_s: float = Field(description="feed seconds since that candle closed")
+
+
+class Probabilities(BaseModel):
+    SELL: Optional[float]
+    HOLD: Optional[float]
+    BUY: Optional[float]
+
+
+class SignalResponse(BaseModel):
+    symbol: str
+    horizon: int
+    horizon_minutes: int
+    signal_type: Literal["BUY", "SELL", "HOLD"]
+    confidence: float = Field(description="calibrated probability that the signal is right (0 for a forced HOLD)")
+    entry_price: Optional[float]
+    take_profit: Optional[float] = Field(description="for HOLD: the would-be long's take-profit, or null")
+    stop_loss: Optional[float]
+    reason: Optional[str] = Field(description="why the signal is a forced HOLD (bad or missing data)")
+    probabilities: Probabilities
+    p_tp_long: Optional[float]
+    p_tp_short: Optional[float]
+    close: float
+    candle_open_time: int
+    candle_time: str
+    model_versions: dict[str, str]
+    cached: bool
+    data_age_s: float
+
+
+class IndicatorGroup(BaseModel):
+    title: str
+    values: dict[str, Optional[float]]
+
+
+class IndicatorsResponse(BaseModel):
+    symbol: str
+    candle_open_time: int
+    candle_time: str
+    close: float
+    groups: dict[str, IndicatorGroup]
+    data_age_s: float
+
+
+class ModelsStatusResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    loaded: bool
+    versions: dict[str, str]
+    models: dict[str, dict[str, Any]]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class HealthDetailedResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["ok", "degraded", "down"]
+    models: dict[str, Any]
+    cache: dict[str, Any]
+    database: dict[str, Any]
+    market: dict[str, Any]
+    serve: Optional[dict[str, Any]]
+    uptime_s: float
+
+
+# ---- the app --------------------------------------------------------------------------------
+def create_app(service: PredictionService, *, database_health: Callable[[], Awaitable[dict[str, Any]]],
+               metrics_text: Callable[[], Awaitable[str]], serving_log: ServingLog | None = None,
+               title: str = "ML Engine") -> FastAPI:
+    settings = service.settings
+    symbols, horizons = service.symbols, service.horizons
+    Symbol = Literal[tuple(symbols)]  # type: ignore[valid-type]
+    Horizon = Literal[tuple(horizons)]  # type: ignore[valid-type]
+    strict = ConfigDict(extra="forbid")
+    PredictionRequest = create_model(
+        "PredictionRequest", __config__=strict,
+        symbol=(Symbol, Field(description="exchange symbol", examples=[symbols[0]])),
+        horizon=(Horizon, Field(description="horizon in 5-minute candles", examples=[horizons[0]])))
+    SignalRequest = create_model(
+        "SignalRequest", __config__=strict,
+        symbol=(Symbol, Field(description="exchange symbol", examples=[symbols[0]])),
+        horizon=(Optional[Horizon], Field(None, description=f"horizon in 5-minute candles (default "
+                                                            f"{service.signal_horizon})")))
+
+    app = FastAPI(
+        title=title, version="1.0.0",
+        description=("Price-range predictions and BUY/SELL/HOLD signals for "
+                     f"{', '.join(symbols)} over {', '.join(str(h) for h in horizons)} five-minute candles. "
+                     f"Every route except /health and /metrics needs an `{API_KEY_HEADER}` header; each key may make "
+                     f"{settings.rate_limit_per_minute} requests per minute. Errors are "
+                     "`{error, message, path}` JSON."))
+    install_error_handlers(app, symbols, horizons)
+    key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
+                              description="one of the keys in MLE_API_KEYS")
+    limit = settings.rate_limit_per_minute
+
+    async def authorized(request: Request, key: Optional[str] = Security(key_header)) -> str:
+        kid = service.keys.identify(key)
+        if kid is None:
+            raise ApiError(401, "unauthorized", f"missing or unknown {API_KEY_HEADER} header")
+        wait, _scope = await service.limiter.check(kid)
+        if wait > 0:
+            raise ApiError(429, "rate_limited", f"more than {limit} requests per minute for this API key",
+                           headers={"Retry-After": retry_after_header(wait)}, retry_after_s=round(wait, 3))
+        return kid
+
+    auth_errors = openapi_errors(401, 422, 429, 503)
+
+    def json_bytes(body: bytes) -> Response:
+        return Response(content=body, media_type="application/json")
+
+    def no_cache(value: Optional[str]) -> bool:
+        return bool(value) and "no-cache" in value.lower()
+
+    cache_control_doc = ("`no-cache` computes the answer now through the model graph instead of reading the cache "
+                         "(and refreshes the cache)")
+
+    @app.post("/predictions", response_model=PredictionResponse, responses=auth_errors, tags=["predictions"],
+              summary="Predicted high and low over the horizon, with the 10-90% interval")
+    async def predictions(req: PredictionRequest,  # type: ignore[valid-type]
+                          kid: str = Depends(authorized),
+                          cache_control: Optional[str] = Header(None, description=cache_control_doc)) -> Response:
+        return json_bytes(await service.answer("predictions", req.symbol, req.horizon,
+                                               fresh=no_cache(cache_control), kid=kid))
+
+    @app.post("/signals", response_model=SignalResponse, responses=auth_errors, tags=["predictions"],
+              summary="BUY/SELL/HOLD with confidence, entry, take-profit and stop-loss")
+    async def signals(req: SignalRequest,  # type: ignore[valid-type]
+                      kid: str = Depends(authorized),
+                      cache_control: Optional[str] = Header(None, description=cache_control_doc)) -> Response:
+        horizon = req.horizon if req.horizon is not None else service.signal_horizon
+        return json_bytes(await service.answer("signals", req.symbol, horizon, fresh=no_cache(cache_control),
+                                               kid=kid))
+
+    @app.get("/indicators", response_model=IndicatorsResponse, responses=auth_errors, tags=["market"],
+             summary="The latest indicator values (the model's features), by group")
+    async def indicators(symbol: Symbol = Query(description="exchange symbol"),  # type: ignore[valid-type]
+                         kid: str = Depends(authorized)) -> dict[str, Any]:
+        return service.indicators(symbol)
+
+    @app.get("/models/status", response_model=ModelsStatusResponse, responses=openapi_errors(401, 429, 503),
+             tags=["operations"], summary="Each model's version, training range, walk-forward metrics, load time")
+    async def models_status(kid: str = Depends(authorized)) -> dict[str, Any]:
+        return await service.models_status()
+
+    @app.get("/health", response_model=HealthResponse, tags=["operations"], summary="Liveness (no key needed)")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/health/detailed", response_model=HealthDetailedResponse, responses=openapi_errors(401, 429),
+             tags=["operations"], summary="Models, cache, database, market feed (with data age), Serve replicas")
+    async def health_detailed(kid: str = Depends(authorized)) -> dict[str, Any]:
+        database = await database_health()
+        if serving_log is not None:
+            try:
+                database = {**database, "log": await asyncio.wait_for(serving_log.health(), timeout=3)}
+            except Exception as exc:
+                database = {**database, "log": {"status": "unknown", "error": f"{type(exc).__name__}: {exc}"}}
+        return await service.health_detailed(database)
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics of the engine (no key needed)",
+             response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format"}})
+    async def metrics() -> Response:
+        return Response(content=await metrics_text(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+class DatabaseProbe:
+    """Is PostgreSQL reachable? One short connect + SELECT 1, remembered for ``interval_s``."""
+
+    def __init__(self, url: str, timeout_s: float = 2.0, interval_s: float = 5.0) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+        self.interval_s = interval_s
+        self._last: tuple[float, dict[str, Any]] | None = None
+
+    async def __call__(self) -> dict[str, Any]:
+        now = time.monotonic()
+        if self._last is not None and now - self._last[0] < self.interval_s:
+            return self._last[1]
+        import asyncpg
+
+        try:
+            conn = await asyncpg.connect(self.url, timeout=self.timeout_s)
+            try:
+                await conn.fetchval("SELECT 1", timeout=self.timeout_s)
+            finally:
+                await conn.close(timeout=self.timeout_s)
+            result: dict[str, Any] = {"status": "up"}
+        except Exception as exc:  # any failure means "down" for health purposes
+            result = {"status": "down", "error": f"{type(exc).__name__}: {exc}"[:300]}
+        self._last = (now, result)
+        return result

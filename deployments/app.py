@@ -1,0 +1,71 @@
+"""The application graph, for ``serve.run`` (make serve, tests, benchmarks) and ``serve deploy``.
+
+``serve_config.yaml`` names ``deployments.app:build_app`` as its import path; its ``args`` are
+Settings overrides (any Settings field; the rest comes from ``MLE_*`` variables and configs/*.yaml
+on the cluster). Prefer ``MLE_API_KEYS`` in the cluster's environment to keys in args: args are
+visible in the Serve config and dashboard.
+
+Graph::
+
+    MarketFeed --(owns)--> MarketData actor per symbol --on_candles--> EnsembleRouter
+    ApiIngress --forecast (cache miss)--> EnsembleRouter --> RangePredictor | TPSLClassifier |
+                                                             SignalClassifier (parallel) --> MetaModel
+    EnsembleRouter --ingest/publish--> FeatureBuilder --snapshot (long-poll)--> ApiIngress
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray.serve import Application
+
+from configs.settings import load_settings
+from deployments.feature_builder import FeatureBuilderDeployment
+from deployments.ingress import ApiIngress
+from deployments.market_data import MarketFeed
+from deployments.models import POOL_NAMES, ModelPool
+from deployments.router import EnsembleRouter
+
+
+def _plain(value: Any) -> Any:
+    """Overrides travel as JSON-like values (Paths become strings)."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """The whole graph; ``args`` are Settings overrides (validated here, so a typo fails the deploy)."""
+    overrides = _plain(dict(args or {}))
+    load_settings(**overrides)  # ConfigError naming the key, before anything is deployed
+    fb = FeatureBuilderDeployment.bind(overrides)
+    pools = {m: ModelPool.options(name=POOL_NAMES[m]).bind(m, overrides) for m in POOL_NAMES}
+    router = EnsembleRouter.bind(fb, pools["range_predictor"], pools["tpsl_classifier"],
+                                 pools["signal_classifier"], pools["meta_model"], overrides)
+    feed = MarketFeed.bind(router, overrides)
+    return ApiIngress.bind(router, fb, feed, overrides)
+
+
+# Serve's proxy must report ready within 5 s (x3) by default; on a busy 2-core machine its start
+# can take longer, and the controller then kills and restarts it in a loop. Give it time.
+CONTROLLER_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+
+
+def start_serve(host: str, port: int) -> None:
+    """Start Serve (controller + HTTP proxy) on ``host:port`` in the connected Ray cluster."""
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port},
+                controller_options={"runtime_env": {"env_vars": dict(CONTROLLER_ENV)}})
+
+
+def deploy(overrides: dict[str, Any] | None = None, name: str = "ml-engine") -> None:
+    """Deploy the graph as application ``name`` at route prefix ``/`` and wait until it is running."""
+    from ray import serve
+
+    serve.run(build_app(overrides), name=name, route_prefix="/", blocking=False)

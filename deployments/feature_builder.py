@@ -1,0 +1,172 @@
+"""The FeatureBuilder deployment: the rolling candle windows of every symbol, and the market state.
+
+One replica (the windows are state; a second replica would hold other windows). It computes the
+newest candle's feature row with :class:`features.FeatureBuilder` -- the same code as the batch
+path, proven equal by tests -- and keeps, per symbol, what the API needs to answer without a hop:
+the newest candle, its features and the feed's clock. Ingress replicas long-poll
+:meth:`FeatureBuilderDeployment.snapshot`; a new snapshot is published once the EnsembleRouter
+has written a candle's forecasts to the cache (:meth:`publish`), so the ingress switches to a
+candle when its answers are ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from configs.settings import load_settings
+from deployments.feed import CandleEvent
+from deployments.state import FeatureRow, MarketSnapshot, SymbolState
+from features.builder import FeatureBuilder
+from features.errors import CandleDataError
+from features.indicators import WARMUP
+
+log = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What the router must do after a candle event: compute and publish ``row``'s forecasts?"""
+
+    symbol: str
+    open_time: int | None
+    process: bool            # the newest candle's forecasts are not published yet
+    row: FeatureRow | None   # its features (None while warming up / after a gap)
+    reason: str | None       # why ``row`` is None
+    accepted: int            # new candles taken from the event
+    rejected: list[str]      # candles refused as invalid (with the reason)
+
+
+class MarketState:
+    """The windows and per-symbol state (plain Python; the deployment wraps it)."""
+
+    def __init__(self, settings_overrides: dict[str, Any] | None = None) -> None:
+        self.settings = load_settings(**(settings_overrides or {}))
+        self.symbols = list(self.settings.market.symbols)
+        self.builder = FeatureBuilder(self.settings.features)
+        self.states: dict[str, SymbolState] = {s: SymbolState(s) for s in self.symbols}
+        self.version = 0
+
+    def ingest(self, event: CandleEvent) -> IngestResult:
+        symbol = event.symbol
+        if symbol not in self.states:
+            raise CandleDataError(f"{symbol} is not one of the engine's symbols {self.symbols}")
+        last = self.builder.last_open_time(symbol)
+        keep = event.open_time > last if last is not None else np.ones(len(event.open_time), dtype=bool)
+        times, values = event.open_time[keep], event.ohlcv[keep]
+        rejected: list[str] = []
+        if len(times) > 1:
+            try:
+                self.builder.extend(symbol, _frame(times, values))
+            except CandleDataError:
+                rejected = self._one_by_one(symbol, times, values)
+        elif len(times) == 1:
+            rejected = self._one_by_one(symbol, times, values)
+        st = self.states[symbol]
+        open_time = self.builder.last_open_time(symbol)
+        fresh = open_time != st.open_time
+        row = self.builder.latest(symbol)
+        close = st.close
+        if fresh and open_time is not None:
+            idx = np.flatnonzero(times == open_time)
+            close = float(values[idx[-1], 3]) if len(idx) else None
+        reason = None
+        if row is None:
+            reason = (f"features need {WARMUP} contiguous candles, have {self.builder.history(symbol)} "
+                      "(warming up, or restarting after a gap)")
+        st = replace(st, open_time=open_time, close=close, features=row, feature_reason=reason,
+                     history=self.builder.history(symbol), clock=event.clock, source=event.source,
+                     gaps=st.gaps + len(event.gaps), published=st.published and not fresh,
+                     publish_error=st.publish_error if not fresh else None, updated_at=time.time())
+        self.states[symbol] = st
+        return IngestResult(symbol, open_time, not st.published and open_time is not None, st.row(), reason,
+                            int(len(times)) - len(rejected), rejected)
+
+    def _one_by_one(self, symbol: str, times: np.ndarray, values: np.ndarray) -> list[str]:
+        """Feed candles singly, skipping invalid ones (a skipped candle becomes a gap downstream)."""
+        rejected = []
+        for t, v in zip(times, values):
+            try:
+                self.builder.update(symbol, int(t), *map(float, v))
+            except CandleDataError as exc:
+                log.warning("rejected candle: %s", exc)
+                rejected.append(str(exc))
+        return rejected
+
+    def publish(self, symbol: str, open_time: int, model_versions: dict[str, str], error: str | None) -> bool:
+        st = self.states.get(symbol)
+        if st is None or st.open_time != open_time:
+            return False  # a newer candle arrived meanwhile; its own publish will follow
+        self.states[symbol] = replace(st, published=error is None, publish_error=error,
+                                      model_versions=dict(model_versions), updated_at=time.time())
+        self.version += 1
+        return True
+
+    def snapshot(self) -> MarketSnapshot:
+        return MarketSnapshot(self.version, dict(self.states))
+
+    def latest_rows(self) -> list[FeatureRow]:
+        return [r for r in (st.row() for st in self.states.values()) if r is not None]
+
+
+def _frame(times: np.ndarray, values: np.ndarray):
+    import pandas as pd
+
+    df = pd.DataFrame(values, columns=["open", "high", "low", "close", "volume"])
+    df.insert(0, "open_time", times.astype(np.int64))
+    return df
+
+
+@serve.deployment(name="FeatureBuilder", num_replicas=1, max_ongoing_requests=1000,
+                  ray_actor_options={"num_cpus": 0.1})
+class FeatureBuilderDeployment:
+    """Serve wrapper of :class:`MarketState` with a long-poll for ingress replicas."""
+
+    def __init__(self, settings_overrides: dict[str, Any] | None = None) -> None:
+        self.state = MarketState(settings_overrides)
+        self._changed: asyncio.Condition | None = None
+
+    def _cond(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def ingest(self, event: CandleEvent) -> IngestResult:
+        return self.state.ingest(event)
+
+    async def publish(self, symbol: str, open_time: int, model_versions: dict[str, str],
+                      error: str | None = None) -> bool:
+        changed = self.state.publish(symbol, open_time, model_versions, error)
+        if changed:
+            async with self._cond():
+                self._cond().notify_all()
+        return changed
+
+    async def refresh(self, model_versions: dict[str, str]) -> int:
+        """New models: re-publish every symbol's state (ingress replicas drop what they rendered)."""
+        for symbol, st in list(self.state.states.items()):
+            if st.open_time is not None and st.published:
+                self.state.publish(symbol, st.open_time, model_versions, None)
+        async with self._cond():
+            self._cond().notify_all()
+        return self.state.version
+
+    async def snapshot(self, after: int = -1, timeout_s: float = 10.0) -> MarketSnapshot:
+        """The state once its version exceeds ``after`` (or after ``timeout_s``, unchanged)."""
+        if self.state.version <= after and timeout_s > 0:
+            cond = self._cond()
+            async with cond:
+                try:
+                    await asyncio.wait_for(cond.wait_for(lambda: self.state.version > after), timeout_s)
+                except asyncio.TimeoutError:
+                    pass
+        return self.state.snapshot()
+
+    async def latest_rows(self) -> list[FeatureRow]:
+        return self.state.latest_rows()

@@ -1,0 +1,90 @@
+"""The hook through which served forecasts and API requests are logged (PostgreSQL, issue 6).
+
+Serving calls a :class:`ServingLog` at two points and nowhere else:
+
+- ``candle_closed(forecasts)`` in the EnsembleRouter, after a candle's forecasts (every symbol x
+  horizon it computed) are written to Redis and published: the prediction/signal log rows;
+- ``request_served(record, forecast)`` in the API ingress, after every /predictions and /signals
+  response (cached or computed), so requests can be audited and served forecasts tied to them.
+
+Both are synchronous and must not block or raise: an implementation enqueues and writes in the
+background (batching, spooling to disk while PostgreSQL is down). ``start()`` runs once in the
+replica's event loop, ``health()`` feeds ``/health/detailed``'s ``database`` entry and ``close()``
+flushes at shutdown. The implementation is chosen by ``Settings.serving_log`` ("module:factory",
+called with the Settings and the role, "router" or "ingress"); empty means :class:`NullServingLog`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, Sequence
+
+from configs.settings import Settings
+from features.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Role = Literal["router", "ingress"]
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One answered API request (the API key is identified by its id, never by its value)."""
+
+    at: float                 # time.time() when the request arrived
+    endpoint: str             # "/predictions" | "/signals"
+    key_id: str
+    symbol: str
+    horizon: int
+    status: int
+    latency_s: float
+    source: str               # "cache" | "computed"
+    candle_open_time: int | None
+
+
+class ServingLog(Protocol):
+    async def start(self) -> None: ...
+
+    def candle_closed(self, forecasts: Sequence[Any]) -> None: ...
+
+    def request_served(self, record: RequestRecord, forecast: Any | None) -> None: ...
+
+    async def health(self) -> dict[str, Any]: ...
+
+    async def close(self) -> None: ...
+
+
+class NullServingLog:
+    """Logs nothing (no log configured); health says so."""
+
+    async def start(self) -> None:
+        return None
+
+    def candle_closed(self, forecasts: Sequence[Any]) -> None:
+        return None
+
+    def request_served(self, record: RequestRecord, forecast: Any | None) -> None:
+        return None
+
+    async def health(self) -> dict[str, Any]:
+        return {"status": "not_configured", "detail": "Settings.serving_log is empty: forecasts are not logged"}
+
+    async def close(self) -> None:
+        return None
+
+
+def load_serving_log(settings: Settings, role: Role) -> ServingLog:
+    """Build the configured :class:`ServingLog` (``Settings.serving_log = "module:factory"``)."""
+    spec = settings.serving_log.strip()
+    if not spec:
+        return NullServingLog()
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"serving_log: {spec!r} is not 'module:factory'")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"serving_log: cannot import {spec!r}: {exc}") from None
+    return factory(settings, role)

@@ -1,0 +1,181 @@
+"""MarketData Ray actors (one per symbol) and the MarketFeed deployment that owns them.
+
+A MarketData actor runs one source (:mod:`deployments.feed`: replay or Binance) and delivers each
+closed-candle event to the EnsembleRouter, in order, retrying until it is accepted: while the
+graph restarts a candle waits instead of being lost. The MarketFeed deployment (one replica)
+creates the actors when the application starts -- so ``serve deploy`` alone brings the feed up --
+restarts them if they die, and offers pause / resume / step for replays (operators, tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import ray
+from ray import serve
+
+from configs.settings import Settings, load_settings
+from deployments.feed import BinanceSource, CandleEvent, ReplaySource
+from features.errors import MarketDataError
+from features.indicators import WARMUP
+
+log = logging.getLogger("ray.serve")
+
+
+def replay_file(settings: Settings, symbol: str):
+    return settings.replay_files.get(symbol) or settings.sample_dir / f"{symbol}_5m.parquet"
+
+
+def make_source(settings: Settings, symbol: str) -> ReplaySource | BinanceSource:
+    """The source ``Settings.feed`` names, for one symbol."""
+    if settings.feed == "binance":
+        return BinanceSource(symbol, api_url=settings.binance_api_url, ws_url=settings.binance_ws_url,
+                             history=WARMUP + 12)
+    return ReplaySource.from_file(symbol, replay_file(settings, symbol), speed=settings.replay_speed,
+                                  history=settings.replay_history)
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class MarketData:
+    """Streams one symbol's closed candles into the graph (see the module docstring)."""
+
+    def __init__(self, symbol: str, router, settings_overrides: dict[str, Any] | None = None) -> None:
+        self.symbol = symbol
+        self.router = router
+        self.settings = load_settings(**(settings_overrides or {}))
+        self.source = make_source(self.settings, symbol)
+        self.delivered = 0
+        self.delivery_failures = 0
+        self.last_delivery_error: str | None = None
+        self.last_delivered_at: float | None = None
+        self._task: asyncio.Task | None = None
+        self._delivered_event = asyncio.Event()
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            async for event in self.source.events():
+                await self._deliver(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.source.status.state = "error"
+            self.source.status.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            log.exception("%s market data stopped", self.symbol)
+
+    async def _deliver(self, event: CandleEvent) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self.router.on_candles.remote(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the graph is (re)starting: wait, never drop the candle
+                self.delivery_failures += 1
+                self.last_delivery_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning("%s: delivery failed (%s), retrying in %.1fs", self.symbol, self.last_delivery_error,
+                            delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.delivered += len(event.open_time)
+            self.last_delivered_at = time.time()
+            self._delivered_event.set()
+            return
+
+    # ---- control (replay only) -------------------------------------------------------------
+    def _replay(self) -> ReplaySource:
+        if not isinstance(self.source, ReplaySource):
+            raise MarketDataError(f"{self.symbol}: only a replay can be paused or stepped")
+        return self.source
+
+    async def pause(self) -> dict[str, Any]:
+        self._replay().pause()
+        return self.status()
+
+    async def resume(self) -> dict[str, Any]:
+        self._replay().resume()
+        return self.status()
+
+    async def step(self, n: int = 1, wait_s: float = 30.0) -> dict[str, Any]:
+        """Deliver the next ``n`` candles; returns once the graph has processed them."""
+        target = self.delivered + n
+        self._replay().step(n)
+        deadline = time.monotonic() + wait_s
+        while self.delivered < target and time.monotonic() < deadline:
+            self._delivered_event.clear()
+            try:
+                await asyncio.wait_for(self._delivered_event.wait(), timeout=max(0.01, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                break
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        st = self.source.status.as_dict()
+        st.update(delivered=self.delivered, delivery_failures=self.delivery_failures,
+                  last_delivery_error=self.last_delivery_error, last_delivered_at=self.last_delivered_at,
+                  running=self._task is not None and not self._task.done())
+        if isinstance(self.source, ReplaySource):
+            st.update(speed=self.source.speed, remaining=self.source.remaining, paused=self.source.paused)
+        return st
+
+
+@serve.deployment(name="MarketFeed", num_replicas=1, max_ongoing_requests=100,
+                  ray_actor_options={"num_cpus": 0.01}, health_check_period_s=10)
+class MarketFeed:
+    """Owns one MarketData actor per symbol (they die with this replica, e.g. on ``serve shutdown``)."""
+
+    async def __init__(self, router, settings_overrides: dict[str, Any] | None = None) -> None:
+        self.router = router
+        self.overrides = dict(settings_overrides or {})
+        self.settings = load_settings(**self.overrides)
+        self.actors: dict[str, Any] = {}
+        for symbol in self.settings.market.symbols:
+            await self._spawn(symbol)
+
+    async def _spawn(self, symbol: str) -> None:
+        actor = MarketData.remote(symbol, self.router, self.overrides)
+        await actor.start.remote()
+        self.actors[symbol] = actor
+
+    def _actor(self, symbol: str):
+        if symbol not in self.actors:
+            raise MarketDataError(f"no feed for {symbol}; the engine streams {list(self.actors)}")
+        return self.actors[symbol]
+
+    async def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for symbol, actor in self.actors.items():
+            try:
+                out[symbol] = await asyncio.wait_for(actor.status.remote(), timeout=5)
+            except Exception as exc:
+                out[symbol] = {"state": "unreachable", "error": f"{type(exc).__name__}: {exc}"[:300]}
+        return {"feed": self.settings.feed, "symbols": out}
+
+    async def pause(self, symbol: str | None = None) -> dict[str, Any]:
+        symbols = [symbol] if symbol else list(self.actors)
+        return {s: await self._actor(s).pause.remote() for s in symbols}
+
+    async def resume(self, symbol: str | None = None) -> dict[str, Any]:
+        symbols = [symbol] if symbol else list(self.actors)
+        return {s: await self._actor(s).resume.remote() for s in symbols}
+
+    async def step(self, symbol: str, n: int = 1) -> dict[str, Any]:
+        return await self._actor(symbol).step.remote(n)
+
+    async def check_health(self) -> None:
+        """Restart a dead MarketData actor (Serve calls this every ``health_check_period_s``)."""
+        for symbol, actor in list(self.actors.items()):
+            try:
+                await asyncio.wait_for(actor.status.remote(), timeout=10)
+            except ray.exceptions.RayActorError:
+                log.warning("%s market data actor died; restarting it", symbol)
+                await self._spawn(symbol)
+            except asyncio.TimeoutError:
+                pass  # busy, not dead

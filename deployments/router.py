@@ -1,0 +1,221 @@
+"""The EnsembleRouter: composes the model pools into forecasts, and does the candle-close work.
+
+Forecast of n rows for one horizon (the staged inference API of ``training.ensemble``)::
+
+    X      = ens.model_input(features, symbols)                 # here
+    base   = gather(RangePredictor, TPSLClassifier, SignalClassifier).predict(X, h, versions)
+    meta_X = ens.meta_input(X, base, h)                         # here
+    meta   = MetaModel.predict(meta_X, h, versions)
+    out    = ens.compose(...)                                   # here
+
+At each candle close (:meth:`EnsembleRouter.on_candles`, called by the MarketData actors): the
+FeatureBuilder takes the candle and returns its feature row; the router computes every horizon,
+writes ``prediction:{symbol}:{horizon}:{candle_open_time}`` to Redis (expiring when the next
+candle closes), publishes each signal on ``signals:{symbol}``, hands the forecasts to the serving
+log hook, and finally tells the FeatureBuilder the candle is published (ingress replicas switch
+to it). Redis down: forecasts are still computed and published to the ingress; only the Redis
+writes are skipped.
+
+New models: a watcher polls the registry's ``current`` pointers every ``model_poll_s``; a new,
+consistent set is loaded beside the old one and swapped in atomically (requests in flight finish
+on the set they started with), then the newest candles are recomputed so caches hold the new
+models' answers. An inconsistent set (promotion half done) is retried, never served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, Sequence
+
+import numpy as np
+from ray import serve
+
+from configs.settings import load_settings
+from deployments.cache import CacheUnavailable, RedisGateway, prediction_key, signal_channel
+from deployments.feed import CandleEvent
+from deployments.hooks import load_serving_log
+from deployments.metrics import EngineMetrics
+from deployments.models import EnsembleCache
+from deployments.render import signal_body
+from deployments.state import FeatureRow, iso_time
+from features.errors import MLEngineError, ModelLoadError, ModelNotFoundError
+from training.ensemble import BASE_MODELS, Ensemble, Forecast
+from training.registry import MODEL_NAMES
+
+log = logging.getLogger("ray.serve")
+
+ROUTER_AUTOSCALING: dict[str, Any] = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2,
+                                      "target_ongoing_requests": 32, "upscale_delay_s": 10,
+                                      "downscale_delay_s": 120}
+
+
+@serve.deployment(name="EnsembleRouter", ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=512,
+                  autoscaling_config=ROUTER_AUTOSCALING)
+class EnsembleRouter:
+    async def __init__(self, feature_builder, range_predictor, tpsl_classifier, signal_classifier, meta_model,
+                       settings_overrides: dict[str, Any] | None = None) -> None:
+        self.settings = load_settings(**(settings_overrides or {}))
+        self.fb = feature_builder
+        self.pools = {"range_predictor": range_predictor, "tpsl_classifier": tpsl_classifier,
+                      "signal_classifier": signal_classifier, "meta_model": meta_model}
+        self.models = EnsembleCache(self.settings)
+        self.ensemble: Ensemble | None = None
+        self.loaded_at: float | None = None
+        self.load_error: str | None = None
+        self.redis = RedisGateway(self.settings.redis_url, self.settings.redis_timeout_s, self.settings.redis_retry_s)
+        self.metrics = EngineMetrics(use_ray=True)
+        self.log = load_serving_log(self.settings, "router")
+        await self.log.start()
+        self.candles = 0
+        await self._check_models()
+        self._watcher = asyncio.create_task(self._watch_models())
+
+    # ---- models ----------------------------------------------------------------------------
+    def _current_versions(self) -> dict[str, str]:
+        return {m: self.models.registry.current(m) for m in MODEL_NAMES}
+
+    async def _check_models(self) -> bool:
+        """Load the registry's current set if it differs from the served one; True when switched."""
+        try:
+            versions = await asyncio.to_thread(self._current_versions)
+            if self.ensemble is not None and versions == self.ensemble.versions:
+                return False
+            ens = await self.models.get(versions)
+        except (ModelNotFoundError, ModelLoadError) as exc:
+            if self.ensemble is None or str(exc) != self.load_error:
+                log.warning("models not (re)loaded: %s", exc)
+            self.load_error = str(exc)
+            return False
+        old = self.ensemble.versions if self.ensemble else None
+        self.ensemble, self.loaded_at, self.load_error = ens, time.time(), None
+        log.info("serving models %s (before: %s)", ens.versions, old)
+        return True
+
+    async def _watch_models(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.model_poll_s)
+            try:
+                if await self._check_models():
+                    await self._recompute_latest()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the watcher must survive anything
+                log.exception("model watcher")
+
+    async def _recompute_latest(self) -> None:
+        """After a model switch: fresh forecasts of every symbol's newest candle into the cache."""
+        rows: list[FeatureRow] = await self.fb.latest_rows.remote()
+        ens = self.ensemble
+        if not rows or ens is None:
+            return
+        results = await asyncio.gather(*(self._forecast(ens, rows, h) for h in self.settings.market.horizons))
+        forecasts = [f for batch in results for f in batch]
+        await self._cache(forecasts, rows, publish=False)
+        await self.fb.refresh.remote(ens.versions)
+
+    def _require(self) -> Ensemble:
+        if self.ensemble is None:
+            raise ModelNotFoundError(f"no model to serve: {self.load_error or 'the registry is empty'} "
+                                     f"(train: python -m training.train --candles ... --out {self.settings.models_dir})")
+        return self.ensemble
+
+    # ---- forecasts -------------------------------------------------------------------------
+    async def _forecast(self, ens: Ensemble, rows: Sequence[FeatureRow], horizon: int) -> list[Forecast]:
+        features = np.vstack([r.features for r in rows])
+        symbols = [r.symbol for r in rows]
+        X = ens.model_input(features, symbols)
+        versions = ens.versions
+        base = await asyncio.gather(*(self.pools[m].predict.remote(X, horizon, versions) for m in BASE_MODELS))
+        outputs = dict(zip(BASE_MODELS, base))
+        meta_X = ens.meta_input(X, outputs, horizon)
+        outputs["meta_model"] = await self.pools["meta_model"].predict.remote(meta_X, horizon, versions)
+        return ens.compose(features, symbols, [r.close for r in rows], [r.open_time for r in rows], horizon,
+                           outputs)
+
+    async def forecast(self, rows: list[FeatureRow], horizon: int) -> list[Forecast]:
+        """Forecasts of ``rows`` for one horizon (the API's cache-miss path)."""
+        return await self._forecast(self._require(), rows, horizon)
+
+    # ---- candle close ----------------------------------------------------------------------
+    async def on_candles(self, event: CandleEvent) -> dict[str, Any]:
+        """A MarketData actor delivers closed candles; see the module docstring for what follows."""
+        res = await self.fb.ingest.remote(event)
+        summary: dict[str, Any] = {"symbol": res.symbol, "open_time": res.open_time, "accepted": res.accepted,
+                                   "rejected": res.rejected, "published": False}
+        if not res.process:
+            return summary
+        error: str | None = None
+        versions: dict[str, str] = {}
+        try:
+            if res.row is None:
+                error = res.reason
+            else:
+                ens = self._require()
+                versions = ens.versions
+                results = await asyncio.gather(*(self._forecast(ens, [res.row], h)
+                                                 for h in self.settings.market.horizons))
+                forecasts = [f for batch in results for f in batch]
+                await self._cache(forecasts, [res.row], publish=True, ttl_s=event.expires_in_s)
+                self.candles += 1
+                for f in forecasts:
+                    self.metrics.precomputed(f.symbol, f.horizon)
+                try:
+                    self.log.candle_closed(forecasts)
+                except Exception:  # the log must not stop the pipeline
+                    log.exception("serving log hook failed")
+        except MLEngineError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.warning("%s candle %s: no forecasts: %s", res.symbol, iso_time(res.open_time), error)
+        finally:
+            summary["published"] = await self.fb.publish.remote(res.symbol, res.open_time, versions, error)
+        summary["error"] = error
+        return summary
+
+    async def _cache(self, forecasts: list[Forecast], rows: Sequence[FeatureRow], *, publish: bool,
+                     ttl_s: float | None = None) -> None:
+        if self.settings.prediction_ttl_s > 0:
+            ttl = self.settings.prediction_ttl_s
+        else:
+            ttl = max(1.0, ttl_s) if ttl_s is not None else 300.0
+        items, messages = [], []
+        now = time.time()
+        for f in forecasts:
+            d = f.to_dict()
+            items.append((prediction_key(f.symbol, f.horizon, f.candle_open_time), json.dumps(d), ttl))
+            if publish:
+                messages.append((signal_channel(f.symbol), json.dumps({**signal_body(d), "published_at": now})))
+        try:
+            await self.redis.set_many(items)
+            if messages:
+                await self.redis.publish(messages)
+        except CacheUnavailable as exc:
+            log.warning("cache down, %d forecasts not cached/published: %s", len(items), exc)
+
+    # ---- status ----------------------------------------------------------------------------
+    async def status(self) -> dict[str, Any]:
+        ens = self.ensemble
+        models: dict[str, Any] = {}
+        if ens is not None:
+            for name in MODEL_NAMES:
+                meta = ens.metadata[name]
+                models[name] = {
+                    "version": ens.versions[name],
+                    "created": meta.get("created"),
+                    "training_range": meta.get("data_range"),
+                    "walk_forward_metrics": {k: v for k, v in (meta.get("metrics") or {}).items() if k != "folds"},
+                    "walk_forward_setup": {k: v for k, v in (meta.get("walk_forward") or {}).items() if k != "folds"},
+                    "xgboost_version": meta.get("xgboost_version"),
+                    "code_commit": meta.get("code_commit"),
+                    "feature_set_hash": meta.get("feature_set_hash"),
+                    "loaded_at": iso_time(int(self.loaded_at * 1000)) if self.loaded_at else None,
+                }
+        return {"loaded": ens is not None, "versions": dict(ens.versions) if ens else {}, "models": models,
+                "horizons": list(ens.horizons) if ens else [], "symbols": list(ens.symbols) if ens else [],
+                "error": self.load_error, "candles_processed": self.candles}
+
+    async def check_health(self) -> None:
+        if self._watcher.done() and not self._watcher.cancelled():
+            raise RuntimeError(f"model watcher stopped: {self._watcher.exception()}")

@@ -1,0 +1,270 @@
+"""The request logic behind the HTTP API, independent of how forecasts are computed.
+
+The Serve ingress runs it with a backend that calls the EnsembleRouter through a
+DeploymentHandle; the plain FastAPI baseline (bench/baseline_fastapi.py) runs the very same code
+with an in-process Ensemble, so the benchmark compares only what Serve adds.
+
+Request path of POST /predictions (and /signals):
+
+1. the market snapshot (pushed by the FeatureBuilder) names the symbol's newest candle and its
+   data age: no data -> 503, older than ``max_data_age_s`` -> 503 with the age;
+2. the ingress's own memory holds rendered answers for that candle: a hit is answered without
+   leaving the process (no Redis, no hop);
+3. else Redis ``prediction:{symbol}:{horizon}:{candle_open_time}`` (written at candle close);
+4. else compute through the graph, write Redis (expiring when the next candle closes) and memory.
+   Concurrent misses for the same key share one computation. ``Cache-Control: no-cache`` skips
+   2-3 and always computes (and refreshes the cache).
+
+Redis down: step 3 is skipped, the answer is computed, health says the cache is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from typing import Any, Literal, Protocol, Sequence
+
+from configs.settings import Settings
+from deployments.auth import ApiKeys, RateLimiter
+from deployments.cache import CacheUnavailable, RedisGateway, prediction_key
+from deployments.errors import StaleMarketData, status_for
+from deployments.hooks import NullServingLog, RequestRecord, ServingLog
+from deployments.metrics import EngineMetrics
+from deployments.render import body_prefix, finish, indicators_body, prediction_body, signal_body
+from deployments.state import FeatureRow, MarketSnapshot, SymbolState
+from features.candles import FIVE_MINUTES_MS
+from features.errors import FeatureError, MarketDataError, MLEngineError
+from features.indicators import feature_names
+
+log = logging.getLogger(__name__)
+
+Endpoint = Literal["predictions", "signals"]
+
+
+class Backend(Protocol):
+    """How the service computes forecasts and learns about models and the runtime."""
+
+    async def forecast(self, rows: Sequence[FeatureRow], horizon: int) -> list[Any]: ...
+
+    async def models_status(self) -> dict[str, Any]: ...
+
+    async def runtime_status(self) -> dict[str, Any]: ...
+
+
+def forecast_from_dict(d: dict[str, Any]):
+    """A ``training.ensemble.Forecast`` from its ``to_dict()`` (None -> NaN), for the log hook."""
+    from training.ensemble import Forecast
+
+    nan = float("nan")
+    fields = dict(d)
+    for k in ("close", "pred_high_pct", "pred_low_pct", "high_lower", "high_upper", "low_lower", "low_upper",
+              "p_tp_long", "p_tp_short", "confidence", "entry_price"):
+        if fields.get(k) is None:
+            fields[k] = nan
+    fields["signal_probs"] = tuple(nan if p is None else p for p in (d.get("signal_probs") or (None,) * 3))
+    return Forecast(**fields)
+
+
+class PredictionService:
+    """Answers the API's questions from the market snapshot, the caches and a :class:`Backend`."""
+
+    def __init__(self, settings: Settings, backend: Backend, *, redis: RedisGateway | None,
+                 metrics: EngineMetrics, serving_log: ServingLog | None = None) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.redis = redis
+        self.metrics = metrics
+        self.log = serving_log or NullServingLog()
+        self._log_enabled = not isinstance(self.log, NullServingLog)
+        self.symbols = list(settings.market.symbols)
+        self.horizons = list(settings.market.horizons)
+        self.signal_horizon = settings.signal_horizon or min(self.horizons)
+        q = settings.models.quantiles
+        self.coverage = round(q[2] - q[0], 6)
+        self.feature_names = tuple(feature_names(settings.features))
+        self.keys = ApiKeys(settings.api_keys)
+        self.limiter = RateLimiter(settings.rate_limit_per_minute, redis)
+        self.market = MarketSnapshot.empty(self.symbols)
+        self.started_at = time.time()
+        # (endpoint, symbol, horizon) -> (candle_open_time, rendered prefix, forecast dict)
+        self._local: dict[tuple[str, str, int], tuple[int, bytes, dict[str, Any]]] = {}
+        self._inflight: dict[tuple[str, int, int], asyncio.Task] = {}
+
+    # ---- market state ----------------------------------------------------------------------
+    def set_market(self, snapshot: MarketSnapshot) -> None:
+        """Adopt a newer snapshot; rendered answers of older candles (or models) are dropped."""
+        if snapshot.version != self.market.version:
+            self.market = snapshot
+            self._local.clear()
+
+    def record_ages(self) -> None:
+        """Update the market-data-age gauge (called periodically: the age grows between candles)."""
+        for symbol, st in self.market.symbols.items():
+            age = st.data_age_s()
+            if age is not None:
+                self.metrics.market_data_age(symbol, age)
+
+    def current(self, symbol: str) -> tuple[SymbolState, float]:
+        """The symbol's state and data age; 503 errors when there is none or it is stale."""
+        st = self.market.symbols.get(symbol)
+        if st is None or st.open_time is None:
+            raise MarketDataError(f"no market data for {symbol} yet: the feed is starting or down")
+        age = st.data_age_s() or 0.0
+        if age > self.settings.max_data_age_s:
+            raise StaleMarketData(f"market data for {symbol} is {age:.0f} s old (the limit is "
+                                  f"{self.settings.max_data_age_s:.0f} s): the feed is stalled or down", age)
+        return st, age
+
+    def ttl_s(self, st: SymbolState) -> float:
+        """How long a forecast of ``st``'s candle is current: until the next candle closes."""
+        if self.settings.prediction_ttl_s > 0:
+            return self.settings.prediction_ttl_s
+        if st.clock is None or st.open_time is None:
+            return FIVE_MINUTES_MS / 1000
+        seconds = st.clock.wall_seconds_until(st.open_time + 2 * FIVE_MINUTES_MS)
+        return FIVE_MINUTES_MS / 1000 if math.isinf(seconds) else max(1.0, seconds)
+
+    # ---- predictions and signals -----------------------------------------------------------
+    async def answer(self, endpoint: Endpoint, symbol: str, horizon: int, *, fresh: bool, kid: str) -> bytes:
+        """The JSON body for /predictions or /signals (raises engine errors -> 4xx/5xx JSON)."""
+        t0 = time.perf_counter()
+        arrived = time.time()
+        status, source, forecast, open_time = 500, "cache", None, None
+        try:
+            st, age = self.current(symbol)
+            open_time = st.open_time
+            key = (endpoint, symbol, horizon)
+            entry = None if fresh else self._local.get(key)
+            if entry is not None and entry[0] == open_time:
+                self.metrics.cache_hit("local")
+                prefix, forecast = entry[1], entry[2]
+            else:
+                forecast = None if fresh else await self._from_redis(symbol, horizon, open_time)
+                if forecast is None:
+                    source = "computed"
+                    forecast = await self._compute(st, horizon, fresh)
+                prefix = body_prefix(prediction_body(forecast, self.coverage) if endpoint == "predictions"
+                                     else signal_body(forecast))
+                if self.market.symbols.get(symbol) is st:  # the candle did not move on meanwhile
+                    self._local[key] = (open_time, prefix, forecast)
+            body = finish(prefix, source == "cache", age)
+            status = 200
+            self.metrics.prediction_served(symbol, horizon, endpoint, source, time.perf_counter() - t0)
+            return body
+        except MLEngineError as exc:
+            status = status_for(exc)[0]
+            raise
+        finally:
+            if self._log_enabled:
+                self._log_request(arrived, endpoint, kid, symbol, horizon, status, time.perf_counter() - t0, source,
+                                  open_time, forecast)
+
+    def _log_request(self, arrived: float, endpoint: str, kid: str, symbol: str, horizon: int, status: int,
+                     latency: float, source: str, open_time: int | None, forecast: dict | None) -> None:
+        try:
+            obj = forecast_from_dict(forecast) if forecast is not None else None
+            self.log.request_served(RequestRecord(arrived, f"/{endpoint}", kid, symbol, horizon, status, latency,
+                                                  source, open_time), obj)
+        except Exception:  # the log must never break an answer
+            log.exception("serving log hook failed")
+
+    async def _from_redis(self, symbol: str, horizon: int, open_time: int) -> dict[str, Any] | None:
+        if self.redis is None:
+            return None
+        try:
+            raw = await self.redis.get(prediction_key(symbol, horizon, open_time))
+        except CacheUnavailable:
+            return None
+        if raw is None:
+            return None
+        try:
+            forecast = json.loads(raw)
+        except ValueError:
+            log.warning("unreadable cache entry %s", prediction_key(symbol, horizon, open_time))
+            return None
+        self.metrics.cache_hit("redis")
+        return forecast
+
+    async def _compute(self, st: SymbolState, horizon: int, fresh: bool) -> dict[str, Any]:
+        row = st.row()
+        if row is None:
+            raise FeatureError(f"{st.symbol}: {st.feature_reason or 'features are not available yet'}")
+        key = (st.symbol, horizon, row.open_time)
+        task = None if fresh else self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._compute_and_cache(st, row, horizon))
+            if not fresh:
+                self._inflight[key] = task
+                task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))
+        return await asyncio.shield(task)
+
+    async def _compute_and_cache(self, st: SymbolState, row: FeatureRow, horizon: int) -> dict[str, Any]:
+        self.metrics.cache_miss()
+        forecasts = await self.backend.forecast([row], horizon)
+        forecast = forecasts[0].to_dict()
+        if self.redis is not None:
+            try:
+                await self.redis.set_many([(prediction_key(row.symbol, horizon, row.open_time),
+                                            json.dumps(forecast), self.ttl_s(st))])
+            except CacheUnavailable:
+                pass
+        return forecast
+
+    # ---- other endpoints -------------------------------------------------------------------
+    def indicators(self, symbol: str) -> dict[str, Any]:
+        st, age = self.current(symbol)
+        if st.features is None:
+            raise FeatureError(f"{symbol}: {st.feature_reason or 'features are not available yet'}")
+        body = indicators_body(symbol, st.open_time, st.close, self.feature_names, st.features)
+        body["data_age_s"] = round(age, 3)
+        return body
+
+    async def models_status(self) -> dict[str, Any]:
+        return await self.backend.models_status()
+
+    def market_status(self) -> dict[str, Any]:
+        out = {}
+        for symbol in self.symbols:
+            st = self.market.symbols.get(symbol) or SymbolState(symbol)
+            age = st.data_age_s()
+            out[symbol] = {
+                "candle_open_time": st.open_time, "data_age_s": None if age is None else round(age, 3),
+                "stale": age is None or age > self.settings.max_data_age_s,
+                "features_ready": st.features is not None, "feature_reason": st.feature_reason,
+                "history": st.history, "source": st.source, "gaps": st.gaps,
+                "predictions_published": st.published, "publish_error": st.publish_error,
+            }
+        return out
+
+    async def health_detailed(self, database: dict[str, Any]) -> dict[str, Any]:
+        models: dict[str, Any]
+        try:
+            models = await asyncio.wait_for(self.backend.models_status(), timeout=5)
+            models = {"status": "up" if models.get("loaded") else "down", **models}
+        except Exception as exc:  # health must answer even when the graph does not
+            models = {"status": "down", "error": f"{type(exc).__name__}: {exc}"[:300]}
+        if self.redis is not None:
+            await self.redis.ping()
+            cache = self.redis.status()
+        else:
+            cache = {"status": "disabled"}
+        try:
+            runtime = await asyncio.wait_for(self.backend.runtime_status(), timeout=5)
+        except Exception as exc:
+            runtime = {"status": "unknown", "error": f"{type(exc).__name__}: {exc}"[:300]}
+        market = self.market_status()
+        stale = [s for s, m in market.items() if m["stale"]]
+        if models["status"] != "up" or len(stale) == len(market):
+            overall = "down"
+        elif stale or cache.get("status") != "up" or database.get("status") not in ("up", "not_configured"):
+            overall = "degraded"
+        else:
+            overall = "ok"
+        return {"status": overall, "models": models, "cache": cache, "database": database,
+                "market": {"max_data_age_s": self.settings.max_data_age_s, "symbols": market,
+                           "feed": runtime.get("feed")},
+                "serve": runtime.get("serve"), "uptime_s": round(time.time() - self.started_at, 1)}
+

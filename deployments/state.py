@@ -1,0 +1,77 @@
+"""The market state the API serves from: per symbol, the newest candle, its features and feed clock.
+
+The FeatureBuilder deployment owns it and hands immutable snapshots to every ingress replica
+(long-polled, so a candle close reaches the ingress within one round trip, and the request path
+needs no hop to learn the current candle, its data age or its features).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+
+from deployments.feed import FeedClock
+from features.candles import FIVE_MINUTES_MS
+
+
+@dataclass(frozen=True)
+class FeatureRow:
+    """The input of one forecast: a symbol's features at one candle."""
+
+    symbol: str
+    open_time: int
+    close: float
+    features: np.ndarray
+
+
+@dataclass(frozen=True)
+class SymbolState:
+    symbol: str
+    open_time: int | None = None           # newest candle received (open time, ms)
+    close: float | None = None
+    features: np.ndarray | None = None     # its feature row; None while warming up / after a gap
+    feature_reason: str | None = None      # why ``features`` is None
+    history: int = 0                       # contiguous candles held (WARMUP when ready)
+    clock: FeedClock | None = None         # the feed's clock at that candle
+    source: str | None = None
+    gaps: int = 0
+    published: bool = False                # its forecasts are in the cache (candle-close work done)
+    publish_error: str | None = None       # why they are not (no model, ...)
+    model_versions: dict[str, str] = field(default_factory=dict)
+    updated_at: float = 0.0                # wall time of the last change
+
+    def data_age_s(self, wall_s: float | None = None) -> float | None:
+        """Feed seconds since the newest candle closed (None without data)."""
+        if self.open_time is None or self.clock is None:
+            return None
+        return (self.clock.now_ms(wall_s) - (self.open_time + FIVE_MINUTES_MS)) / 1000.0
+
+    def row(self) -> FeatureRow | None:
+        if self.open_time is None or self.close is None or self.features is None:
+            return None
+        return FeatureRow(self.symbol, self.open_time, self.close, self.features)
+
+
+@dataclass(frozen=True)
+class MarketSnapshot:
+    version: int
+    symbols: dict[str, SymbolState]
+    created_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def empty(cls, symbols: list[str] | tuple[str, ...] = ()) -> "MarketSnapshot":
+        return cls(0, {s: SymbolState(s) for s in symbols})
+
+
+def iso_time(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def finite_or_none(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(float(x)) else float(x)

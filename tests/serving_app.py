@@ -1,0 +1,174 @@
+"""Session fixture: the whole Serve application, deployed ONCE into the suite's Ray cluster.
+
+``serving_app`` trains a small model set on the shipped sample (few rounds: these tests check the
+serving graph, not model quality), starts a private redis-server on a free port (so a test can
+stop it mid-run without touching the shared 6379 one), deploys ``deployments.app:build_app`` on
+a free HTTP port with a replay of the sample at 100x (one candle every 3 s, stale after 9 s
+without one) and waits until both symbols have published forecasts. Every HTTP test uses it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import SAMPLE_DATA, SYMBOLS, free_port
+
+APP_NAME = "ml-engine"
+REPLAY_SPEED = 100.0
+REPLAY_HISTORY = 1100
+
+
+class PrivateRedis:
+    """A redis-server of our own on a free loopback port (stop / start at will)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail("redis-server is not installed (bash scripts/services.sh needs it too)")
+        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.workdir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = self.client()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def client(self):
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+
+@dataclass
+class ServingApp:
+    base_url: str
+    models_dir: Path
+    redis: PrivateRedis
+    overrides: dict[str, Any]
+    _keys: list[str] = field(default_factory=list)
+
+    def new_key(self) -> str:
+        """An API key no other test has used (each has its own rate-limit budget)."""
+        if not self._keys:
+            pytest.fail("the serving app ran out of API keys; raise KEYS in tests/serving_app.py")
+        return self._keys.pop()
+
+    def client(self, key: str | None = None, timeout: float = 30.0) -> httpx.Client:
+        headers = {"X-API-Key": key} if key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    # ---- the market feed -------------------------------------------------------------------
+    def feed(self):
+        from ray import serve
+
+        return serve.get_deployment_handle("MarketFeed", app_name=APP_NAME)
+
+    def pause(self, symbol: str | None = None) -> dict:
+        return self.feed().pause.remote(symbol).result(timeout_s=60)
+
+    def resume(self, symbol: str | None = None) -> dict:
+        return self.feed().resume.remote(symbol).result(timeout_s=60)
+
+    def step(self, symbol: str, n: int = 1) -> dict:
+        """Deliver the next ``n`` candles of ``symbol``; returns after the graph processed them."""
+        return self.feed().step.remote(symbol, n).result(timeout_s=120)
+
+    def wait_for_candle(self, key: str, symbol: str, open_time: int, timeout: float = 30.0) -> None:
+        """Until the ingress serves ``open_time`` for ``symbol`` (it learns of candles by long-poll)."""
+        deadline = time.monotonic() + timeout
+        with self.client(key) as c:
+            while time.monotonic() < deadline:
+                r = c.get("/indicators", params={"symbol": symbol})
+                if r.status_code == 200 and r.json()["candle_open_time"] == open_time:
+                    return
+                time.sleep(0.05)
+        raise TimeoutError(f"the ingress did not switch {symbol} to candle {open_time}")
+
+
+KEYS = 40
+
+
+def train_small_models(out: Path) -> Path:
+    """A complete model set on the shipped sample, two rounds per booster (seconds, not minutes)."""
+    from training.train import main as train_main
+
+    files = [str(SAMPLE_DATA / f"{s}_5m.parquet") for s in SYMBOLS]
+    rc = train_main(["--candles", *files, "--out", str(out), "--rounds", "2", "--folds", "2", "--nthread", "1"])
+    assert rc == 0, "training the test models failed"
+    return out
+
+
+@pytest.fixture(scope="session")
+def serving_app(ray_cluster, tmp_path_factory) -> ServingApp:
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from deployments.app import deploy, start_serve
+
+    root = tmp_path_factory.mktemp("serving")
+    models_dir = train_small_models(root / "models")
+    redis = PrivateRedis(root)
+    redis.start()
+    keys = [secrets.token_urlsafe(24) for _ in range(KEYS)]
+    overrides = {
+        "models_dir": str(models_dir),
+        "api_keys": keys,
+        "redis_url": redis.url,
+        "replay_speed": REPLAY_SPEED,
+        "replay_history": REPLAY_HISTORY,
+        "model_poll_s": 1.0,
+        "redis_retry_s": 0.5,
+        "replay_files": {s: str(SAMPLE_DATA / f"{s}_5m.parquet") for s in SYMBOLS},
+    }
+    start_serve("127.0.0.1", free_port())
+    port = _get_global_client().http_config.port  # Serve may already run in this cluster
+    deploy(overrides, name=APP_NAME)
+    app = ServingApp(f"http://127.0.0.1:{port}", models_dir, redis, overrides, list(keys))
+    # Ready when both symbols have forecasts published for a candle.
+    key = app.new_key()
+    deadline = time.monotonic() + 180
+    with app.client(key) as c:
+        while True:
+            r = c.get("/health/detailed")
+            if r.status_code == 200:
+                market = r.json()["market"]["symbols"]
+                if all(market[s]["predictions_published"] for s in SYMBOLS):
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"the serving app did not become ready: {r.status_code} {r.text[:2000]}")
+            time.sleep(0.5)
+    yield app
+    try:
+        serve.delete(APP_NAME)
+    finally:
+        redis.stop()
