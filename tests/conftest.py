@@ -70,3 +70,7 @@ def ray_cluster():
     except Exception:  # Serve was never started
         pass
     ray.shutdown()
+
+
+# The Serve application, deployed once per session (tests/serving_app.py).
+from tests.serving_app import serving_app  # noqa: E402,F401
