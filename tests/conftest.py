@@ -53,7 +53,9 @@ def ray_cluster():
     import ray
 
     dashboard_port = free_port()
-    ctx = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+    # address="local": always a new cluster of our own; without it ray.init() joins any cluster a
+    # `ray start --head` left running on this machine (e.g. `make serve` on port 6380).
+    ctx = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
                    configure_logging=False, log_to_driver=False,
                    runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
     # Ray 2.5x+ enables token auth by default; the token is saved in ~/.ray/auth_token, which the
