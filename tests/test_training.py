@@ -1,0 +1,357 @@
+"""Training, registry and ensemble: small slices of the shipped sample, few boosting rounds."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import ROOT, SAMPLE_DATA, SYMBOLS
+
+FIVE_MIN = 300_000
+SLICE_CANDLES = 3400  # per symbol: 1000 warm-up + ~2400 rows
+
+
+@pytest.fixture(scope="session")
+def candle_slices(tmp_path_factory) -> dict[str, Path]:
+    """The newest SLICE_CANDLES candles of each shipped sample, as SYMBOL_5m.parquet files."""
+    from features.candles import load_candles
+
+    d = tmp_path_factory.mktemp("candles")
+    out = {}
+    for s in SYMBOLS:
+        df = load_candles(SAMPLE_DATA / f"{s}_5m.parquet").iloc[-SLICE_CANDLES:].reset_index(drop=True)
+        out[s] = d / f"{s}_5m.parquet"
+        df.to_parquet(out[s], index=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, candle_slices) -> Path:
+    """A complete model set trained by the CLI's plain path (default settings, 8 rounds, 2 folds)."""
+    from training.train import main
+
+    out = tmp_path_factory.mktemp("registry") / "models"
+    rc = main(["--candles", *map(str, candle_slices.values()), "--out", str(out), "--rounds", "6", "--folds", "2"])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture()
+def registry_copy(trained, tmp_path) -> Path:
+    dst = tmp_path / "models"
+    shutil.copytree(trained, dst)
+    return dst
+
+
+def _prepared(candle_slices, settings=None):
+    from configs.settings import get_settings
+    from training.data import load_histories, prepare
+
+    return prepare(load_histories(candle_slices), settings or get_settings())
+
+
+# ---- registry ---------------------------------------------------------------------------------------
+def test_registry_round_trip(trained, candle_slices):
+    from configs.settings import get_settings
+    from features.indicators import feature_set_hash
+    from training.ensemble import Ensemble
+    from training.registry import MODEL_NAMES, ModelRegistry, sha256_bytes
+
+    reg = ModelRegistry(trained)
+    assert reg.models() == sorted(MODEL_NAMES)
+    settings = get_settings()
+    for name in MODEL_NAMES:
+        version = reg.current(name)
+        assert reg.versions(name) == [version]
+        m = reg.load(name)
+        meta = m.metadata
+        assert meta["feature_set_hash"] == feature_set_hash(settings.features)
+        assert meta["feature_names"] and meta["data_range"]["rows"] > 0
+        assert meta["xgboost_version"] and meta["code_commit"] and meta["created"]
+        assert meta["walk_forward"]["embargo_candles"] == max(settings.market.horizons)
+        assert meta["metrics"], f"{name} has no walk-forward metrics"
+        for fname, digest in meta["files"].items():
+            assert sha256_bytes((trained / name / version / fname).read_bytes()) == digest
+        assert all(f.endswith(".ubj") or f.endswith(".json") for f in meta["files"])
+        assert not list((trained / name / version).glob("*.pkl"))
+    # The ensemble built from the registry predicts exactly what the saved boosters predict.
+    ens = Ensemble.load(trained, settings)
+    data = _prepared(candle_slices)
+    feats = data.X[:50, :-1].astype(np.float64)
+    X = ens.model_input(feats, list(data.symbol[:50]))
+    raw = ens.models["tpsl_classifier"].boosters["tp_long_h6"].inplace_predict(X)
+    np.testing.assert_allclose(ens.predict_stage("tpsl_classifier", X, 6)[:, 0], raw)
+    fc = ens.forecast(feats, list(data.symbol[:50]), data.close[:50], data.open_time[:50], 18)
+    assert len(fc) == 50 and all(f.reason is None for f in fc)
+    for f in fc:
+        assert f.high_lower <= f.pred_high_pct <= f.high_upper and f.low_lower <= f.pred_low_pct <= f.low_upper
+        assert f.signal_type in ("BUY", "SELL", "HOLD") and 0 <= f.confidence <= 1
+        assert abs(sum(f.signal_probs) - 1) < 1e-5 and f.model_versions == ens.versions
+        json.dumps(f.to_dict(), allow_nan=False)
+
+
+def test_tampered_file_refused(registry_copy):
+    from features.errors import ModelLoadError
+    from training.registry import ModelRegistry
+
+    reg = ModelRegistry(registry_copy)
+    version = reg.current("range_predictor")
+    booster = registry_copy / "range_predictor" / version / "high_h6.ubj"
+    data = bytearray(booster.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    booster.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="checksum mismatch for high_h6.ubj"):
+        reg.load("range_predictor")
+    with pytest.raises(ModelLoadError):  # promote refuses it too
+        reg.promote("range_predictor", version)
+    # An unlisted file slipped into a version folder is refused as well.
+    version = reg.current("tpsl_classifier")
+    (registry_copy / "tpsl_classifier" / version / "extra.ubj").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="not in metadata.json"):
+        reg.load("tpsl_classifier")
+    # A deleted booster file is refused with its name.
+    version = reg.current("signal_classifier")
+    (registry_copy / "signal_classifier" / version / "signal_h6.ubj").unlink()
+    with pytest.raises(ModelLoadError, match="signal_h6.ubj is missing"):
+        reg.load("signal_classifier")
+
+
+def test_feature_hash_mismatch_refused(trained):
+    from configs.settings import FeatureParams, load_settings
+    from features.errors import ModelLoadError
+    from training.ensemble import Ensemble
+    from training.registry import ModelRegistry
+
+    with pytest.raises(ModelLoadError, match="feature set"):
+        ModelRegistry(trained, feature_hash="0123456789abcdef").load("meta_model")
+    other = load_settings(features=FeatureParams(rsi_periods=(7, 14)))
+    with pytest.raises(ModelLoadError, match="feature set"):
+        Ensemble.load(trained, other)
+
+
+def test_promote_and_rollback(registry_copy, capsys):
+    from features.errors import ModelNotFoundError
+    from training.registry import ModelRegistry, main
+
+    reg = ModelRegistry(registry_copy)
+    old = reg.current("signal_classifier")
+    loaded = reg.load("signal_classifier")
+    meta = {k: v for k, v in loaded.metadata.items() if k not in ("files", "version", "model")}
+    new = "29990101T000000Z-beef"
+    reg.save("signal_classifier", new, loaded.boosters, meta, promote=True)
+    assert reg.current("signal_classifier") == new
+    assert reg.versions("signal_classifier") == [old, new]
+    assert (registry_copy / "signal_classifier" / "current").read_text().strip() == new
+    # Rollback through the operator CLI.
+    assert main(["--root", str(registry_copy), "promote", "signal_classifier", old]) == 0
+    assert reg.current("signal_classifier") == old
+    capsys.readouterr()
+    assert main(["--root", str(registry_copy), "list", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["models"]
+    cur = {r["version"]: r["current"] for r in rows if r["model"] == "signal_classifier"}
+    assert cur == {old: True, new: False}
+    # Unknown versions are refused with a clear error and leave the pointer alone.
+    with pytest.raises(ModelNotFoundError):
+        reg.promote("signal_classifier", "nope")
+    assert main(["--root", str(registry_copy), "promote", "signal_classifier", "nope"]) == 2
+    assert reg.current("signal_classifier") == old
+    with pytest.raises(FileExistsError):  # versions are immutable
+        reg.save("signal_classifier", new, loaded.boosters, meta)
+
+
+def test_ensemble_refuses_mixed_versions(registry_copy):
+    """The meta-model was stacked on specific base versions; a mixed set is refused."""
+    from configs.settings import get_settings
+    from features.errors import ModelLoadError
+    from training.ensemble import Ensemble
+    from training.registry import ModelRegistry
+
+    reg = ModelRegistry(registry_copy)
+    loaded = reg.load("range_predictor")
+    meta = {k: v for k, v in loaded.metadata.items() if k not in ("files", "version", "model")}
+    reg.save("range_predictor", "29990101T000000Z-0001", loaded.boosters, meta, promote=True)
+    with pytest.raises(ModelLoadError, match="stacked on"):
+        Ensemble.load(registry_copy, get_settings())
+
+
+def test_missing_model_errors(tmp_path, registry_copy):
+    from configs.settings import get_settings
+    from features.errors import ModelNotFoundError
+    from training.ensemble import Ensemble
+    from training.registry import ModelRegistry
+
+    reg = ModelRegistry(tmp_path / "empty")
+    assert reg.models() == []
+    with pytest.raises(ModelNotFoundError, match="no model 'range_predictor'"):
+        reg.load("range_predictor")
+    with pytest.raises(ModelNotFoundError):
+        reg.current("meta_model")
+    with pytest.raises(ModelNotFoundError):
+        Ensemble.load(tmp_path / "empty", get_settings())
+    reg = ModelRegistry(registry_copy)
+    with pytest.raises(ModelNotFoundError, match="no version"):
+        reg.load("range_predictor", "19990101T000000Z-0000")
+    shutil.rmtree(registry_copy / "meta_model")
+    with pytest.raises(ModelNotFoundError, match="meta_model"):
+        Ensemble.load(registry_copy, get_settings())
+
+
+# ---- walk-forward -------------------------------------------------------------------------------------
+def test_walk_forward_is_purged_and_embargoed(candle_slices):
+    from training.data import walk_forward_splits
+
+    data = _prepared(candle_slices)
+    # Punch a real-looking gap into the timeline: splits are by time, gaps must not break them.
+    t = data.open_time.copy()
+    t[len(t) // 3:] += 500 * FIVE_MIN
+    folds = walk_forward_splits(t, n_folds=3, embargo=72, min_train_fraction=0.5, validation_fraction=0.2)
+    assert len(folds) == 3
+    prev_test_end = None
+    for f in folds:
+        assert len(f.fit) and len(f.val) and len(f.test)
+        assert not (set(f.fit) & set(f.val)) and not (set(f.fit) & set(f.test)) and not (set(f.val) & set(f.test))
+        test_start = t[f.test].min()
+        # No training row's label window (t+1 .. t+72 candles) reaches the first test candle.
+        assert (t[f.fit] + 72 * FIVE_MIN < test_start).all()
+        assert (t[f.val] + 72 * FIVE_MIN < test_start).all()
+        # Gap in candles between the newest train/val row and the first test row: >= 72.
+        assert (test_start - max(t[f.fit].max(), t[f.val].max())) // FIVE_MIN - 1 >= 72
+        # The early-stopping tail is separated from the fit rows by the embargo too, and lies after them.
+        assert (t[f.fit] + 72 * FIVE_MIN < t[f.val].min()).all()
+        # Expanding windows, consecutive test blocks.
+        if prev_test_end is not None:
+            assert test_start > prev_test_end
+        prev_test_end = t[f.test].max()
+    assert set(folds[0].fit) < set(folds[1].fit) < set(folds[2].fit)
+    assert folds[-1].test.max() == len(t) - 1  # the last fold runs to the end of the data
+
+
+def test_labels_never_cross_the_training_end(candle_slices):
+    from configs.settings import get_settings
+    from training.data import load_histories, prepare
+
+    hist = load_histories(candle_slices)
+    end = int(hist["BTCUSDT"]["open_time"].iloc[-500])
+    data = prepare(hist, get_settings(), end_ms=end)
+    assert data.open_time.max() < end
+    for h in get_settings().market.horizons:
+        defined = np.isfinite(data.labels[f"fut_high_{h}"].to_numpy())
+        assert (data.open_time[defined] + h * FIVE_MIN < end).all()
+        assert not defined[data.open_time + h * FIVE_MIN >= end].any()
+
+
+# ---- stacking -----------------------------------------------------------------------------------------
+def test_meta_model_trained_only_on_out_of_fold_predictions(candle_slices):
+    """Record every fit: the meta-model's rows are all out-of-fold, its inputs are the fold models'
+    predictions (never the final in-sample models'), and calibration rows are unseen by it."""
+    from configs.settings import get_settings
+    from training.pipeline import PlainEngine, train
+    from training.transforms import meta_columns
+    from training.train import with_overrides
+
+    class Recording(PlainEngine):
+        def __init__(self):
+            super().__init__(nthread=1)
+            self.calls = []
+
+        def fit_many(self, jobs, matrices, targets, cfg, desc):
+            out = super().fit_many(jobs, matrices, targets, cfg, desc)
+            self.calls.append((desc, list(jobs), dict(matrices), out))
+            return out
+
+        fit_final = fit_many
+
+    base = get_settings()
+    settings = with_overrides(base.model_copy(update={"market": base.market.model_copy(update={"horizons": [6, 72]})}),
+                              rounds=5, folds=2)
+    data = _prepared(candle_slices, settings)
+    eng = Recording()
+    res = train(data, settings, eng)
+    (wf_desc, wf_jobs, _, wf_out), (meta_desc, meta_jobs, meta_mats, _), (final_desc, final_jobs, _, _) = eng.calls
+    assert (wf_desc, meta_desc, final_desc) == ("walk-forward", "meta-model", "final refit")
+    oof = res.oof_rows
+    first_test = min(f.test.min() for f in res.folds)
+    assert oof.min() == first_test and len(oof) == sum(len(f.test) for f in res.folds)
+    embargo = max(settings.market.horizons)
+    for key, M in meta_mats.items():
+        assert M.shape == (len(oof), len(meta_columns()))  # one meta row per OOF row, nothing else
+    # The range inputs of the meta-model are exactly the fold models' test predictions.
+    h = settings.market.horizons[0]
+    from training.transforms import range_output, range_scale
+
+    raw = {}
+    for job, out in zip(wf_jobs, wf_out):
+        if job.spec.horizon == h and job.spec.target in ("high", "low"):
+            arr = raw.setdefault(job.spec.target, np.full((len(data), 3), np.nan))
+            arr[job.predict_rows] = out.predictions
+            # A fold model never predicts rows it was fit or early-stopped on, and they are embargoed.
+            assert not set(job.predict_rows) & (set(job.fit_rows) | set(job.val_rows))
+            assert (data.open_time[job.fit_rows] + embargo * FIVE_MIN < data.open_time[job.predict_rows].min()).all()
+    atr = data.X[:, 0].astype(np.float64)
+    expected = range_output(raw["high"], raw["low"], atr, h)[oof] / range_scale(atr[oof], h)[:, None]
+    np.testing.assert_allclose(meta_mats[f"meta_{h}"][:, :6], expected, rtol=1e-6)
+    # Meta fit/val rows and calibration rows are disjoint, time-ordered and embargoed.
+    mt = data.open_time[oof]
+    for job in meta_jobs:
+        seen = np.concatenate([job.fit_rows, job.val_rows])
+        calib = job.predict_rows
+        assert len(calib) and not set(seen) & set(calib)
+        assert (mt[seen] + embargo * FIVE_MIN < mt[calib].min()).all()
+    # The calibrator is JSON, stored beside the meta boosters.
+    assert all(doc["method"] in ("isotonic", "identity") for doc in res.documents["meta_model"].values())
+
+
+# ---- ensemble behaviour ---------------------------------------------------------------------------------
+def test_ensemble_holds_with_reason_on_bad_rows(trained, candle_slices):
+    from configs.settings import get_settings
+    from training.ensemble import Ensemble
+
+    ens = Ensemble.load(trained, get_settings())
+    data = _prepared(candle_slices)
+    feats = data.X[:4, :-1].astype(np.float64)
+    feats[0, 3] = np.nan            # a gap/warm-up row
+    symbols = ["BTCUSDT", "BTCUSDT", "DOGEUSDT", "ETHUSDT"]
+    closes = data.close[:4].copy()
+    closes[3] = np.nan
+    fc = ens.forecast(feats, symbols, closes, data.open_time[:4], 6)
+    assert fc[0].signal_type == "HOLD" and fc[0].confidence == 0 and "features undefined" in fc[0].reason
+    assert math.isnan(fc[0].pred_high_pct) and fc[0].take_profit is None
+    assert fc[1].reason is None and math.isfinite(fc[1].pred_high_pct)
+    assert fc[2].signal_type == "HOLD" and "unknown symbol" in fc[2].reason
+    assert fc[3].signal_type == "HOLD" and "close" in fc[3].reason
+    d = fc[0].to_dict()
+    json.dumps(d, allow_nan=False)
+    assert d["pred_high_pct"] is None and d["signal_type"] == "HOLD" and d["reason"]
+    # Staged calls give exactly what forecast() gives (what serving relies on).
+    X = ens.model_input(feats, symbols)
+    outs = {m: ens.predict_stage(m, X, 6) for m in ("range_predictor", "tpsl_classifier", "signal_classifier")}
+    outs["meta_model"] = ens.predict_stage("meta_model", ens.meta_input(X, outs, 6), 6)
+    staged = ens.compose(feats, symbols, closes, data.open_time[:4], 6, outs)
+    assert json.dumps([f.to_dict() for f in staged]) == json.dumps([f.to_dict() for f in fc])
+
+
+def test_evaluate_cli_json(trained, candle_slices):
+    start = pd.Timestamp(int(pd.read_parquet(candle_slices["BTCUSDT"])["open_time"].iloc[-1500]), unit="ms",
+                         tz="UTC").strftime("%Y-%m-%d %H:%M")
+    out = subprocess.run([sys.executable, "-m", "training.evaluate", "--models", str(trained), "--candles",
+                          *map(str, candle_slices.values()), "--start", start, "--json"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    doc = json.loads(out.stdout)
+    assert list(doc) == ["rows"]
+    keys = {"symbol", "horizon", "n", "r2_high", "r2_low", "mae_high", "mae_low", "mean_mae_high", "mean_mae_low",
+            "vol_mae_high", "vol_mae_low", "coverage_high", "coverage_low", "tpsl_auc_long", "tpsl_auc_short",
+            "signal_accuracy", "signal_macro_f1", "confidence_ece"}
+    assert {(r["symbol"], r["horizon"]) for r in doc["rows"]} == {(s, h) for s in SYMBOLS for h in (6, 18, 36, 72)}
+    for r in doc["rows"]:
+        assert keys <= set(r)
+        assert r["n"] > 1000 and 0 <= r["coverage_high"] <= 1 and r["mae_high"] > 0 and r["mean_mae_low"] > 0
+        assert r["overlaps_training"] is True  # evaluated on its own training period: flagged in-sample
