@@ -10,6 +10,8 @@
 # them, so every replica sees the same configuration.
 set -euo pipefail
 
+# Ray 2.5x uses token auth; `serve` (unlike `ray`) only sends the token when the mode is explicit.
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 RAY_PORT="${MLE_RAY_PORT:-6380}"
 DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 METRICS_PORT="${RAY_METRICS_EXPORT_PORT:-8080}"

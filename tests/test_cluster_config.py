@@ -139,6 +139,7 @@ def test_head_starts_ray_on_6380_then_deploys_serve(cluster, tmp_path):
     assert calls[1]["env"]["RAY_AUTH_MODE"] == "token"
     # .env on the node reaches the Ray processes (and so every replica) as environment.
     assert calls[1]["env"]["MLE_HTTP_PORT"] == "8123" and calls[1]["env"]["MLE_FEED"] == "binance"
+    assert calls[2]["env"]["RAY_AUTH_MODE"] == "token", "serve sends the token only in token mode"
     deploy = _click_parse(calls[2]["argv"])
     assert deploy["config_or_import_path"] == "serve_config.yaml"
     assert deploy["address"] == "http://127.0.0.1:8265"
