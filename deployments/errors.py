@@ -129,6 +129,12 @@ def install_error_handlers(app: FastAPI, symbols: list[str], horizons: list[int]
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI could not even decode the body: a validation error too
+            detail = exc.detail if isinstance(exc.detail, str) else "unreadable request body"
+            return error_response(422, "validation_error",
+                                  f"{detail} (send JSON). Supported symbols: {', '.join(symbols)}; horizons "
+                                  f"(5-minute candles): {', '.join(str(h) for h in horizons)}", request.url.path,
+                                  supported_symbols=list(symbols), supported_horizons=list(horizons))
         codes = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 413: "payload_too_large",
                  415: "unsupported_media_type"}
         code = codes.get(exc.status_code, "http_error")
