@@ -1,0 +1,233 @@
+"""``python -m scripts.drills``: fault drills under a steady bounded load, each printing what it measured.
+
+    python -m scripts.drills --address http://127.0.0.1:8265 --url http://127.0.0.1:8000 --api-key "$KEY"
+
+Against a running application (``serve deploy serve_config.yaml`` first, or ``scripts.rollout``),
+with an open-loop load on loopback (scripts/loadgen.py) running through every drill:
+
+1. **model replica**: SIGKILL the process of one ``RangePredictor`` replica (its PID from Ray's state
+   API) — Serve notices the dead actor and starts a replacement;
+2. **feature builder**: SIGKILL the ``FeatureBuilder`` replica — Serve restarts it;
+3. **MarketData actor**: SIGKILL one symbol's ``MarketData`` actor — the ``MarketFeed`` deployment's
+   health check spawns a new one, which backfills the candles that closed meanwhile from the source.
+
+For each drill: requests and failures *during* the drill (from the kill until the deployment is
+HEALTHY again with its replicas RUNNING, goal < 0.1%), and *after recovery* (the next
+``--after-s`` seconds, goal 0), the recovery time, and for the MarketData drill whether the
+FeatureBuilder's candle history for that symbol is still contiguous (no candle missed) and has
+moved past the candle that was current at the kill. Exit status 0 only when every goal is met.
+
+Only processes of the application under test are signalled, by PID; nothing else is stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import httpx
+
+from scripts.loadgen import LoadResult, run_load
+from scripts.rollout import app_state
+
+SYMBOLS = ("BTCUSDT", "ETHUSDT")
+
+
+def connect(gcs_address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=gcs_address or "auto", namespace="serve", logging_level="ERROR", log_to_driver=False)
+
+
+def alive_actors(class_fragment: str) -> list[dict[str, Any]]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, detail=True)
+    return [a.__dict__ if hasattr(a, "__dict__") else dict(a) for a in actors
+            if class_fragment in (a.class_name if hasattr(a, "class_name") else a["class_name"])]
+
+
+def kill_pid(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+
+
+def replica_counts(address: str, app: str) -> dict[str, int]:
+    _, deps = app_state(address, app)
+    return {name: n for name, (_, n) in deps.items()}
+
+
+def wait_recovered(address: str, app: str, want: dict[str, int], timeout_s: float,
+                   extra: Any = None) -> float:
+    t0 = time.monotonic()
+    time.sleep(1.0)  # let the controller notice the death before "healthy" can mean anything
+    while True:
+        status, deps = app_state(address, app)
+        ok = status == "RUNNING" and all(deps.get(n, ("", 0)) == ("HEALTHY", c) for n, c in want.items())
+        if ok and (extra is None or extra()):
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"not recovered after {timeout_s:.0f}s: {status} {deps}")
+        time.sleep(0.5)
+
+
+def feature_history(app: str, symbol: str) -> dict[str, Any]:
+    """The FeatureBuilder's view of ``symbol``: newest candle, contiguous history length, gaps."""
+    from ray import serve
+
+    snap = serve.get_deployment_handle("FeatureBuilder", app_name=app).snapshot.remote(-1, 0.1).result(timeout_s=30)
+    st = snap.symbols[symbol]
+    return {"open_time": st.open_time, "history": st.history, "gaps": st.gaps}
+
+
+def market_status(app: str, symbol: str) -> dict[str, Any]:
+    from ray import serve
+
+    feed = serve.get_deployment_handle("MarketFeed", app_name=app)
+    return feed.status.remote().result(timeout_s=30)["symbols"][symbol]
+
+
+async def drill(name: str, kill, recovered, load_t0: float, args: argparse.Namespace,
+                checks=None) -> dict[str, Any]:
+    t_kill = time.perf_counter() - load_t0
+    before = checks() if checks else None
+    victim = await asyncio.to_thread(kill)
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: killed {victim}", flush=True)
+    rec_s = await asyncio.to_thread(recovered)
+    t_rec = time.perf_counter() - load_t0
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: recovered after {rec_s:.1f}s", flush=True)
+    await asyncio.sleep(args.after_s)
+    after = checks() if checks else None
+    return {"drill": name, "victim": victim, "t_kill": t_kill, "t_recovered": t_rec,
+            "t_after_end": time.perf_counter() - load_t0, "recovery_s": round(rec_s, 1),
+            "before": before, "after": after}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    connect(args.gcs_address)
+    app, address = args.app, args.address
+    key = args.api_key or os.environ.get("MLE_API_KEYS", "").split(",")[0]
+    r = httpx.post(f"{args.url}/predictions", json={"symbol": "BTCUSDT", "horizon": 6},
+                   headers={"X-API-Key": key}, timeout=30)
+    if r.status_code != 200:
+        raise SystemExit(f"the application does not answer predictions: {r.status_code} {r.text[:300]}")
+    baseline = replica_counts(address, app)
+    requests = [{"method": "POST", "path": path, "json": {"symbol": s, "horizon": h}}
+                for path in ("/predictions", "/signals") for s in SYMBOLS for h in args.horizons]
+    stop = asyncio.Event()
+    load = asyncio.create_task(run_load(args.url, rate=args.rate, duration_s=args.max_duration_s, requests=requests,
+                                        headers={"X-API-Key": key}, timeout_s=10, stop=stop))
+    t0 = time.perf_counter()
+    await asyncio.sleep(args.warmup_s)
+    results = []
+
+    def healthy() -> float:
+        return wait_recovered(address, app, baseline, args.timeout_s)
+
+    if "replica" in args.drills:
+        def kill_replica() -> str:
+            victim = alive_actors(f"ServeReplica:{app}:{args.replica}")[0]
+            kill_pid(victim["pid"])
+            return f"{args.replica} replica pid {victim['pid']}"
+        results.append(await drill("model replica", kill_replica, healthy, t0, args))
+
+    if "feature_builder" in args.drills:
+        def kill_fb() -> str:
+            victim = alive_actors(f"ServeReplica:{app}:FeatureBuilder")[0]
+            kill_pid(victim["pid"])
+            return f"FeatureBuilder replica pid {victim['pid']}"
+        results.append(await drill("feature builder", kill_fb, healthy, t0, args))
+
+    if "market_data" in args.drills:
+        def kill_md() -> str:
+            # MarketData actors are unnamed (one per symbol, owned by MarketFeed): kill one by PID and
+            # check every symbol afterwards, so it does not matter which symbol it streamed.
+            victim = sorted(alive_actors("MarketData"), key=lambda a: a.get("pid") or 0)[0]
+            kill_pid(victim["pid"])
+            return f"MarketData actor pid {victim['pid']}"
+
+        def md_back() -> float:
+            def delivering() -> bool:
+                try:
+                    return all(market_status(app, s).get("running") and market_status(app, s).get("delivered", 0) > 0
+                               for s in SYMBOLS)
+                except Exception:
+                    return False
+            return wait_recovered(address, app, baseline, args.timeout_s, extra=delivering)
+
+        results.append(await drill("MarketData actor", kill_md, md_back, t0, args,
+                                   checks=lambda: {s: feature_history(app, s) for s in SYMBOLS}))
+
+    stop.set()
+    result: LoadResult = await load
+    report = {"rate_per_s": args.rate, "drills": []}
+    for d in results:
+        during = result.summary(d["t_kill"], d["t_recovered"])
+        after = result.summary(d["t_recovered"], d["t_after_end"])
+        entry = {"drill": d["drill"], "victim": d["victim"], "recovery_s": d["recovery_s"],
+                 "during": during, "after_recovery": after,
+                 "goal_met": during["failed_pct"] < 0.1 and after["failed"] == 0}
+        if d["before"] is not None:
+            b, a = d["before"], d["after"]
+            entry["candles"] = {"before": b, "after": a,
+                                "advanced": all(a[s]["open_time"] is not None and b[s]["open_time"] is not None
+                                                and a[s]["open_time"] > b[s]["open_time"] for s in SYMBOLS),
+                                "contiguous": all(a[s]["gaps"] == b[s]["gaps"] for s in SYMBOLS)}
+            entry["goal_met"] = entry["goal_met"] and entry["candles"]["advanced"] and entry["candles"]["contiguous"]
+        report["drills"].append(entry)
+    report["total"] = result.summary()
+    return report
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m scripts.drills", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--address", default=os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265"))
+    p.add_argument("--gcs-address", default=None, help="Ray GCS address (default: auto)")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--app", default="ml-engine")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--drills", nargs="+", default=["replica", "feature_builder", "market_data"],
+                   choices=["replica", "feature_builder", "market_data"])
+    p.add_argument("--replica", default="RangePredictor", help="the model deployment whose replica is killed")
+    p.add_argument("--horizons", nargs="+", type=int, default=[6, 18, 36, 72])
+    p.add_argument("--rate", type=float, default=20.0)
+    p.add_argument("--warmup-s", type=float, default=5.0)
+    p.add_argument("--after-s", type=float, default=15.0, help="load measured after each recovery")
+    p.add_argument("--max-duration-s", type=float, default=900.0)
+    p.add_argument("--timeout-s", type=float, default=240.0)
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    report = asyncio.run(run(args))
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(f"\nfault drills under load, {args.rate:.0f} req/s")
+        print(f"{'drill':<18}{'recovery s':>11}{'during: req':>13}{'failed':>8}{'%':>8}{'after: req':>12}{'failed':>8}  goal")
+        for d in report["drills"]:
+            du, af = d["during"], d["after_recovery"]
+            print(f"{d['drill']:<18}{d['recovery_s']:>11.1f}{du['requests']:>13}{du['failed']:>8}"
+                  f"{du['failed_pct']:>8.3f}{af['requests']:>12}{af['failed']:>8}  {'met' if d['goal_met'] else 'MISSED'}")
+            if "candles" in d:
+                c = d["candles"]
+                print(f"{'':<18}candles: {c['before']} -> {c['after']}; advanced={c['advanced']} "
+                      f"contiguous={c['contiguous']}")
+            if du["failed"] or af["failed"]:
+                print(f"{'':<18}errors: {'; '.join(du['errors'] + af['errors'])}")
+        t = report["total"]
+        print(f"{'total':<18}{'':>11}{t['requests']:>13}{t['failed']:>8}{t['failed_pct']:>8.3f}")
+    return 0 if all(d["goal_met"] for d in report["drills"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
