@@ -1,13 +1,16 @@
 """The hook through which served forecasts and API requests are logged (PostgreSQL, issue 6).
 
-Serving calls a :class:`ServingLog` at two points and nowhere else:
+Serving calls a :class:`ServingLog` at these points and nowhere else:
 
 - ``candle_closed(forecasts)`` in the EnsembleRouter, after a candle's forecasts (every symbol x
   horizon it computed) are written to Redis and published: the prediction/signal log rows;
 - ``request_served(record, forecast)`` in the API ingress, after every /predictions and /signals
-  response (cached or computed), so requests can be audited and served forecasts tied to them.
+  response (cached or computed), so requests can be audited and served forecasts tied to them;
+- ``candles_closed(event)`` in the EnsembleRouter, for every candle event the feed delivers (the
+  outcome resolver scores logged forecasts against these candles); ``live_metrics()`` adds the
+  rolling live accuracy to ``/models/status``.
 
-Both are synchronous and must not block or raise: an implementation enqueues and writes in the
+The logging calls are synchronous and must not block or raise: an implementation enqueues and writes in the
 background (batching, spooling to disk while PostgreSQL is down). ``start()`` runs once in the
 replica's event loop, ``health()`` feeds ``/health/detailed``'s ``database`` entry and ``close()``
 flushes at shutdown. The implementation is chosen by ``Settings.serving_log`` ("module:factory",
@@ -51,6 +54,10 @@ class ServingLog(Protocol):
 
     def request_served(self, record: RequestRecord, forecast: Any | None) -> None: ...
 
+    def candles_closed(self, event: Any) -> None: ...
+
+    async def live_metrics(self) -> dict[str, Any]: ...
+
     async def health(self) -> dict[str, Any]: ...
 
     async def close(self) -> None: ...
@@ -67,6 +74,12 @@ class NullServingLog:
 
     def request_served(self, record: RequestRecord, forecast: Any | None) -> None:
         return None
+
+    def candles_closed(self, event: Any) -> None:
+        return None
+
+    async def live_metrics(self) -> dict[str, Any]:
+        return {"status": "not_configured", "detail": "Settings.serving_log is empty: no live accuracy"}
 
     async def health(self) -> dict[str, Any]:
         return {"status": "not_configured", "detail": "Settings.serving_log is empty: forecasts are not logged"}

@@ -143,6 +143,10 @@ class EnsembleRouter:
     async def on_candles(self, event: CandleEvent) -> dict[str, Any]:
         """A MarketData actor delivers closed candles; see the module docstring for what follows."""
         res = await self.fb.ingest.remote(event)
+        try:
+            self.log.candles_closed(event)  # the outcome resolver's candles
+        except Exception:
+            log.exception("serving log hook failed")
         summary: dict[str, Any] = {"symbol": res.symbol, "open_time": res.open_time, "accepted": res.accepted,
                                    "rejected": res.rejected, "published": False}
         if not res.process:
@@ -214,7 +218,8 @@ class EnsembleRouter:
                 }
         return {"loaded": ens is not None, "versions": dict(ens.versions) if ens else {}, "models": models,
                 "horizons": list(ens.horizons) if ens else [], "symbols": list(ens.symbols) if ens else [],
-                "error": self.load_error, "candles_processed": self.candles}
+                "error": self.load_error, "candles_processed": self.candles,
+                "live": await self.log.live_metrics()}
 
     async def check_health(self) -> None:
         if self._watcher.done() and not self._watcher.cancelled():
