@@ -190,7 +190,8 @@ class Settings(BaseSettings):
     batch_wait_s: float = Field(0.001, ge=0, le=1)  # longest a model request waits for batch-mates
     redis_timeout_s: float = Field(0.25, gt=0, le=30)  # a Redis slower than this counts as down
     redis_retry_s: float = Field(1.0, gt=0, le=300)  # how long a down Redis is skipped before it is tried again
-    serving_log: str = ""  # "module:factory" building the prediction/request log hook (issue 6); "" = none
+    # "module:factory" building the prediction/request log hook (issue 6: PostgreSQL logs); "" = none
+    serving_log: str = "deployments.db.serving_log:make_serving_log"
 
     # Scheduled retraining, champion/challenger (training/retrain.py, issue 8).
     retrain_margin: float = Field(0.01, ge=0, lt=1)  # promote only if the range MAE is lower by this fraction
