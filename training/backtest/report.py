@@ -99,19 +99,22 @@ def write_report(result: Mapping[str, Any], trades: Mapping[str, pd.DataFrame], 
         "R is profit divided by the planned risk (entry x stop distance), after fees and slippage. The random-entry",
         "baseline trades the same geometry (sides, TP/SL fractions, horizons, trade count per symbol) at random",
         "candles; `beats` is the share of random seeds whose total R the strategy beats.", "",
-        "| strategy | trades | win rate | avg R | total R | profit factor | max DD (R) | Sharpe/trade | exposure "
-        "| return 1x % | random total R (mean ± sd) | random avg R | beats |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| strategy | trades | win rate | avg R | avg R before costs | total R | profit factor | max DD (R) "
+        "| Sharpe/trade | exposure | return 1x % | random total R (mean ± sd) | random avg R | random avg R before costs "
+        "| beats |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in result.get("strategies", {}).items():
         m, rnd = s["metrics"], s["random_entry"]
         rt = rnd.get("total_r") or {}
         ra = rnd.get("avg_r") or {}
+        rg = rnd.get("avg_gross_r") or {}
         lines.append(
-            f"| {name} | {m['trades']} | {_fmt(m['win_rate'])} | {_fmt(m['avg_r'])} | {_fmt(m['total_r'], 1)} "
+            f"| {name} | {m['trades']} | {_fmt(m['win_rate'])} | {_fmt(m['avg_r'])} | {_fmt(m['avg_gross_r'])} "
+            f"| {_fmt(m['total_r'], 1)} "
             f"| {_fmt(m['profit_factor'])} | {_fmt(m['max_drawdown_r'], 1)} | {_fmt(m['sharpe_per_trade'])} "
             f"| {_fmt(m['exposure'])} | {_fmt(m['return_pct_1x'], 2)} | {_fmt(rt.get('mean'), 1)} ± {_fmt(rt.get('std'), 1)} "
-            f"| {_fmt(ra.get('mean'))} | {_fmt(rnd.get('strategy_beats_share'), 2)} |")
+            f"| {_fmt(ra.get('mean'))} | {_fmt(rg.get('mean'))} | {_fmt(rnd.get('strategy_beats_share'), 2)} |")
     lines.append("")
     for name, s in result.get("strategies", {}).items():
         tr = trades.get(name)
