@@ -18,6 +18,12 @@ test: $(STAMP)
 	bash scripts/services.sh
 	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest $(PYTEST_ARGS)
 
+# The engine in the foreground: trains default models if none exist, starts a Ray head on
+# MLE_RAY_PORT (6380), deploys the Serve graph on MLE_HTTP_PORT (8000), replays the sample.
+# Ctrl-C / SIGTERM stops what it started. See README "make serve".
+serve: $(STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(PY) -m deployments.launcher
+
 bench: $(STAMP)
 	$(PY) bench/features.py
 
