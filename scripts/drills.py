@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -40,6 +41,10 @@ SYMBOLS = ("BTCUSDT", "ETHUSDT")
 
 
 def connect(gcs_address: str | None) -> None:
+    # Token auth (Ray 2.5x): a driver sends ~/.ray/auth_token only in explicit token mode, and the
+    # mode is read when Ray initialises its config, so set it before ray is imported.
+    if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
+        os.environ["RAY_AUTH_MODE"] = "token"
     import ray
 
     if not ray.is_initialized():
@@ -49,7 +54,14 @@ def connect(gcs_address: str | None) -> None:
 def alive_actors(class_fragment: str) -> list[dict[str, Any]]:
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, detail=True)
+    for attempt in range(5):  # the state API can time out on a saturated machine; it is only a lookup
+        try:
+            actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, detail=True, timeout=60)
+            break
+        except Exception:
+            if attempt == 4:
+                raise
+            time.sleep(2)
     return [a.__dict__ if hasattr(a, "__dict__") else dict(a) for a in actors
             if class_fragment in (a.class_name if hasattr(a, "class_name") else a["class_name"])]
 
@@ -63,13 +75,31 @@ def replica_counts(address: str, app: str) -> dict[str, int]:
     return {name: n for name, (_, n) in deps.items()}
 
 
+def serve_replica(address: str, app: str, deployment: str) -> dict[str, Any]:
+    """A RUNNING replica of ``deployment`` as Serve sees it (pid, actor name)."""
+    from scripts.rollout import serve_details
+
+    replicas = serve_details(address)["applications"][app]["deployments"][deployment]["replicas"]
+    return next(r for r in replicas if r["state"] == "RUNNING")
+
+
+def replica_pids(address: str, app: str) -> set[int]:
+    from scripts.rollout import serve_details
+
+    deps = serve_details(address)["applications"][app]["deployments"]
+    return {r.get("pid") for d in deps.values() for r in d.get("replicas", []) if r.get("state") == "RUNNING"}
+
+
 def wait_recovered(address: str, app: str, want: dict[str, int], timeout_s: float,
-                   extra: Any = None) -> float:
+                   extra: Any = None, dead_pid: int | None = None) -> float:
+    """Until the killed replica is gone from Serve's view, every deployment is HEALTHY again with its
+    replica count RUNNING, and ``extra()`` holds."""
     t0 = time.monotonic()
-    time.sleep(1.0)  # let the controller notice the death before "healthy" can mean anything
     while True:
         status, deps = app_state(address, app)
         ok = status == "RUNNING" and all(deps.get(n, ("", 0)) == ("HEALTHY", c) for n, c in want.items())
+        if ok and dead_pid is not None:
+            ok = dead_pid not in replica_pids(address, app)
         if ok and (extra is None or extra()):
             return time.monotonic() - t0
         if time.monotonic() - t0 > timeout_s:
@@ -127,19 +157,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     await asyncio.sleep(args.warmup_s)
     results = []
 
+    killed: dict[str, int] = {}
+
     def healthy() -> float:
-        return wait_recovered(address, app, baseline, args.timeout_s)
+        return wait_recovered(address, app, baseline, args.timeout_s, dead_pid=killed.get("pid"))
 
     if "replica" in args.drills:
         def kill_replica() -> str:
-            victim = alive_actors(f"ServeReplica:{app}:{args.replica}")[0]
+            victim = serve_replica(address, app, args.replica)
+            killed["pid"] = victim["pid"]
             kill_pid(victim["pid"])
             return f"{args.replica} replica pid {victim['pid']}"
         results.append(await drill("model replica", kill_replica, healthy, t0, args))
 
     if "feature_builder" in args.drills:
         def kill_fb() -> str:
-            victim = alive_actors(f"ServeReplica:{app}:FeatureBuilder")[0]
+            victim = serve_replica(address, app, "FeatureBuilder")
+            killed["pid"] = victim["pid"]
             kill_pid(victim["pid"])
             return f"FeatureBuilder replica pid {victim['pid']}"
         results.append(await drill("feature builder", kill_fb, healthy, t0, args))
