@@ -101,3 +101,44 @@ def load_serving_log(settings: Settings, role: Role) -> ServingLog:
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"serving_log: cannot import {spec!r}: {exc}") from None
     return factory(settings, role)
+
+
+class JsonLinesServingLog:
+    """Appends every hook call as one JSON line to ``spool_dir/serving-{role}.jsonl``.
+
+    For debugging and for the tests that prove the hook is called; the PostgreSQL log of issue 6
+    lives in ``deployments/db``. Select it with ``Settings.serving_log =
+    "deployments.hooks:JsonLinesServingLog"``.
+    """
+
+    def __init__(self, settings: Settings, role: Role) -> None:
+        settings.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.path = settings.spool_dir / f"serving-{role}.jsonl"
+        self._file = None
+
+    async def start(self) -> None:
+        self._file = open(self.path, "a", encoding="utf-8", buffering=1)
+
+    def _write(self, kind: str, payload: dict[str, Any]) -> None:
+        import json
+
+        if self._file is not None:
+            self._file.write(json.dumps({"kind": kind, **payload}, default=str) + "\n")
+
+    def candle_closed(self, forecasts: Sequence[Any]) -> None:
+        for f in forecasts:
+            self._write("forecast", {"symbol": f.symbol, "horizon": f.horizon, "candle_open_time": f.candle_open_time,
+                                     "signal_type": f.signal_type, "model_versions": f.model_versions})
+
+    def request_served(self, record: RequestRecord, forecast: Any | None) -> None:
+        from dataclasses import asdict
+
+        self._write("request", {**asdict(record), "forecast_candle": getattr(forecast, "candle_open_time", None)})
+
+    async def health(self) -> dict[str, Any]:
+        return {"status": "up", "detail": f"JSON lines in {self.path}"}
+
+    async def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -75,6 +75,7 @@ class ServingApp:
     models_dir: Path
     redis: PrivateRedis
     overrides: dict[str, Any]
+    spool_dir: Path
     _keys: list[str] = field(default_factory=list)
 
     def new_key(self) -> str:
@@ -149,11 +150,14 @@ def serving_app(ray_cluster, tmp_path_factory) -> ServingApp:
         "model_poll_s": 1.0,
         "redis_retry_s": 0.5,
         "replay_files": {s: str(SAMPLE_DATA / f"{s}_5m.parquet") for s in SYMBOLS},
+        # The log hook (issue 6 plugs PostgreSQL in here): JSON lines, so tests can see its calls.
+        "serving_log": "deployments.hooks:JsonLinesServingLog",
+        "spool_dir": str(root / "spool"),
     }
     start_serve("127.0.0.1", free_port())
     port = _get_global_client().http_config.port  # Serve may already run in this cluster
     deploy(overrides, name=APP_NAME)
-    app = ServingApp(f"http://127.0.0.1:{port}", models_dir, redis, overrides, list(keys))
+    app = ServingApp(f"http://127.0.0.1:{port}", models_dir, redis, overrides, root / "spool", list(keys))
     # Ready when both symbols have forecasts published for a candle.
     key = app.new_key()
     deadline = time.monotonic() + 180

@@ -449,3 +449,30 @@ def test_metrics_are_exported_for_prometheus_without_a_key(serving_app):
     line = next(l for l in r.text.splitlines() if l.startswith("ml_predictions_total{") and 'symbol="BTCUSDT"' in l)
     assert 'horizon="' in line and float(line.rsplit(" ", 1)[1]) >= 1
     assert "ray_" not in r.text.split("\n", 1)[0]
+
+
+# ---- the log hook (issue 6 wires PostgreSQL here) --------------------------------------------
+
+def test_log_hook_gets_every_candle_close_forecast_and_every_request(serving_app):
+    key = serving_app.new_key()
+    serving_app.pause("BTCUSDT")
+    try:
+        t = serving_app.step("BTCUSDT", 1)["last_open_time"]
+        serving_app.wait_for_candle(key, "BTCUSDT", t)
+        with serving_app.client(key) as c:
+            assert c.post("/signals", json={"symbol": "BTCUSDT", "horizon": 18}).status_code == 200
+    finally:
+        serving_app.resume("BTCUSDT")
+    time.sleep(0.5)
+
+    def lines(role: str) -> list[dict]:
+        path = serving_app.spool_dir / f"serving-{role}.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    forecasts = [r for r in lines("router") if r["kind"] == "forecast" and r["symbol"] == "BTCUSDT"
+                 and r["candle_open_time"] == t]
+    assert sorted(r["horizon"] for r in forecasts) == list(HORIZONS)
+    requests = [r for r in lines("ingress") if r["kind"] == "request" and r["key_id"] == key_id(key)]
+    assert len(requests) == 1 and requests[0]["endpoint"] == "/signals" and requests[0]["status"] == 200
+    assert requests[0]["horizon"] == 18 and requests[0]["forecast_candle"] == t
+    assert key not in (serving_app.spool_dir / "serving-ingress.jsonl").read_text()
