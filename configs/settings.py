@@ -192,6 +192,7 @@ class Settings(BaseSettings):
     redis_retry_s: float = Field(1.0, gt=0, le=300)  # how long a down Redis is skipped before it is tried again
     # "module:factory" building the prediction/request log hook (issue 6: PostgreSQL logs); "" = none
     serving_log: str = "deployments.db.serving_log:make_serving_log"
+    serve_access_log: bool = True  # the API ingress logs each request (Serve access log); internal hops never do
 
     # Scheduled retraining, champion/challenger (training/retrain.py, issue 8).
     retrain_margin: float = Field(0.01, ge=0, lt=1)  # promote only if the range MAE is lower by this fraction
