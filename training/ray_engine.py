@@ -36,8 +36,27 @@ from training.progress import log, progress
 _RUNTIME_ENV = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "RAY_USAGE_STATS_ENABLED": "0"}}
 
 
-def _fit_task(job: FitJob, X: np.ndarray, y: np.ndarray, cfg: ModelConfig, nthread: int) -> FitOutcome:
-    return run_fit_job(job, X, y, cfg, nthread)
+def _fit_chunk(jobs: Sequence[FitJob], X: np.ndarray, targets: Mapping[str, np.ndarray], cfg: ModelConfig,
+               nthread: int) -> list[FitOutcome]:
+    """A Ray task: several fits on the shared (zero-copy) matrix, in order."""
+    return [run_fit_job(job, X, targets[job.target], cfg, nthread) for job in jobs]
+
+
+def _cost(job: FitJob) -> float:
+    """Rough relative cost of a fit (rows x trees per round x rounds) for balancing chunks."""
+    return float(len(job.fit_rows) + len(job.val_rows)) * job.spec.width * (4 if job.spec.kind == "quantile" else 1) \
+        * job.rounds
+
+
+def chunk_jobs(jobs: Sequence[FitJob], n_chunks: int) -> list[list[int]]:
+    """Split job indices into ``n_chunks`` groups of similar total cost (longest first, greedy)."""
+    groups: list[list[int]] = [[] for _ in range(max(1, min(n_chunks, len(jobs))))]
+    load = [0.0] * len(groups)
+    for i in sorted(range(len(jobs)), key=lambda i: -_cost(jobs[i])):
+        g = load.index(min(load))
+        groups[g].append(i)
+        load[g] += _cost(jobs[i])
+    return [g for g in groups if g]
 
 
 def _final_train_loop(config: dict[str, Any]) -> None:
@@ -88,13 +107,18 @@ class RayEngine:
         self._started = False
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"configure_logging": False, "runtime_env": _RUNTIME_ENV}
-            if address is None and not os.environ.get("RAY_ADDRESS"):
-                kwargs["include_dashboard"] = False  # a private local cluster: no dashboard needed
+            address = address or os.environ.get("RAY_ADDRESS")
+            if address is None:
+                # A private local cluster. ray.init() without an address would join whatever cluster
+                # another user started on this machine; "local" never does.
+                address = "local"
+                kwargs["include_dashboard"] = False
             ray.init(address=address, **kwargs)
             self._started = True
         self.num_workers = max(1, int(num_workers))
         self.cpus_per_fit = cpus_per_fit
         cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        self.cluster_cpus = cluster_cpus
         self.worker_cpus = max(1.0, min(float(os.cpu_count() or 1), cluster_cpus - 1.0) / self.num_workers)
         self.timings: dict[str, float] = {"cluster_start": time.perf_counter() - t0, "data_load": 0.0,
                                           "checkpoint": 0.0}
@@ -114,19 +138,32 @@ class RayEngine:
 
         t0 = time.perf_counter()
         xrefs = {k: ray.put(np.ascontiguousarray(v)) for k, v in matrices.items()}
-        yrefs = {k: ray.put(targets[k]) for k in {j.target for j in jobs}}
+        by_matrix: dict[str, list[int]] = {}
+        for i, job in enumerate(jobs):
+            by_matrix.setdefault(job.matrix, []).append(i)
         self.timings["data_load"] += time.perf_counter() - t0
-        task = ray.remote(num_cpus=self.cpus_per_fit, max_retries=1)(_fit_task)
+        task = ray.remote(num_cpus=self.cpus_per_fit, max_retries=1)(_fit_chunk)
         nthread = max(1, int(self.cpus_per_fit))
-        pending = {task.remote(job, xrefs[job.matrix], yrefs[job.target], cfg, nthread): i
-                   for i, job in enumerate(jobs)}
+        # A few tasks per CPU, each running a balanced chunk of fits: enough to keep every core busy
+        # and balance uneven fits, few enough that per-task overhead does not matter.
+        n_chunks = max(1, int(2 * self.cluster_cpus))
+        pending: dict[Any, list[int]] = {}
+        for matrix, idx in by_matrix.items():
+            sub = [jobs[i] for i in idx]
+            tref = ray.put({k: targets[k] for k in {j.target for j in sub}})
+            for group in chunk_jobs(sub, n_chunks):
+                ref = task.remote([sub[g] for g in group], xrefs[matrix], tref, cfg, nthread)
+                pending[ref] = [idx[g] for g in group]
         results: list[FitOutcome | None] = [None] * len(jobs)
         with progress(len(jobs), f"{desc} (ray tasks)") as bar:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
-                    results[pending.pop(ref)] = ray.get(ref)
-                    bar.update(1)
+                    where = pending.pop(ref)
+                    for i, outcome in zip(where, ray.get(ref)):
+                        results[i] = outcome
+                    bar.update(len(where))
+        assert all(r is not None for r in results)
         return [r for r in results if r is not None]
 
     def fit_final(self, jobs: Sequence[FitJob], matrices: Mapping[str, np.ndarray],
