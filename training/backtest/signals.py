@@ -10,6 +10,7 @@ take-profit and stop-loss prices are turned back into fractions of the forecast'
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -53,18 +54,29 @@ def period_mask(open_time: np.ndarray, start_ms: int | None, end_ms: int | None)
     return m
 
 
+_FORECAST_FIELDS = ("candle_open_time", "signal_type", "confidence", "entry_price", "take_profit", "stop_loss",
+                    "signal_probs", "p_tp_long", "p_tp_short", "reason")
+
+
+def _floats(values: list[Any]) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
 def forecasts_to_frame(forecasts: Sequence[Any]) -> pd.DataFrame:
-    """The columns of a Forecast list the backtest uses (one pass over the objects)."""
-    cols = list(zip(*[(f.candle_open_time, f.signal_type, f.confidence, f.entry_price,
-                       np.nan if f.take_profit is None else f.take_profit,
-                       np.nan if f.stop_loss is None else f.stop_loss,
-                       f.signal_probs[0], f.signal_probs[1], f.signal_probs[2], f.p_tp_long, f.p_tp_short,
-                       f.reason) for f in forecasts])) if forecasts else [[]] * 12
-    names = ("open_time", "signal_type", "confidence", "entry_price", "take_profit", "stop_loss", "p_sell",
-             "p_hold", "p_buy", "p_tp_long", "p_tp_short", "reason")
-    df = pd.DataFrame(dict(zip(names, cols)))
-    return df.astype({"open_time": np.int64, "confidence": np.float64, "entry_price": np.float64,
-                      "take_profit": np.float64, "stop_loss": np.float64})
+    """The columns of a Forecast list the backtest uses (``attrgetter`` per field: C-speed gathering)."""
+    cols = {name: list(map(attrgetter(name), forecasts)) for name in _FORECAST_FIELDS}
+    probs = np.array(cols["signal_probs"], dtype=np.float64).reshape(-1, 3)
+    return pd.DataFrame({
+        "open_time": np.array(cols["candle_open_time"], dtype=np.int64),
+        "signal_type": pd.Series(cols["signal_type"], dtype=object),
+        "confidence": np.array(cols["confidence"], dtype=np.float64),
+        "entry_price": np.array(cols["entry_price"], dtype=np.float64),
+        "take_profit": _floats(cols["take_profit"]), "stop_loss": _floats(cols["stop_loss"]),
+        "p_sell": probs[:, 0], "p_hold": probs[:, 1], "p_buy": probs[:, 2],
+        "p_tp_long": np.array(cols["p_tp_long"], dtype=np.float64),
+        "p_tp_short": np.array(cols["p_tp_short"], dtype=np.float64),
+        "reason": pd.Series(cols["reason"], dtype=object),
+    })
 
 
 def signal_table(forecaster: Forecaster, candles: Mapping[str, pd.DataFrame], features: Mapping[str, pd.DataFrame],
