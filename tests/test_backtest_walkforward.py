@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from configs.settings import load_settings
 from configs.strategies import load_strategies
 from features import FEATURE_NAMES
 from features.build import build_features
