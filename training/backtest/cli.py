@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import pandas as pd
 
 from configs.settings import Settings, load_settings
@@ -28,7 +27,7 @@ from configs.strategies import Strategy, load_strategies
 from features.build import build_features
 from features.errors import ConfigError, MLEngineError
 from training.backtest.engine import run_strategies
-from training.backtest.signals import period_mask, signal_table
+from training.backtest.signals import count_rows_to_forecast, signal_table
 from training.backtest.simulate import Costs
 from training.backtest.walkforward import make_periods, plain_engine_fit, trained_until, walk_forward_table
 from training.data import load_histories, parse_candle_args, to_ms
@@ -90,7 +89,7 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> tuple[dic
     horizons = sorted({s.horizon for s in strategies.values()})
     feature_columns = list(dict.fromkeys(c for s in strategies.values() for c in s.feature_columns))
     features = {s: build_features(c, settings.features) for s, c in candles.items()}
-    rows = sum(int(period_mask(c["open_time"].to_numpy(np.int64), start_ms, end_ms).sum()) for c in candles.values())
+    n_forecasts = count_rows_to_forecast(candles, features, horizons, start_ms, end_ms, strategies)
     models_dir = args.models or settings.models_dir
     config: dict[str, Any] = {"models": str(models_dir), "candles": list(args.candles), "symbols": sorted(candles),
                               "start": args.start, "end": args.end, "fee_bps": costs.fee_bps,
@@ -98,7 +97,7 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> tuple[dic
                               "seed": args.seed, "walk_forward": bool(args.walk_forward),
                               "strategies": list(strategies)}
     wf_info = None
-    with _progress(rows * len(horizons), "forecast") as bar:
+    with _progress(n_forecasts, "forecast") as bar:
         if args.walk_forward:
             if start_ms is None:
                 raise ConfigError("--walk-forward needs --start (models are fitted on the data before it)")

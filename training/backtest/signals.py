@@ -79,6 +79,35 @@ def forecasts_to_frame(forecasts: Sequence[Any]) -> pd.DataFrame:
     })
 
 
+def defined_rows(candles: pd.DataFrame, features: pd.DataFrame, start_ms: int | None, end_ms: int | None) -> np.ndarray:
+    """Candle indices in ``[start_ms, end_ms)`` whose feature row is fully defined."""
+    t = candles["open_time"].to_numpy(np.int64)
+    return np.flatnonzero(period_mask(t, start_ms, end_ms) & np.isfinite(features.to_numpy(np.float64)).all(axis=1))
+
+
+def rows_to_forecast(features: pd.DataFrame, defined: np.ndarray, horizon: int,
+                     strategies: Mapping[str, Strategy] | None) -> np.ndarray:
+    """The defined rows some strategy trading ``horizon`` could use (all of them without strategies)."""
+    mine = [s for s in (strategies or {}).values() if s.horizon == horizon]
+    if not mine:
+        return defined
+    wanted = np.zeros(len(features), bool)
+    for strat in mine:
+        wanted |= candidate_rows(features, strat)
+    return defined[wanted[defined]]
+
+
+def count_rows_to_forecast(candles: Mapping[str, pd.DataFrame], features: Mapping[str, pd.DataFrame],
+                           horizons: Sequence[int], start_ms: int | None, end_ms: int | None,
+                           strategies: Mapping[str, Strategy] | None = None) -> int:
+    """How many forecasts :func:`signal_table` will compute (the progress bar's total)."""
+    total = 0
+    for symbol, c in candles.items():
+        d = defined_rows(c, features[symbol], start_ms, end_ms)
+        total += sum(len(rows_to_forecast(features[symbol], d, h, strategies)) for h in horizons)
+    return total
+
+
 def signal_table(forecaster: Forecaster, candles: Mapping[str, pd.DataFrame], features: Mapping[str, pd.DataFrame],
                  horizons: Sequence[int], start_ms: int | None, end_ms: int | None,
                  feature_columns: Sequence[str] = (), progress: Any = None, tag: Mapping[str, Any] | None = None,
@@ -96,23 +125,17 @@ def signal_table(forecaster: Forecaster, candles: Mapping[str, pd.DataFrame], fe
     volatility: dict[str, np.ndarray] = {}
     feature_columns = list(dict.fromkeys([*feature_columns, VOL_COLUMN]))  # baselines rescale by it
     counts: dict[str, dict[str, int]] = {str(h): {"BUY": 0, "SELL": 0, "HOLD": 0} for h in horizons}
-    by_horizon = {h: [s for s in (strategies or {}).values() if s.horizon == h] for h in horizons}
     reasons: dict[str, int] = {}
     for symbol, c in candles.items():
         t = c["open_time"].to_numpy(np.int64)
         F = features[symbol].to_numpy(np.float64)
-        defined = np.flatnonzero(period_mask(t, start_ms, end_ms) & np.isfinite(F).all(axis=1))
+        defined = defined_rows(c, features[symbol], start_ms, end_ms)
         eligible[symbol] = t[defined]
         volatility[symbol] = features[symbol][VOL_COLUMN].to_numpy(np.float64)[defined]
         close = c["close"].to_numpy(np.float64)
         feat_cols = {name: features[symbol][name].to_numpy(np.float64) for name in feature_columns}
         for h in horizons:
-            rows = defined
-            if by_horizon[h]:
-                wanted = np.zeros(len(t), bool)
-                for strat in by_horizon[h]:
-                    wanted |= candidate_rows(features[symbol], strat)
-                rows = defined[wanted[defined]]
+            rows = rows_to_forecast(features[symbol], defined, h, strategies)
             for lo in range(0, len(rows), FORECAST_BATCH):
                 r = rows[lo:lo + FORECAST_BATCH]
                 fc = forecasts_to_frame(forecaster.forecast(F[r], [symbol] * len(r), close[r], t[r], int(h)))
