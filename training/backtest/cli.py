@@ -155,6 +155,10 @@ def _text(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.walk_forward and argv is None:  # a real command line; fits take minutes: log them to stderr
+        from training.progress import setup_logging
+
+        setup_logging()
     try:
         result, trades = run(args)
     except (MLEngineError, ValueError) as exc:

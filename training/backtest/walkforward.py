@@ -14,6 +14,8 @@ structural tests pass a recorder.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -23,6 +25,8 @@ import pandas as pd
 
 from features.candles import FIVE_MINUTES_MS
 from training.backtest.signals import Forecaster, SignalTable, signal_table
+
+log = logging.getLogger("training.backtest")
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,12 @@ def walk_forward_table(candles: Mapping[str, pd.DataFrame], features: Mapping[st
         last_train = max((int(c["open_time"].iloc[-1]) for c in train.values()), default=None)
         if last_train is not None and last_train >= p.train_end_ms:
             raise AssertionError("training candles past the period's cut")  # training_candles guarantees it
+        t0 = time.perf_counter()
+        log.info("walk-forward period %d/%d: fitting on candles before %s", p.index + 1, len(periods),
+                 p.describe()["train_candles_before"])
         model = fit(train, p)
+        log.info("walk-forward period %d/%d: fitted in %.0fs; forecasting %s .. %s", p.index + 1, len(periods),
+                 time.perf_counter() - t0, p.describe()["test_start"], p.describe()["test_end"])
         tables.append(signal_table(model, candles, features, horizons, p.test_start_ms, p.test_end_ms,
                                    feature_columns, progress, tag={"wf_period": p.index}, strategies=strategies))
         d = p.describe()
