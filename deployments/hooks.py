@@ -135,6 +135,13 @@ class JsonLinesServingLog:
 
         self._write("request", {**asdict(record), "forecast_candle": getattr(forecast, "candle_open_time", None)})
 
+    def candles_closed(self, event: Any) -> None:
+        self._write("candles", {"symbol": event.symbol, "event_kind": event.kind, "count": len(event.open_time),
+                                "last_open_time": int(event.open_time[-1])})
+
+    async def live_metrics(self) -> dict[str, Any]:
+        return {"status": "not_configured", "detail": "JSON-lines log: outcomes are not resolved"}
+
     async def health(self) -> dict[str, Any]:
         return {"status": "up", "detail": f"JSON lines in {self.path}"}
 
