@@ -35,7 +35,7 @@ import pandas as pd
 import yaml
 
 from features.candles import FIVE_MINUTES_MS, load_candles
-from scripts.drills import alive_actors, connect, feature_history, kill_pid, market_status
+from scripts.drills import connect, feature_history, kill_pid, market_status, my_actor_pids
 from scripts.loadgen import run_load
 from scripts.rollout import app_state, serve_deploy, wait_running
 
@@ -106,7 +106,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         while True:
             r = httpx.post(f"{url}/predictions", json={"symbol": "BTCUSDT", "horizon": 6},
                            headers={"X-API-Key": args.api_key}, timeout=30)
-            status = {s: market_status(app, s) for s in SYMBOLS}
+            status = await asyncio.to_thread(lambda: {s: market_status(app, s) for s in SYMBOLS})
             if r.status_code == 200 and all(st.get("source") == "binance" or st.get("state") == "streaming"
                                             for st in status.values()):
                 break
@@ -133,8 +133,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{pd.Timestamp(int(close), unit='ms', tz='UTC'):%H:%M:%S}; killing {args.lead_s:.0f}s before it "
               f"(in {wait:.0f}s)", flush=True)
         await asyncio.sleep(wait)
-        before = {s: feature_history(app, s) for s in SYMBOLS}
-        victim = sorted(alive_actors("MarketData"), key=lambda a: a.get("pid") or 0)[0]
+        before = await asyncio.to_thread(lambda: {s: feature_history(app, s) for s in SYMBOLS})
+        victim = {"pid": (await asyncio.to_thread(my_actor_pids, "ray::MarketData"))[0]}
         t_kill = time.perf_counter() - t0
         kill_pid(victim["pid"])
         print(f"[{time.strftime('%H:%M:%S')}] killed MarketData actor pid {victim['pid']}", flush=True)
@@ -158,17 +158,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[{time.strftime('%H:%M:%S')}] both symbols have the candle of "
               f"{pd.Timestamp(expected, unit='ms', tz='UTC'):%H:%M} ({t_rec - t_kill:.1f}s after the kill)", flush=True)
         await asyncio.sleep(args.after_s)
-        after = {s: feature_history(app, s) for s in SYMBOLS}
+        after = await asyncio.to_thread(lambda: {s: feature_history(app, s) for s in SYMBOLS})
         stop.set()
         result = await load
         t_end = time.perf_counter() - t0
         during, post = result.summary(t_kill, t_rec), result.summary(t_rec, t_end)
         candles = {s: {"before": before[s], "after": after[s],
                        "candles_added": (after[s]["open_time"] - before[s]["open_time"]) // FIVE_MINUTES_MS,
-                       "history_grew_by": after[s]["history"] - before[s]["history"],
                        "new_gaps": after[s]["gaps"] - before[s]["gaps"]} for s in SYMBOLS}
-        # Contiguous: every new candle extended the unbroken history (no gap flagged, none skipped).
-        contiguous = all(c["new_gaps"] == 0 and c["history_grew_by"] == c["candles_added"] for c in candles.values())
+        # Contiguous: the candle that closed while the actor was dead arrived (the newest candle moved
+        # on), no gap was flagged, and the unbroken history the features need did not shrink (a
+        # skipped candle would restart it below the warm-up length).
+        contiguous = all(c["new_gaps"] == 0 and c["candles_added"] >= 1 and c["after"]["history"] >= c["before"]["history"]
+                         for c in candles.values())
         return {"victim_pid": victim["pid"], "recovery_s": round(t_rec - t_kill, 1), "during": during,
                 "after_recovery": post, "candles": candles, "contiguous": contiguous,
                 "goal_met": during["failed_pct"] < 0.1 and post["failed"] == 0 and contiguous}
@@ -202,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({d['failed_pct']:.3f}%); after recovery: {a['requests']} requests, {a['failed']} failed")
     for s, c in report["candles"].items():
         print(f"  {s}: newest candle {c['before']['open_time']} -> {c['after']['open_time']} "
-              f"(+{c['candles_added']}), contiguous history +{c['history_grew_by']}, new gaps {c['new_gaps']}")
+              f"(+{c['candles_added']}), contiguous history {c['before']['history']} -> {c['after']['history']}, "
+              f"new gaps {c['new_gaps']}")
     if d["failed"] or a["failed"]:
         print("  errors:", "; ".join(d["errors"] + a["errors"]))
     print(f"no candle missed: {report['contiguous']}; goal {'met' if report['goal_met'] else 'MISSED'}")

@@ -66,6 +66,30 @@ def alive_actors(class_fragment: str) -> list[dict[str, Any]]:
             if class_fragment in (a.class_name if hasattr(a, "class_name") else a["class_name"])]
 
 
+def my_actor_pids(title: str) -> list[int]:
+    """PIDs of this cluster's actor processes titled ``title`` (e.g. "ray::MarketData").
+
+    Found as children of *this* cluster's raylet (its session directory is on the raylet's command
+    line), so another Ray cluster on the same machine is never touched. Used for actors that are not
+    Serve replicas (Serve's own status lists replica PIDs).
+    """
+    import psutil
+    import ray
+
+    session = ray._private.worker._global_node.get_session_dir_path()
+    pids = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if proc.info.get("name") == "raylet" and any(session in part for part in cmd):
+            for child in proc.children(recursive=True):
+                try:
+                    if " ".join(child.cmdline()).split(" ")[0].split(".")[0] == title:
+                        pids.append(child.pid)
+                except psutil.Error:
+                    pass
+    return sorted(pids)
+
+
 def kill_pid(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
@@ -126,14 +150,14 @@ def market_status(app: str, symbol: str) -> dict[str, Any]:
 async def drill(name: str, kill, recovered, load_t0: float, args: argparse.Namespace,
                 checks=None) -> dict[str, Any]:
     t_kill = time.perf_counter() - load_t0
-    before = checks() if checks else None
+    before = await asyncio.to_thread(checks) if checks else None
     victim = await asyncio.to_thread(kill)
     print(f"[{time.strftime('%H:%M:%S')}] {name}: killed {victim}", flush=True)
     rec_s = await asyncio.to_thread(recovered)
     t_rec = time.perf_counter() - load_t0
     print(f"[{time.strftime('%H:%M:%S')}] {name}: recovered after {rec_s:.1f}s", flush=True)
     await asyncio.sleep(args.after_s)
-    after = checks() if checks else None
+    after = await asyncio.to_thread(checks) if checks else None
     return {"drill": name, "victim": victim, "t_kill": t_kill, "t_recovered": t_rec,
             "t_after_end": time.perf_counter() - load_t0, "recovery_s": round(rec_s, 1),
             "before": before, "after": after}
@@ -182,9 +206,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         def kill_md() -> str:
             # MarketData actors are unnamed (one per symbol, owned by MarketFeed): kill one by PID and
             # check every symbol afterwards, so it does not matter which symbol it streamed.
-            victim = sorted(alive_actors("MarketData"), key=lambda a: a.get("pid") or 0)[0]
-            kill_pid(victim["pid"])
-            return f"MarketData actor pid {victim['pid']}"
+            pid = my_actor_pids("ray::MarketData")[0]
+            kill_pid(pid)
+            return f"MarketData actor pid {pid}"
 
         def md_back() -> float:
             def delivering() -> bool:
@@ -212,7 +236,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             entry["candles"] = {"before": b, "after": a,
                                 "advanced": all(a[s]["open_time"] is not None and b[s]["open_time"] is not None
                                                 and a[s]["open_time"] > b[s]["open_time"] for s in SYMBOLS),
-                                "contiguous": all(a[s]["gaps"] == b[s]["gaps"] for s in SYMBOLS)}
+                                "contiguous": all(a[s]["gaps"] == b[s]["gaps"] and a[s]["history"] >= b[s]["history"]
+                                                  for s in SYMBOLS)}
             entry["goal_met"] = entry["goal_met"] and entry["candles"]["advanced"] and entry["candles"]["contiguous"]
         report["drills"].append(entry)
     report["total"] = result.summary()

@@ -1,0 +1,119 @@
+"""serve_config.yaml stays in step with the code: Serve's own schema, the graph the builder returns,
+and the Settings its ``args`` override.
+
+The reference is what ``serve build`` would write for the app builder (scripts/serve_build.py uses
+Ray's ``build_app`` + ``deployment_to_schema``). The config may tune what operators tune (replicas,
+autoscaling bounds, ``max_ongoing_requests``, ``ray_actor_options``, ``user_config``), but it must name
+exactly the deployments the code builds, configure each the way Serve can apply, and fit the cluster.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "serve_config.yaml"
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load(CONFIG.read_text())
+    ServeDeploySchema.model_validate(raw)  # what `serve deploy` checks first
+    return raw
+
+
+@pytest.fixture(scope="module")
+def app(config) -> dict:
+    apps = config["applications"]
+    assert len(apps) == 1, "one application: the engine"
+    return apps[0]
+
+
+@pytest.fixture(scope="module")
+def built(app) -> dict:
+    from scripts.serve_build import built_application
+
+    return built_application(app.get("args") or {}, name=app["name"])
+
+
+def test_import_path_and_args_build_the_application(app, built):
+    from configs.settings import load_settings
+
+    assert app["import_path"] == "deployments.app:build_app"
+    assert app["route_prefix"] == "/"
+    load_settings(**(app.get("args") or {}))  # every override is a valid Settings value
+    assert "api_keys" not in (app.get("args") or {}), "keys belong in MLE_API_KEYS, not in a visible config"
+
+
+def test_every_deployment_exists_in_code_and_the_graph_is_complete(app, built):
+    in_config = [d["name"] for d in app.get("deployments", [])]
+    in_code = [d["name"] for d in built["deployments"]]
+    assert len(in_config) == len(set(in_config))
+    assert sorted(in_config) == sorted(in_code), (
+        f"config-only: {sorted(set(in_config) - set(in_code))}, code-only: {sorted(set(in_code) - set(in_config))}")
+
+
+def test_each_deployment_sets_replicas_and_resources_the_code_allows(app, built):
+    from deployments import app as app_module
+
+    code = {d["name"]: d for d in built["deployments"]}
+    classes = _deployment_classes(app_module)
+    for dep in app["deployments"]:
+        name = dep["name"]
+        assert ("num_replicas" in dep) != ("autoscaling_config" in dep), \
+            f"{name}: give either num_replicas or autoscaling_config"
+        actor = _effective(dep, code[name], "ray_actor_options")
+        assert actor and 0 < actor.get("num_cpus", 1) <= 1, f"{name}: fractional CPUs (the graph shares the cores)"
+        if "autoscaling_config" in dep:
+            a = dep["autoscaling_config"]
+            assert 1 <= a.get("min_replicas", 1) <= a.get("initial_replicas", a.get("min_replicas", 1)) \
+                <= a["max_replicas"], f"{name}: replica bounds"
+        if "user_config" in dep:
+            assert hasattr(classes[name], "reconfigure"), f"{name} has a user_config but no reconfigure()"
+        # Singletons in the code (state kept in one replica) must stay singletons.
+        if code[name].get("num_replicas") == 1 and "autoscaling_config" not in code[name]:
+            assert dep.get("num_replicas") == 1, f"{name} holds state in one replica; keep num_replicas: 1"
+
+
+def _effective(dep: dict, code: dict, key: str):
+    """An option as Serve applies it: the config's value, else the code's."""
+    return dep[key] if key in dep else code.get(key)
+
+
+def test_the_graph_fits_two_cores_at_minimum_scale(app, built):
+    code = {d["name"]: d for d in built["deployments"]}
+    cpus = 0.0
+    for dep in app["deployments"]:
+        n = dep.get("num_replicas") or dep.get("autoscaling_config", {}).get("min_replicas", 1)
+        cpus += n * (_effective(dep, code[dep["name"]], "ray_actor_options") or {}).get("num_cpus", 1)
+    assert cpus <= 2.0, f"the graph reserves {cpus} CPUs at its minimum scale"
+
+
+def test_http_options_match_the_settings(config):
+    from configs.settings import Settings
+
+    http = config["http_options"]
+    assert http["port"] == Settings().http_port
+    assert http.get("host") in ("0.0.0.0", Settings().http_host)
+
+
+def _deployment_classes(module) -> dict:
+    from ray.serve import Deployment
+
+    out = {}
+    for mod in {inspect.getmodule(v) for v in vars(module).values() if isinstance(v, Deployment)}:
+        for value in vars(mod).values():
+            if isinstance(value, Deployment):
+                out[value.name] = value.func_or_class
+    # Pools built with .options(name=...) from one class.
+    from deployments.models import POOL_NAMES, ModelPool
+
+    for name in POOL_NAMES.values():
+        out[name] = ModelPool.func_or_class
+    return out
