@@ -125,6 +125,33 @@ class HealthDetailedResponse(BaseModel):
 
 
 # ---- the app --------------------------------------------------------------------------------
+def api_description(settings, symbols: list[str], horizons: list[int]) -> str:
+    """The overview shown at the top of /docs and docs/api.md."""
+    return f"""Price-range predictions and BUY/SELL/HOLD signals for {', '.join(symbols)} over \
+{', '.join(str(h) for h in horizons)} five-minute candles ({', '.join(f"{h * 5} min" for h in horizons)}).
+
+**Keys and limits.** Every route except `/health` and `/metrics` needs an `{API_KEY_HEADER}` header with \
+one of the keys in `MLE_API_KEYS` (a missing or unknown key is a 401). Each key may make \
+{settings.rate_limit_per_minute} requests per minute, in bursts of up to as many; beyond that the answer \
+is 429 with a `Retry-After` header (seconds). The limit is shared by every ingress replica through Redis \
+(each replica limits on its own while Redis is down).
+
+**Errors** are always JSON `{{"error": code, "message": text, "path": path}}`: 422 `validation_error` \
+for a bad request (it names the supported symbols and horizons), 401 `unauthorized`, 429 `rate_limited`, \
+503 when the engine cannot answer right now: `stale_market_data` (with `data_age_s`: the feed is older \
+than {settings.max_data_age_s:g} s), `market_data_unavailable`, `model_not_found`, `features_unavailable` \
+(warming up: features need 1000 contiguous candles), `prediction_unavailable`. A 503 carries `Retry-After`.
+
+**Freshness.** Predictions refer to the newest closed candle (`candle_open_time`, ms UTC). They are \
+computed when it closes, for every symbol and horizon, and cached (Redis \
+`prediction:{{symbol}}:{{horizon}}:{{candle_open_time}}`, expiring when the next candle closes); each \
+signal is also published as JSON on the Redis channel `signals:{{symbol}}`. An answer says whether it came \
+from the cache (`cached`) and how old the market data is (`data_age_s`, seconds since the candle closed, \
+in the feed's time). `Cache-Control: no-cache` computes the answer now through the model graph.
+
+**Percentages** (`*_pct`) are percent of the candle's close: 0.4 means +0.4 %."""
+
+
 def create_app(service: PredictionService, *, database_health: Callable[[], Awaitable[dict[str, Any]]],
                metrics_text: Callable[[], Awaitable[str]], serving_log: ServingLog | None = None,
                title: str = "ML Engine") -> FastAPI:
@@ -143,13 +170,7 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
         horizon=(Optional[Horizon], Field(None, description=f"horizon in 5-minute candles (default "
                                                             f"{service.signal_horizon})")))
 
-    app = FastAPI(
-        title=title, version="1.0.0",
-        description=("Price-range predictions and BUY/SELL/HOLD signals for "
-                     f"{', '.join(symbols)} over {', '.join(str(h) for h in horizons)} five-minute candles. "
-                     f"Every route except /health and /metrics needs an `{API_KEY_HEADER}` header; each key may make "
-                     f"{settings.rate_limit_per_minute} requests per minute. Errors are "
-                     "`{error, message, path}` JSON."))
+    app = FastAPI(title=title, version="1.0.0", description=api_description(settings, symbols, horizons))
     install_error_handlers(app, symbols, horizons)
     key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
                               description="one of the keys in MLE_API_KEYS")
@@ -181,6 +202,10 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
     async def predictions(req: PredictionRequest,  # type: ignore[valid-type]
                           kid: str = Depends(authorized),
                           cache_control: Optional[str] = Header(None, description=cache_control_doc)) -> Response:
+        """The median predicted highest and lowest price over the next `horizon` candles, as prices and
+        percent of the last close, with the 10%-90% interval of each (`interval.coverage` = 0.8), for the
+        newest closed candle. 503 `features_unavailable` when the candle's features are undefined (warm-up,
+        a data gap): the engine does not guess."""
         return json_bytes(await service.answer("predictions", req.symbol, req.horizon,
                                                fresh=no_cache(cache_control), kid=kid))
 
@@ -189,6 +214,11 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
     async def signals(req: SignalRequest,  # type: ignore[valid-type]
                       kid: str = Depends(authorized),
                       cache_control: Optional[str] = Header(None, description=cache_control_doc)) -> Response:
+        """BUY, SELL or HOLD for the newest closed candle, with the calibrated `confidence`, the
+        probabilities of each class, and the trade: `entry_price` (the close), `take_profit` and `stop_loss`
+        (ATR barriers; SELL uses the short's). HOLD reports the would-be long's barriers, or null with a
+        `reason` when the data is bad or missing (confidence 0). Without `horizon`, the engine's signal
+        horizon (the shortest unless configured)."""
         horizon = req.horizon if req.horizon is not None else service.signal_horizon
         return json_bytes(await service.answer("signals", req.symbol, horizon, fresh=no_cache(cache_control),
                                                kid=kid))
@@ -197,11 +227,17 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
              summary="The latest indicator values (the model's features), by group")
     async def indicators(symbol: Symbol = Query(description="exchange symbol"),  # type: ignore[valid-type]
                          kid: str = Depends(authorized)) -> dict[str, Any]:
+        """The newest candle's indicator values -- exactly the features the models see -- grouped for
+        people (volatility, momentum, trend, volume, time, higher timeframes). Volatility and distances are
+        scale-free (fractions of the close)."""
         return service.indicators(symbol)
 
     @app.get("/models/status", response_model=ModelsStatusResponse, responses=openapi_errors(401, 429, 503),
              tags=["operations"], summary="Each model's version, training range, walk-forward metrics, load time")
     async def models_status(kid: str = Depends(authorized)) -> dict[str, Any]:
+        """The served version of each model (range predictor, TP/SL classifier, signal classifier,
+        meta-model), its training data range, walk-forward metrics and when this engine loaded it. A new
+        version promoted in the registry is served within seconds, without a restart."""
         return await service.models_status()
 
     @app.get("/health", response_model=HealthResponse, tags=["operations"], summary="Liveness (no key needed)")
@@ -211,6 +247,10 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
     @app.get("/health/detailed", response_model=HealthDetailedResponse, responses=openapi_errors(401, 429),
              tags=["operations"], summary="Models, cache, database, market feed (with data age), Serve replicas")
     async def health_detailed(kid: str = Depends(authorized)) -> dict[str, Any]:
+        """`status` is `ok`, `degraded` (the cache or database is down, or a symbol's data is stale) or
+        `down` (no model, or every symbol stale). Also: each model's version, the cache (Redis), the
+        database (PostgreSQL) and the prediction log, per symbol the market data age and feed state, and the
+        Serve deployments with their replicas."""
         database = await database_health()
         if serving_log is not None:
             try:
@@ -224,6 +264,10 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                               "description": "Prometheus text exposition format"}})
     async def metrics() -> Response:
+        """Prometheus text: `ml_predictions_total{symbol,horizon}`, `ml_prediction_latency_seconds`,
+        `ml_cache_hits_total{layer}`, `ml_cache_misses_total`, `ml_market_data_age_seconds{symbol}`,
+        `ml_precomputed_predictions_total`, `ml_model_accuracy{model_name}`, aggregated over every replica
+        of the node (Ray's metrics agent; Ray itself exports them with a `ray_` prefix)."""
         return Response(content=await metrics_text(), media_type="text/plain; version=0.0.4")
 
     return app

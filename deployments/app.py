@@ -42,13 +42,16 @@ def _plain(value: Any) -> Any:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """The whole graph; ``args`` are Settings overrides (validated here, so a typo fails the deploy)."""
     overrides = _plain(dict(args or {}))
-    load_settings(**overrides)  # ConfigError naming the key, before anything is deployed
-    fb = FeatureBuilderDeployment.bind(overrides)
-    pools = {m: ModelPool.options(name=POOL_NAMES[m]).bind(m, overrides) for m in POOL_NAMES}
-    router = EnsembleRouter.bind(fb, pools["range_predictor"], pools["tpsl_classifier"],
-                                 pools["signal_classifier"], pools["meta_model"], overrides)
-    feed = MarketFeed.bind(router, overrides)
-    return ApiIngress.bind(router, fb, feed, overrides)
+    settings = load_settings(**overrides)  # ConfigError naming the key, before anything is deployed
+    quiet = {"enable_access_log": False}  # internal hops: one log line per call would cost more than the call
+    fb = FeatureBuilderDeployment.options(logging_config=quiet).bind(overrides)
+    pools = {m: ModelPool.options(name=POOL_NAMES[m], logging_config=quiet).bind(m, overrides) for m in POOL_NAMES}
+    router = EnsembleRouter.options(logging_config=quiet).bind(
+        fb, pools["range_predictor"], pools["tpsl_classifier"], pools["signal_classifier"], pools["meta_model"],
+        overrides)
+    feed = MarketFeed.options(logging_config=quiet).bind(router, overrides)
+    return ApiIngress.options(logging_config={"enable_access_log": settings.serve_access_log}).bind(
+        router, fb, feed, overrides)
 
 
 # Serve's proxy must report ready within 5 s (x3) by default; on a busy 2-core machine its start

@@ -92,12 +92,15 @@ def service_status(settings: Settings) -> tuple[str, str]:
 class RayHead:
     """A ``ray start --head --block`` child process: ours to stop, and only ours."""
 
-    def __init__(self, port: int, env: dict[str, str]) -> None:
+    def __init__(self, port: int, env: dict[str, str], dashboard_port: int | None = None,
+                 log_path: Path | None = None) -> None:
         self.port = port
         ray_cli = Path(sys.executable).with_name("ray")
         cmd = [str(ray_cli) if ray_cli.exists() else shutil.which("ray") or "ray", "start", "--head",
                "--port", str(port), "--dashboard-host", "127.0.0.1", "--block", "--disable-usage-stats"]
-        self.log_path = PROJECT_DIR / "var" / "ray-head.log"
+        if dashboard_port is not None:
+            cmd += ["--dashboard-port", str(dashboard_port)]
+        self.log_path = log_path or PROJECT_DIR / "var" / "ray-head.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,

@@ -109,3 +109,27 @@ def indicators_body(symbol: str, open_time: int, close: float, names: tuple[str,
         "close": close,
         "groups": {g: {"title": GROUP_TITLES.get(g, g), "values": vals} for g, vals in groups.items()},
     }
+
+
+def describe_models(ens: Any, loaded_at: float | None, error: str | None) -> dict[str, Any]:
+    """What GET /models/status shows: per model its version, training range, walk-forward metrics."""
+    from training.registry import MODEL_NAMES
+
+    models: dict[str, Any] = {}
+    if ens is not None:
+        for name in MODEL_NAMES:
+            meta = ens.metadata[name]
+            models[name] = {
+                "version": ens.versions[name],
+                "created": meta.get("created"),
+                "training_range": meta.get("data_range"),
+                "walk_forward_metrics": {k: v for k, v in (meta.get("metrics") or {}).items() if k != "folds"},
+                "walk_forward_setup": {k: v for k, v in (meta.get("walk_forward") or {}).items() if k != "folds"},
+                "xgboost_version": meta.get("xgboost_version"),
+                "code_commit": meta.get("code_commit"),
+                "feature_set_hash": meta.get("feature_set_hash"),
+                "loaded_at": iso_time(int(loaded_at * 1000)) if loaded_at else None,
+            }
+    return {"loaded": ens is not None, "versions": dict(ens.versions) if ens else {}, "models": models,
+            "horizons": list(ens.horizons) if ens else [], "symbols": list(ens.symbols) if ens else [],
+            "error": error}

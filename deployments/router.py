@@ -39,7 +39,7 @@ from deployments.feed import CandleEvent
 from deployments.hooks import load_serving_log
 from deployments.metrics import EngineMetrics
 from deployments.models import EnsembleCache
-from deployments.render import signal_body
+from deployments.render import describe_models, signal_body
 from deployments.state import FeatureRow, iso_time
 from features.errors import MLEngineError, ModelLoadError, ModelNotFoundError
 from training.ensemble import BASE_MODELS, Ensemble, Forecast
@@ -200,27 +200,11 @@ class EnsembleRouter:
 
     # ---- status ----------------------------------------------------------------------------
     async def status(self) -> dict[str, Any]:
-        ens = self.ensemble
-        models: dict[str, Any] = {}
-        if ens is not None:
-            for name in MODEL_NAMES:
-                meta = ens.metadata[name]
-                models[name] = {
-                    "version": ens.versions[name],
-                    "created": meta.get("created"),
-                    "training_range": meta.get("data_range"),
-                    "walk_forward_metrics": {k: v for k, v in (meta.get("metrics") or {}).items() if k != "folds"},
-                    "walk_forward_setup": {k: v for k, v in (meta.get("walk_forward") or {}).items() if k != "folds"},
-                    "xgboost_version": meta.get("xgboost_version"),
-                    "code_commit": meta.get("code_commit"),
-                    "feature_set_hash": meta.get("feature_set_hash"),
-                    "loaded_at": iso_time(int(self.loaded_at * 1000)) if self.loaded_at else None,
-                }
-        return {"loaded": ens is not None, "versions": dict(ens.versions) if ens else {}, "models": models,
-                "horizons": list(ens.horizons) if ens else [], "symbols": list(ens.symbols) if ens else [],
-                "error": self.load_error, "candles_processed": self.candles,
-                "live": await self.log.live_metrics()}
+        status = describe_models(self.ensemble, self.loaded_at, self.load_error)
+        status["candles_processed"] = self.candles
+        return status
 
     async def check_health(self) -> None:
         if self._watcher.done() and not self._watcher.cancelled():
             raise RuntimeError(f"model watcher stopped: {self._watcher.exception()}")
+
