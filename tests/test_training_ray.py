@@ -67,8 +67,12 @@ def test_ray_job_submit_matches_plain_path(ray_cluster, slice_files, tmp_path, m
     ray_dir = tmp_path / "ray_models"
     env = " ".join(f"{k}='{v}'" for k, v in ENV.items())
     # The entrypoint runs in the uploaded copy of the repository: prove .venv and models were not uploaded.
+    # --address: Ray's job supervisor resolves the driver's cluster through /tmp/ray/ray_current_cluster,
+    # i.e. the most recently started cluster on the host; on a machine where other people start Ray
+    # clusters that can be the wrong one, so the test names the suite cluster's GCS explicitly.
     entry = (f"test ! -e .venv && test ! -e models && test -e training/train.py && "
              f"{env} {sys.executable} -m training.train --engine ray --num-workers 1 --end {end} "
+             f"--address {ray_cluster['gcs_address']} "
              f"--candles {slice_files['BTCUSDT']} {slice_files['ETHUSDT']} --out {ray_dir} --json")
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_cluster["dashboard_url"],
            "--working-dir", ".", "--", "sh", "-c", entry]
@@ -79,7 +83,6 @@ def test_ray_job_submit_matches_plain_path(ray_cluster, slice_files, tmp_path, m
         if "No available agent" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
             break
         time.sleep(2)
-    Path("/tmp/mle_jobtest.log").write_text(proc.stdout + "\n----\n" + proc.stderr)  # DEBUG
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert "succeeded" in proc.stdout
     summary = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"version"')))

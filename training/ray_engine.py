@@ -106,13 +106,14 @@ class RayEngine:
         t0 = time.perf_counter()
         self._started = False
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"configure_logging": False, "runtime_env": _RUNTIME_ENV}
+            kwargs: dict[str, Any] = {"configure_logging": False}
             address = address or os.environ.get("RAY_ADDRESS")
             if address is None:
                 # A private local cluster. ray.init() without an address would join whatever cluster
                 # another user started on this machine; "local" never does.
                 address = "local"
-                kwargs["include_dashboard"] = False
+                kwargs.update(include_dashboard=False, runtime_env=_RUNTIME_ENV)
+            # Joining a cluster (e.g. inside `ray job submit`): keep the job's runtime env as submitted.
             ray.init(address=address, **kwargs)
             self._started = True
         self.num_workers = max(1, int(num_workers))
