@@ -120,7 +120,9 @@ class RayEngine:
         self.cpus_per_fit = cpus_per_fit
         cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
         self.cluster_cpus = cluster_cpus
-        self.worker_cpus = max(1.0, min(float(os.cpu_count() or 1), cluster_cpus - 1.0) / self.num_workers)
+        # XGBoost threads per trainer worker: the final refit runs alone, so the node's cores are shared
+        # by the workers (their Ray reservation stays 1 CPU each, leaving room for Ray Data).
+        self.worker_cpus = max(1.0, float(os.cpu_count() or 1) // self.num_workers)
         self.timings: dict[str, float] = {"cluster_start": time.perf_counter() - t0, "data_load": 0.0,
                                           "checkpoint": 0.0}
         log.info("ray: %s CPUs in the cluster, %d XGBoostTrainer worker(s)", cluster_cpus, self.num_workers)
