@@ -355,3 +355,30 @@ def test_evaluate_cli_json(trained, candle_slices):
         assert keys <= set(r)
         assert r["n"] > 1000 and 0 <= r["coverage_high"] <= 1 and r["mae_high"] > 0 and r["mean_mae_low"] > 0
         assert r["overlaps_training"] is True  # evaluated on its own training period: flagged in-sample
+
+
+def test_per_symbol_models_route_rows_by_symbol(candle_slices, tmp_path):
+    """models.per_symbol trains one booster per symbol; the ensemble sends each row to its symbol's."""
+    from configs.settings import get_settings
+    from training.ensemble import Ensemble
+    from training.pipeline import PlainEngine, train
+    from training.registry import ModelRegistry
+    from training.train import save_models, with_overrides
+
+    base = get_settings()
+    settings = with_overrides(base.model_copy(update={"market": base.market.model_copy(update={"horizons": [6]})}),
+                              rounds=3, folds=2, per_symbol=True)
+    data = _prepared(candle_slices, settings)
+    out = train(data, settings, PlainEngine(nthread=1))
+    assert set(out.boosters["range_predictor"]) == {f"{t}_h6__{s}" for t in ("high", "low") for s in SYMBOLS}
+    save_models(out, ModelRegistry(tmp_path), settings, {
+        "data_range": data.data_range(), "symbols": list(data.symbols), "horizons": [6], "per_symbol": True,
+        "feature_names": list(data.feature_names), "model_columns": list(data.columns)}, "plain")
+    ens = Ensemble.load(tmp_path, settings)
+    rows = np.arange(0, len(data), 97)
+    X = ens.model_input(data.X[rows, :-1].astype(np.float64), list(data.symbol[rows]))
+    got = ens.predict_stage("tpsl_classifier", X, 6)[:, 0]
+    for s in SYMBOLS:
+        m = data.symbol[rows] == s
+        want = ens.models["tpsl_classifier"].boosters[f"tp_long_h6__{s}"].inplace_predict(X[m])
+        np.testing.assert_allclose(got[m], want)
