@@ -43,6 +43,12 @@ def _port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def ensure_models(settings: Settings) -> None:
     """Train the default model set on the shipped sample when the registry has no current set."""
     from features.errors import ModelLoadError, ModelNotFoundError
@@ -100,6 +106,9 @@ class RayHead:
                "--port", str(port), "--dashboard-host", "127.0.0.1", "--block", "--disable-usage-stats"]
         if dashboard_port is not None:
             cmd += ["--dashboard-port", str(dashboard_port)]
+        # Ports Ray would otherwise take by default (10001, 52365): another head on this machine may
+        # hold them, and `ray start --block` then kills the whole node.
+        cmd += ["--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port())]
         self.log_path = log_path or PROJECT_DIR / "var" / "ray-head.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
