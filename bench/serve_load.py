@@ -1,0 +1,427 @@
+"""Load benchmark: the Serve app vs the same API as one plain FastAPI + uvicorn process, same run.
+
+    .venv/bin/python bench/serve_load.py [--duration 5] [--models models] [--modes default,ha]
+
+Measures p50 / p99 latency and throughput at concurrency 1, 16 and 64 for cached /predictions,
+uncached /predictions (``Cache-Control: no-cache``: the whole ensemble is computed) and /signals,
+for: the plain baseline (bench/baseline_fastapi.py), Serve with its defaults, and Serve's
+high-throughput mode (RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1, HAProxy from
+ray[serve]). Each Serve mode gets a fresh Ray head (the flags are read at process start).
+Prints the table, the ratios to the baseline, the goals, and a CPU profile (CPU ms per request
+by process: load generator, proxy, replicas, Redis, ... and "other", the machine's other load).
+
+Fair by construction: both apps run the same request code, the same models, a private Redis
+(rate limit per request, prediction cache), no access logs and no request log hook; the rate
+limit is set out of reach (it is not what is measured). Load: wrk (one thread, bounded duration)
+when installed, else an asyncio aiohttp client. A 1 s warm-up precedes every measured cell.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]  # bench/logging.py
+sys.path.insert(0, str(ROOT))
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import secrets  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections import defaultdict  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import httpx  # noqa: E402
+
+ENDPOINTS = (
+    ("cached /predictions", "/predictions", {"symbol": "BTCUSDT", "horizon": 6}, {}),
+    ("uncached /predictions", "/predictions", {"symbol": "BTCUSDT", "horizon": 6}, {"Cache-Control": "no-cache"}),
+    ("/signals", "/signals", {"symbol": "ETHUSDT"}, {}),
+)
+SYMBOLS = ("BTCUSDT", "ETHUSDT")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, key: str, timeout: float = 600) -> None:
+    """Until /health/detailed says both symbols have published forecasts."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/health/detailed", headers={"X-API-Key": key}, timeout=10)
+            if r.status_code == 200 and all(r.json()["market"]["symbols"][s]["predictions_published"]
+                                            for s in SYMBOLS):
+                return
+            last = f"{r.status_code} {r.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = type(exc).__name__
+        time.sleep(1)
+    raise SystemExit(f"{url} did not become ready: {last}")
+
+
+# ---- load generation ----------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by process group during the run
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if not m:
+        raise ValueError(f"unparsed wrk latency {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def run_wrk(url: str, body: dict, headers: dict[str, str], conc: int, duration: float) -> Result:
+    lua = ["wrk.method = \"POST\"", f"wrk.body = {json.dumps(json.dumps(body))}",
+           "wrk.headers[\"Content-Type\"] = \"application/json\""]
+    lua += [f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()]
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write("\n".join(lua) + "\n")
+    try:
+        out = subprocess.run(["wrk", "-t1", f"-c{conc}", f"-d{max(1, round(duration))}s", "--latency",
+                              "--timeout", "10s", "-s", f.name, url], capture_output=True, text=True,
+                             timeout=duration + 60).stdout
+    finally:
+        os.unlink(f.name)
+    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.M))
+    if "50" not in pct or "99" not in pct:
+        raise RuntimeError(f"could not parse wrk's output:\n{out}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, errs.groups())) if errs else 0)
+    return Result(rps, _ms(pct["50"]), _ms(pct["99"]), total, errors)
+
+
+def run_python(url: str, body: dict, headers: dict[str, str], conc: int, duration: float) -> Result:
+    """Fallback load generator (asyncio + aiohttp, closed loop, ``conc`` connections)."""
+    import aiohttp
+
+    async def go() -> Result:
+        lat: list[float] = []
+        errors = 0
+        stop = time.perf_counter() + duration
+        payload = json.dumps(body)
+        hdrs = {"Content-Type": "application/json", **headers}
+
+        async def worker(session) -> None:
+            nonlocal errors
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                async with session.post(url, data=payload, headers=hdrs) as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors += 1
+                lat.append(time.perf_counter() - t0)
+
+        conn = aiohttp.TCPConnector(limit=conc)
+        async with aiohttp.ClientSession(connector=conn) as session:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker(session) for _ in range(conc)))
+            wall = time.perf_counter() - t0
+        lat.sort()
+        return Result(len(lat) / wall, lat[len(lat) // 2] * 1e3, lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e3,
+                      len(lat), errors)
+
+    return asyncio.run(go())
+
+
+# ---- CPU accounting (a coarse profile: which processes burn the CPU per request) -----------------
+
+_CLK = os.sysconf("SC_CLK_TCK")
+GROUPS = (
+    ("load generator", re.compile(r"^wrk\b|serve_load\.py")),
+    ("haproxy", re.compile(r"haproxy")),
+    ("serve proxy", re.compile(r"ray::ProxyActor|ray::ServeProxy|SERVE_PROXY")),
+    ("ingress replica", re.compile(r"ServeReplica:ml-engine:ApiIngress")),
+    ("router replica", re.compile(r"ServeReplica:ml-engine:EnsembleRouter")),
+    ("model pool replicas", re.compile(r"ServeReplica:ml-engine:(RangePredictor|TPSLClassifier|SignalClassifier|MetaModel)")),
+    ("other serve replicas", re.compile(r"ServeReplica:ml-engine:|ray::MarketData|ray::ServeController")),
+    ("baseline process", re.compile(r"baseline_fastapi\.py")),
+    ("redis", re.compile(r"redis-server")),
+    ("ray system", re.compile(r"raylet|gcs_server|dashboard|ray/_private|ray\.util|ray::IDLE|default_worker")),
+)
+
+
+def cpu_snapshot() -> dict[int, tuple[str, float]]:
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parts = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        out[int(pid)] = (cmd, (int(parts[11]) + int(parts[12])) / _CLK)
+    return out
+
+
+def cpu_delta(before: dict, after: dict, redis_port: int) -> dict[str, float]:
+    groups: dict[str, float] = defaultdict(float)
+    for pid, (cmd, t) in after.items():
+        dt = t - before.get(pid, (cmd, 0.0))[1]
+        if dt <= 0:
+            continue
+        name = "other (not this benchmark)"
+        for label, rx in GROUPS:
+            if rx.search(cmd):
+                name = label
+                break
+        if name == "redis" and f":{redis_port}" not in cmd:
+            name = "other (not this benchmark)"
+        groups[name] += dt
+    return dict(groups)
+
+
+# ---- targets ----------------------------------------------------------------------------------------
+
+class Baseline:
+    name = "plain"
+
+    def __init__(self, models: Path, key: str, redis_url: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "baseline_fastapi.py"), "--port",
+                                      str(self.port), "--models", str(models), "--api-key", key, "--redis-url",
+                                      redis_url], cwd=ROOT, stdout=subprocess.DEVNULL)
+        wait_http(self.url, key)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class ServeApp:
+    """A fresh Ray head (own ports, own env) running the whole graph."""
+
+    def __init__(self, name: str, env_extra: dict[str, str], models: Path, key: str, redis_url: str,
+                 workdir: Path) -> None:
+        from deployments.launcher import RayHead
+
+        self.name = name
+        self.http_port = free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
+               **env_extra}
+        os.environ["RAY_AUTH_MODE"] = env["RAY_AUTH_MODE"]
+        self.head = RayHead(free_port(), env, dashboard_port=free_port(), log_path=workdir / f"ray-{name}.log")
+        self.head.wait_ready()
+        import ray
+
+        from deployments.app import deploy, start_serve
+
+        ray.init(address=f"127.0.0.1:{self.head.port}", configure_logging=False, log_to_driver=False)
+        start_serve("127.0.0.1", self.http_port)
+        deploy({"models_dir": str(models), "api_keys": [key], "rate_limit_per_minute": 10**9, "redis_url": redis_url,
+                "replay_speed": 0, "replay_history": 10**9, "max_data_age_s": 1e9, "serving_log": "",
+                "serve_access_log": False})
+        wait_http(self.url, key)
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            self.head.stop()
+
+
+def haproxy_env(workdir: Path) -> dict[str, str]:
+    """Serve's high-throughput mode, with HAProxy's files and ports private to this run."""
+    d = workdir / "haproxy"
+    d.mkdir(parents=True, exist_ok=True)
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(d / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(d / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(d),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(d / "server-state"),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
+
+
+class PrivateRedis:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(workdir)], stdout=subprocess.DEVNULL)
+        import redis
+
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=self.port).ping()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+def measure(target, key: str, conc_levels: list[int], duration: float, loadgen, redis_port: int,
+            results: dict) -> None:
+    for label, path, body, headers in ENDPOINTS:
+        for conc in conc_levels:
+            hdrs = {"X-API-Key": key, **headers}
+            loadgen(target.url + path, body, hdrs, conc, 1.0)  # warm-up
+            before = cpu_snapshot()
+            res = loadgen(target.url + path, body, hdrs, conc, duration)
+            res.cpu = cpu_delta(before, cpu_snapshot(), redis_port)
+            results[(target.name, label, conc)] = res
+            print(f"  {target.name:<9} {label:<22} c={conc:<3} {res.rps:9.1f} req/s  p50 {res.p50_ms:8.2f} ms  "
+                  f"p99 {res.p99_ms:8.2f} ms  errors {res.errors}", flush=True)
+
+
+def print_table(results: dict, targets: list[str], conc_levels: list[int]) -> None:
+    serve_targets = [t for t in targets if t != "plain"]
+    head = f"{'endpoint':<22} {'c':>3} | {'plain req/s':>11} {'p50 ms':>7} {'p99 ms':>7}"
+    for t in serve_targets:
+        head += f" | {t + ' req/s':>15} {'p50 ms':>7} {'p99 ms':>7} {'x thr':>6} {'x p99':>6}"
+    print("\n" + head)
+    print("-" * len(head))
+    for label, *_ in ENDPOINTS:
+        for conc in conc_levels:
+            b = results.get(("plain", label, conc))
+            if b is None:
+                continue
+            line = f"{label:<22} {conc:>3} | {b.rps:>11.1f} {b.p50_ms:>7.2f} {b.p99_ms:>7.2f}"
+            for t in serve_targets:
+                r = results.get((t, label, conc))
+                if r is None:
+                    line += f" | {'-':>15} {'':>7} {'':>7} {'':>6} {'':>6}"
+                    continue
+                line += (f" | {r.rps:>15.1f} {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.rps / b.rps:>6.2f} "
+                         f"{r.p99_ms / b.p99_ms:>6.2f}")
+            print(line)
+    print("x thr = Serve throughput / plain throughput; x p99 = Serve p99 / plain p99 (same run, same machine)")
+    errors = {k: r.errors for k, r in results.items() if r.errors}
+    if errors:
+        print(f"non-2xx / socket errors: {errors}")
+
+
+def print_goals(results: dict, targets: list[str]) -> None:
+    print("\nGoals")
+    base = results.get(("plain", "cached /predictions", 16))
+    for t in [t for t in targets if t != "plain"]:
+        r = results.get((t, "cached /predictions", 16))
+        if base and r:
+            ok = r.rps >= 0.8 * base.rps and r.p99_ms <= 2 * base.p99_ms
+            print(f"  cached /predictions c=16, {t}: {r.rps / base.rps:.2f}x plain throughput (goal >= 0.8), "
+                  f"p99 {r.p99_ms / base.p99_ms:.2f}x (goal <= 2): {'MET' if ok else 'NOT MET'}")
+        u = results.get((t, "uncached /predictions", 1))
+        if u:
+            print(f"  uncached /predictions p50 at c=1, {t}: {u.p50_ms:.2f} ms (goal < 10 ms): "
+                  f"{'MET' if u.p50_ms < 10 else 'NOT MET'}")
+    u = results.get(("plain", "uncached /predictions", 1))
+    if u:
+        print(f"  (plain, in-process ensemble: uncached p50 at c=1 {u.p50_ms:.2f} ms)")
+
+
+def print_profile(results: dict, targets: list[str]) -> None:
+    print("\nCPU profile: CPU ms per request by process group during the c=16 runs "
+          "(2 cores = 2000 CPU ms per wall second)")
+    groups = [g for g, _ in GROUPS] + ["other (not this benchmark)"]
+    for label in ("cached /predictions", "uncached /predictions"):
+        print(f"  {label}")
+        for t in targets:
+            r = results.get((t, label, 16))
+            if r is None or not r.requests:
+                continue
+            parts = [(g, 1000 * r.cpu.get(g, 0.0) / r.requests) for g in groups if r.cpu.get(g, 0.0) > 0]
+            parts.sort(key=lambda x: -x[1])
+            total = sum(v for g, v in parts if not g.startswith("other"))
+            shown = ", ".join(f"{g} {v:.2f}" for g, v in parts[:7])
+            print(f"    {t:<9} total (ours) {total:.2f} ms/req: {shown}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per measured cell (plus 1 s warm-up)")
+    p.add_argument("--models", type=Path, default=None, help="registry (default Settings.models_dir; trained if empty)")
+    p.add_argument("--modes", default="default,ha", help="Serve modes to measure: default, ha")
+    p.add_argument("--concurrency", default="1,16,64")
+    args = p.parse_args(argv)
+    from configs.settings import load_settings
+    from deployments.launcher import ensure_models
+
+    settings = load_settings(**({"models_dir": args.models} if args.models else {}))
+    ensure_models(settings)
+    models = settings.models_dir
+    conc_levels = [int(c) for c in args.concurrency.split(",")]
+    loadgen = run_wrk if shutil.which("wrk") else run_python
+    key = secrets.token_urlsafe(24)
+    workdir = Path(tempfile.mkdtemp(prefix="mle-bench-"))
+    redis = PrivateRedis(workdir)
+    print(f"load generator: {'wrk' if loadgen is run_wrk else 'python aiohttp'}; {args.duration:g} s per cell; "
+          f"models {models}; private redis :{redis.port}; machine: {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
+    results: dict = {}
+    targets = ["plain"]
+    try:
+        print("plain FastAPI + uvicorn (one process)", flush=True)
+        base = Baseline(models, key, redis.url)
+        try:
+            measure(base, key, conc_levels, args.duration, loadgen, redis.port, results)
+        finally:
+            base.stop()
+        modes = {"default": {}, "ha": haproxy_env(workdir)}
+        for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+            name = "serve" if mode == "default" else "serve-ha"
+            print(f"Ray Serve ({'defaults' if mode == 'default' else 'HAProxy + throughput-optimized'})", flush=True)
+            app = ServeApp(name, modes[mode], models, key, redis.url, workdir)
+            targets.append(name)
+            try:
+                measure(app, key, conc_levels, args.duration, loadgen, redis.port, results)
+            finally:
+                app.stop()
+    finally:
+        redis.stop()
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+    print_table(results, targets, conc_levels)
+    print_goals(results, targets)
+    print_profile(results, targets)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
