@@ -98,8 +98,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               True if args.per_symbol else None)
     out_dir = Path(args.out) if args.out else settings.models_dir
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
     engine = make_engine(args)
+    try:
+        return _run(args, settings, out_dir, engine, t_start)
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()  # a Ray cluster this process started (never one it joined)
+
+
+def _run(args: argparse.Namespace, settings: Settings, out_dir: Path, engine: Engine, t_start: float) -> dict[str, Any]:
+    timings: dict[str, float] = {}
     timings.update(engine.timings)  # cluster start for Ray
 
     t0 = time.perf_counter()
@@ -130,8 +138,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "walk_forward": result.metadata["range_predictor"]["metrics"]["walk_forward"],
                "meta": {h: {k: v for k, v in m.items() if k != "reliability"}
                         for h, m in result.metadata["meta_model"]["metrics"]["calibration_holdout"].items()}}
-    if hasattr(engine, "close"):
-        engine.close()
     return summary
 
 
