@@ -76,14 +76,19 @@ def test_postgres_stopped_mid_stream_loses_nothing(private_pg, tmp_path):
             (want_p if isinstance(r, PredictionRow) else want_s).add(r.id)
     with fresh_database(private_pg.url) as url:
         writer = LogWriter(_settings(), database_url=url, spool_root=tmp_path).start()
+        idle = LogWriter(_settings(), name="idle", database_url=url, spool_root=tmp_path).start()
+        assert idle.flush(30)
         seen_down = {}
 
         def outage() -> None:
             wait_for(lambda: writer.submitted >= len(want_p) * 2 // 3, 60, what="a third of the stream")
             private_pg.stop("immediate")  # like a crash: in-flight transactions are lost
             wait_for(lambda: writer.status()["postgres"] == "down", 30, what="the writer to notice")
+            # A writer with nothing to write notices too (its idle probe), so health tells the truth.
+            wait_for(lambda: idle.status()["postgres"] == "down", 30, what="the idle writer to notice")
             wait_for(lambda: writer.submitted >= len(want_p) * 4 // 3, 60, what="two thirds of the stream")
             seen_down.update(writer.status())
+            seen_down["idle_sees_backlog"] = idle.status()["node_spool_pending_bytes"]
             private_pg.start()
 
         controller = threading.Thread(target=outage)
@@ -97,6 +102,8 @@ def test_postgres_stopped_mid_stream_loses_nothing(private_pg, tmp_path):
         writer.close()
 
         assert seen_down["postgres"] == "down" and seen_down["spool_pending_bytes"] > 0
+        assert seen_down["idle_sees_backlog"] >= seen_down["spool_pending_bytes"]  # every writer's backlog
+        idle.close()
         assert status["rows_dropped"] == 0 and status["rows_rejected"] == 0
         assert status["rows_written"] == status["rows_submitted"] == len(want_p) + len(want_s)
         for table, want in (("prediction_logs", want_p), ("signal_logs", want_s)):

@@ -181,6 +181,7 @@ class OutcomeResolver:
         self._baselines: dict[str, Mapping[tuple[str, int], Baseline]] = {}
         self._metrics: dict[str, Any] = {}
         self._metrics_at = 0.0
+        self._deferred: asyncio.Task | None = None
         self._versions_seen: dict[str, dict[str, int]] = {RANGE_MODEL: {}, SIGNAL_MODEL: {}}
         self.resolved = {"predictions": 0, "signals": 0}
         self.postgres_up = False
@@ -286,7 +287,14 @@ class OutcomeResolver:
     async def refresh_metrics(self, force: bool = False) -> dict[str, Any]:
         """Recompute the rolling metrics (at most every ``metrics_interval_s`` unless forced)."""
         now = self.market_time
-        if now is None or (not force and time.monotonic() - self._metrics_at < self.metrics_interval_s):
+        if now is None:
+            return self._metrics
+        wait = self.metrics_interval_s - (time.monotonic() - self._metrics_at)
+        if not force and wait > 0:
+            # Throttled: refresh once the interval is over, so the figures never stay behind the
+            # last resolution (e.g. after the final candle of a burst).
+            if self._deferred is None or self._deferred.done():
+                self._deferred = asyncio.get_running_loop().create_task(self._refresh_later(wait))
             return self._metrics
         async with self._lock:
             conn = await self._connection()
@@ -322,6 +330,13 @@ class OutcomeResolver:
         if self._gauges is not None:
             self._gauges.export(self._metrics)
         return self._metrics
+
+    async def _refresh_later(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            await self.refresh_metrics(force=True)
+        except Exception:  # a view; the next close refreshes again
+            log.exception("resolver: deferred metrics refresh failed")
 
     async def live_metrics(self) -> dict[str, Any]:
         """For ``/models/status``: per model and version, the 24 h / 7 d / all figures and drift."""

@@ -28,7 +28,7 @@ from deployments.db.writer import LogWriter
 
 log = logging.getLogger(__name__)
 
-CALL_TIMEOUT_S = 2.0
+CALL_TIMEOUT_S = 2.5
 
 
 def resolver_name(settings: Settings) -> str:
@@ -45,6 +45,7 @@ class DbServingLog:
         self.writer = LogWriter(settings, name=role)
         self.forwarder: CandleForwarder | None = None
         self._resolver: Any = None
+        self._last_live: dict[str, Any] = {}
 
     async def start(self) -> None:
         await asyncio.to_thread(self.writer.start)
@@ -94,12 +95,20 @@ class DbServingLog:
         return await asyncio.wait_for(getattr(handle, method).remote(), CALL_TIMEOUT_S)
 
     async def live_metrics(self) -> dict[str, Any]:
-        """Rolling live accuracy per model version (24 h, 7 d, all) with the drift verdicts."""
+        """Rolling live accuracy per model version (24 h, 7 d, all) with the drift verdicts.
+
+        A resolver too busy to answer within the timeout (a backlog after an outage) gets the last
+        figures it gave, marked ``stale``, rather than none."""
         try:
-            return await self._ask("live_metrics")
+            self._last_live = await self._ask("live_metrics")
+            return self._last_live
         except Exception as exc:
-            self._resolver = None
-            return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            error = f"{type(exc).__name__}: {exc}"[:300]
+            if not isinstance(exc, asyncio.TimeoutError):
+                self._resolver = None
+            if self._last_live:
+                return {**self._last_live, "stale": True, "error": error}
+            return {"error": error}
 
     async def health(self) -> dict[str, Any]:
         """``/health/detailed``'s ``database.log``: writer (spool, losses), resolver, drift."""

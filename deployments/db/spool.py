@@ -118,6 +118,19 @@ class Spool:
             self._lock_fd = None
         return removed
 
+    @staticmethod
+    def pending_on_disk(directory: Path) -> int:
+        """Unconfirmed bytes of a spool directory, read from disk (any process, no lock taken)."""
+        try:
+            sizes = {n: (directory / _seg_name(n)).stat().st_size for n in _seg_numbers(directory)}
+            try:
+                seg, off = (int(x) for x in (directory / "position").read_text().split())
+            except (FileNotFoundError, ValueError):
+                seg, off = (min(sizes), 0) if sizes else (0, 0)
+        except OSError:
+            return 0
+        return max(0, sum(size for n, size in sizes.items() if n >= seg) - (off if seg in sizes else 0))
+
     def _open_active(self) -> None:
         path = self.directory / _seg_name(self._active)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

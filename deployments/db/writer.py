@@ -88,6 +88,7 @@ class LogWriter:
     """Per-process writer of prediction and signal logs. ``start()`` once, ``close()`` at shutdown."""
 
     DEDUPE_KEYS = 65_536  # recent forecasts remembered, so a cached one served again costs a dict lookup
+    PROBE_INTERVAL_S = 5.0  # an idle writer checks the connection this often
 
     def __init__(self, settings: Settings, *, name: str = "engine", database_url: str | None = None,
                  spool_root: Path | None = None) -> None:
@@ -115,6 +116,7 @@ class LogWriter:
         self.last_error: str | None = None
         self.last_write_at: float | None = None
         self.down_since: float | None = time.time()
+        self._contact_at = time.monotonic()
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> "LogWriter":
@@ -209,6 +211,7 @@ class LogWriter:
             "rows_replayed_from_dead_processes": self.adopted,
             "rows_pending": max(0, self.submitted - self.written),
             "spool_pending_bytes": spool.pending_bytes() if spool else 0,
+            "node_spool_pending_bytes": node_pending_bytes(self.spool_root),  # every writer on this node
             "rows_dropped": self.dropped,
             "rows_rejected": self.rejected,
             "down_for_s": None if self.down_since is None else round(time.time() - self.down_since, 1),
@@ -302,11 +305,22 @@ class LogWriter:
             source.commit(pos)
             self._count_written(source, len(rows))
             self.last_write_at = time.time()
+            self._contact_at = time.monotonic()
         if source is not self._spool:
             if source.pending_bytes() == 0:
                 source.close()
                 adopted.remove(source)
             return True
+        if not rows and time.monotonic() - self._contact_at > self.PROBE_INTERVAL_S:
+            # Idle: check the server is still there, so health tells the truth before rows pile up.
+            try:
+                await conn.fetchval("SELECT 1", timeout=s.db_timeout_s)
+                self._contact_at = time.monotonic()
+            except UNAVAILABLE as exc:
+                self._mark_down(exc)
+                await _close_quietly(conn)
+                state["conn"], state["next_connect"] = None, time.monotonic() + s.log_retry_interval_s
+                return True
         if len(rows) < s.log_batch_size:
             await self._sleep(0 if stopping else s.log_flush_interval_s)
         return True
@@ -338,6 +352,7 @@ class LogWriter:
         if not self.postgres_up:
             log.info("log writer: PostgreSQL is up (%s pending bytes in the spool)", self._spool.pending_bytes())
         self.postgres_up, self.down_since = True, None
+        self._contact_at = time.monotonic()
         return conn
 
     def _mark_down(self, exc: BaseException) -> None:
@@ -386,6 +401,18 @@ class LogWriter:
             log.info("log writer: replaying the spool of a dead process: %s (%d bytes)", d, sp.pending_bytes())
             found.append(sp)
         return found
+
+
+def node_pending_bytes(root: Path) -> int:
+    """Bytes not yet confirmed in PostgreSQL in every spool under ``root`` (all writers of this node,
+    the router's included, dead ones' too), from their segment sizes and saved read positions."""
+    total = 0
+    try:
+        for d in root.iterdir():
+            total += Spool.pending_on_disk(d)
+    except OSError:
+        pass
+    return total
 
 
 async def _close_quietly(conn: asyncpg.Connection) -> None:
