@@ -75,7 +75,20 @@ class EnsembleRouter:
 
     # ---- models ----------------------------------------------------------------------------
     def _current_versions(self) -> dict[str, str]:
+        pinned = getattr(self, "pinned_versions", None)
+        if pinned:
+            return {m: pinned[m] for m in MODEL_NAMES}
         return {m: self.models.registry.current(m) for m in MODEL_NAMES}
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Ops hook (issue 8): ``user_config: {model_versions: {model: version, ...} | null}`` in
+        serve_config.yaml pins the served model set, so ``serve deploy`` alone rolls a version out or
+        back (no restart: the watcher switches within ``model_poll_s``); null follows the registry's
+        ``current`` pointers. A pin naming a missing version is refused like a bad promotion."""
+        pinned = (user_config or {}).get("model_versions")
+        if pinned is not None and set(pinned) != set(MODEL_NAMES):
+            raise ValueError(f"user_config.model_versions must name every model {list(MODEL_NAMES)}")
+        self.pinned_versions = dict(pinned) if pinned else None
 
     async def _check_models(self) -> bool:
         """Load the registry's current set if it differs from the served one; True when switched."""
