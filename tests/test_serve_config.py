@@ -86,6 +86,14 @@ def _effective(dep: dict, code: dict, key: str):
     return dep[key] if key in dep else code.get(key)
 
 
+def test_model_versions_are_a_user_config_of_the_router(app):
+    from training.registry import MODEL_NAMES
+
+    router = next(d for d in app["deployments"] if d["name"] == "EnsembleRouter")
+    versions = router["user_config"]["model_versions"]
+    assert versions is None or set(versions) == set(MODEL_NAMES)
+
+
 def test_the_graph_fits_two_cores_at_minimum_scale(app, built):
     code = {d["name"]: d for d in built["deployments"]}
     cpus = 0.0
@@ -104,16 +112,12 @@ def test_http_options_match_the_settings(config):
 
 
 def _deployment_classes(module) -> dict:
+    """Deployment name -> class, for the deployments the app module wires together."""
     from ray.serve import Deployment
 
-    out = {}
-    for mod in {inspect.getmodule(v) for v in vars(module).values() if isinstance(v, Deployment)}:
-        for value in vars(mod).values():
-            if isinstance(value, Deployment):
-                out[value.name] = value.func_or_class
-    # Pools built with .options(name=...) from one class.
     from deployments.models import POOL_NAMES, ModelPool
 
-    for name in POOL_NAMES.values():
+    out = {v.name: v.func_or_class for v in vars(module).values() if isinstance(v, Deployment)}
+    for name in POOL_NAMES.values():  # one class, deployed under one name per model
         out[name] = ModelPool.func_or_class
     return out
