@@ -10,9 +10,11 @@ What it does, against a running Ray head (it starts nothing but Serve applicatio
    is HEALTHY and a prediction answers 200);
 2. starts a steady open-loop load on loopback: POST /predictions and /signals for every symbol and
    horizon, ``--rate`` requests per second (scripts/loadgen.py);
-3. **model version change**: promotes another trained version in the registry (the serving graph
-   watches the ``current`` pointers and swaps with no restart), waits until the answers carry the new
-   version, then promotes the original back;
+3. **model version change**, twice: promotes another trained version in the registry (the serving
+   graph watches the ``current`` pointers and swaps with no restart) and back; then ``serve deploy``s
+   the config with ``EnsembleRouter``'s ``user_config.model_versions`` pinned to that version (the
+   router's ``reconfigure``, no restart) and deploys the original (``null``: follow the registry)
+   again — each time waiting until the answers carry the expected version;
 4. **replica count change**: writes the config with one more replica for ``--scale-deployment`` (its
    ``num_replicas``, or ``min_replicas``/``initial_replicas`` under autoscaling) and ``serve deploy``s
    it, waits until the new replica is RUNNING, then deploys the original config again (scale back);
@@ -149,6 +151,19 @@ def with_more_replicas(config: dict, app: str, deployment: str) -> tuple[dict, i
     return out, n
 
 
+def with_pinned_versions(config: dict, app: str, versions: dict[str, str] | None) -> dict:
+    """The config with EnsembleRouter's ``user_config.model_versions`` set (None: follow the registry)."""
+    out = copy.deepcopy(config)
+    target = next(a for a in out["applications"] if a["name"] == app)
+    deps = target.setdefault("deployments", [])
+    router = next((d for d in deps if d["name"] == "EnsembleRouter"), None)
+    if router is None:
+        router = {"name": "EnsembleRouter"}
+        deps.append(router)
+    router["user_config"] = {"model_versions": versions}
+    return out
+
+
 def write_config(config: dict, folder: Path, name: str) -> Path:
     path = folder / name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -214,7 +229,10 @@ async def rollout(args: argparse.Namespace) -> dict[str, Any]:
     alternative = others[-1]
 
     work = Path(tempfile.mkdtemp(prefix="rollout-"))
+    config = with_pinned_versions(config, app, None)  # follow the registry (what serve_config.yaml says)
     base = write_config(config, work, "base.yaml")
+    pinned = write_config(with_pinned_versions(config, app, {m: alternative for m in MODEL_NAMES}), work,
+                          "pinned.yaml")
     scaled_cfg, scaled_n = with_more_replicas(config, app, args.scale_deployment)
     scaled = write_config(scaled_cfg, work, "scaled.yaml")
     marks: dict[str, float] = {}
@@ -262,6 +280,19 @@ async def rollout(args: argparse.Namespace) -> dict[str, Any]:
             raise TimeoutError("the original model version never came back")
         await asyncio.sleep(0.5)
     note(f"promoted {original['range_predictor']} back; answers carry it")
+    # The same through serve deploy: user_config pins the set, then the original config un-pins it.
+    await asyncio.to_thread(serve_deploy, pinned, args.address)
+    while (await asyncio.to_thread(served_versions, url, key))["range_predictor"] != alternative:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the version pinned by user_config was never served")
+        await asyncio.sleep(0.5)
+    note(f"serve deploy with user_config.model_versions = {alternative}: answers carry it")
+    await asyncio.to_thread(serve_deploy, base, args.address)
+    while (await asyncio.to_thread(served_versions, url, key))["range_predictor"] != original["range_predictor"]:
+        if time.monotonic() > deadline:
+            raise TimeoutError("un-pinning never brought the registry's version back")
+        await asyncio.sleep(0.5)
+    note(f"serve deploy with user_config.model_versions = null: answers carry {original['range_predictor']} again")
 
     # Replica count change through serve deploy, and back.
     mark("replicas_up")
