@@ -22,8 +22,8 @@ from training.registry import MODEL_NAMES, ModelRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {s: ROOT / "data" / "sample" / f"{s}_5m.parquet" for s in ("BTCUSDT", "ETHUSDT")}
-SLICE = 4000  # last candles of the shipped sample: 2025-11-06 .. 2025-11-19 (999 of them warm features up)
-FAST = ["--rounds", "5", "--folds", "2", "--nthread", "1"]
+SLICE = 3000  # last candles of the shipped sample: 2025-11-09 .. 2025-11-19 (999 of them warm features up)
+FAST = ["--rounds", "3", "--folds", "2", "--nthread", "1"]
 CHAMPION_END = "2025-11-17"
 
 
