@@ -187,7 +187,7 @@ class Settings(BaseSettings):
     replay_history: int = Field(1000, ge=0)  # candles loaded at once before streaming (>= WARMUP: predictions at once)
     model_poll_s: float = Field(2.0, gt=0, le=3600)  # how often the registry's `current` pointers are checked
     batch_max_size: int = Field(64, ge=1, le=4096)  # @serve.batch size in the model replica pools
-    batch_wait_s: float = Field(0.001, ge=0, le=1)  # longest a model request waits for batch-mates
+    batch_wait_s: float = Field(0.0, ge=0, le=1)  # longest a model request waits for batch-mates (0: batch what queued while the previous batch ran)
     redis_timeout_s: float = Field(0.5, gt=0, le=30)  # a Redis slower than this counts as down
     redis_retry_s: float = Field(1.0, gt=0, le=300)  # how long a down Redis is skipped before it is tried again
     # "module:factory" building the prediction/request log hook (issue 6: PostgreSQL logs); "" = none
