@@ -237,33 +237,42 @@ class ServeApp:
                **env_extra}
         os.environ["RAY_AUTH_MODE"] = env["RAY_AUTH_MODE"]
         self.head = RayHead(free_port(), env, dashboard_port=free_port(), log_path=workdir / f"ray-{name}.log")
-        self.head.wait_ready()
-        import ray
+        try:
+            self.head.wait_ready()
+            import ray
 
-        from deployments.app import deploy, start_serve
+            from deployments.app import deploy, start_serve
 
-        ray.init(address=f"127.0.0.1:{self.head.port}", configure_logging=False, log_to_driver=False)
-        start_serve("127.0.0.1", self.http_port)
-        deploy({"models_dir": str(models), "api_keys": [key], "rate_limit_per_minute": 10**9, "redis_url": redis_url,
-                "replay_speed": 0, "replay_history": 10**9, "max_data_age_s": 1e9, "serving_log": "",
-                "serve_access_log": False})
-        wait_http(self.url, key)
+            ray.init(address=f"127.0.0.1:{self.head.port}", configure_logging=False, log_to_driver=False)
+            start_serve("127.0.0.1", self.http_port)
+            deploy({"models_dir": str(models), "api_keys": [key], "rate_limit_per_minute": 10**9,
+                    "redis_url": redis_url, "replay_speed": 0, "replay_history": 10**9, "max_data_age_s": 1e9,
+                    "serving_log": "", "serve_access_log": False})
+            wait_http(self.url, key)
+        except BaseException:
+            self.stop()  # never leave a Ray head behind
+            raise
 
     def stop(self) -> None:
         import ray
         from ray import serve
 
         try:
-            serve.shutdown()
+            if ray.is_initialized():
+                serve.shutdown()
         finally:
             ray.shutdown()
             self.head.stop()
 
 
+_CLEANUP: list[Path] = []
+
+
 def haproxy_env(workdir: Path) -> dict[str, str]:
     """Serve's high-throughput mode, with HAProxy's files and ports private to this run."""
-    d = workdir / "haproxy"
-    d.mkdir(parents=True, exist_ok=True)
+    # HAProxy's admin socket path must stay under 97 bytes, and Serve adds a 56-character folder.
+    d = Path(tempfile.mkdtemp(prefix="hp", dir="/tmp"))
+    _CLEANUP.append(d)
     return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
             "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(d / "haproxy.cfg"),
             "RAY_SERVE_HAPROXY_SOCKET_PATH": str(d / "admin.sock"),
@@ -415,11 +424,12 @@ def main(argv: list[str] | None = None) -> int:
                 app.stop()
     finally:
         redis.stop()
+        for d in [workdir, *_CLEANUP]:
+            shutil.rmtree(d, ignore_errors=True)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     print_table(results, targets, conc_levels)
     print_goals(results, targets)
     print_profile(results, targets)
-    shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

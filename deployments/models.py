@@ -103,7 +103,7 @@ class ModelPool:
             raise out
         return out
 
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def _batched(self, items: list[tuple[np.ndarray, int, VersionKey]]) -> list[np.ndarray]:
         groups: dict[tuple[int, VersionKey], list[int]] = {}
         for i, (_, horizon, vkey) in enumerate(items):
