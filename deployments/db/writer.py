@@ -283,8 +283,8 @@ class LogWriter:
                     return False  # nothing more can be written now; the spool keeps the rest
                 state["next_connect"] = time.monotonic() + s.log_retry_interval_s
         conn = state["conn"]
-        if conn is None:
-            await self._sleep(max(0.01, state["next_connect"] - time.monotonic()))
+        if conn is None:  # wake every flush interval anyway: the spool is fsynced at that pace in an outage too
+            await self._sleep(max(0.01, min(s.log_flush_interval_s, state["next_connect"] - time.monotonic())))
             return True
         if not stopping and time.monotonic() >= state["next_adopt"]:
             adopted.extend(self._adopt())
