@@ -25,6 +25,7 @@ import pandas as pd
 from configs.settings import Settings, load_settings
 from configs.strategies import Strategy, load_strategies
 from features.build import build_features
+from features.candles import FIVE_MINUTES_MS
 from features.errors import ConfigError, MLEngineError
 from training.backtest.engine import run_strategies
 from training.backtest.signals import count_rows_to_forecast, signal_table
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> tuple[dic
         if args.walk_forward:
             if start_ms is None:
                 raise ConfigError("--walk-forward needs --start (models are fitted on the data before it)")
-            last = max(int(c["open_time"].iloc[-1]) for c in candles.values()) + 1
+            last = max(int(c["open_time"].iloc[-1]) for c in candles.values()) + FIVE_MINUTES_MS
             embargo = max(settings.market.horizons)
             periods = make_periods(start_ms, end_ms or last, pd.DateOffset(months=args.wf_months), embargo)
             work = args.wf_dir or Path(tempfile.mkdtemp(prefix="mle-walkforward-"))

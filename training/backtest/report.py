@@ -93,12 +93,14 @@ def write_report(result: Mapping[str, Any], trades: Mapping[str, pd.DataFrame], 
         f"({'walk-forward, ' if cfg.get('walk_forward') else ''}{'OUT-OF-SAMPLE' if result.get('out_of_sample') else 'NOT out-of-sample: the models saw part of this period'})",
         f"- symbols: {', '.join(cfg.get('symbols', []))}; costs per side: fee {cfg.get('fee_bps')} bps, "
         f"slippage {cfg.get('slippage_bps')} bps",
-        f"- models: {json.dumps(cfg.get('model_versions', {}))}",
+        (f"- models: one set per walk-forward period, trained by the plain engine (table at the end)"
+         if result.get("walk_forward") else f"- models: {json.dumps(cfg.get('model_versions', {}))}"
+         f" (trained on data up to {cfg.get('models_trained_until')})"),
         f"- buy-and-hold (equal weight, after costs): {_fmt(bh.get('return_pct'), 2)} %",
         "",
         "R is profit divided by the planned risk (entry x stop distance), after fees and slippage. The random-entry",
-        "baseline trades the same geometry (sides, TP/SL fractions, horizons, trade count per symbol) at random",
-        "candles; `beats` is the share of random seeds whose total R the strategy beats.", "",
+        "baseline trades the same geometry (sides, TP/SL distances in ATR units, horizons, trade count per symbol)",
+        "at random candles; `beats` is the share of random seeds whose total R the strategy beats.", "",
         "| strategy | trades | win rate | avg R | avg R before costs | total R | profit factor | max DD (R) "
         "| Sharpe/trade | exposure | return 1x % | random total R (mean ± sd) | random avg R | random avg R before costs "
         "| beats |",
@@ -141,9 +143,12 @@ def write_report(result: Mapping[str, Any], trades: Mapping[str, pd.DataFrame], 
         lines.append("")
     wf = result.get("walk_forward")
     if wf:
-        lines += ["## Walk-forward periods", "", "| period | trades from | to | model trained on candles before |",
-                  "|---|---|---|---|"]
-        lines += [f"| {p['index']} | {p['test_start']} | {p['test_end']} | {p['train_candles_before']} |" for p in wf]
+        lines += ["## Walk-forward periods", "",
+                  "| period | trades from | to | model trained on candles before | last training candle | models |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {p['index']} | {p['test_start']} | {p['test_end']} | {p['train_candles_before']} "
+                  f"| {p.get('last_train_candle')} | {', '.join(sorted(set(p.get('model_versions', {}).values())))} |"
+                  for p in wf]
         lines.append("")
     path = out / REPORT_FILE
     path.write_text("\n".join(lines))
