@@ -89,6 +89,8 @@ def main() -> int:
     parser.add_argument("--day", type=int, default=288, help="candles streamed per symbol (288 = one day)")
     parser.add_argument("--outage-s", type=float, default=20.0, help="seconds PostgreSQL stays down")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (spool, server logs)")
+    parser.add_argument("--quick", action="store_true",
+                        help="without a model set, train a 2-round one (its signals are mostly HOLD)")
     args = parser.parse_args()
 
     import ray
@@ -117,8 +119,17 @@ def main() -> int:
             Ensemble.load(settings.models_dir, settings)
             models_dir = settings.models_dir
         except Exception:
-            print(f"no loadable model set in {settings.models_dir}: training a small one on the sample")
-            models_dir = train_small_models(tmp / "models")
+            if args.quick:
+                print(f"no loadable model set in {settings.models_dir}: training a 2-round one on the sample")
+                models_dir = train_small_models(tmp / "models")
+            else:  # what make serve does: the shipped sample, the configured training parameters
+                from training.train import main as train_main
+
+                print(f"no loadable model set in {settings.models_dir}: training one on the sample (as make serve)")
+                models_dir = tmp / "models"
+                sample = [str(settings.sample_dir / f"{s}_5m.parquet") for s in symbols]
+                if train_main(["--candles", *sample, "--out", str(models_dir)]):
+                    raise RuntimeError("training failed")
         ens = Ensemble.load(models_dir, settings)
         files, frames = {}, {}
         for s in symbols:
@@ -264,6 +275,8 @@ def main() -> int:
         health = client.get("/health/detailed").json()["database"]["log"]
         checks.check(health["writer"]["rows_dropped"] == 0 and health["writer"]["rows_rejected"] == 0,
                      "rows dropped or rejected")
+        kinds = {k: sum(r["signal_type"] == k for r in sigs) for k in ("BUY", "SELL", "HOLD")}
+        print(f"signals by type: {kinds}; traded signals resolved and checked: {live_direct['traded']}")
         print(f"logged: {len(preds)} prediction rows, {len(sigs)} signal rows ({n_forecasts} forecasts); "
               f"resolved: {sum(r['resolved_at'] is not None for r in preds)} predictions, "
               f"{sum(r['resolved_at'] is not None for r in sigs)} signals")

@@ -146,14 +146,17 @@ class LogWriter:
         """Log forecasts (prediction + signal rows each); returns rows accepted. Never raises."""
         try:
             rows: list[PredictionRow | SignalRow] = []
-            now_ms = int(time.time() * 1000)
-            with self._submit_lock:
-                for f in forecasts:
-                    key = (f.symbol, f.horizon, f.candle_open_time, tuple(sorted(f.model_versions.items())))
+            now_ms = 0
+            for f in forecasts:
+                key = (f.symbol, f.horizon, f.candle_open_time, tuple(sorted(f.model_versions.items())))
+                if key in self._recent:  # the common case (a cached forecast served again): no lock, no work
+                    continue
+                with self._submit_lock:
                     if key in self._recent:
                         continue
                     self._remember(key)
-                    rows.extend(rows_from_forecast(f, now_ms))
+                now_ms = now_ms or int(time.time() * 1000)
+                rows.extend(rows_from_forecast(f, now_ms))
             return self.submit(rows) if rows else 0
         except Exception as exc:  # logging must never fail a request
             self._count_drop(1, exc)
