@@ -32,8 +32,12 @@ CALL_TIMEOUT_S = 2.5
 
 
 def resolver_name(settings: Settings) -> str:
-    """One resolver per database: an engine pointed at another database gets its own."""
-    return f"{ACTOR_NAME}-{hashlib.sha256(settings.database_url.encode()).hexdigest()[:10]}"
+    """One resolver per database and resolution settings: an engine pointed at another database, or
+    redeployed with other fees, drift rules or model registry, gets its own (the actor is detached
+    and keeps the settings it was started with)."""
+    key = "|".join(str(x) for x in (settings.database_url, settings.models_dir, settings.fee_rate,
+                                    settings.drift_mae_margin, settings.drift_min_samples, settings.drift_window))
+    return f"{ACTOR_NAME}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
 class DbServingLog:
@@ -60,7 +64,9 @@ class DbServingLog:
         create = self.role == "router" if create is None else create
         name = resolver_name(self.settings)
         if create:
-            self._resolver = start_resolver(self.settings, name=name, detached=False)
+            # Detached: it outlives router replicas and redeploys, so its candle history (the last
+            # 14 days) survives them; a crash is refilled by the CandleForwarder.
+            self._resolver = start_resolver(self.settings, name=name, detached=True)
         else:
             try:
                 self._resolver = ray.get_actor(name)
