@@ -26,6 +26,7 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/features.py
+	$(PY) bench/logging.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
