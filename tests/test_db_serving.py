@@ -4,8 +4,8 @@ An app of its own (``serving_app`` uses the JSON-lines hook; its models are reus
 fast as the graph takes them into a fresh database: every fresh candle leaves one prediction and
 one signal row per symbol x horizon, equal to a direct ``Ensemble.forecast`` of that candle; rows
 whose window has closed are resolved, equal to ``build_labels`` and to a scalar walk of the
-signal's barriers; ``/models/status`` shows the same live figures and ``/health/detailed`` the
-writer, the resolver and the drift verdict.
+signal's barriers; ``/models/status`` shows the same live figures, ``/health/detailed`` the writer,
+the resolver and the drift verdict, and ``/metrics`` the ``ml_model_accuracy``/``ml_model_drift`` gauges.
 """
 
 from __future__ import annotations
@@ -172,6 +172,18 @@ def test_engine_logs_every_forecast_once_and_resolves_it_against_the_market(outc
     assert figures["all"]["interval_coverage"] == pytest.approx(np.mean(direct_cov), rel=1e-9)
     assert figures["all"]["walk_forward_mae"] > 0  # from the model's metadata.json
     assert figures["drift"]["window"] == settings.drift_window and isinstance(figures["drift"]["flag"], bool)
+    # The resolver's gauges reach Prometheus through Ray's metrics agent (exported every few seconds).
+    deadline = time.monotonic() + 90
+    while True:
+        text = client.get("/metrics").text
+        gauges = {line.split("{")[0]: line for line in text.splitlines()
+                  if line.startswith(("ml_model_accuracy{", "ml_model_drift{")) and 'model_name="range_predictor"' in line}
+        if len(gauges) == 2:
+            break
+        assert time.monotonic() < deadline, text[-2000:]
+        time.sleep(2.0)
+    assert 0.0 <= float(gauges["ml_model_accuracy"].rsplit(" ", 1)[1]) <= 1.0  # 24 h interval coverage
+    assert float(gauges["ml_model_drift"].rsplit(" ", 1)[1]) in (0.0, 1.0)
     log = client.get("/health/detailed").json()["database"]["log"]
     assert log["status"] == "up" and log["writer"]["rows_dropped"] == 0
     assert log["resolver"]["postgres"] == "up" and log["resolver"]["resolved"]["predictions"] == len(resolved)
