@@ -158,7 +158,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("plain", "ray"), default="plain")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local cluster)")
     p.add_argument("--num-workers", type=int, default=1, help="XGBoostTrainer workers (ScalingConfig)")
-    p.add_argument("--nthread", type=int, default=None, help="plain engine: XGBoost threads (default: all cores)")
+    p.add_argument("--nthread", type=int, default=None,
+                   help="plain engine: XGBoost threads per fit (default 1, with one fit per core in parallel)")
     p.add_argument("--start", default=None, help="ignore candles before this UTC date (after feature warm-up)")
     p.add_argument("--end", default=None, help="train only on candles before this UTC date (labels never cross it)")
     p.add_argument("--rounds", type=int, default=None, help="override models.num_boost_round")
