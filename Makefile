@@ -26,7 +26,7 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/features.py
-	$(PY) bench/logging.py
+	$(PY) bench/log_writer.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

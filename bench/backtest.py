@@ -20,8 +20,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# bench/ holds a script named logging.py: take this folder off the import path before anything
-# imports the standard library's logging, and put the repository root on it instead.
+# Run as a script, Python puts bench/ first on sys.path: put the repository root there instead, so
+# the project packages import without an install.
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, Python puts bench/ first on sys.path, where bench/logging.py would shadow the
-# standard library's logging: put the project root there instead, before anything imports logging.
+# Run as a script, Python puts bench/ first on sys.path: put the project root there too, so the
+# project packages import without an install.
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))

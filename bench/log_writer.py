@@ -1,6 +1,6 @@
 """Benchmark of prediction/signal logging (issue 6): what the writer absorbs, and what a request pays.
 
-Run: ``.venv/bin/python bench/logging.py [--rows 40000]`` (PostgreSQL from Settings.database_url;
+Run: ``.venv/bin/python bench/log_writer.py [--rows 40000]`` (PostgreSQL from Settings.database_url;
 each run works in a throw-away database it creates and drops).
 
 1. PostgreSQL up: rows/s accepted by ``LogWriter.log_forecasts`` (the request path: encode + one
