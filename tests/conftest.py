@@ -52,12 +52,21 @@ def ray_cluster():
     """
     import ray
 
-    dashboard_port = free_port()
     # address="local": always a new cluster of our own; without it ray.init() joins any cluster a
     # `ray start --head` left running on this machine (e.g. `make serve` on port 6380).
-    ctx = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-                   configure_logging=False, log_to_driver=False,
-                   runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+    # Ray gives its raylet a fixed 30 s to register; on a saturated machine that can pass, so a
+    # failed start is retried on fresh ports rather than failing every test that needs the cluster.
+    for attempt in range(3):
+        dashboard_port = free_port()
+        try:
+            ctx = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                           dashboard_port=dashboard_port, configure_logging=False, log_to_driver=False,
+                           runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     # Ray 2.5x+ enables token auth by default; the token is saved in ~/.ray/auth_token, which the
     # Ray CLI (`ray job submit`) reads itself. Plain HTTP clients send it as a bearer token.
     token_file = Path.home() / ".ray" / "auth_token"

@@ -175,7 +175,7 @@ def _replay_and_check(url: str, spool: Path, n_min: int, n_max: int) -> int:
     exactly ids 0..m-1 for one m in [n_min, n_max], each once."""
     writer = LogWriter(_settings(), name="heir", database_url=url, spool_root=spool).start()
     try:
-        wait_for(lambda: not [d for d in spool.iterdir() if d.name.startswith("child.")], 60,
+        wait_for(lambda: not [d for d in spool.iterdir() if d.name.startswith("child.")], 120,
                  what="the dead writer's spool to be replayed and removed")
     finally:
         writer.close()
@@ -207,13 +207,14 @@ def test_writer_killed_mid_batch_replays_every_row_once(private_pg, tmp_path):
                 return await conn.fetchval(
                     "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                     "AND query LIKE 'INSERT INTO ml.prediction_logs%'")
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 120
             while not (state["done"] and await blocked_insert()):
                 assert time.monotonic() < deadline, "the child never got stuck mid-batch"
                 await asyncio.sleep(0.05)
             backend = await blocked_insert()
             proc.send_signal(signal.SIGKILL)  # mid-batch: its INSERT is inside an open transaction
             proc.wait(10)
+            reader.join(30)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -237,12 +238,15 @@ def test_writer_killed_mid_stream_replays_every_row_once(private_pg, tmp_path):
     with fresh_database(private_pg.url) as url:
         proc = _child(url, tmp_path, 100_000, 40, 0.002)
         state = {"submitted": 0, "done": False}
-        threading.Thread(target=_read_progress, args=(proc, state), daemon=True).start()
-        wait_for(lambda: state["submitted"] >= 3000, 60, what="the child to stream")
-        wait_for(lambda: _query(url, "SELECT count(*) FROM ml.prediction_logs")[0][0] > 0, 30,
+        reader = threading.Thread(target=_read_progress, args=(proc, state), daemon=True)
+        reader.start()
+        wait_for(lambda: state["submitted"] >= 3000, 120, what="the child to stream")
+        wait_for(lambda: _query(url, "SELECT count(*) FROM ml.prediction_logs")[0][0] > 0, 60,
                  what="the first batches in PostgreSQL")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+        reader.join(30)  # every progress line the child printed before it died, not just those read so far
+        assert not reader.is_alive()
         submitted = state["submitted"]
         # Whatever submit() returned for is on disk; one more chunk may have been written unannounced.
         _replay_and_check(url, tmp_path, submitted, submitted + 40)
