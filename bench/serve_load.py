@@ -22,13 +22,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]  # bench/logging.py
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
+
+import os  # noqa: E402
+
+# Ray reads its auth mode when imported: the heads started here use tokens, so must this driver.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import re  # noqa: E402
 import secrets  # noqa: E402
 import shutil  # noqa: E402
@@ -223,16 +227,29 @@ class Baseline:
             self.proc.kill()
 
 
+def connect(port: int, timeout: float = 120) -> None:
+    """ray.init against a head whose GCS answers before its node is registered: retry."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ray.init(address=f"127.0.0.1:{port}", configure_logging=False, log_to_driver=False)
+            return
+        except ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
 class ServeApp:
     """A fresh Ray head (own ports, own env) running the whole graph."""
 
     def __init__(self, name: str, env_extra: dict[str, str], models: Path, key: str, redis_url: str,
-                 workdir: Path) -> None:
+                 workdir: Path, ingress_replicas: int = 1) -> None:
         from deployments.launcher import RayHead
 
         self.name = name
-        self.http_port = free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
                **env_extra}
         os.environ["RAY_AUTH_MODE"] = env["RAY_AUTH_MODE"]
@@ -241,13 +258,14 @@ class ServeApp:
             self.head.wait_ready()
             import ray
 
-            from deployments.app import deploy, start_serve
+            from deployments.app import deploy, start_serve_on_free_port
 
-            ray.init(address=f"127.0.0.1:{self.head.port}", configure_logging=False, log_to_driver=False)
-            start_serve("127.0.0.1", self.http_port)
+            connect(self.head.port)
+            self.http_port = start_serve_on_free_port("127.0.0.1")
+            self.url = f"http://127.0.0.1:{self.http_port}"
             deploy({"models_dir": str(models), "api_keys": [key], "rate_limit_per_minute": 10**9,
                     "redis_url": redis_url, "replay_speed": 0, "replay_history": 10**9, "max_data_age_s": 1e9,
-                    "serving_log": "", "serve_access_log": False})
+                    "serving_log": "", "serve_access_log": False}, ingress_replicas=ingress_replicas)
             wait_http(self.url, key)
         except BaseException:
             self.stop()  # never leave a Ray head behind
@@ -386,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=float, default=5.0, help="seconds per measured cell (plus 1 s warm-up)")
     p.add_argument("--models", type=Path, default=None, help="registry (default Settings.models_dir; trained if empty)")
-    p.add_argument("--modes", default="default,ha", help="Serve modes to measure: default, ha")
+    p.add_argument("--modes", default="default,ha,ha2",
+                   help="Serve modes: default, ha (HAProxy + throughput-optimized), ha2 (the same, 2 ingress replicas)")
     p.add_argument("--concurrency", default="1,16,64")
     args = p.parse_args(argv)
     from configs.settings import load_settings
@@ -412,11 +431,15 @@ def main(argv: list[str] | None = None) -> int:
             measure(base, key, conc_levels, args.duration, loadgen, redis.port, results)
         finally:
             base.stop()
-        modes = {"default": {}, "ha": haproxy_env(workdir)}
+        modes = {  # name, environment, ingress replicas, description
+            "default": ("serve", {}, 1, "defaults"),
+            "ha": ("serve-ha", haproxy_env(workdir), 1, "HAProxy + throughput-optimized"),
+            "ha2": ("serve-ha2", haproxy_env(workdir), 2, "HAProxy + throughput-optimized, 2 ingress replicas"),
+        }
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-            name = "serve" if mode == "default" else "serve-ha"
-            print(f"Ray Serve ({'defaults' if mode == 'default' else 'HAProxy + throughput-optimized'})", flush=True)
-            app = ServeApp(name, modes[mode], models, key, redis.url, workdir)
+            name, env_extra, replicas, what = modes[mode]
+            print(f"Ray Serve ({what})", flush=True)
+            app = ServeApp(name, env_extra, models, key, redis.url, workdir, ingress_replicas=replicas)
             targets.append(name)
             try:
                 measure(app, key, conc_levels, args.duration, loadgen, redis.port, results)

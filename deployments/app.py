@@ -41,6 +41,11 @@ def _plain(value: Any) -> Any:
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """The whole graph; ``args`` are Settings overrides (validated here, so a typo fails the deploy)."""
+    return build_graph(args)
+
+
+def build_graph(args: dict[str, Any] | None = None, ingress_replicas: int = 1) -> Application:
+    """:func:`build_app` with the ingress's replica count (serve_config.yaml sets it per deployment)."""
     overrides = _plain(dict(args or {}))
     settings = load_settings(**overrides)  # ConfigError naming the key, before anything is deployed
     quiet = {"enable_access_log": False}  # internal hops: one log line per call would cost more than the call
@@ -50,8 +55,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         fb, pools["range_predictor"], pools["tpsl_classifier"], pools["signal_classifier"], pools["meta_model"],
         overrides)
     feed = MarketFeed.options(logging_config=quiet).bind(router, overrides)
-    return ApiIngress.options(logging_config={"enable_access_log": settings.serve_access_log}).bind(
-        router, fb, feed, overrides)
+    return ApiIngress.options(logging_config={"enable_access_log": settings.serve_access_log},
+                              num_replicas=ingress_replicas).bind(router, fb, feed, overrides)
 
 
 # Serve's proxy must report ready within 5 s (x3) by default; on a busy 2-core machine its start
@@ -67,8 +72,29 @@ def start_serve(host: str, port: int) -> None:
                 controller_options={"runtime_env": {"env_vars": dict(CONTROLLER_ENV)}})
 
 
-def deploy(overrides: dict[str, Any] | None = None, name: str = "ml-engine") -> None:
+def start_serve_on_free_port(host: str = "127.0.0.1", attempts: int = 3) -> int:
+    """Start Serve on a free port (tests, benchmarks); retried because a port found free can be
+    taken before the proxy binds it (by Ray's own randomly placed agents, among others)."""
+    import socket
+
+    from ray import serve
+
+    for attempt in range(attempts):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        try:
+            start_serve(host, port)
+            return port
+        except Exception:
+            serve.shutdown()
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def deploy(overrides: dict[str, Any] | None = None, name: str = "ml-engine", ingress_replicas: int = 1) -> None:
     """Deploy the graph as application ``name`` at route prefix ``/`` and wait until it is running."""
     from ray import serve
 
-    serve.run(build_app(overrides), name=name, route_prefix="/", blocking=False)
+    serve.run(build_graph(overrides, ingress_replicas), name=name, route_prefix="/", blocking=False)

@@ -198,7 +198,15 @@ def main(argv: list[str] | None = None) -> int:
 
         from deployments.app import deploy, start_serve
 
-        ray.init(address=f"127.0.0.1:{settings.ray_port}", configure_logging=False, log_to_driver=False)
+        deadline = time.monotonic() + 120
+        while True:  # the GCS port opens before the head's node is registered
+            try:
+                ray.init(address=f"127.0.0.1:{settings.ray_port}", configure_logging=False, log_to_driver=False)
+                break
+            except ConnectionError:
+                if time.monotonic() > deadline or head.proc.poll() is not None:
+                    raise
+                time.sleep(2)
         on_signal()  # ray.init installs its own SIGTERM handler (which just exits): ours must win
         try:
             start_serve(settings.http_host, settings.http_port)

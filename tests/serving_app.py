@@ -119,6 +119,15 @@ class ServingApp:
 KEYS = 40
 
 
+def _serve_running() -> bool:
+    from ray.serve.context import _get_global_client
+
+    try:
+        return _get_global_client() is not None
+    except Exception:  # no Serve controller in this cluster yet
+        return False
+
+
 def train_small_models(out: Path) -> Path:
     """A complete model set on the shipped sample, two rounds per booster (seconds, not minutes)."""
     from training.train import main as train_main
@@ -134,7 +143,7 @@ def serving_app(ray_cluster, tmp_path_factory) -> ServingApp:
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    from deployments.app import deploy, start_serve
+    from deployments.app import deploy, start_serve_on_free_port
 
     root = tmp_path_factory.mktemp("serving")
     models_dir = train_small_models(root / "models")
@@ -154,8 +163,10 @@ def serving_app(ray_cluster, tmp_path_factory) -> ServingApp:
         "serving_log": "deployments.hooks:JsonLinesServingLog",
         "spool_dir": str(root / "spool"),
     }
-    start_serve("127.0.0.1", free_port())
-    port = _get_global_client().http_config.port  # Serve may already run in this cluster
+    if _serve_running():
+        port = _get_global_client().http_config.port  # another module started Serve in this cluster
+    else:
+        port = start_serve_on_free_port("127.0.0.1")
     deploy(overrides, name=APP_NAME)
     app = ServingApp(f"http://127.0.0.1:{port}", models_dir, redis, overrides, root / "spool", list(keys))
     # Ready when both symbols have forecasts published for a candle.
