@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,6 +42,7 @@ class IngestResult:
     reason: str | None       # why ``row`` is None
     accepted: int            # new candles taken from the event
     rejected: list[str]      # candles refused as invalid (with the reason)
+    needs_history: bool = False  # windows empty (a restarted replica): resend the feed's recent candles
 
 
 class MarketState:
@@ -52,12 +54,19 @@ class MarketState:
         self.builder = FeatureBuilder(self.settings.features)
         self.states: dict[str, SymbolState] = {s: SymbolState(s) for s in self.symbols}
         self.version = 0
+        self.epoch = uuid.uuid4().hex  # this incarnation: readers merge across a restart (MarketSnapshot.adopt)
 
     def ingest(self, event: CandleEvent) -> IngestResult:
         symbol = event.symbol
         if symbol not in self.states:
             raise CandleDataError(f"{symbol} is not one of the engine's symbols {self.symbols}")
         last = self.builder.last_open_time(symbol)
+        if last is None and event.kind != "history":
+            # Empty windows but a live feed: this replica was restarted. Taking the single candle
+            # would start a 1000-candle warm-up; the MarketData actor holds the recent window and
+            # resends it as history, after which this candle is processed as usual.
+            return IngestResult(symbol, None, False, None, "feature windows empty: waiting for history", 0, [],
+                                needs_history=True)
         keep = event.open_time > last if last is not None else np.ones(len(event.open_time), dtype=bool)
         times, values = event.open_time[keep], event.ohlcv[keep]
         rejected: list[str] = []
@@ -109,7 +118,7 @@ class MarketState:
         return True
 
     def snapshot(self) -> MarketSnapshot:
-        return MarketSnapshot(self.version, dict(self.states))
+        return MarketSnapshot(self.version, dict(self.states), epoch=self.epoch)
 
     def latest_rows(self) -> list[FeatureRow]:
         return [r for r in (st.row() for st in self.states.values()) if r is not None]
@@ -157,8 +166,13 @@ class FeatureBuilderDeployment:
             self._cond().notify_all()
         return self.state.version
 
-    async def snapshot(self, after: int = -1, timeout_s: float = 10.0) -> MarketSnapshot:
-        """The state once its version exceeds ``after`` (or after ``timeout_s``, unchanged)."""
+    async def snapshot(self, after: int = -1, timeout_s: float = 10.0, epoch: str | None = None) -> MarketSnapshot:
+        """The state once its version exceeds ``after`` (or after ``timeout_s``, unchanged).
+
+        A caller holding another incarnation's ``epoch`` gets the state at once: its ``after``
+        counts publishes of a FeatureBuilder that no longer exists."""
+        if epoch is not None and epoch != self.state.epoch:
+            return self.state.snapshot()
         if self.state.version <= after and timeout_s > 0:
             cond = self._cond()
             async with cond:

@@ -98,6 +98,39 @@ class CandleEvent:
         return df
 
 
+class CandleWindow:
+    """The newest ``size`` contiguous candles a MarketData actor has delivered.
+
+    A restarted FeatureBuilder has empty windows; re-seeding it from here lets it answer at the next
+    candle instead of after a 1000-candle warm-up. A gap restarts the window, as it restarts features.
+    """
+
+    def __init__(self, symbol: str, size: int) -> None:
+        self.symbol = symbol
+        self.size = int(size)
+        self.open_time = np.empty(0, dtype=np.int64)
+        self.ohlcv = np.empty((0, len(_FIELDS)), dtype=np.float64)
+
+    def __len__(self) -> int:
+        return len(self.open_time)
+
+    def remember(self, event: CandleEvent) -> None:
+        t, v = event.open_time, event.ohlcv
+        if len(self.open_time):
+            new = t > self.open_time[-1]
+            t, v = t[new], v[new]
+            if len(t) and t[0] - self.open_time[-1] != FIVE_MINUTES_MS:
+                self.open_time, self.ohlcv = self.open_time[:0], self.ohlcv[:0]
+        steps = np.flatnonzero(np.diff(t) != FIVE_MINUTES_MS)
+        if len(steps):  # keep only the contiguous tail of this event
+            t, v = t[steps[-1] + 1:], v[steps[-1] + 1:]
+        self.open_time = np.concatenate([self.open_time, t])[-self.size:]
+        self.ohlcv = np.concatenate([self.ohlcv, v])[-self.size:]
+
+    def history_event(self, clock: FeedClock, source: str) -> CandleEvent:
+        return CandleEvent(self.symbol, self.open_time.copy(), self.ohlcv.copy(), "history", clock, source)
+
+
 def find_gaps(open_time: np.ndarray, previous: int | None) -> tuple[tuple[int, int], ...]:
     """Holes in ``open_time`` (and between ``previous`` and its first element)."""
     times = np.asarray(open_time, dtype=np.int64)

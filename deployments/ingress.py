@@ -92,7 +92,8 @@ class ApiIngress:
         """Long-poll the FeatureBuilder: a published candle reaches this replica in one round trip."""
         while True:
             try:
-                snap = await self.fb.snapshot.remote(self.service.market.version, 10.0)
+                market = self.service.market
+                snap = await self.fb.snapshot.remote(market.version, 10.0, market.epoch or None)
                 self.service.set_market(snap)
             except asyncio.CancelledError:
                 raise

@@ -18,7 +18,7 @@ import ray
 from ray import serve
 
 from configs.settings import Settings, load_settings
-from deployments.feed import BinanceSource, CandleEvent, ReplaySource
+from deployments.feed import BinanceSource, CandleEvent, CandleWindow, ReplaySource
 from features.errors import MarketDataError
 from features.indicators import WARMUP
 
@@ -53,6 +53,10 @@ class MarketData:
         self.last_delivered_at: float | None = None
         self._task: asyncio.Task | None = None
         self._delivered_event = asyncio.Event()
+        # The newest candles delivered (plus the one being delivered): what a restarted
+        # FeatureBuilder is re-seeded with, so it answers at the next candle, not 1000 candles later.
+        self.window = CandleWindow(symbol, 2 * WARMUP)
+        self.reseeds = 0
 
     async def start(self) -> None:
         if self._task is None:
@@ -70,10 +74,17 @@ class MarketData:
             log.exception("%s market data stopped", self.symbol)
 
     async def _deliver(self, event: CandleEvent) -> None:
+        self.window.remember(event)
         delay = 0.2
         while True:
             try:
-                await self.router.on_candles.remote(event)
+                summary = await self.router.on_candles.remote(event)
+                if summary["needs_history"] and len(self.window):
+                    self.reseeds += 1
+                    log.warning("%s: the FeatureBuilder lost its windows; re-seeding it with %d candles",
+                                self.symbol, len(self.window))
+                    event = self.window.history_event(event.clock, event.source)
+                    continue
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the graph is (re)starting: wait, never drop the candle
@@ -118,7 +129,7 @@ class MarketData:
 
     def status(self) -> dict[str, Any]:
         st = self.source.status.as_dict()
-        st.update(delivered=self.delivered, delivery_failures=self.delivery_failures,
+        st.update(delivered=self.delivered, delivery_failures=self.delivery_failures, reseeds=self.reseeds,
                   last_delivery_error=self.last_delivery_error, last_delivered_at=self.last_delivered_at,
                   running=self._task is not None and not self._task.done())
         if isinstance(self.source, ReplaySource):

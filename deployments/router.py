@@ -149,19 +149,57 @@ class EnsembleRouter:
                            outputs)
 
     async def forecast(self, rows: list[FeatureRow], horizon: int) -> list[Forecast]:
-        """Forecasts of ``rows`` for one horizon (the API's cache-miss path)."""
-        return await self._forecast(self._require(), rows, horizon)
+        """Forecasts of ``rows`` for one horizon (the API's cache-miss path).
+
+        Concurrent calls are batched: one pass through the pools (four model calls) for all the rows
+        of a horizon, instead of four model calls per request.
+        """
+        out = await self._forecast_batched((list(rows), int(horizon)))
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
+    async def _forecast_batched(self, items: list[tuple[list[FeatureRow], int]]) -> list[Any]:
+        try:
+            ens = self._require()
+        except MLEngineError as exc:
+            return [exc] * len(items)
+        by_horizon: dict[int, list[int]] = {}
+        for i, (_, horizon) in enumerate(items):
+            by_horizon.setdefault(horizon, []).append(i)
+        out: list[Any] = [None] * len(items)
+
+        async def one(horizon: int, idx: list[int]) -> None:
+            rows = [r for i in idx for r in items[i][0]]
+            try:
+                forecasts = await self._forecast(ens, rows, horizon)
+            except Exception as exc:  # one horizon's failure must not fail the others
+                for i in idx:
+                    out[i] = exc
+                return
+            start = 0
+            for i in idx:
+                n = len(items[i][0])
+                out[i] = forecasts[start:start + n]
+                start += n
+
+        await asyncio.gather(*(one(h, idx) for h, idx in by_horizon.items()))
+        return out
 
     # ---- candle close ----------------------------------------------------------------------
     async def on_candles(self, event: CandleEvent) -> dict[str, Any]:
         """A MarketData actor delivers closed candles; see the module docstring for what follows."""
         res = await self.fb.ingest.remote(event)
+        if res.needs_history:  # a restarted FeatureBuilder: the actor resends its window, then this event
+            return {"symbol": res.symbol, "open_time": None, "accepted": 0, "rejected": [], "published": False,
+                    "needs_history": True}
         try:
             self.log.candles_closed(event)  # the outcome resolver's candles
         except Exception:
             log.exception("serving log hook failed")
         summary: dict[str, Any] = {"symbol": res.symbol, "open_time": res.open_time, "accepted": res.accepted,
-                                   "rejected": res.rejected, "published": False}
+                                   "rejected": res.rejected, "published": False, "needs_history": False}
         if not res.process:
             return summary
         error: str | None = None

@@ -36,7 +36,7 @@ from deployments.metrics import EngineMetrics
 from deployments.render import body_prefix, finish, indicators_body, prediction_body, signal_body
 from deployments.state import FeatureRow, MarketSnapshot, SymbolState
 from features.candles import FIVE_MINUTES_MS
-from features.errors import FeatureError, MarketDataError, MLEngineError
+from features.errors import FeatureError, MarketDataError, MLEngineError, PredictionError
 from features.indicators import feature_names
 
 log = logging.getLogger(__name__)
@@ -90,14 +90,15 @@ class PredictionService:
         self.market = MarketSnapshot.empty(self.symbols)
         self.started_at = time.time()
         # (endpoint, symbol, horizon) -> (candle_open_time, rendered prefix, forecast dict)
-        self._local: dict[tuple[str, str, int], tuple[int, bytes, dict[str, Any]]] = {}
+        # (endpoint, symbol, horizon) -> (candle, rendered body prefix, forecast dict, its Forecast for the log)
+        self._local: dict[tuple[str, str, int], tuple[int, bytes, dict[str, Any], Any]] = {}
         self._inflight: dict[tuple[str, int, int], asyncio.Task] = {}
 
     # ---- market state ----------------------------------------------------------------------
     def set_market(self, snapshot: MarketSnapshot) -> None:
         """Adopt a newer snapshot; rendered answers of older candles (or models) are dropped."""
-        if snapshot.version != self.market.version:
-            self.market = snapshot
+        if snapshot.version != self.market.version or snapshot.epoch != self.market.epoch:
+            self.market = self.market.adopt(snapshot)
             self._local.clear()
 
     def record_ages(self) -> None:
@@ -132,7 +133,7 @@ class PredictionService:
         """The JSON body for /predictions or /signals (raises engine errors -> 4xx/5xx JSON)."""
         t0 = time.perf_counter()
         arrived = time.time()
-        status, source, forecast, open_time = 500, "cache", None, None
+        status, source, forecast, open_time, obj = 500, "cache", None, None, None
         try:
             st, age = self.current(symbol)
             open_time = st.open_time
@@ -140,7 +141,7 @@ class PredictionService:
             entry = None if fresh else self._local.get(key)
             if entry is not None and entry[0] == open_time:
                 self.metrics.cache_hit("local")
-                prefix, forecast = entry[1], entry[2]
+                prefix, forecast, obj = entry[1], entry[2], entry[3]
             else:
                 forecast = None if fresh else await self._from_redis(symbol, horizon, open_time)
                 if forecast is None:
@@ -148,8 +149,10 @@ class PredictionService:
                     forecast = await self._compute(st, horizon, fresh)
                 prefix = body_prefix(prediction_body(forecast, self.coverage) if endpoint == "predictions"
                                      else signal_body(forecast))
+                # The log hook's Forecast is built once per rendered answer, not per request.
+                obj = forecast_from_dict(forecast) if self._log_enabled else None
                 if self.market.symbols.get(symbol) is st:  # the candle did not move on meanwhile
-                    self._local[key] = (open_time, prefix, forecast)
+                    self._local[key] = (open_time, prefix, forecast, obj)
             body = finish(prefix, source == "cache", age)
             status = 200
             self.metrics.prediction_served(symbol, horizon, endpoint, source, time.perf_counter() - t0)
@@ -160,14 +163,13 @@ class PredictionService:
         finally:
             if self._log_enabled:
                 self._log_request(arrived, endpoint, kid, symbol, horizon, status, time.perf_counter() - t0, source,
-                                  open_time, forecast)
+                                  open_time, obj)
 
     def _log_request(self, arrived: float, endpoint: str, kid: str, symbol: str, horizon: int, status: int,
-                     latency: float, source: str, open_time: int | None, forecast: dict | None) -> None:
+                     latency: float, source: str, open_time: int | None, forecast: Any | None) -> None:
         try:
-            obj = forecast_from_dict(forecast) if forecast is not None else None
             self.log.request_served(RequestRecord(arrived, f"/{endpoint}", kid, symbol, horizon, status, latency,
-                                                  source, open_time), obj)
+                                                  source, open_time), forecast)
         except Exception:  # the log must never break an answer
             log.exception("serving log hook failed")
 
@@ -203,7 +205,16 @@ class PredictionService:
 
     async def _compute_and_cache(self, st: SymbolState, row: FeatureRow, horizon: int) -> dict[str, Any]:
         self.metrics.cache_miss()
-        forecasts = await self.backend.forecast([row], horizon)
+        try:
+            forecasts = await self.backend.forecast([row], horizon)
+        except MLEngineError as exc:
+            raise _engine_cause(exc) from None
+        except Exception as exc:  # a replica died, backpressure, ...: the client can retry
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, MLEngineError):
+                raise cause from None
+            log.warning("forecast through the graph failed: %s", exc)
+            raise PredictionError(f"the model graph could not answer ({type(exc).__name__}); retry shortly") from None
         forecast = forecasts[0].to_dict()
         if self.redis is not None:
             try:
@@ -268,3 +279,8 @@ class PredictionService:
                            "feed": runtime.get("feed")},
                 "serve": runtime.get("serve"), "uptime_s": round(time.time() - self.started_at, 1)}
 
+
+def _engine_cause(exc: MLEngineError) -> MLEngineError:
+    """The engine error a remote replica raised, without Ray's wrapping (its traceback text)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, MLEngineError) else exc

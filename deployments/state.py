@@ -58,9 +58,34 @@ class SymbolState:
 
 @dataclass(frozen=True)
 class MarketSnapshot:
+    """``version`` counts publishes within one FeatureBuilder incarnation (``epoch``): a restarted
+    FeatureBuilder starts again at 0 with a new epoch, and empty windows until the feed re-seeds them."""
+
     version: int
     symbols: dict[str, SymbolState]
     created_at: float = field(default_factory=time.time)
+    epoch: str = ""
+
+    def adopt(self, new: "MarketSnapshot") -> "MarketSnapshot":
+        """What a reader should hold after receiving ``new``.
+
+        Within one epoch, ``new`` itself. From a restarted FeatureBuilder (another epoch), per symbol
+        the newer of the two: the restarted one knows nothing until the next candle re-seeds it, and
+        meanwhile the candle this reader already holds is still the newest the market has produced
+        (any newer one would have gone through the new FeatureBuilder) -- so answers keep flowing
+        through a FeatureBuilder restart instead of turning into 503s.
+        """
+        if not self.epoch or new.epoch == self.epoch:
+            return new
+        merged = dict(new.symbols)
+        for symbol, old in self.symbols.items():
+            cur = merged.get(symbol)
+            if old.open_time is None:
+                continue
+            if cur is None or cur.open_time is None or cur.open_time < old.open_time or (
+                    cur.open_time == old.open_time and not cur.published and old.published):
+                merged[symbol] = old
+        return MarketSnapshot(new.version, merged, new.created_at, new.epoch)
 
     @classmethod
     def empty(cls, symbols: list[str] | tuple[str, ...] = ()) -> "MarketSnapshot":

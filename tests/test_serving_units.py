@@ -158,3 +158,153 @@ def test_serve_config_yaml_deploys_the_app_builder_with_valid_args():
     assert build_app(app.args) is not None
     with pytest.raises(ConfigError, match="replay_sped"):
         build_app({"replay_sped": 3})
+
+
+def _service_app(backend, **overrides):
+    """The real FastAPI app and request logic, with a stand-in backend (no cluster needed)."""
+    from deployments.api import create_app
+    from deployments.feature_builder import MarketState
+    from deployments.metrics import EngineMetrics
+    from deployments.service import PredictionService
+
+    settings = load_settings(api_keys=["unit-key"], redis_url=f"redis://127.0.0.1:{free_port()}/0", serving_log="",
+                             **overrides)
+    service = PredictionService(settings, backend, redis=None, metrics=EngineMetrics(use_ray=False))
+    state = MarketState()
+    candles = load_test_candles("BTCUSDT", WARMUP + 5)
+    t = candles["open_time"].to_numpy(np.int64)
+    ev = CandleEvent("BTCUSDT", t, candles[["open", "high", "low", "close", "volume"]].to_numpy(np.float64),
+                     "history", FeedClock(time.time(), float(t[-1] + FIVE_MINUTES_MS), 1.0), "test")
+    res = state.ingest(ev)
+    state.publish("BTCUSDT", res.open_time, {}, None)
+    service.set_market(state.snapshot())
+
+    async def db():
+        return {"status": "up"}
+
+    async def text():
+        return ""
+
+    return create_app(service, database_health=db, metrics_text=text), service
+
+
+def _call(app, method: str, path: str, **kw):
+    import httpx
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.request(method, path, headers={"X-API-Key": "unit-key"}, **kw)
+
+    return asyncio.run(go())
+
+
+def test_no_model_and_a_failing_graph_are_503_never_500():
+    import ray.exceptions
+
+    class NoModel:
+        async def forecast(self, rows, horizon):
+            raise ModelNotFoundError("no model to serve: the registry is empty")
+
+        async def models_status(self):
+            return {"loaded": False, "versions": {}, "models": {}}
+
+        async def runtime_status(self):
+            return {}
+
+    class Broken(NoModel):
+        async def forecast(self, rows, horizon):
+            raise ray.exceptions.RayActorError()
+
+    app, _ = _service_app(NoModel())
+    r = _call(app, "POST", "/predictions", json={"symbol": "BTCUSDT", "horizon": 6})
+    assert r.status_code == 503 and r.json()["error"] == "model_not_found" and "registry is empty" in r.json()["message"]
+    # ETHUSDT has no market data at all in this app.
+    r = _call(app, "POST", "/signals", json={"symbol": "ETHUSDT"})
+    assert r.status_code == 503 and r.json()["error"] == "market_data_unavailable"
+    app, _ = _service_app(Broken())
+    r = _call(app, "POST", "/predictions", json={"symbol": "BTCUSDT", "horizon": 18})
+    assert r.status_code == 503 and r.json()["error"] == "prediction_unavailable" and r.headers["Retry-After"]
+
+
+def test_undefined_features_give_503_for_predictions_and_hold_with_a_reason_for_signals():
+    from configs.settings import load_settings as ls
+    from training.ensemble import Forecast
+
+    nan = float("nan")
+
+    class Undefined:
+        async def forecast(self, rows, horizon):
+            r = rows[0]
+            return [Forecast(r.symbol, horizon, r.open_time, r.close, nan, nan, nan, nan, nan, nan, nan, nan,
+                             (nan, nan, nan), "HOLD", 0.0, r.close, None, None,
+                             "features undefined (warm-up or data gap): 3 of 54 values missing", {})]
+
+        async def models_status(self):
+            return {"loaded": True, "versions": {}, "models": {}}
+
+        async def runtime_status(self):
+            return {}
+
+    assert ls().signal_horizon is None
+    app, _ = _service_app(Undefined())
+    r = _call(app, "POST", "/predictions", json={"symbol": "BTCUSDT", "horizon": 6})
+    assert r.status_code == 503 and r.json()["error"] == "features_unavailable" and "warm-up" in r.json()["message"]
+    s = _call(app, "POST", "/signals", json={"symbol": "BTCUSDT"}).json()
+    assert s["signal_type"] == "HOLD" and s["confidence"] == 0 and "warm-up" in s["reason"]
+    assert s["take_profit"] is None and s["probabilities"] == {"SELL": None, "HOLD": None, "BUY": None}
+
+
+def test_a_restarted_feature_builder_asks_for_history_and_answers_at_the_next_candle():
+    """A FeatureBuilder replica restarted mid-stream must not sit out a 1000-candle warm-up: its
+    empty windows ask the MarketData actor for the window it keeps (CandleWindow), and the row it
+    then computes equals the one the old replica had."""
+    from deployments.feature_builder import MarketState
+    from deployments.feed import CandleWindow
+
+    candles = load_test_candles("BTCUSDT", WARMUP + 40)
+    window = CandleWindow("BTCUSDT", 2 * WARMUP)
+    old = MarketState()
+    for ev in (_event(candles.iloc[: WARMUP + 10], "history"), *(
+            _event(candles.iloc[i: i + 1]) for i in range(WARMUP + 10, WARMUP + 30))):
+        window.remember(ev)
+        old.ingest(ev)
+    live = _event(candles.iloc[WARMUP + 30: WARMUP + 31])
+    window.remember(live)
+    assert len(window) == WARMUP + 31 and window.open_time[-1] == live.last_open_time
+    assert (np.diff(window.open_time) == FIVE_MINUTES_MS).all()
+    expected = old.ingest(live).row
+
+    restarted = MarketState()
+    res = restarted.ingest(live)
+    assert res.needs_history and not res.process and res.accepted == 0
+    res = restarted.ingest(window.history_event(live.clock, "test"))
+    assert not res.needs_history and res.process and res.open_time == live.last_open_time
+    np.testing.assert_array_equal(res.row.features, expected.features)
+    # A gap restarts the window: only the contiguous tail after it is kept.
+    after_gap = _event(candles.iloc[WARMUP + 35: WARMUP + 38], previous=int(candles.open_time.iloc[WARMUP + 30]))
+    window.remember(after_gap)
+    assert list(window.open_time) == list(candles.open_time.iloc[WARMUP + 35: WARMUP + 38])
+    small = CandleWindow("BTCUSDT", 5)
+    small.remember(_event(candles.iloc[:20], "history"))
+    assert list(small.open_time) == list(candles.open_time.iloc[15:20])
+
+
+def test_readers_keep_their_candle_across_a_feature_builder_restart():
+    from deployments.state import MarketSnapshot, SymbolState
+
+    clock = FeedClock(time.time(), 0.0, 1.0)
+    good = SymbolState("BTCUSDT", open_time=1000, close=1.0, features=np.ones(3), history=WARMUP, clock=clock,
+                       published=True)
+    held = MarketSnapshot(57, {"BTCUSDT": good, "ETHUSDT": SymbolState("ETHUSDT")}, epoch="a")
+    # Same incarnation: the new snapshot, whatever it holds.
+    assert held.adopt(MarketSnapshot(58, {"BTCUSDT": SymbolState("BTCUSDT")}, epoch="a")).symbols[
+        "BTCUSDT"].open_time is None
+    # A restarted FeatureBuilder (empty): the candle held is kept, under the new epoch and version.
+    merged = held.adopt(MarketSnapshot(0, {"BTCUSDT": SymbolState("BTCUSDT"), "ETHUSDT": SymbolState("ETHUSDT")},
+                                       epoch="b"))
+    assert merged.epoch == "b" and merged.version == 0 and merged.symbols["BTCUSDT"] is good
+    # ... until it has published a newer (or the same, published) candle.
+    newer = SymbolState("BTCUSDT", open_time=1000 + FIVE_MINUTES_MS, close=2.0, features=np.ones(3), published=True)
+    assert merged.adopt(MarketSnapshot(1, {"BTCUSDT": newer}, epoch="b")).symbols["BTCUSDT"] is newer
+    unpublished = SymbolState("BTCUSDT", open_time=1000, close=1.0, features=np.ones(3), published=False)
+    assert held.adopt(MarketSnapshot(1, {"BTCUSDT": unpublished}, epoch="c")).symbols["BTCUSDT"] is good
