@@ -18,8 +18,7 @@ from __future__ import annotations
 import os
 import sys
 
-# This file is named like the standard library's ``logging``: keep its folder off the import path,
-# or ``import asyncio`` (which imports logging) would import this script instead.
+# Run as a script, Python puts bench/ first on sys.path: take it off (the project root goes on below).
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import argparse  # noqa: E402
