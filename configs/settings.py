@@ -175,7 +175,9 @@ class Settings(BaseSettings):
     log_retry_interval_s: float = Field(1.0, gt=0, le=300)  # how often an unreachable PostgreSQL is retried
     db_timeout_s: float = Field(5.0, gt=0, le=300)  # connect/statement timeout: a hung server counts as down
     spool_max_bytes: int = Field(1 << 30, ge=1 << 20)  # disk the spool may fill in an outage; beyond: dropped, counted
-    fee_rate: float = Field(0.001, ge=0, lt=0.05)  # exchange fee per side (0.001 = 0.1%), paid on entry and exit
+    # Exchange fee per side (0.00075 = 7.5 bps, Binance spot taker with the BNB discount), paid on entry
+    # and exit: live outcomes (pnl_percent, R) and the backtest's default cost use the same figure.
+    fee_rate: float = Field(0.00075, ge=0, lt=0.05)
     drift_mae_margin: float = Field(0.25, ge=0)  # drift: live MAE > walk-forward MAE x (1 + margin) ...
     drift_min_samples: int = Field(200, ge=1)  # ... over at least this many resolved predictions ...
     drift_window: Literal["24h", "7d", "all"] = "24h"  # ... in this window

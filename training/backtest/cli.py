@@ -44,7 +44,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strategy", action="append", default=None,
                    help="strategy name from configs/strategies.yaml (repeatable); default: all of them")
     p.add_argument("--strategies-file", type=Path, default=None, help="another strategies YAML file")
-    p.add_argument("--fee-bps", type=float, default=7.5, help="fee per fill, basis points of notional (7.5)")
+    p.add_argument("--fee-bps", type=float, default=None,
+                   help="fee per fill, basis points of notional (default: Settings.fee_rate, 7.5)")
     p.add_argument("--slippage-bps", type=float, default=2.0, help="slippage per fill, basis points (2)")
     p.add_argument("--random-seeds", type=int, default=100, help="seeds of the random-entry baseline (100)")
     p.add_argument("--seed", type=int, default=0, help="first seed of the random-entry baseline")
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> tuple[dic
     settings = settings or load_settings()
     t0 = time.perf_counter()
     strategies = _pick_strategies(args, settings)
-    costs = Costs(args.fee_bps, args.slippage_bps)
+    fee_bps = round(settings.fee_rate * 1e4, 6) if args.fee_bps is None else args.fee_bps
+    costs = Costs(fee_bps, args.slippage_bps)
     start_ms, end_ms = to_ms(args.start), to_ms(args.end)
     candles = load_histories(parse_candle_args(args.candles))
     horizons = sorted({s.horizon for s in strategies.values()})
