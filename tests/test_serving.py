@@ -476,3 +476,74 @@ def test_log_hook_gets_every_candle_close_forecast_and_every_request(serving_app
     assert len(requests) == 1 and requests[0]["endpoint"] == "/signals" and requests[0]["status"] == 200
     assert requests[0]["horizon"] == 18 and requests[0]["forecast_candle"] == t
     assert key not in (serving_app.spool_dir / "serving-ingress.jsonl").read_text()
+
+
+# ---- a FeatureBuilder restart -----------------------------------------------------------------
+
+def test_a_killed_feature_builder_is_reseeded_and_keeps_answering(serving_app):
+    """Serve restarts a killed FeatureBuilder replica with empty windows. The ingress keeps serving
+    the candle it holds, and the next candle re-seeds the new replica from the MarketData actors'
+    windows: no 1000-candle warm-up (``features_unavailable``) and no 5xx but the feed-age check.
+
+    At the suite's 100x replay the data-age budget is 9 wall-seconds, about what Serve needs to
+    notice the death and start a replica, so ``stale_market_data`` answers may appear while the
+    replica is down (at the live rate the budget is 15 minutes); nothing else may.
+    """
+    import ray
+    from ray import serve
+
+    from features.indicators import WARMUP
+    from tests.serving_app import APP_NAME
+
+    key = serving_app.new_key()
+    fb = serve.get_deployment_handle("FeatureBuilder", app_name=APP_NAME)
+    old_epoch = fb.snapshot.remote(-1, 0.0).result(timeout_s=30).epoch
+    reseeds_before = {s: st["reseeds"] for s, st in serving_app.feed().status.remote().result(timeout_s=30)[
+        "symbols"].items()}
+    answers: list[tuple[float, int, str]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with serving_app.client(key) as c:
+            i = 0
+            while not stop.is_set():
+                r = c.post("/predictions", json={"symbol": SYMBOLS[i % 2], "horizon": HORIZONS[i % 4]})
+                answers.append((time.monotonic(), r.status_code, "" if r.status_code == 200 else r.json()["error"]))
+                i += 1
+                time.sleep(0.5)  # under the key's rate limit
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    try:
+        time.sleep(1.0)
+        # Serve names replica actors SERVE_REPLICA::<app>#<deployment>#<id> in namespace "serve".
+        replicas = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["namespace"] == "serve" and a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#FeatureBuilder#")]
+        assert len(replicas) == 1, replicas
+        ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
+        deadline = time.monotonic() + 120
+        while True:  # the new replica, re-seeded, with forecasts published for both symbols
+            assert time.monotonic() < deadline, "the FeatureBuilder was not restarted and re-seeded"
+            try:
+                snap = fb.snapshot.remote(-1, 0.0).result(timeout_s=10)
+            except Exception:  # still restarting
+                time.sleep(0.5)
+                continue
+            if snap.epoch != old_epoch and all(
+                    st.history >= WARMUP and st.features is not None and st.published for st in snap.symbols.values()):
+                break
+            time.sleep(0.5)
+        recovered = time.monotonic()
+        for symbol, st in snap.symbols.items():
+            serving_app.wait_for_candle(key, symbol, st.open_time)
+        time.sleep(3.0)
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+    status = serving_app.feed().status.remote().result(timeout_s=30)["symbols"]
+    assert all(status[s]["reseeds"] > reseeds_before[s] for s in SYMBOLS), status
+    during = [a for a in answers if a[0] < recovered]
+    after = [a for a in answers if a[0] >= recovered]
+    assert during and after
+    assert {e for _, code, e in during if code != 200} <= {"stale_market_data"}, during
+    assert all(code == 200 for _, code, _ in after), after
