@@ -75,6 +75,7 @@ class MarketData:
 
     async def _deliver(self, event: CandleEvent) -> None:
         self.window.remember(event)
+        candles = len(event.open_time)  # a re-seed resends old candles: count the event's own only
         delay = 0.2
         while True:
             try:
@@ -95,7 +96,7 @@ class MarketData:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            self.delivered += len(event.open_time)
+            self.delivered += candles
             self.last_delivered_at = time.time()
             self._delivered_event.set()
             return
