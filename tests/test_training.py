@@ -338,6 +338,29 @@ def test_ensemble_holds_with_reason_on_bad_rows(trained, candle_slices):
     assert json.dumps([f.to_dict() for f in staged]) == json.dumps([f.to_dict() for f in fc])
 
 
+def test_forecast_columns_equal_the_forecast_objects(trained, candle_slices):
+    """Backtests read columns (``Ensemble.forecast_columns``), serving reads Forecast objects: one
+    definition, so the two must agree on every field, defined rows and every kind of HOLD alike."""
+    from configs.settings import get_settings
+    from training.backtest.signals import forecast_frame, forecasts_to_frame
+    from training.ensemble import Ensemble
+
+    ens = Ensemble.load(trained, get_settings())
+    data = _prepared(candle_slices)
+    n = min(3000, len(data.close))
+    feats = data.X[:n, :-1].astype(np.float64)
+    feats[10, 3] = np.nan
+    symbols = [("BTCUSDT", "ETHUSDT")[i % 2] for i in range(n)]
+    symbols[11] = "DOGEUSDT"
+    closes = data.close[:n].copy()
+    closes[12], closes[13] = np.nan, -1.0
+    for h in (6, 72):
+        objects = forecasts_to_frame(ens.forecast(feats, symbols, closes, data.open_time[:n], h))
+        columns = forecast_frame(ens, feats, symbols, closes, data.open_time[:n], h)
+        pd.testing.assert_frame_equal(columns, objects)
+        assert set(objects["signal_type"]) >= {"HOLD"} and objects["reason"].notna().sum() >= 4
+
+
 def test_evaluate_cli_json(trained, candle_slices):
     start = pd.Timestamp(int(pd.read_parquet(candle_slices["BTCUSDT"])["open_time"].iloc[-1500]), unit="ms",
                          tz="UTC").strftime("%Y-%m-%d %H:%M")

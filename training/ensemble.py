@@ -219,10 +219,16 @@ class Ensemble:
         outputs["meta_model"] = self.predict_stage("meta_model", self.meta_input(X, outputs, horizon), horizon)
         return outputs
 
-    def compose(self, features: np.ndarray, symbols: Sequence[str], closes: Sequence[float],
-                candle_open_times: Sequence[int], horizon: int,
-                outputs: Mapping[str, np.ndarray]) -> list[Forecast]:
-        """Turn stage outputs into Forecasts (pure: no model is called here)."""
+    def compose_columns(self, features: np.ndarray, symbols: Sequence[str], closes: Sequence[float],
+                        candle_open_times: Sequence[int], horizon: int,
+                        outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Stage outputs as one array per :class:`Forecast` field (pure, vectorised).
+
+        The single definition of how outputs become a forecast: :meth:`compose` builds its objects
+        from these columns, and backtests over hundreds of thousands of rows use them directly
+        (building an object per row cost most of a backtest's time). ``take_profit``/``stop_loss``
+        are NaN where a Forecast has ``None``; ``reason`` is None where the forecast is defined.
+        """
         horizon = self._check_horizon(horizon)
         features = np.asarray(features, dtype=np.float64)
         closes = np.asarray(closes, dtype=np.float64)
@@ -232,47 +238,70 @@ class Ensemble:
         for name in (*BASE_MODELS, "meta_model"):
             if name not in outputs or len(outputs[name]) != n:
                 raise PredictionError(f"compose needs {name} outputs for all {n} rows")
-        rng, tpsl, sig, meta = (np.asarray(outputs[m], dtype=np.float64)
-                                for m in ("range_predictor", "tpsl_classifier", "signal_classifier", "meta_model"))
+        rng, tpsl, meta = (np.asarray(outputs[m], dtype=np.float64)
+                           for m in ("range_predictor", "tpsl_classifier", "meta_model"))
+        symbols = np.asarray([str(s) for s in symbols], dtype=object)
+        times = np.asarray(candle_open_times, dtype=np.int64)
         atr = features[:, self._vol_index] if n else np.empty(0)
         tp_d, sl_d = barrier_distances(atr, horizon, self.settings.labels)
-        finite = np.isfinite(features).all(axis=1) if n else np.empty(0, dtype=bool)
+
+        # Why a row has no forecast, in order of precedence (the first that applies is reported).
+        missing = (~np.isfinite(features)).sum(axis=1) if n else np.zeros(0, dtype=np.int64)
+        known = np.array([s in self._symbol_code for s in symbols], dtype=bool)
+        with np.errstate(invalid="ignore"):
+            good_close = np.isfinite(closes) & (closes > 0)
+        good_output = np.isfinite(rng).all(axis=1) & np.isfinite(meta).all(axis=1)
+        reason = np.full(n, None, dtype=object)
+        for i in np.flatnonzero(~good_output):
+            reason[i] = "model output undefined"
+        for i in np.flatnonzero(~good_close):
+            reason[i] = "close price missing or not positive"
+        for i in np.flatnonzero(~known):
+            reason[i] = f"unknown symbol {symbols[i]!r}; the models know {list(self.symbols)}"
+        for i in np.flatnonzero(missing > 0):
+            reason[i] = (f"features undefined (warm-up or data gap): {int(missing[i])} of {features.shape[1]} "
+                         "values missing")
+        ok = (missing == 0) & known & good_close & good_output
+
+        def defined(values: np.ndarray) -> np.ndarray:
+            return np.where(ok, values, np.nan)
+
+        probs = np.where(ok[:, None], meta[:, :3], np.nan)
+        k = np.argmax(np.where(ok[:, None], meta[:, :3], 0.0), axis=1) if n else np.zeros(0, dtype=np.int64)
+        signal = np.where(ok, np.asarray(SIGNAL_CLASSES, dtype=object)[k], "HOLD").astype(object)
+        short = signal == "SELL"  # BUY, or HOLD reporting the would-be long, takes the long barriers
+        with np.errstate(invalid="ignore"):
+            tp = np.where(short, closes * (1 - tp_d), closes * (1 + tp_d))
+            sl = np.where(short, closes * (1 + sl_d), closes * (1 - sl_d))
+        return {
+            "symbol": symbols, "candle_open_time": times, "close": closes,
+            "pred_high_pct": defined(rng[:, 1]), "pred_low_pct": defined(rng[:, 4]),
+            "high_lower": defined(rng[:, 0]), "high_upper": defined(rng[:, 2]),
+            "low_lower": defined(rng[:, 3]), "low_upper": defined(rng[:, 5]),
+            "p_tp_long": defined(tpsl[:, 0]), "p_tp_short": defined(tpsl[:, 1]),
+            "signal_probs": probs, "signal_type": signal,
+            "confidence": np.where(ok, meta[:, 3], 0.0), "entry_price": closes,
+            "take_profit": defined(tp), "stop_loss": defined(sl), "reason": reason,
+        }
+
+    def compose(self, features: np.ndarray, symbols: Sequence[str], closes: Sequence[float],
+                candle_open_times: Sequence[int], horizon: int,
+                outputs: Mapping[str, np.ndarray]) -> list[Forecast]:
+        """Turn stage outputs into Forecasts (pure: no model is called here)."""
+        c = self.compose_columns(features, symbols, closes, candle_open_times, horizon, outputs)
+        horizon = int(horizon)
+        versions = self.versions
+        lists = {k: v.tolist() for k, v in c.items()}  # Python floats/ints/strs, once per column
         forecasts: list[Forecast] = []
-        for i in range(n):
-            symbol, close = str(symbols[i]), float(closes[i])
-            reason = None
-            if not finite[i]:
-                missing = int((~np.isfinite(features[i])).sum())
-                reason = (f"features undefined (warm-up or data gap): {missing} of {features.shape[1]} values "
-                          "missing")
-            elif symbol not in self._symbol_code:
-                reason = f"unknown symbol {symbol!r}; the models know {list(self.symbols)}"
-            elif not (math.isfinite(close) and close > 0):
-                reason = "close price missing or not positive"
-            elif not (np.isfinite(rng[i]).all() and np.isfinite(meta[i]).all()):
-                reason = "model output undefined"
-            if reason is not None:
-                nan = float("nan")
-                forecasts.append(Forecast(symbol, horizon, int(candle_open_times[i]), close, nan, nan, nan, nan, nan,
-                                          nan, nan, nan, (nan, nan, nan), "HOLD", 0.0, close, None, None, reason,
-                                          dict(self.versions)))
-                continue
-            probs = meta[i, :3]
-            k = int(np.argmax(probs))
-            signal = SIGNAL_CLASSES[k]
-            if signal == "SELL":
-                tp, sl = close * (1 - tp_d[i]), close * (1 + sl_d[i])
-            else:  # BUY, or HOLD reporting the would-be long
-                tp, sl = close * (1 + tp_d[i]), close * (1 - sl_d[i])
+        for i in range(len(lists["symbol"])):
+            ok = lists["reason"][i] is None
             forecasts.append(Forecast(
-                symbol=symbol, horizon=horizon, candle_open_time=int(candle_open_times[i]), close=close,
-                pred_high_pct=float(rng[i, 1]), pred_low_pct=float(rng[i, 4]),
-                high_lower=float(rng[i, 0]), high_upper=float(rng[i, 2]),
-                low_lower=float(rng[i, 3]), low_upper=float(rng[i, 5]),
-                p_tp_long=float(tpsl[i, 0]), p_tp_short=float(tpsl[i, 1]),
-                signal_probs=(float(probs[0]), float(probs[1]), float(probs[2])), signal_type=signal,
-                confidence=float(meta[i, 3]), entry_price=close, take_profit=float(tp), stop_loss=float(sl),
-                reason=None, model_versions=dict(self.versions)))
+                lists["symbol"][i], horizon, lists["candle_open_time"][i], lists["close"][i],
+                lists["pred_high_pct"][i], lists["pred_low_pct"][i], lists["high_lower"][i],
+                lists["high_upper"][i], lists["low_lower"][i], lists["low_upper"][i], lists["p_tp_long"][i],
+                lists["p_tp_short"][i], tuple(lists["signal_probs"][i]), lists["signal_type"][i],
+                lists["confidence"][i], lists["entry_price"][i], lists["take_profit"][i] if ok else None,
+                lists["stop_loss"][i] if ok else None, lists["reason"][i], dict(versions)))
         return forecasts
 
     def forecast(self, features: np.ndarray, symbols: Sequence[str], closes: Sequence[float],
@@ -280,3 +309,9 @@ class Ensemble:
         """All stages in-process (evaluate, backtests, the plain baseline, equality tests)."""
         outputs = self.predict_arrays(features, symbols, horizon)
         return self.compose(features, symbols, closes, candle_open_times, horizon, outputs)
+
+    def forecast_columns(self, features: np.ndarray, symbols: Sequence[str], closes: Sequence[float],
+                         candle_open_times: Sequence[int], horizon: int) -> dict[str, np.ndarray]:
+        """:meth:`forecast` as columns (:meth:`compose_columns`): for backtests over many rows."""
+        outputs = self.predict_arrays(features, symbols, horizon)
+        return self.compose_columns(features, symbols, closes, candle_open_times, horizon, outputs)

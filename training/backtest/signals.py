@@ -58,6 +58,33 @@ _FORECAST_FIELDS = ("candle_open_time", "signal_type", "confidence", "entry_pric
                     "signal_probs", "p_tp_long", "p_tp_short", "reason")
 
 
+def forecast_frame(forecaster: Forecaster, features: np.ndarray, symbols: Sequence[str], closes: np.ndarray,
+                   open_times: np.ndarray, horizon: int) -> pd.DataFrame:
+    """The backtest's columns of ``forecaster``'s forecasts of these rows.
+
+    A model set with ``forecast_columns`` (``Ensemble``) gives them as arrays, the same definition
+    as its Forecast objects without building one per row; any other forecaster goes through
+    :func:`forecasts_to_frame`.
+    """
+    columns = getattr(forecaster, "forecast_columns", None)
+    if columns is None:
+        return forecasts_to_frame(forecaster.forecast(features, symbols, closes, open_times, horizon))
+    c = columns(features, symbols, closes, open_times, horizon)
+    probs = np.asarray(c["signal_probs"], dtype=np.float64).reshape(-1, 3)
+    return pd.DataFrame({
+        "open_time": np.asarray(c["candle_open_time"], dtype=np.int64),
+        "signal_type": pd.Series(c["signal_type"], dtype=object),
+        "confidence": np.asarray(c["confidence"], dtype=np.float64),
+        "entry_price": np.asarray(c["entry_price"], dtype=np.float64),
+        "take_profit": np.asarray(c["take_profit"], dtype=np.float64),
+        "stop_loss": np.asarray(c["stop_loss"], dtype=np.float64),
+        "p_sell": probs[:, 0], "p_hold": probs[:, 1], "p_buy": probs[:, 2],
+        "p_tp_long": np.asarray(c["p_tp_long"], dtype=np.float64),
+        "p_tp_short": np.asarray(c["p_tp_short"], dtype=np.float64),
+        "reason": pd.Series(c["reason"], dtype=object),
+    })
+
+
 def _floats(values: list[Any]) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
@@ -138,7 +165,7 @@ def signal_table(forecaster: Forecaster, candles: Mapping[str, pd.DataFrame], fe
             rows = rows_to_forecast(features[symbol], defined, h, strategies)
             for lo in range(0, len(rows), FORECAST_BATCH):
                 r = rows[lo:lo + FORECAST_BATCH]
-                fc = forecasts_to_frame(forecaster.forecast(F[r], [symbol] * len(r), close[r], t[r], int(h)))
+                fc = forecast_frame(forecaster, F[r], [symbol] * len(r), close[r], t[r], int(h))
                 for k, v in fc["signal_type"].value_counts().items():
                     counts[str(h)][k] = counts[str(h)].get(k, 0) + int(v)
                 for k, v in fc["reason"].dropna().value_counts().items():
