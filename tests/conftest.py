@@ -11,7 +11,18 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def _shared_data() -> Path:
+    """The shared candle history: $MLE_SHARED_DATA_DIR, else ../shared/data beside the checkout (a
+    clone elsewhere, e.g. CI's, still finds the machine's /work/shared/data)."""
+    if os.environ.get("MLE_SHARED_DATA_DIR"):
+        return Path(os.environ["MLE_SHARED_DATA_DIR"])
+    beside = ROOT.parent / "shared" / "data"
+    return beside if beside.exists() else Path("/work/shared/data")
+
+
+SHARED_DATA = _shared_data()
 SAMPLE_DATA = ROOT / "data" / "sample"
 SYMBOLS = ("BTCUSDT", "ETHUSDT")
 

@@ -57,7 +57,8 @@ _ERROR_BODIES: dict[int, dict[str, Any]] = {
 }
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA_DIR = Path(os.environ.get("MLE_SHARED_DATA_DIR", "/work/shared/data"))
+SHARED_DATA_DIR = Path(os.environ.get("MLE_SHARED_DATA_DIR") or (REPO_ROOT.parent / "shared" / "data" if (
+    REPO_ROOT.parent / "shared" / "data").exists() else "/work/shared/data"))
 SAMPLE_DATA_DIR = Path(os.environ.get("MLE_SAMPLE_DATA_DIR", REPO_ROOT / "data" / "sample"))
 
 

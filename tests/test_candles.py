@@ -36,8 +36,13 @@ def test_sample_loads_and_is_valid():
 
 
 def test_real_history_gaps_are_reported(real_candles, has_shared_data):
+    """The shared history's two known holes; where it is absent, the shipped sample, which has none."""
     if not has_shared_data:
-        pytest.skip("the shared history is not on this machine; the sample has no gaps")
+        for symbol, df in real_candles.items():
+            report = gap_report(df["open_time"])
+            assert (report.gap_count, report.missing_candles) == (0, 0), symbol
+            assert segment_ids(df["open_time"]).max() == 0
+        return
     for symbol, df in real_candles.items():
         report = gap_report(df["open_time"])
         assert report.gap_count == 2, symbol
