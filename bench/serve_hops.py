@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,26 +69,55 @@ class Top:
 
 SHAPES = {"local": "Top -> Mid (1 hop)", "one": "Top -> Mid -> Leaf (2 hops)",
           "fan": "Top -> Mid -> 3 x Leaf, then Leaf (the router's miss path + 1 hop)"}
+MODES = {"default": {}, "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
+
+
+def measure(calls: int) -> dict[str, float]:
+    """p50 ms per shape on a private local cluster (this process; Serve flags come from the env).
+
+    Everything runs inside one event loop: throughput mode's handles belong to the loop that first
+    uses them, and must be shut down while it still runs."""
+    async def drive() -> dict[str, float]:
+        handle = await asyncio.to_thread(serve.run, Top.bind(Mid.bind(Leaf.bind())), name="hops", route_prefix=None)
+        try:
+            await handle.run.remote("fan", 50)  # warm-up
+            return {s: statistics.median(await handle.run.remote(s, calls)) for s in SHAPES}
+        finally:
+            await asyncio.to_thread(serve.shutdown)
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        return asyncio.run(drive())
+    finally:
+        ray.shutdown()
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    try:
-        handle = serve.run(Top.bind(Mid.bind(Leaf.bind())), name="hops", route_prefix=None)
-        handle.run.remote("fan", 50).result()  # warm-up
-        p50 = {s: statistics.median(handle.run.remote(s, args.calls).result()) for s in SHAPES}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-    print(f"Serve handle hops, {args.calls} sequential calls each, {os.cpu_count()} CPUs")
-    print(f"{'shape':<70} {'p50 ms':>8} {'ratio':>7}")
-    for s, what in SHAPES.items():
-        print(f"{what:<70} {p50[s]:8.2f} {p50[s] / p50['local']:6.1f}x")
-    print("baseline: the one-hop call (ratio 1.0x)")
+    if args.child:
+        print(json.dumps(measure(args.calls)))
+        return 0
+    results: dict[str, dict[str, float]] = {}
+    for mode, env in MODES.items():  # one process per mode: Serve reads its flags at import
+        out = subprocess.run([sys.executable, __file__, "--calls", str(args.calls), "--child", mode],
+                             env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            sys.stderr.write(out.stderr[-3000:])
+            raise SystemExit(f"{mode} run failed")
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    base = results["default"]["local"]
+    print(f"Serve handle hops, {args.calls} sequential calls per shape, {os.cpu_count()} CPUs "
+          "(default = Serve defaults, throughput = RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
+    print(f"{'shape':<70} {'mode':<11} {'p50 ms':>8} {'ratio':>7}")
+    for shape, what in SHAPES.items():
+        for mode in MODES:
+            v = results[mode][shape]
+            print(f"{what:<70} {mode:<11} {v:8.2f} {v / base:6.1f}x")
+    print("baseline: one hop with Serve's defaults (ratio 1.0x)")
     return 0
 
 
