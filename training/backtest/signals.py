@@ -69,7 +69,11 @@ def forecast_frame(forecaster: Forecaster, features: np.ndarray, symbols: Sequen
     columns = getattr(forecaster, "forecast_columns", None)
     if columns is None:
         return forecasts_to_frame(forecaster.forecast(features, symbols, closes, open_times, horizon))
-    c = columns(features, symbols, closes, open_times, horizon)
+    return _frame(columns(features, symbols, closes, open_times, horizon))
+
+
+def _frame(c: Mapping[str, Any]) -> pd.DataFrame:
+    """The backtest's frame from forecast columns (Forecast field names; NaN for a missing price)."""
     probs = np.asarray(c["signal_probs"], dtype=np.float64).reshape(-1, 3)
     return pd.DataFrame({
         "open_time": np.asarray(c["candle_open_time"], dtype=np.int64),
@@ -91,19 +95,9 @@ def _floats(values: list[Any]) -> np.ndarray:
 
 def forecasts_to_frame(forecasts: Sequence[Any]) -> pd.DataFrame:
     """The columns of a Forecast list the backtest uses (``attrgetter`` per field: C-speed gathering)."""
-    cols = {name: list(map(attrgetter(name), forecasts)) for name in _FORECAST_FIELDS}
-    probs = np.array(cols["signal_probs"], dtype=np.float64).reshape(-1, 3)
-    return pd.DataFrame({
-        "open_time": np.array(cols["candle_open_time"], dtype=np.int64),
-        "signal_type": pd.Series(cols["signal_type"], dtype=object),
-        "confidence": np.array(cols["confidence"], dtype=np.float64),
-        "entry_price": np.array(cols["entry_price"], dtype=np.float64),
-        "take_profit": _floats(cols["take_profit"]), "stop_loss": _floats(cols["stop_loss"]),
-        "p_sell": probs[:, 0], "p_hold": probs[:, 1], "p_buy": probs[:, 2],
-        "p_tp_long": np.array(cols["p_tp_long"], dtype=np.float64),
-        "p_tp_short": np.array(cols["p_tp_short"], dtype=np.float64),
-        "reason": pd.Series(cols["reason"], dtype=object),
-    })
+    cols: dict[str, Any] = {name: list(map(attrgetter(name), forecasts)) for name in _FORECAST_FIELDS}
+    cols["take_profit"], cols["stop_loss"] = _floats(cols["take_profit"]), _floats(cols["stop_loss"])
+    return _frame(cols)
 
 
 def defined_rows(candles: pd.DataFrame, features: pd.DataFrame, start_ms: int | None, end_ms: int | None) -> np.ndarray:
