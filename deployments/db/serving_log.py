@@ -29,6 +29,10 @@ from deployments.db.writer import LogWriter
 log = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 2.5
+# The resolver's namespace, named: otherwise a named actor lands in its creator's job namespace,
+# which is anonymous for a driver that called ray.init() without one (the ingress could not find it,
+# nor an operator).
+RESOLVER_NAMESPACE = "ml-engine"
 
 
 def resolver_name(settings: Settings) -> str:
@@ -66,10 +70,10 @@ class DbServingLog:
         if create:
             # Detached: it outlives router replicas and redeploys, so its candle history (the last
             # 14 days) survives them; a crash is refilled by the CandleForwarder.
-            self._resolver = start_resolver(self.settings, name=name, detached=True)
+            self._resolver = start_resolver(self.settings, name=name, namespace=RESOLVER_NAMESPACE, detached=True)
         else:
             try:
-                self._resolver = ray.get_actor(name)
+                self._resolver = ray.get_actor(name, namespace=RESOLVER_NAMESPACE)
             except ValueError:
                 self._resolver = None
         return self._resolver
