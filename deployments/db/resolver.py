@@ -162,8 +162,13 @@ class OutcomeResolver:
                  baselines: Callable[[str], Mapping[tuple[str, int], Baseline]]
                  | Mapping[str, Mapping[tuple[str, int], Baseline]] | None = None,
                  history_candles: int = 14 * 288, gap_grace_candles: int = 36,
-                 metrics_interval_s: float = 1.0) -> None:
+                 metrics_interval_s: float = 1.0, sweep_interval_s: float | None = None) -> None:
         self.settings = settings
+        # Rows are resolved when a candle arrives; a row written after its last due candle arrived
+        # (the writer batches, a spool replays after an outage, a replay ends) would wait for the
+        # next candle. A sweep every ``sweep_interval_s`` resolves those too (None: candles only).
+        self.sweep_interval_s = sweep_interval_s
+        self._sweeper: asyncio.Task | None = None
         self.database_url = database_url or settings.database_url
         if baselines is None:
             baselines = registry_baselines(settings)
@@ -208,6 +213,8 @@ class OutcomeResolver:
                          low: Sequence[float], close: Sequence[float]) -> dict[str, int]:
         """Candles closed (one, or several when the feed ran ahead): add them, resolve what came due
         for ``symbol``, refresh the live metrics."""
+        if self.sweep_interval_s and self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self._history(symbol).extend(open_time, high, low, close)
         counts = await self.resolve(symbol)
         await self.refresh_metrics()
@@ -217,6 +224,17 @@ class OutcomeResolver:
                               ) -> dict[str, int]:
         """One candle closed (see :meth:`on_candles`); returns rows resolved and the history length."""
         return await self.on_candles(symbol, [open_time], [high], [low], [close])
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval_s or 5.0)
+            try:
+                if any((await self.resolve()).values()):
+                    await self.refresh_metrics()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the sweep must outlive any one failure
+                log.exception("outcome resolver sweep")
 
     # ---- resolution ----------------------------------------------------------------------------
     async def resolve(self, symbol: str | None = None) -> dict[str, int]:
@@ -395,6 +413,7 @@ def start_resolver(settings: Settings, *, name: str = ACTOR_NAME, namespace: str
     """
     import ray
 
+    kwargs.setdefault("sweep_interval_s", 5.0)
     actor = ray.remote(num_cpus=0.05, max_restarts=-1, max_concurrency=64)(OutcomeResolver)
     options: dict[str, Any] = {"name": name, "namespace": namespace, "get_if_exists": True}
     if detached:
