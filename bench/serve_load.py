@@ -227,21 +227,6 @@ class Baseline:
             self.proc.kill()
 
 
-def connect(port: int, timeout: float = 120) -> None:
-    """ray.init against a head whose GCS answers before its node is registered: retry."""
-    import ray
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            ray.init(address=f"127.0.0.1:{port}", configure_logging=False, log_to_driver=False)
-            return
-        except ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(2)
-
-
 class ServeApp:
     """A fresh Ray head (own ports, own env) running the whole graph."""
 
@@ -256,11 +241,9 @@ class ServeApp:
         self.head = RayHead(free_port(), env, dashboard_port=free_port(), log_path=workdir / f"ray-{name}.log")
         try:
             self.head.wait_ready()
-            import ray
-
             from deployments.app import deploy, start_serve_on_free_port
 
-            connect(self.head.port)
+            self.head.connect()
             self.http_port = start_serve_on_free_port("127.0.0.1")
             self.url = f"http://127.0.0.1:{self.http_port}"
             deploy({"models_dir": str(models), "api_keys": [key], "rate_limit_per_minute": 10**9,

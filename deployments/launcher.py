@@ -124,6 +124,21 @@ class RayHead:
                 raise SystemExit(f"the Ray head did not come up in {timeout:.0f}s; see {self.log_path}")
             time.sleep(0.5)
 
+    def connect(self, timeout: float = 120) -> None:
+        """``ray.init`` this driver to the head, retried: its GCS port opens before its node is
+        registered, and ray.init fails in between."""
+        import ray
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                ray.init(address=f"127.0.0.1:{self.port}", configure_logging=False, log_to_driver=False)
+                return
+            except ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise
+                time.sleep(2)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its own processes
@@ -198,15 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from deployments.app import deploy, start_serve
 
-        deadline = time.monotonic() + 120
-        while True:  # the GCS port opens before the head's node is registered
-            try:
-                ray.init(address=f"127.0.0.1:{settings.ray_port}", configure_logging=False, log_to_driver=False)
-                break
-            except ConnectionError:
-                if time.monotonic() > deadline or head.proc.poll() is not None:
-                    raise
-                time.sleep(2)
+        head.connect()
         on_signal()  # ray.init installs its own SIGTERM handler (which just exits): ours must win
         try:
             start_serve(settings.http_host, settings.http_port)
