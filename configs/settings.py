@@ -72,6 +72,10 @@ class FeatureParams(Strict):
     flow_windows: tuple[int, ...] = (12, 48)
     vwap_windows: tuple[int, ...] = (48, 288)
     range_windows: tuple[int, ...] = (48, 288)
+    # Gap policy (docs/features.md "Gaps"): a run of at most this many missing 5-minute slots (36 = 3
+    # hours: exchange halts, a lost candle) is bridged with no-trade candles instead of restarting the
+    # warm-up; longer gaps start a new segment. 0 = never bridge.
+    max_bridge_candles: int = Field(36, ge=0, le=288)
 
     @field_validator("rsi_periods", "ema_periods")
     @classmethod

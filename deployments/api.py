@@ -74,7 +74,12 @@ class SignalResponse(BaseModel):
     entry_price: Optional[float]
     take_profit: Optional[float] = Field(description="for HOLD: the would-be long's take-profit, or null")
     stop_loss: Optional[float]
-    reason: Optional[str] = Field(description="why the signal is a forced HOLD (bad or missing data)")
+    reason: Optional[str] = Field(description="why the signal is a forced HOLD, as a code: `market_data_gap` (no "
+                                  "candle since the last close: an exchange halt or a lost candle), "
+                                  "`stale_market_data` (the feed is down), `features_unavailable` (warming up "
+                                  "after a long gap), `unknown_symbol`, `market_data_invalid`, "
+                                  "`model_output_undefined`; null when the signal comes from the models")
+    reason_detail: Optional[str] = Field(None, description="the same for people: what is missing and since when")
     probabilities: Probabilities
     p_tp_long: Optional[float]
     p_tp_short: Optional[float]
@@ -138,9 +143,17 @@ is 429 with a `Retry-After` header (seconds). The limit is shared by every ingre
 
 **Errors** are always JSON `{{"error": code, "message": text, "path": path}}`: 422 `validation_error` \
 for a bad request (it names the supported symbols and horizons), 401 `unauthorized`, 429 `rate_limited`, \
-503 when the engine cannot answer right now: `stale_market_data` (with `data_age_s`: the feed is older \
-than {settings.max_data_age_s:g} s), `market_data_unavailable`, `model_not_found`, `features_unavailable` \
+503 when the engine cannot answer right now: `market_data_gap` or `stale_market_data` (with `data_age_s`: \
+no candle for more than {settings.max_data_age_s:g} s; see below), `market_data_unavailable`, `model_not_found`, `features_unavailable` \
 (warming up: features need 1000 contiguous candles), `prediction_unavailable`. A 503 carries `Retry-After`.
+
+**When data is missing** (an exchange halt, a lost candle, a feed outage, warm-up), the engine never \
+guesses: `/signals` answers HOLD with confidence 0, no take-profit or stop-loss, and a `reason` code \
+(`market_data_gap` while no candle has arrived for more than {settings.max_data_age_s:g} s but the gap is \
+still short enough to be bridged -- up to {settings.features.max_bridge_candles} candles --, then \
+`stale_market_data`; `features_unavailable` while warming up); `/predictions` answers 503 with the same \
+code, `data_age_s` and `missing_candles`. A short gap is bridged with no-trade candles, so predictions \
+resume with the first candle after it, without a warm-up.
 
 **Freshness.** Predictions refer to the newest closed candle (`candle_open_time`, ms UTC). They are \
 computed when it closes, for every symbol and horizon, and cached (Redis \

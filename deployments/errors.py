@@ -30,7 +30,10 @@ class ErrorBody(BaseModel):
     error: str = Field(description="machine-readable error code, e.g. `validation_error`, `stale_market_data`")
     message: str = Field(description="what went wrong, for people")
     path: str = Field(description="the request path")
-    data_age_s: float | None = Field(None, description="age of the newest market data (stale_market_data only)")
+    data_age_s: float | None = Field(None, description="age of the newest market data (stale_market_data and "
+                                                       "market_data_gap)")
+    missing_candles: int | None = Field(None, description="market_data_gap and stale_market_data: candles that "
+                                                          "should have closed since the newest one")
     supported_symbols: list[str] | None = Field(None, description="on validation errors: what the engine serves")
     supported_horizons: list[int] | None = Field(None, description="on validation errors: what the engine serves")
     retry_after_s: float | None = Field(None, description="rate_limited only: seconds until a request is allowed")
@@ -52,13 +55,26 @@ class ApiError(Exception):
 class StaleMarketData(MarketDataError):
     """Market data older than ``Settings.max_data_age_s`` (carries the age for the 503 body)."""
 
-    def __init__(self, message: str, data_age_s: float | None) -> None:
+    code = "stale_market_data"
+
+    def __init__(self, message: str, data_age_s: float | None, missing_candles: int | None = None) -> None:
         super().__init__(message)
         self.data_age_s = data_age_s
+        self.missing_candles = missing_candles
+
+
+class MarketDataGap(StaleMarketData):
+    """No candle for longer than ``max_data_age_s``, but still short enough to be bridged
+    (``features.max_bridge_candles``): an exchange halt or a lost candle. Predictions resume with
+    the next candle, without a warm-up; meanwhile /predictions is a 503 naming the gap and
+    /signals a HOLD with reason ``market_data_gap``."""
+
+    code = "market_data_gap"
 
 
 # Hierarchy -> (status, code). Checked in order: subclasses first.
 _STATUS: tuple[tuple[type[MLEngineError], int, str], ...] = (
+    (MarketDataGap, 503, "market_data_gap"),
     (StaleMarketData, 503, "stale_market_data"),
     (MarketDataError, 503, "market_data_unavailable"),
     (ModelNotFoundError, 503, "model_not_found"),
@@ -93,6 +109,7 @@ def engine_error_response(exc: MLEngineError, path: str) -> JSONResponse:
     extra: dict[str, Any] = {}
     if isinstance(exc, StaleMarketData):
         extra["data_age_s"] = _finite(exc.data_age_s)
+        extra["missing_candles"] = exc.missing_candles
     headers = {"Retry-After": "5"} if status == 503 else None
     return error_response(status, code, str(exc), path, headers, **extra)
 

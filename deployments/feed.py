@@ -99,30 +99,37 @@ class CandleEvent:
 
 
 class CandleWindow:
-    """The newest ``size`` contiguous candles a MarketData actor has delivered.
+    """The newest ``size`` candles a MarketData actor has delivered, back to the last long gap.
 
     A restarted FeatureBuilder has empty windows; re-seeding it from here lets it answer at the next
-    candle instead of after a 1000-candle warm-up. A gap restarts the window, as it restarts features.
+    candle instead of after a 1000-candle warm-up. Short gaps (at most ``max_bridge`` missing slots)
+    stay in the window -- the FeatureBuilder bridges them exactly as it did the first time -- and a
+    longer gap restarts the window, as it restarts features.
     """
 
-    def __init__(self, symbol: str, size: int) -> None:
+    def __init__(self, symbol: str, size: int, max_bridge: int = 0) -> None:
         self.symbol = symbol
         self.size = int(size)
+        self.max_bridge = int(max_bridge)
         self.open_time = np.empty(0, dtype=np.int64)
         self.ohlcv = np.empty((0, len(_FIELDS)), dtype=np.float64)
 
     def __len__(self) -> int:
         return len(self.open_time)
 
+    def _breaks(self, steps: np.ndarray) -> np.ndarray:
+        """Which steps between consecutive candles are gaps too long to bridge."""
+        return steps > (self.max_bridge + 1) * FIVE_MINUTES_MS
+
     def remember(self, event: CandleEvent) -> None:
         t, v = event.open_time, event.ohlcv
         if len(self.open_time):
             new = t > self.open_time[-1]
             t, v = t[new], v[new]
-            if len(t) and t[0] - self.open_time[-1] != FIVE_MINUTES_MS:
+            if len(t) and self._breaks(np.array([t[0] - self.open_time[-1]]))[0]:
                 self.open_time, self.ohlcv = self.open_time[:0], self.ohlcv[:0]
-        steps = np.flatnonzero(np.diff(t) != FIVE_MINUTES_MS)
-        if len(steps):  # keep only the contiguous tail of this event
+        steps = np.flatnonzero(self._breaks(np.diff(t)))
+        if len(steps):  # keep only the tail of this event after its last long gap
             t, v = t[steps[-1] + 1:], v[steps[-1] + 1:]
         self.open_time = np.concatenate([self.open_time, t])[-self.size:]
         self.ohlcv = np.concatenate([self.ohlcv, v])[-self.size:]

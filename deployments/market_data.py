@@ -55,7 +55,7 @@ class MarketData:
         self._delivered_event = asyncio.Event()
         # The newest candles delivered (plus the one being delivered): what a restarted
         # FeatureBuilder is re-seeded with, so it answers at the next candle, not 1000 candles later.
-        self.window = CandleWindow(symbol, 2 * WARMUP)
+        self.window = CandleWindow(symbol, 2 * WARMUP, self.settings.features.max_bridge_candles)
         self.reseeds = 0
 
     async def start(self) -> None:

@@ -22,6 +22,7 @@ GROUP_TITLES = {
     "volume": "Volume (volume z-score, on-balance flow, distance to VWAP)",
     "time": "Time of day and week (cyclical encodings)",
     "higher_timeframes": "Higher timeframes (1-hour and 4-hour returns, volatility, trend)",
+    "data_quality": "Data quality (candles bridging a short gap among the last day's)",
 }
 
 
@@ -34,7 +35,7 @@ def prediction_body(f: dict[str, Any], coverage: float) -> dict[str, Any]:
     needed = ("pred_high_pct", "pred_low_pct", "high_lower", "high_upper", "low_lower", "low_upper")
     if any(f.get(k) is None for k in needed) or not f.get("close"):
         raise FeatureError(f"no prediction for {f['symbol']} at candle {iso_time(f['candle_open_time'])}: "
-                           f"{f.get('reason') or 'model output undefined'}")
+                           f"{f.get('reason_detail') or f.get('reason') or 'model output undefined'}")
     close = float(f["close"])
 
     def price(frac: float) -> float:
@@ -77,6 +78,7 @@ def signal_body(f: dict[str, Any]) -> dict[str, Any]:
         "take_profit": f.get("take_profit"),
         "stop_loss": f.get("stop_loss"),
         "reason": f.get("reason"),
+        "reason_detail": f.get("reason_detail"),
         "probabilities": {"SELL": probs[0], "HOLD": probs[1], "BUY": probs[2]},
         "p_tp_long": f.get("p_tp_long"),
         "p_tp_short": f.get("p_tp_short"),

@@ -16,6 +16,13 @@ Request path of POST /predictions (and /signals):
    2-3 and always computes (and refreshes the cache).
 
 Redis down: step 3 is skipped, the answer is computed, health says the cache is down.
+
+Missing data (docs/api.md "When data is missing"): no candle for longer than ``max_data_age_s`` is a
+``market_data_gap`` while the gap is short enough to be bridged (``features.max_bridge_candles``;
+an exchange halt), else ``stale_market_data``; features undefined (warm-up after a long gap) is
+``features_unavailable``. /predictions answers those with a 503 naming the problem; /signals with a
+HOLD carrying the same code as its ``reason`` (confidence 0, no trade): bad or missing data is never
+a guess, and a backend polling signals always gets an answer it can act on.
 """
 
 from __future__ import annotations
@@ -30,11 +37,11 @@ from typing import Any, Literal, Protocol, Sequence
 from configs.settings import Settings
 from deployments.auth import ApiKeys, RateLimiter
 from deployments.cache import CacheUnavailable, RedisGateway, prediction_key
-from deployments.errors import StaleMarketData, status_for
+from deployments.errors import MarketDataGap, StaleMarketData, status_for
 from deployments.hooks import NullServingLog, RequestRecord, ServingLog
 from deployments.metrics import EngineMetrics
 from deployments.render import body_prefix, finish, indicators_body, prediction_body, signal_body
-from deployments.state import FeatureRow, MarketSnapshot, SymbolState
+from deployments.state import FeatureRow, MarketSnapshot, SymbolState, iso_time
 from features.candles import FIVE_MINUTES_MS
 from features.errors import FeatureError, MarketDataError, MLEngineError, PredictionError
 from features.indicators import feature_names
@@ -115,9 +122,21 @@ class PredictionService:
             raise MarketDataError(f"no market data for {symbol} yet: the feed is starting or down")
         age = st.data_age_s() or 0.0
         if age > self.settings.max_data_age_s:
-            raise StaleMarketData(f"market data for {symbol} is {age:.0f} s old (the limit is "
-                                  f"{self.settings.max_data_age_s:.0f} s): the feed is stalled or down", age)
+            raise self._missing_data(st, age)
         return st, age
+
+    def _missing_data(self, st: SymbolState, age: float) -> StaleMarketData:
+        """A gap (bridgeable: predictions resume with the next candle) or stale data (the feed is down)."""
+        missing = int(age * 1000 // FIVE_MINUTES_MS)  # candles that should have closed since the newest
+        limit = self.settings.features.max_bridge_candles
+        since = iso_time(st.open_time + FIVE_MINUTES_MS) if st.open_time is not None else "?"
+        if missing <= limit:
+            return MarketDataGap(f"no candle for {st.symbol} since {since}: {missing} candles missing "
+                                 f"({age / 60:.0f} min; an exchange halt or a lost candle). Gaps of up to {limit} "
+                                 "candles are bridged: predictions resume with the next candle", age, missing)
+        return StaleMarketData(f"market data for {st.symbol} is {age:.0f} s old (the limit is "
+                               f"{self.settings.max_data_age_s:.0f} s; {missing} candles missing, more than the "
+                               f"{limit} a gap may bridge): the feed is stalled or down", age, missing)
 
     def ttl_s(self, st: SymbolState) -> float:
         """How long a forecast of ``st``'s candle is current: until the next candle closes."""
@@ -157,6 +176,13 @@ class PredictionService:
             status = 200
             self.metrics.prediction_served(symbol, horizon, endpoint, source, time.perf_counter() - t0)
             return body
+        except (StaleMarketData, FeatureError) as exc:
+            if endpoint != "signals":
+                status = status_for(exc)[0]
+                raise
+            status, source = 200, "forced_hold"
+            self.metrics.prediction_served(symbol, horizon, endpoint, source, time.perf_counter() - t0)
+            return self._forced_hold(symbol, horizon, exc)
         except MLEngineError as exc:
             status = status_for(exc)[0]
             raise
@@ -164,6 +190,15 @@ class PredictionService:
             if self._log_enabled:
                 self._log_request(arrived, endpoint, kid, symbol, horizon, status, time.perf_counter() - t0, source,
                                   open_time, obj)
+
+    def _forced_hold(self, symbol: str, horizon: int, exc: MLEngineError) -> bytes:
+        """The /signals answer while data is missing: HOLD, confidence 0, no trade, the error code as reason."""
+        st = self.market.symbols.get(symbol) or SymbolState(symbol)
+        f = {"symbol": symbol, "horizon": horizon, "signal_type": "HOLD", "confidence": 0.0, "entry_price": None,
+             "take_profit": None, "stop_loss": None, "reason": status_for(exc)[1], "reason_detail": str(exc),
+             "signal_probs": None, "p_tp_long": None, "p_tp_short": None, "close": st.close,
+             "candle_open_time": st.open_time, "model_versions": st.model_versions}
+        return finish(body_prefix(signal_body(f)), False, st.data_age_s() or 0.0)
 
     def _log_request(self, arrived: float, endpoint: str, kid: str, symbol: str, horizon: int, status: int,
                      latency: float, source: str, open_time: int | None, forecast: Any | None) -> None:

@@ -23,6 +23,7 @@ class _Window:
     def __init__(self) -> None:
         self.open_time = np.zeros(2 * WARMUP, np.int64)
         self.cols = np.zeros((5, 2 * WARMUP))
+        self.bridged = np.zeros(2 * WARMUP, dtype=bool)
         self.end = 0   # one past the newest row
         self.size = 0  # rows in the current contiguous run, at most WARMUP
 
@@ -33,23 +34,41 @@ class _Window:
     def reset(self) -> None:
         self.end = self.size = 0
 
-    def push(self, t: int, row: np.ndarray) -> None:
+    def push(self, t: int, row: np.ndarray, bridged: bool = False) -> None:
         if self.end == len(self.open_time):
             keep = WARMUP - 1
             self.open_time[:keep] = self.open_time[self.end - keep:self.end]
             self.cols[:, :keep] = self.cols[:, self.end - keep:self.end]
+            self.bridged[:keep] = self.bridged[self.end - keep:self.end]
             self.end = keep
         self.open_time[self.end] = t
         self.cols[:, self.end] = row
+        self.bridged[self.end] = bridged
         self.end += 1
         self.size = min(self.size + 1, WARMUP)
+
+    def advance(self, t: int, row: np.ndarray, max_bridge: int) -> None:
+        """Append the candle after the newest one: bridge a short gap first, reset on a long one
+        (exactly what :func:`features.candles.bridge_gaps` and the batch segments do)."""
+        last = self.last_time
+        if last is not None and t != last + FIVE_MINUTES_MS:
+            missing = (t - last) // FIVE_MINUTES_MS - 1
+            if 0 < missing <= max_bridge:
+                close = self.newest()[3]
+                flat = np.array([close, close, close, close, 0.0])
+                for k in range(1, missing + 1):
+                    self.push(last + k * FIVE_MINUTES_MS, flat, bridged=True)
+            else:
+                self.reset()
+        self.push(t, row)
 
     def newest(self) -> np.ndarray:
         return self.cols[:, self.end - 1]
 
-    def view(self) -> tuple[np.ndarray, ...]:
+    def view(self) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+        """(open_time, open, high, low, close, volume) of the window, and its bridged marks."""
         s = slice(self.end - WARMUP, self.end)
-        return (self.open_time[s], *(self.cols[i, s] for i in range(5)))
+        return (self.open_time[s], *(self.cols[i, s] for i in range(5))), self.bridged[s]
 
 
 class FeatureBuilder:
@@ -57,8 +76,10 @@ class FeatureBuilder:
 
     It calls the same :func:`compute_features` as the batch path on exactly the window that
     defines a row, so its output equals :func:`build_features` (to ~1e-12, proven by tests).
-    A gap (a missing 5-minute slot) resets the symbol's window, like a new segment in batch; the
-    row is undefined (``None``) until ``WARMUP`` contiguous candles have arrived again.
+    A short gap (at most ``params.max_bridge_candles`` missing slots) is bridged with no-trade
+    candles, as the batch path bridges it; a longer gap resets the symbol's window, like a new
+    segment in batch, and the row is undefined (``None``) until ``WARMUP`` contiguous candles have
+    arrived again.
     """
 
     def __init__(self, params: FeatureParams = FeatureParams()) -> None:
@@ -97,9 +118,7 @@ class FeatureBuilder:
                 raise CandleDataError(f"{symbol}: candle {open_time} differs from the one already received")
             if open_time < last:
                 raise CandleDataError(f"{symbol}: candle {open_time} is older than the newest one ({last})")
-            if open_time != last + FIVE_MINUTES_MS:
-                w.reset()  # a gap: start a new segment, exactly as the batch path does
-        w.push(int(open_time), row)
+        w.advance(int(open_time), row, self.params.max_bridge_candles)
         out = self._compute(w) if w.size == WARMUP else None
         self._last_row[symbol] = out
         return out
@@ -114,9 +133,7 @@ class FeatureBuilder:
             if w.last_time is not None and t[i] <= w.last_time:
                 continue
             _check_candle(symbol, int(t[i]), values[i])
-            if w.last_time is not None and t[i] != w.last_time + FIVE_MINUTES_MS:
-                w.reset()
-            w.push(int(t[i]), values[i])
+            w.advance(int(t[i]), values[i], self.params.max_bridge_candles)
         w = self._windows.get(symbol)
         if w is not None and w.size == WARMUP:
             out = self._compute(w)
@@ -135,7 +152,8 @@ class FeatureBuilder:
         return row
 
     def _compute(self, w: _Window) -> np.ndarray:
-        return compute_features(*w.view(), params=self.params, tail=1)[0]
+        candles, bridged = w.view()
+        return compute_features(*candles, params=self.params, tail=1, bridged=bridged)[0]
 
 
 def _check_candle(symbol: str, open_time: int, row: np.ndarray) -> None:

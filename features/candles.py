@@ -5,9 +5,11 @@ One schema everywhere (training, replay, serving): ``open_time`` (int64, ms UTC,
 ``trades``. Validation refuses bad data loudly instead of letting it reach features: a model fed a
 corrupt candle produces a confident wrong answer, which is worse than no answer.
 
-Gaps (missing 5-minute slots) are *not* errors — real exchanges halt — but they are never filled.
-Downstream code splits the series into contiguous segments (:func:`segment_ids`) and every
-feature window and label window stays inside one segment.
+Gaps (missing 5-minute slots) are *not* errors — real exchanges halt. The one gap policy
+(docs/features.md "Gaps"): for *features*, a short gap (at most ``FeatureParams.max_bridge_candles``
+missing slots) is bridged with no-trade candles (:func:`bridge_gaps`) and marked, so a halt does not
+restart the warm-up; a longer gap starts a new contiguous segment (:func:`segment_ids`). *Labels*
+never use bridged candles: a label window that touches a missing slot is undefined.
 """
 
 from __future__ import annotations
@@ -133,6 +135,48 @@ def segment_ids(open_time: np.ndarray | pd.Series, interval_ms: int = FIVE_MINUT
         return np.zeros(0, dtype=np.int64)
     breaks = np.concatenate([[0], (np.diff(t) != interval_ms).astype(np.int64)])
     return np.cumsum(breaks)
+
+
+@dataclass(frozen=True)
+class BridgedCandles:
+    """A candle series with its short gaps bridged (see :func:`bridge_gaps`)."""
+
+    open_time: np.ndarray   # int64 ms, the input's times plus the bridged slots
+    ohlcv: np.ndarray       # (n, 5) float64
+    bridged: np.ndarray     # bool: True for a no-trade candle inserted into a gap
+    real_index: np.ndarray  # position of each input candle in the bridged series
+
+
+def bridge_gaps(open_time: np.ndarray, ohlcv: np.ndarray, max_missing: int,
+                interval_ms: int = FIVE_MINUTES_MS) -> BridgedCandles:
+    """Fill every run of at most ``max_missing`` missing slots with no-trade candles.
+
+    A bridged candle is what a halted market shows: open = high = low = close = the previous
+    close, volume 0. It is a pure function of the candles *before* it (no look-ahead: the slots
+    are known missing only once the next real candle arrives, and nothing of that candle is
+    used). Longer gaps are left as they are; :func:`segment_ids` splits the series there.
+    """
+    t = np.asarray(open_time, dtype=np.int64)
+    values = np.asarray(ohlcv, dtype=np.float64)
+    n = len(t)
+    missing = np.diff(t) // interval_ms - 1 if n > 1 else np.zeros(0, dtype=np.int64)
+    fill = np.where((missing > 0) & (missing <= max_missing), missing, 0)
+    offset = np.concatenate([[0], np.cumsum(fill)]).astype(np.int64)
+    real_index = np.arange(n, dtype=np.int64) + offset
+    if not fill.any():
+        return BridgedCandles(t, values, np.zeros(n, dtype=bool), real_index)
+    size = n + int(offset[-1])
+    out_t = np.empty(size, dtype=np.int64)
+    out_v = np.empty((size, values.shape[1]), dtype=np.float64)
+    bridged = np.ones(size, dtype=bool)
+    out_t[real_index], out_v[real_index], bridged[real_index] = t, values, False
+    before = np.repeat(np.arange(n - 1), fill)  # the real candle each bridged one follows
+    step = np.arange(len(before)) - np.repeat(np.cumsum(fill) - fill, fill) + 1  # 1 .. run length
+    slots = real_index[before] + step
+    out_t[slots] = t[before] + step * interval_ms
+    out_v[slots, :4] = values[before, 3:4]
+    out_v[slots, 4] = 0.0
+    return BridgedCandles(out_t, out_v, bridged, real_index)
 
 
 def resample(df: pd.DataFrame, from_ms: int = ONE_MINUTE_MS, to_ms: int = FIVE_MINUTES_MS) -> pd.DataFrame:

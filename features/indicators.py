@@ -28,7 +28,7 @@ from configs.settings import MAX_FEATURE_WINDOW, FeatureParams
 # recursive indicator allowed by FeatureParams (period 60) has decayed its seed below 1e-14.
 WARMUP = 1000
 # Bump when a definition changes without a name change: it changes the feature-set hash.
-FEATURE_CODE_VERSION = 1
+FEATURE_CODE_VERSION = 2  # 2: short gaps are bridged (features.candles.bridge_gaps), bridged_288
 HOUR_MS = 3_600_000
 H4_MS = 4 * HOUR_MS
 DAY_MS = 24 * HOUR_MS
@@ -37,6 +37,7 @@ WEEK_MS = 7 * DAY_MS
 _MONDAY_OFFSET_MS = 3 * DAY_MS
 H1_WINDOW = 24  # completed hours
 H4_WINDOW = 6   # completed 4-hour candles
+BRIDGED_WINDOW = 288  # bridged_288: no-trade candles bridging a gap among the last day's candles
 
 assert MAX_FEATURE_WINDOW + 2 * H4_MS // 300_000 <= WARMUP
 
@@ -63,6 +64,7 @@ def feature_names(params: FeatureParams = FeatureParams()) -> tuple[str, ...]:
     names += ["hour_sin", "hour_cos", "dow_sin", "dow_cos"]
     names += ["h1_ret_1", "h1_ret_4", "h1_ret_24", "h1_rv_24", "h1_dist_sma_24"]
     names += ["h4_ret_1", "h4_ret_6", "h4_rv_6", "h4_dist_sma_6"]
+    names += [f"bridged_{BRIDGED_WINDOW}"]
     return tuple(names)
 
 
@@ -74,6 +76,7 @@ FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
     "volume": ("volume_z_", "obv_flow_", "vwap_dist_"),
     "time": ("hour_", "dow_"),
     "higher_timeframes": ("h1_", "h4_"),
+    "data_quality": ("bridged_",),
 }
 
 
@@ -239,16 +242,18 @@ def finite_lookback(params: FeatureParams) -> int:
     """Rows behind the newest that any finite-window feature reads (incl. completed 4h candles)."""
     p = params
     longest = max(*p.roc_periods, *p.rv_windows, *p.volume_z_windows, *p.flow_windows, *p.vwap_windows,
-                  *p.range_windows, 20, 14 + 3 + 3)
+                  *p.range_windows, 20, 14 + 3 + 3, BRIDGED_WINDOW)
     htf = max((H1_WINDOW + 2) * HOUR_MS, (H4_WINDOW + 2) * H4_MS) // 300_000
     return max(longest + 1, htf)
 
 
 def compute_features(open_time: np.ndarray, o: np.ndarray, h: np.ndarray, l: np.ndarray, c: np.ndarray,
-                     v: np.ndarray, params: FeatureParams = FeatureParams(), tail: int | None = None) -> np.ndarray:
+                     v: np.ndarray, params: FeatureParams = FeatureParams(), tail: int | None = None,
+                     bridged: np.ndarray | None = None) -> np.ndarray:
     """Feature matrix for one contiguous run of candles: ``(tail or n, len(feature_names(params)))``.
 
-    Inputs are float64 arrays (``open_time`` int64 ms). ``tail`` returns only the last ``tail``
+    Inputs are float64 arrays (``open_time`` int64 ms); ``bridged`` marks the no-trade candles that
+    bridge a short gap (:func:`features.candles.bridge_gaps`; None = none). ``tail`` returns only the last ``tail``
     rows: the serving path asks for one row, and trailing-window statistics are then computed for
     that row only (recursive indicators still run over the whole input, which they need). Rows
     early in the run may hold NaN; callers blank the first ``WARMUP - 1`` rows of every run so
@@ -272,7 +277,8 @@ def compute_features(open_time: np.ndarray, o: np.ndarray, h: np.ndarray, l: np.
 
     # Finite-window statistics only need the last rows: slice once (no-op in batch mode).
     s0 = max(0, n - k - finite_lookback(p))
-    t, o, h, l, c, v = (x[s0:] for x in (open_time, o, h, l, c, v))
+    bridged_f = np.zeros(n) if bridged is None else np.asarray(bridged, dtype=np.float64)
+    t, o, h, l, c, v, bridged_f = (x[s0:] for x in (open_time, o, h, l, c, v, bridged_f))
     logc = np.log(c)
     r = np.concatenate([[np.nan], np.diff(logc)])
     c_t = last(c)
@@ -333,6 +339,9 @@ def compute_features(open_time: np.ndarray, o: np.ndarray, h: np.ndarray, l: np.
              c_t / h1.sma(H1_WINDOW) - 1.0]
     h4 = _HigherTimeframe(t, c, H4_MS, k)
     cols += [h4.log_return(1), h4.log_return(H4_WINDOW), h4.realised_vol(H4_WINDOW), c_t / h4.sma(H4_WINDOW) - 1.0]
+
+    # Data quality: how many of the last day's candles were bridged (exact integer sums).
+    cols.append(_sum_tail(bridged_f, BRIDGED_WINDOW, k))
 
     out = np.empty((k, len(cols)))
     for j, col in enumerate(cols):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from configs.settings import FeatureParams
 from features import FEATURE_NAMES, WARMUP, FeatureBuilder, build_features, feature_set_hash
-from features.candles import FIVE_MINUTES_MS, segment_ids
+from features.candles import FIVE_MINUTES_MS, bridge_gaps, segment_ids
 from features.errors import CandleDataError, FeatureError
 from features.indicators import FEATURE_GROUPS, feature_group
 
@@ -44,10 +44,13 @@ def test_shape_index_and_types(real_candles, batch):
 
 
 def test_nan_exactly_in_the_warmup_of_each_segment(real_candles, batch):
-    """NaN only in the first WARMUP-1 rows of every contiguous segment; a gap restarts the warm-up."""
+    """NaN only in the first WARMUP-1 rows of every contiguous segment once short gaps are bridged;
+    a long gap restarts the warm-up (tests/test_gaps.py covers both kinds of gap in detail)."""
     for s, df in real_candles.items():
-        seg = segment_ids(df["open_time"])
-        pos = df.groupby(seg).cumcount().to_numpy()
+        b = bridge_gaps(df["open_time"].to_numpy(), df[["open", "high", "low", "close", "volume"]].to_numpy(),
+                        FeatureParams().max_bridge_candles)
+        seg = segment_ids(b.open_time)
+        pos = pd.Series(seg).groupby(seg).cumcount().to_numpy()[b.real_index]
         expected_nan = pos < WARMUP - 1
         got_nan = batch[s].isna().any(axis=1).to_numpy()
         np.testing.assert_array_equal(got_nan, expected_nan)
@@ -55,10 +58,10 @@ def test_nan_exactly_in_the_warmup_of_each_segment(real_candles, batch):
         assert np.isfinite(batch[s][~expected_nan].to_numpy()).all()
 
 
-def test_gap_is_never_bridged():
-    """Candles before a gap cannot influence features after it (no forward fill, no bridging)."""
+def test_a_long_gap_is_never_bridged():
+    """Candles before a gap longer than ``max_bridge_candles`` cannot influence features after it."""
     df = synthetic(3 * WARMUP, seed=3)
-    gapped = df.drop(index=range(1500, 1510)).reset_index(drop=True)
+    gapped = df.drop(index=range(1500, 1500 + FeatureParams().max_bridge_candles + 1)).reset_index(drop=True)
     x = build_features(gapped)
     after = gapped.index[1500:]  # first row after the gap is index 1500 of the gapped frame
     assert x.loc[after[: WARMUP - 1]].isna().all().all()

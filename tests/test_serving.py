@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from deployments.auth import key_id
+from features import FEATURE_NAMES
 from features.candles import FIVE_MINUTES_MS
 from tests.conftest import SAMPLE_DATA, SYMBOLS
 from tests.serving_app import REPLAY_SPEED
@@ -176,9 +177,10 @@ def test_predictions_signals_and_indicators_answer_with_every_field(serving_app)
             s72 = c.post("/signals", json={"symbol": symbol, "horizon": 72}).json()
             assert s72["horizon"] == 72 and set(s72["model_versions"]) == set(s["model_versions"])
             ind = c.get("/indicators", params={"symbol": symbol}).json()
-            assert set(ind["groups"]) == {"volatility", "momentum", "trend", "volume", "time", "higher_timeframes"}
+            assert set(ind["groups"]) == {"volatility", "momentum", "trend", "volume", "time", "higher_timeframes",
+                                        "data_quality"}
             assert "rsi_14" in ind["groups"]["momentum"]["values"] and ind["groups"]["momentum"]["title"]
-            assert sum(len(g["values"]) for g in ind["groups"].values()) == 54
+            assert sum(len(g["values"]) for g in ind["groups"].values()) == len(FEATURE_NAMES)
 
 
 def test_models_status_reports_versions_training_range_and_metrics(serving_app):
@@ -289,7 +291,7 @@ def test_redis_stopped_mid_run_the_engine_still_answers_and_health_says_cache_do
             time.sleep(0.2)
 
 
-def test_stale_feed_answers_503_with_the_data_age(serving_app):
+def test_a_stalled_feed_is_a_gap_503_for_predictions_and_hold_for_signals(serving_app):
     key = serving_app.new_key()
     serving_app.pause("ETHUSDT")
     try:
@@ -301,10 +303,12 @@ def test_stale_feed_answers_503_with_the_data_age(serving_app):
                     break
                 assert r.status_code == 200 and time.monotonic() < deadline, r.text
                 time.sleep(0.25)
-            err = _error(r, 503, "stale_market_data")
-            assert err["data_age_s"] > 900 and "ETHUSDT" in err["message"]
+            err = _error(r, 503, "market_data_gap")  # a few candles missing: bridgeable, not (yet) stale
+            assert err["data_age_s"] > 900 and "ETHUSDT" in err["message"] and err["missing_candles"] >= 3
             assert r.headers["Retry-After"]
-            _error(c.post("/signals", json={"symbol": "ETHUSDT"}), 503, "stale_market_data")
+            s = c.post("/signals", json={"symbol": "ETHUSDT"})
+            assert s.status_code == 200 and s.json()["signal_type"] == "HOLD", s.text
+            assert s.json()["reason"] == "market_data_gap" and s.json()["confidence"] == 0
             assert c.post("/predictions", json={"symbol": "BTCUSDT", "horizon": 6}).status_code == 200
             health = c.get("/health/detailed").json()
             assert health["market"]["symbols"]["ETHUSDT"]["stale"] is True and health["status"] == "degraded"
@@ -486,8 +490,9 @@ def test_a_killed_feature_builder_is_reseeded_and_keeps_answering(serving_app):
     windows: no 1000-candle warm-up (``features_unavailable``) and no 5xx but the feed-age check.
 
     At the suite's 100x replay the data-age budget is 9 wall-seconds, about what Serve needs to
-    notice the death and start a replica, so ``stale_market_data`` answers may appear while the
-    replica is down (at the live rate the budget is 15 minutes); nothing else may.
+    notice the death and start a replica, so ``market_data_gap`` answers (no candle for longer
+    than the budget, still bridgeable) may appear while the replica is down (at the live rate the
+    budget is 15 minutes); nothing else may.
     """
     import ray
     from ray import serve
@@ -545,5 +550,5 @@ def test_a_killed_feature_builder_is_reseeded_and_keeps_answering(serving_app):
     during = [a for a in answers if a[0] < recovered]
     after = [a for a in answers if a[0] >= recovered]
     assert during and after
-    assert {e for _, code, e in during if code != 200} <= {"stale_market_data"}, during
+    assert {e for _, code, e in during if code != 200} <= {"market_data_gap"}, during
     assert all(code == 200 for _, code, _ in after), after

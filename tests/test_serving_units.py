@@ -97,13 +97,14 @@ def test_market_state_ingests_publishes_and_restarts_after_bad_candles():
     # The same candle again (a delivery retried after a timeout): nothing to do.
     again = state.ingest(_event(candles.iloc[WARMUP - 1: WARMUP]))
     assert not again.process and again.accepted == 0
-    # A bad candle is refused and the next one starts a new segment (features undefined again).
+    # A bad candle is refused; the next one bridges its slot (a one-candle gap: no warm-up restart).
     bad = candles.iloc[WARMUP: WARMUP + 1].copy()
     bad["low"] = -1.0
     res = state.ingest(_event(bad))
     assert res.rejected and res.open_time == int(candles.open_time[WARMUP - 1])
     res = state.ingest(_event(candles.iloc[WARMUP + 1: WARMUP + 2]))
-    assert res.process and res.row is None and state.snapshot().symbols["BTCUSDT"].history == 1
+    assert res.process and res.row is not None and state.snapshot().symbols["BTCUSDT"].history == WARMUP
+    assert res.row.features[list(state.builder.names).index("bridged_288")] == 1.0
     # An older publish (a newer candle arrived meanwhile) changes nothing.
     assert not state.publish("BTCUSDT", int(candles.open_time[WARMUP - 1]), {}, None)
     with pytest.raises(Exception, match="not one of the engine's symbols"):
@@ -237,7 +238,8 @@ def test_undefined_features_give_503_for_predictions_and_hold_with_a_reason_for_
             r = rows[0]
             return [Forecast(r.symbol, horizon, r.open_time, r.close, nan, nan, nan, nan, nan, nan, nan, nan,
                              (nan, nan, nan), "HOLD", 0.0, r.close, None, None,
-                             "features undefined (warm-up or data gap): 3 of 54 values missing", {})]
+                             "features_unavailable", {}, "features undefined (warm-up or a long data gap): 3 of 54 "
+                             "values missing")]
 
         async def models_status(self):
             return {"loaded": True, "versions": {}, "models": {}}
@@ -250,7 +252,8 @@ def test_undefined_features_give_503_for_predictions_and_hold_with_a_reason_for_
     r = _call(app, "POST", "/predictions", json={"symbol": "BTCUSDT", "horizon": 6})
     assert r.status_code == 503 and r.json()["error"] == "features_unavailable" and "warm-up" in r.json()["message"]
     s = _call(app, "POST", "/signals", json={"symbol": "BTCUSDT"}).json()
-    assert s["signal_type"] == "HOLD" and s["confidence"] == 0 and "warm-up" in s["reason"]
+    assert s["signal_type"] == "HOLD" and s["confidence"] == 0 and s["reason"] == "features_unavailable"
+    assert "warm-up" in s["reason_detail"]
     assert s["take_profit"] is None and s["probabilities"] == {"SELL": None, "HOLD": None, "BUY": None}
 
 

@@ -322,11 +322,12 @@ def test_ensemble_holds_with_reason_on_bad_rows(trained, candle_slices):
     closes = data.close[:4].copy()
     closes[3] = np.nan
     fc = ens.forecast(feats, symbols, closes, data.open_time[:4], 6)
-    assert fc[0].signal_type == "HOLD" and fc[0].confidence == 0 and "features undefined" in fc[0].reason
+    assert fc[0].signal_type == "HOLD" and fc[0].confidence == 0 and fc[0].reason == "features_unavailable"
+    assert "features undefined" in fc[0].reason_detail
     assert math.isnan(fc[0].pred_high_pct) and fc[0].take_profit is None
     assert fc[1].reason is None and math.isfinite(fc[1].pred_high_pct)
-    assert fc[2].signal_type == "HOLD" and "unknown symbol" in fc[2].reason
-    assert fc[3].signal_type == "HOLD" and "close" in fc[3].reason
+    assert fc[2].signal_type == "HOLD" and fc[2].reason == "unknown_symbol" and "DOGEUSDT" in fc[2].reason_detail
+    assert fc[3].signal_type == "HOLD" and fc[3].reason == "market_data_invalid" and "close" in fc[3].reason_detail
     d = fc[0].to_dict()
     json.dumps(d, allow_nan=False)
     assert d["pred_high_pct"] is None and d["signal_type"] == "HOLD" and d["reason"]

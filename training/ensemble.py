@@ -16,9 +16,10 @@ Raw stage outputs (columns, see ``training.transforms``):
 - ``signal_classifier`` (n, 3): P(SELL), P(HOLD), P(BUY);
 - ``meta_model`` (n, 4): final P(SELL), P(HOLD), P(BUY) and the calibrated confidence of the argmax.
 
-Rows whose features are undefined (warm-up, a data gap), whose symbol the model does not know or
-whose close is missing become HOLD with confidence 0 and a ``reason``; their range fields are NaN
-(serving answers 503 for them). Nothing is guessed.
+Rows whose features are undefined (warm-up, a long data gap), whose symbol the model does not know
+or whose close is missing become HOLD with confidence 0, a ``reason`` code (``HOLD_REASONS``) and a
+``reason_detail`` for people; their range fields are NaN (serving answers 503 for them). Nothing is
+guessed.
 
 Entry, take-profit and stop-loss: entry is the close; TP/SL are the ATR barriers of
 :func:`features.labels.barrier_distances` (``atr_14`` feature column, the same barriers the TP/SL
@@ -55,6 +56,11 @@ def booster_name(target: str, horizon: int, symbol: str | None = None) -> str:
 
 
 # The boosters behind each model's stage output, in output order.
+# Why a forecast is a forced HOLD (the ``reason`` field; None when the forecast is defined). The
+# serving layer adds ``market_data_gap`` and ``stale_market_data`` for requests while no candle arrives.
+HOLD_REASONS: tuple[str, ...] = ("features_unavailable", "unknown_symbol", "market_data_invalid",
+                                 "model_output_undefined")
+
 MODEL_TARGETS: dict[str, tuple[str, ...]] = {"range_predictor": ("high", "low"),
                                              "tpsl_classifier": ("tp_long", "tp_short"),
                                              "signal_classifier": ("signal",), "meta_model": ("meta",)}
@@ -84,6 +90,7 @@ class Forecast:
     stop_loss: float | None
     reason: str | None = None
     model_versions: dict[str, str] = field(default_factory=dict)
+    reason_detail: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types; NaN becomes ``None`` (JSON has no NaN)."""
@@ -227,7 +234,8 @@ class Ensemble:
         The single definition of how outputs become a forecast: :meth:`compose` builds its objects
         from these columns, and backtests over hundreds of thousands of rows use them directly
         (building an object per row cost most of a backtest's time). ``take_profit``/``stop_loss``
-        are NaN where a Forecast has ``None``; ``reason`` is None where the forecast is defined.
+        are NaN where a Forecast has ``None``; ``reason`` (a code of ``HOLD_REASONS``) and
+        ``reason_detail`` are None where the forecast is defined.
         """
         horizon = self._check_horizon(horizon)
         features = np.asarray(features, dtype=np.float64)
@@ -252,15 +260,18 @@ class Ensemble:
             good_close = np.isfinite(closes) & (closes > 0)
         good_output = np.isfinite(rng).all(axis=1) & np.isfinite(meta).all(axis=1)
         reason = np.full(n, None, dtype=object)
+        detail = np.full(n, None, dtype=object)
         for i in np.flatnonzero(~good_output):
-            reason[i] = "model output undefined"
+            reason[i], detail[i] = "model_output_undefined", "the models gave no finite output for this row"
         for i in np.flatnonzero(~good_close):
-            reason[i] = "close price missing or not positive"
+            reason[i], detail[i] = "market_data_invalid", "close price missing or not positive"
         for i in np.flatnonzero(~known):
-            reason[i] = f"unknown symbol {symbols[i]!r}; the models know {list(self.symbols)}"
+            reason[i] = "unknown_symbol"
+            detail[i] = f"unknown symbol {symbols[i]!r}; the models know {list(self.symbols)}"
         for i in np.flatnonzero(missing > 0):
-            reason[i] = (f"features undefined (warm-up or data gap): {int(missing[i])} of {features.shape[1]} "
-                         "values missing")
+            reason[i] = "features_unavailable"
+            detail[i] = (f"features undefined (warm-up or a long data gap): {int(missing[i])} of "
+                         f"{features.shape[1]} values missing")
         ok = (missing == 0) & known & good_close & good_output
 
         def defined(values: np.ndarray) -> np.ndarray:
@@ -281,7 +292,7 @@ class Ensemble:
             "p_tp_long": defined(tpsl[:, 0]), "p_tp_short": defined(tpsl[:, 1]),
             "signal_probs": probs, "signal_type": signal,
             "confidence": np.where(ok, meta[:, 3], 0.0), "entry_price": closes,
-            "take_profit": defined(tp), "stop_loss": defined(sl), "reason": reason,
+            "take_profit": defined(tp), "stop_loss": defined(sl), "reason": reason, "reason_detail": detail,
         }
 
     def compose(self, features: np.ndarray, symbols: Sequence[str], closes: Sequence[float],
@@ -301,7 +312,8 @@ class Ensemble:
                 lists["high_upper"][i], lists["low_lower"][i], lists["low_upper"][i], lists["p_tp_long"][i],
                 lists["p_tp_short"][i], tuple(lists["signal_probs"][i]), lists["signal_type"][i],
                 lists["confidence"][i], lists["entry_price"][i], lists["take_profit"][i] if ok else None,
-                lists["stop_loss"][i] if ok else None, lists["reason"][i], dict(versions)))
+                lists["stop_loss"][i] if ok else None, lists["reason"][i], dict(versions),
+                lists["reason_detail"][i]))
         return forecasts
 
     def forecast(self, features: np.ndarray, symbols: Sequence[str], closes: Sequence[float],
