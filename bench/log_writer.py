@@ -176,7 +176,7 @@ def main() -> None:
     candles = max(1, args.rows // (2 * len(SYMBOLS) * len(HORIZONS)))
     print(f"logging benchmark: {candles * 16} rows per run (prediction + signal per forecast), "
           f"batch {settings.log_batch_size}, flush {settings.log_flush_interval_s}s")
-    with Database(settings.database_url) as db, tempfile.TemporaryDirectory() as tmp:
+    with Database(settings.database_url.get_secret_value()) as db, tempfile.TemporaryDirectory() as tmp:
         base = direct_insert(db.url, forecasts(candles, "direct"), settings.log_batch_size)
         db.truncate()
         acc, wrote, n = writer_up(settings, db.url, forecasts(candles, "up"), Path(tmp) / "up")

@@ -9,7 +9,9 @@ never silently fall back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,6 +25,9 @@ PROJECT_DIR = CONFIG_DIR.parent
 YAML_FILES = ("market.yaml", "features.yaml", "models.yaml")
 # Longest look-back any feature may need, in 5-minute candles; features.WARMUP mirrors it.
 MAX_FEATURE_WINDOW = 576
+# Shortest API key accepted: 24 characters of token_urlsafe are 144 random bits, far beyond any
+# online or offline guess (launcher.py generates keys of 32 characters).
+MIN_API_KEY_LENGTH = 24
 
 
 class Strict(BaseModel):
@@ -156,11 +161,20 @@ class Settings(BaseSettings):
     spool_dir: Path = PROJECT_DIR / "var" / "spool"
 
     # Services (all optional at run time: the engine degrades without them).
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    database_url: str = "postgresql://127.0.0.1:5432/test"
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")  # secret: shown and logged only as redact_url()
+    database_url: SecretStr = SecretStr("postgresql://127.0.0.1:5432/test")  # secret, like redis_url
 
     # HTTP and Ray.
-    api_keys: Annotated[list[SecretStr], NoDecode] = []  # MLE_API_KEYS=key1,key2
+    api_keys: Annotated[list[SecretStr], NoDecode] = []  # MLE_API_KEYS=key1,key2 (each at least 24 characters)
+    api_keys_file: Path | None = None  # more keys, one per line ('#' comments): a mounted secret, never Serve args
+    # HMAC key of key ids (Redis, logs) and of cache entries; None = derived from the whole key set.
+    deployment_secret: SecretStr | None = None
+    max_body_bytes: int = Field(16384, ge=256, le=16 << 20)  # larger request bodies: 413 before they are read
+    auth_failures_per_minute: int = Field(30, ge=1)  # 401s per client address per minute; beyond: 429
+    # Who may read GET /metrics without a key: CIDRs, "loopback", "cluster" (every Ray node's address).
+    metrics_networks: list[str] = ["loopback", "cluster"]
+    metrics_cache_s: float = Field(5.0, ge=0, le=300)  # GET /metrics serves the node export this long
+    handle_timeout_s: float = Field(10.0, gt=0, le=300)  # every DeploymentHandle call on a request path
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
     ray_port: int = Field(6380, ge=1, le=65535)
@@ -178,7 +192,7 @@ class Settings(BaseSettings):
     log_flush_interval_s: float = Field(0.2, gt=0, le=60)  # longest a logged row waits before it is written
     log_retry_interval_s: float = Field(1.0, gt=0, le=300)  # how often an unreachable PostgreSQL is retried
     db_timeout_s: float = Field(5.0, gt=0, le=300)  # connect/statement timeout: a hung server counts as down
-    spool_max_bytes: int = Field(1 << 30, ge=1 << 20)  # disk the spool may fill in an outage; beyond: dropped, counted
+    spool_max_bytes: int = Field(1 << 30, ge=1 << 20)  # disk all spools under spool_dir (the node) may fill; beyond: dropped, counted
     # Exchange fee per side (0.00075 = 7.5 bps, Binance spot taker with the BNB discount), paid on entry
     # and exit: live outcomes (pnl_percent, R) and the backtest's default cost use the same figure.
     fee_rate: float = Field(0.00075, ge=0, lt=0.05)
@@ -215,6 +229,44 @@ class Settings(BaseSettings):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _keys_from_file(cls, data: Any) -> Any:
+        """``api_keys_file`` adds its keys to ``api_keys``: keys then never travel in Serve args."""
+        path = data.get("api_keys_file") if isinstance(data, dict) else None
+        if not path:
+            return data
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ValueError(f"api_keys_file: cannot read {path}: {exc.strerror or exc}") from None
+        keys = cls._split_keys(data.get("api_keys") or [])
+        extra = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return {**data, "api_keys": [*keys, *extra]}
+
+    @field_validator("api_keys")
+    @classmethod
+    def _strong_keys(cls, v: list[SecretStr]) -> list[SecretStr]:
+        """Short keys can be guessed; the error names the variable and the length, never the key."""
+        for i, key in enumerate(v):
+            n = len(key.get_secret_value())
+            if n < MIN_API_KEY_LENGTH:
+                raise ValueError(f"MLE_API_KEYS: key #{i + 1} has {n} characters, at least {MIN_API_KEY_LENGTH} "
+                                 "are required (generate one: python -c 'import secrets; "
+                                 "print(secrets.token_urlsafe(24))')")
+        return v
+
+    @field_validator("metrics_networks")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for net in v:
+            if net not in ("loopback", "cluster"):
+                try:
+                    ipaddress.ip_network(net, strict=False)
+                except ValueError:
+                    raise ValueError(f"{net!r} is not a CIDR network, 'loopback' or 'cluster'") from None
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
         if max(self.market.horizons) > MAX_FEATURE_WINDOW:
@@ -238,6 +290,31 @@ class Settings(BaseSettings):
         yaml_files = [config_dir / name for name in YAML_FILES if (config_dir / name).exists()]
         yaml_source = YamlConfigSettingsSource(settings_cls, yaml_file=yaml_files)
         return init_settings, env_settings, dotenv_settings, yaml_source
+
+
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<cred>[^@/\s]*@)", re.IGNORECASE)
+
+
+def redact_url(url: str | SecretStr) -> str:
+    """``redis://:pw@host/0`` -> ``redis://***@host/0``: the one way a service URL is shown or logged."""
+    text = url.get_secret_value() if isinstance(url, SecretStr) else str(url)
+    return _URL_CREDENTIALS.sub(lambda m: f"{m['scheme']}***@", text)
+
+
+def scrub(text: str, *urls: str | SecretStr | None) -> str:
+    """``text`` (an exception message, a log line) without the credentials of ``urls`` or of any URL in it."""
+    for url in urls:
+        if url is None:
+            continue
+        plain = url.get_secret_value() if isinstance(url, SecretStr) else str(url)
+        m = _URL_CREDENTIALS.search(plain)
+        if m:
+            text = text.replace(plain, redact_url(plain))
+            user, _, password = m["cred"][:-1].partition(":")
+            for secret in (password, m["cred"][:-1]):
+                if len(secret) >= 3:  # never blank out single characters all over a message
+                    text = text.replace(secret, "***")
+    return redact_url(text)
 
 
 def _describe(exc: ValidationError) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -28,7 +27,8 @@ import threading
 import time
 from pathlib import Path
 
-from configs.settings import PROJECT_DIR, Settings, load_settings
+from configs.settings import PROJECT_DIR, Settings, load_settings, redact_url
+from deployments.auth import new_api_key
 
 DEFAULT_REPLAY_SPEED = "60"
 
@@ -78,13 +78,13 @@ def service_status(settings: Settings) -> tuple[str, str]:
     import redis
 
     try:
-        redis.Redis.from_url(settings.redis_url, socket_timeout=1, socket_connect_timeout=1).ping()
+        redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=1, socket_connect_timeout=1).ping()
         r = "up"
     except Exception as exc:
         r = f"not reachable ({type(exc).__name__}): predictions are computed on request, no pub/sub"
 
     async def pg() -> None:
-        conn = await asyncpg.connect(settings.database_url, timeout=2)
+        conn = await asyncpg.connect(settings.database_url.get_secret_value(), timeout=2)
         await conn.close()
 
     try:
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("RAY_AUTH_MODE", "token")
     generated = not env.get("MLE_API_KEYS", "").strip()
     if generated:
-        env["MLE_API_KEYS"] = secrets.token_urlsafe(24)
+        env["MLE_API_KEYS"] = new_api_key()
     os.environ.update({k: env[k] for k in ("MLE_API_KEYS", "MLE_REPLAY_SPEED", "RAY_USAGE_STATS_ENABLED",
                                            "RAY_AUTH_MODE")})
     settings = load_settings()
@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_train:
         ensure_models(settings)
     redis_state, pg_state = service_status(settings)
-    _say(f"redis: {redis_state}; postgresql: {pg_state}")
+    _say(f"redis {redact_url(settings.redis_url)}: {redis_state}; "
+         f"postgresql {redact_url(settings.database_url)}: {pg_state}")
     if _port_open("127.0.0.1", settings.ray_port):
         raise SystemExit(f"port {settings.ray_port} is taken (another Ray head?); set MLE_RAY_PORT to a free port")
     if _port_open(settings.http_host, settings.http_port):

@@ -147,8 +147,8 @@ def default_text(value: Any) -> str:
             return f"`<repo>/{value.relative_to(PROJECT_DIR)}`"
         except ValueError:
             return f"`{value}`"
-    if isinstance(value, SecretStr):
-        return "`(secret)`"
+    if isinstance(value, SecretStr):  # a service URL: shown as the engine shows it, credentials redacted
+        return f'`"{settings_module.redact_url(value)}"`'
     if isinstance(value, (list, tuple)):
         return "`[" + ", ".join(str(v) for v in value) + "]`"
     if isinstance(value, str):

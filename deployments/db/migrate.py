@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--database-url", default=None, help="default: Settings.database_url (MLE_DATABASE_URL)")
     args = parser.parse_args(argv)
-    asyncio.run(_main(args.database_url or get_settings().database_url))
+    asyncio.run(_main(args.database_url or get_settings().database_url.get_secret_value()))
 
 
 if __name__ == "__main__":
