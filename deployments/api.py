@@ -7,6 +7,10 @@ horizons as enums, and every response (200 and each error) is documented with it
 
 Hot-path note: /predictions and /signals return pre-rendered JSON bytes (``Response``), so
 FastAPI does not re-validate and re-serialise the answer; the response models are for the docs.
+
+Before any route runs, :class:`~deployments.guard.RequestGuard` refuses oversized bodies (413) and
+requests without a valid key (401, throttled to 429 per address) on the headers alone: FastAPI
+parses a body before dependencies, so the key check cannot live only in one.
 """
 
 
@@ -17,14 +21,15 @@ from typing import Any, Literal, Optional
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response, Security
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model
 
+from configs.settings import scrub
 from deployments.auth import retry_after_header
 from deployments.errors import ApiError, ErrorBody, install_error_handlers, openapi_errors
+from deployments.guard import API_KEY_HEADER, KID_STATE, MetricsAccess, RequestGuard
 from deployments.hooks import ServingLog
+from deployments.metrics import MetricsUnavailable
 from deployments.service import PredictionService
-
-API_KEY_HEADER = "X-API-Key"
 
 
 # ---- response schemas (documentation of what the service renders) --------------------------
@@ -117,6 +122,11 @@ class HealthResponse(BaseModel):
     status: Literal["ok"]
 
 
+class ReadinessResponse(BaseModel):
+    status: Literal["ready"]
+    checks: dict[str, Any]
+
+
 class HealthDetailedResponse(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -135,17 +145,25 @@ def api_description(settings, symbols: list[str], horizons: list[int]) -> str:
     return f"""Price-range predictions and BUY/SELL/HOLD signals for {', '.join(symbols)} over \
 {', '.join(str(h) for h in horizons)} five-minute candles ({', '.join(f"{h * 5} min" for h in horizons)}).
 
-**Keys and limits.** Every route except `/health` and `/metrics` needs an `{API_KEY_HEADER}` header with \
-one of the keys in `MLE_API_KEYS` (a missing or unknown key is a 401). Each key may make \
+**Keys and limits.** Every route except `/health`, `/health/ready` and `/metrics` needs exactly one \
+`{API_KEY_HEADER}` header with one of the keys in `MLE_API_KEYS` (a missing, unknown or repeated key is a \
+401, answered before the request body is read). `/metrics` needs no key from loopback and the cluster's \
+own nodes (`MLE_METRICS_NETWORKS`), a key from anywhere else. Each key may make \
 {settings.rate_limit_per_minute} requests per minute, in bursts of up to as many; beyond that the answer \
-is 429 with a `Retry-After` header (seconds). The limit is shared by every ingress replica through Redis \
-(each replica limits on its own while Redis is down).
+is 429 with a `Retry-After` header (seconds). Each client address may fail authentication \
+{settings.auth_failures_per_minute} times per minute; beyond that its 401s become 429s (requests with a \
+valid key are never refused for their address). Both limits are shared by every ingress replica through \
+Redis (each replica limits on its own while Redis is down). A request body over \
+{settings.max_body_bytes} bytes is refused with 413 before it is read.
 
 **Errors** are always JSON `{{"error": code, "message": text, "path": path}}`: 422 `validation_error` \
-for a bad request (it names the supported symbols and horizons), 401 `unauthorized`, 429 `rate_limited`, \
-503 when the engine cannot answer right now: `market_data_gap` or `stale_market_data` (with `data_age_s`: \
-no candle for more than {settings.max_data_age_s:g} s; see below), `market_data_unavailable`, `model_not_found`, `features_unavailable` \
-(warming up: features need 1000 contiguous candles), `prediction_unavailable`. A 503 carries `Retry-After`.
+for a bad request (it names the supported symbols and horizons), 401 `unauthorized`, 413 \
+`payload_too_large`, 429 `rate_limited`, 503 when the engine cannot answer right now: `market_data_gap` or \
+`stale_market_data` (with `data_age_s`: no candle for more than {settings.max_data_age_s:g} s; see below), \
+`market_data_unavailable`, `model_not_found`, `features_unavailable` (warming up: features need 1000 \
+contiguous candles), `prediction_unavailable` (the model graph failed or did not answer within \
+{settings.handle_timeout_s:g} s), `not_ready`, `metrics_unavailable`. A 503 carries `Retry-After`; its \
+message names no file path.
 
 **When data is missing** (an exchange halt, a lost candle, a feed outage, warm-up), the engine never \
 guesses: `/signals` answers HOLD with confidence 0, no take-profit or stop-loss, and a `reason` code \
@@ -167,7 +185,7 @@ in the feed's time). `Cache-Control: no-cache` computes the answer now through t
 
 def create_app(service: PredictionService, *, database_health: Callable[[], Awaitable[dict[str, Any]]],
                metrics_text: Callable[[], Awaitable[str]], serving_log: ServingLog | None = None,
-               title: str = "ML Engine") -> FastAPI:
+               title: str = "ML Engine", metrics_access: MetricsAccess | None = None) -> FastAPI:
     settings = service.settings
     symbols, horizons = service.symbols, service.horizons
     Symbol = Literal[tuple(symbols)]  # type: ignore[valid-type]
@@ -190,7 +208,8 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
     limit = settings.rate_limit_per_minute
 
     async def authorized(request: Request, key: Optional[str] = Security(key_header)) -> str:
-        kid = service.keys.identify(key)
+        kid = request.scope.get("state", {}).get(KID_STATE)  # the guard identified the key already
+        kid = kid or service.keys.identify(key)
         if kid is None:
             raise ApiError(401, "unauthorized", f"missing or unknown {API_KEY_HEADER} header")
         wait, _scope = await service.limiter.check(kid)
@@ -199,7 +218,10 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
                            headers={"Retry-After": retry_after_header(wait)}, retry_after_s=round(wait, 3))
         return kid
 
-    auth_errors = openapi_errors(401, 422, 429, 503)
+    auth_errors = openapi_errors(401, 413, 422, 429, 503)
+    app.add_middleware(RequestGuard, routes_of=app, key_check=authorized, keys=service.keys,
+                       failures=service.auth_failures, max_body_bytes=settings.max_body_bytes,
+                       metrics=metrics_access or MetricsAccess(settings.metrics_networks))
 
     def json_bytes(body: bytes) -> Response:
         return Response(content=body, media_type="application/json")
@@ -264,6 +286,18 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    @app.get("/health/ready", response_model=ReadinessResponse, responses=openapi_errors(503), tags=["operations"],
+             summary="Readiness for load balancers: 503 until models, market data and the graph are up (no key)")
+    async def health_ready() -> dict[str, Any]:
+        """200 once this engine can answer: the models are loaded, every symbol has market data and the
+        model graph answers. Staleness does not make it unready (every replica shares the feed: pulling
+        them all would turn a clear 503 `stale_market_data` into refused connections)."""
+        ready, checks = await service.readiness()
+        if not ready:
+            failing = ", ".join(name for name, check in checks.items() if not check["ok"])
+            raise ApiError(503, "not_ready", f"not ready: {failing}", headers={"Retry-After": "5"}, checks=checks)
+        return {"status": "ready", "checks": checks}
+
     @app.get("/health/detailed", response_model=HealthDetailedResponse, responses=openapi_errors(401, 429),
              tags=["operations"], summary="Models, cache, database, market feed (with data age), Serve replicas")
     async def health_detailed(kid: str = Depends(authorized)) -> dict[str, Any]:
@@ -276,19 +310,23 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
             try:
                 database = {**database, "log": await asyncio.wait_for(serving_log.health(), timeout=3)}
             except Exception as exc:
-                database = {**database, "log": {"status": "unknown", "error": f"{type(exc).__name__}: {exc}"}}
+                database = {**database, "log": {"status": "unknown", "error": scrub(f"{type(exc).__name__}: {exc}")}}
         return await service.health_detailed(database)
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics of the engine (no key needed)",
              response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                              "description": "Prometheus text exposition format"}})
+                              "description": "Prometheus text exposition format"}, **openapi_errors(401, 503)})
     async def metrics() -> Response:
         """Prometheus text: `ml_predictions_total{symbol,horizon}`, `ml_prediction_latency_seconds`,
         `ml_cache_hits_total{layer}`, `ml_cache_misses_total`, `ml_market_data_age_seconds{symbol}`,
         `ml_precomputed_predictions_total`, `ml_model_accuracy{model_name}`, aggregated over every replica
         of the node (Ray's metrics agent; Ray itself exports them with a `ray_` prefix)."""
-        return Response(content=await metrics_text(), media_type="text/plain; version=0.0.4")
+        try:
+            text = await metrics_text()
+        except MetricsUnavailable as exc:
+            raise ApiError(503, "metrics_unavailable", str(exc), headers={"Retry-After": "5"}) from None
+        return Response(content=text, media_type="text/plain; version=0.0.4")
 
     return app
 
@@ -296,8 +334,8 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
 class DatabaseProbe:
     """Is PostgreSQL reachable? One short connect + SELECT 1, remembered for ``interval_s``."""
 
-    def __init__(self, url: str, timeout_s: float = 2.0, interval_s: float = 5.0) -> None:
-        self.url = url
+    def __init__(self, url: str | SecretStr, timeout_s: float = 2.0, interval_s: float = 5.0) -> None:
+        self.url = url.get_secret_value() if isinstance(url, SecretStr) else url
         self.timeout_s = timeout_s
         self.interval_s = interval_s
         self._last: tuple[float, dict[str, Any]] | None = None
@@ -316,6 +354,6 @@ class DatabaseProbe:
                 await conn.close(timeout=self.timeout_s)
             result: dict[str, Any] = {"status": "up"}
         except Exception as exc:  # any failure means "down" for health purposes
-            result = {"status": "down", "error": f"{type(exc).__name__}: {exc}"[:300]}
+            result = {"status": "down", "error": scrub(f"{type(exc).__name__}: {exc}", self.url)[:300]}
         self._last = (now, result)
         return result

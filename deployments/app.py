@@ -2,8 +2,8 @@
 
 ``serve_config.yaml`` names ``deployments.app:build_app`` as its import path; its ``args`` are
 Settings overrides (any Settings field; the rest comes from ``MLE_*`` variables and configs/*.yaml
-on the cluster). Prefer ``MLE_API_KEYS`` in the cluster's environment to keys in args: args are
-visible in the Serve config and dashboard.
+on the cluster). API keys never go in args (they are visible in the Serve config and dashboard):
+set ``MLE_API_KEYS`` in the cluster's environment or point ``api_keys_file`` at a mounted secret.
 
 Graph::
 
@@ -24,6 +24,7 @@ from configs.settings import load_settings
 from deployments.feature_builder import FeatureBuilderDeployment
 from deployments.ingress import ApiIngress
 from deployments.market_data import MarketFeed
+from features.errors import ConfigError
 from deployments.models import POOL_NAMES, ModelPool
 from deployments.router import EnsembleRouter
 
@@ -47,6 +48,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 def build_graph(args: dict[str, Any] | None = None, ingress_replicas: int = 1) -> Application:
     """:func:`build_app` with the ingress's replica count (serve_config.yaml sets it per deployment)."""
     overrides = _plain(dict(args or {}))
+    secrets_in_args = sorted({"api_keys", "deployment_secret"} & set(overrides))
+    if secrets_in_args:
+        raise ConfigError(f"{', '.join(secrets_in_args)}: secrets in Serve args are visible in the Serve config and "
+                          "dashboard; set MLE_API_KEYS (MLE_DEPLOYMENT_SECRET) on the cluster, or api_keys_file")
     settings = load_settings(**overrides)  # ConfigError naming the key, before anything is deployed
     quiet = {"enable_access_log": False}  # internal hops: one log line per call would cost more than the call
     fb = FeatureBuilderDeployment.options(logging_config=quiet).bind(overrides)

@@ -3,6 +3,10 @@
 Why one place: every route, the auth layer and the exception handlers must agree on what a
 client sees. A client can cause only 4xx answers; 503 means the engine cannot answer right now
 (no model, stale market data, warming up) and says why; 500 is reserved for our own bugs.
+
+What a body never carries: internal file paths (a 5xx message names ``<path>`` instead: the
+registry's location is for operators, in /health/detailed and the logs) and text that cannot be
+encoded (a lone surrogate from a hostile JSON key is replaced, not allowed to turn a 422 into a 500).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -97,11 +102,32 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 3)
 
 
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[\w.@+-]+/)+[\w.@+-]*")
+
+
+def without_paths(message: str) -> str:
+    """``message`` with absolute file paths (two components or more) replaced by ``<path>``."""
+    return _ABSOLUTE_PATH.sub("<path>", message)
+
+
+def _encodable(value: Any) -> Any:
+    """Strings that UTF-8 can encode (lone surrogates become '?'), recursively."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, list):
+        return [_encodable(v) for v in value]
+    if isinstance(value, dict):
+        return {_encodable(k): _encodable(v) for k, v in value.items()}
+    return value
+
+
 def error_response(status: int, error: str, message: str, path: str, headers: dict[str, str] | None = None,
                    **extra: Any) -> JSONResponse:
+    if status >= 500:
+        message = without_paths(message)
     body: dict[str, Any] = {"error": error, "message": message, "path": path}
     body.update({k: v for k, v in extra.items() if v is not None})
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(_encodable(body), status_code=status, headers=headers)
 
 
 def engine_error_response(exc: MLEngineError, path: str) -> JSONResponse:

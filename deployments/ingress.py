@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any, Sequence
 
 from ray import serve
@@ -17,8 +18,9 @@ from ray import serve
 from configs.settings import load_settings
 from deployments.api import DatabaseProbe, create_app
 from deployments.cache import RedisGateway
+from deployments.guard import MetricsAccess
 from deployments.hooks import load_serving_log
-from deployments.metrics import EngineMetrics, engine_series, node_metrics_url
+from deployments.metrics import EngineMetrics, NodeMetricsExport
 from deployments.service import PredictionService
 from deployments.state import FeatureRow
 
@@ -77,16 +79,23 @@ class ApiIngress:
         self.service = PredictionService(self.settings, ServeBackend(router, market_feed), redis=redis,
                                          metrics=self.metrics, serving_log=self.serving_log)
         self.database = DatabaseProbe(self.settings.database_url, timeout_s=min(2.0, self.settings.db_timeout_s))
-        self._metrics_url = node_metrics_url()
+        self.metrics_export = NodeMetricsExport(self.settings.metrics_cache_s)
+        # Serve's HAProxy mode connects to this replica itself: every client's address is the proxy's.
+        behind_proxy = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0") not in ("", "0")
+        if behind_proxy and self.settings.metrics_networks:
+            log.warning("HAProxy mode: client addresses are the proxy's, so GET /metrics needs an API key from "
+                        "everywhere (metrics_networks is ignored); scrape the Ray metrics agent for keyless access")
+        self.metrics_access = MetricsAccess(self.settings.metrics_networks, behind_proxy=behind_proxy)
         try:  # start with the current market state, if the feed has one
             self.service.set_market(await asyncio.wait_for(self.fb.snapshot.remote(-1, 0.0), timeout=30))
         except Exception as exc:
             log.warning("no market snapshot yet: %s", exc)
-        self._tasks = [asyncio.create_task(self._follow_market()), asyncio.create_task(self._tick())]
+        self._tasks = [asyncio.create_task(self._follow_market()), asyncio.create_task(self._tick()),
+                       asyncio.create_task(self._follow_nodes())]
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.service, database_health=self.database, metrics_text=self._metrics_text,
-                          serving_log=self.serving_log)
+        return create_app(self.service, database_health=self.database, metrics_text=self.metrics_export,
+                          serving_log=self.serving_log, metrics_access=self.metrics_access)
 
     async def _follow_market(self) -> None:
         """Long-poll the FeatureBuilder: a published candle reaches this replica in one round trip."""
@@ -106,16 +115,19 @@ class ApiIngress:
             await asyncio.sleep(1.0)
             self.service.record_ages()
 
-    async def _metrics_text(self) -> str:
-        import httpx
+    async def _follow_nodes(self) -> None:
+        """The cluster's node addresses, for /metrics' ``cluster`` network (nodes join and leave)."""
+        import ray
 
-        if self._metrics_url is None:
-            self._metrics_url = node_metrics_url()
-        if self._metrics_url is None:
-            return "# the Ray metrics agent is not reachable from this replica\n"
-        async with httpx.AsyncClient(timeout=5.0) as client:
-            r = await client.get(self._metrics_url)
-        return engine_series(r.text)
+        while True:
+            try:
+                nodes = await asyncio.to_thread(ray.nodes)
+                self.metrics_access.set_cluster_addresses(n["NodeManagerAddress"] for n in nodes if n.get("Alive"))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the GCS is briefly unreachable: keep the last known nodes
+                log.warning("cluster nodes: %s", exc)
+            await asyncio.sleep(30.0)
 
     async def check_health(self) -> None:
         for task in self._tasks:

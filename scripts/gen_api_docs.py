@@ -28,7 +28,8 @@ def build_openapi() -> dict[str, Any]:
 
     # Documented with the code defaults only: a developer's .env or MLE_* variables must not leak
     # into the committed reference (api keys, a different symbol list).
-    settings = load_settings(_env_file=None)
+    # The service refuses to exist without a key; this one only builds the schema, it serves nothing.
+    settings = load_settings(_env_file=None, api_keys=["documentation-only-key-serves-nothing"])
     service = PredictionService(settings, backend=None, redis=None, metrics=EngineMetrics(use_ray=False))
 
     async def nothing() -> Any:  # never called: only the schema is generated
