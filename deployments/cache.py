@@ -7,23 +7,38 @@ for ``retry_s`` seconds, then lets one call probe again; callers degrade (comput
 reading, rate-limit per replica) and ``/health/detailed`` shows the state.
 
 Keys (documented in docs/architecture.md):
-- ``prediction:{symbol}:{horizon}:{candle_open_time}``: the forecast JSON, expiring when the next
-  candle closes (``Settings.prediction_ttl_s`` overrides);
+- ``prediction:{symbol}:{horizon}:{candle_open_time}``: the forecast JSON (a :class:`CacheEntry`),
+  expiring when the next candle closes (``Settings.prediction_ttl_s`` overrides);
 - channel ``signals:{symbol}``: one JSON message per signal at every candle close;
-- ``ratelimit:{key_id}``: the rate limiter's state (GCRA "theoretical arrival time", ms).
+- ``ratelimit:{key_id}``: the rate limiter's state (GCRA "theoretical arrival time", ms);
+- ``authfail:{address}``: the same for failed authentication per client address.
+
+Why entries are checked before they are served: Redis outlives deployments, so it may hold an
+entry written by an older engine (other fields, other models, other features), and anyone who
+can write to it can plant one. :func:`read_entry` turns any entry that is unreadable, not
+signed with this deployment's secret, not of the schema, not for the key it is stored under, or
+made with other models or another feature set into a miss with a reason (counted in
+``ml_cache_rejected_total{reason}``), never into an answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import json
 import logging
+import math
 import time
-from typing import Any
+from typing import Any, Literal, Optional
 
 import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+
+from configs.settings import redact_url, scrub
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +77,12 @@ return {1, 0}
 class RedisGateway:
     """The engine's Redis client with a circuit breaker (see the module docstring)."""
 
-    def __init__(self, url: str, timeout_s: float = 0.25, retry_s: float = 1.0) -> None:
-        self.url = url
+    def __init__(self, url: str | SecretStr, timeout_s: float = 0.25, retry_s: float = 1.0) -> None:
+        self._plain_url = url.get_secret_value() if isinstance(url, SecretStr) else url
+        self.url = redact_url(self._plain_url)  # what logs and health show
         self.retry_s = retry_s
         self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            self._plain_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0), health_check_interval=0, max_connections=64)
         self._down_until = 0.0
         self.last_error: str | None = None
@@ -88,7 +104,7 @@ class RedisGateway:
         self.failures += 1
         first = self.up
         self._down_until = time.monotonic() + self.retry_s
-        self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+        self.last_error = scrub(f"{type(exc).__name__}: {exc}", self._plain_url)[:300]
         if first:
             log.warning("redis %s unavailable (%s); degrading for %.1fs", self.url, self.last_error, self.retry_s)
         return CacheUnavailable(self.last_error)
@@ -150,7 +166,7 @@ class RedisGateway:
         return True
 
     def status(self) -> dict[str, Any]:
-        return {"status": "up" if self.up else "down", "url": _redact(self.url), "last_error": self.last_error,
+        return {"status": "up" if self.up else "down", "url": self.url, "last_error": self.last_error,
                 "failures": self.failures}
 
     async def close(self) -> None:
@@ -160,9 +176,88 @@ class RedisGateway:
             pass
 
 
-def _redact(url: str) -> str:
-    """``redis://:secret@host`` -> ``redis://***@host``: never expose credentials in health output."""
-    if "@" in url:
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+
+# ---- prediction cache entries ------------------------------------------------------------------
+RejectReason = Literal["unreadable", "signature", "schema", "identity", "feature_set", "model_versions"]
+
+
+class CacheEntry(BaseModel):
+    """A ``prediction:*`` value: ``Forecast.to_dict()`` plus what it was made with and its signature
+    (tests/test_hardening_state.py keeps its fields equal to Forecast's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    symbol: str
+    horizon: int
+    candle_open_time: int
+    close: float = Field(gt=0, allow_inf_nan=False)
+    pred_high_pct: Optional[float] = Field(allow_inf_nan=False)
+    pred_low_pct: Optional[float] = Field(allow_inf_nan=False)
+    high_lower: Optional[float] = Field(allow_inf_nan=False)
+    high_upper: Optional[float] = Field(allow_inf_nan=False)
+    low_lower: Optional[float] = Field(allow_inf_nan=False)
+    low_upper: Optional[float] = Field(allow_inf_nan=False)
+    p_tp_long: Optional[float] = Field(allow_inf_nan=False)
+    p_tp_short: Optional[float] = Field(allow_inf_nan=False)
+    signal_probs: list[Optional[float]] = Field(min_length=3, max_length=3)
+    signal_type: Literal["BUY", "SELL", "HOLD"]
+    confidence: Optional[float] = Field(ge=0, le=1, allow_inf_nan=False)
+    entry_price: Optional[float] = Field(allow_inf_nan=False)
+    take_profit: Optional[float] = Field(allow_inf_nan=False)
+    stop_loss: Optional[float] = Field(allow_inf_nan=False)
+    reason: Optional[str]
+    model_versions: dict[str, str]
+    reason_detail: Optional[str] = None
+    feature_set_hash: str
+    sig: str
+
+    @field_validator("signal_probs")
+    @classmethod
+    def _probs(cls, v: list[Optional[float]]) -> list[Optional[float]]:
+        if any(p is not None and not (math.isfinite(p) and 0 <= p <= 1) for p in v):
+            raise ValueError("probabilities must be in [0, 1]")
+        return v
+
+
+def _signature(body: dict[str, Any], secret: bytes) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hmac.new(secret, canonical.encode(), hashlib.sha256).hexdigest()
+
+
+def make_entry(forecast: dict[str, Any], feature_set_hash: str, secret: bytes) -> str:
+    """The Redis value of a forecast (``Forecast.to_dict()``): tagged and signed."""
+    body = {**forecast, "feature_set_hash": feature_set_hash}
+    return json.dumps({**body, "sig": _signature(body, secret)}, allow_nan=False)
+
+
+def read_entry(raw: bytes | str, *, symbol: str, horizon: int, candle_open_time: int,
+               model_versions: dict[str, str], feature_set_hash: str,
+               secret: bytes) -> tuple[dict[str, Any] | None, RejectReason | None]:
+    """``(forecast, None)`` for an entry this engine may serve for that key, else ``(None, reason)``.
+
+    ``model_versions`` is the model set the market snapshot says the candle was published with;
+    an entry of any other set (or of none) is stale."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None, "unreadable"
+    if not isinstance(data, dict) or not isinstance(data.get("sig"), str):
+        return None, "signature"
+    body = {k: v for k, v in data.items() if k != "sig"}
+    try:
+        expected = _signature(body, secret)
+    except (TypeError, ValueError):  # NaN, Infinity or a non-JSON value: nothing this engine signed
+        return None, "signature"
+    if not hmac.compare_digest(expected, data["sig"]):
+        return None, "signature"
+    try:
+        entry = CacheEntry.model_validate(data)
+    except ValidationError:
+        return None, "schema"
+    if (entry.symbol, entry.horizon, entry.candle_open_time) != (symbol, horizon, candle_open_time):
+        return None, "identity"
+    if entry.feature_set_hash != feature_set_hash:
+        return None, "feature_set"
+    if not model_versions or entry.model_versions != model_versions:
+        return None, "model_versions"
+    return entry.model_dump(exclude={"feature_set_hash", "sig"}), None

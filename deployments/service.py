@@ -15,7 +15,12 @@ Request path of POST /predictions (and /signals):
    Concurrent misses for the same key share one computation. ``Cache-Control: no-cache`` skips
    2-3 and always computes (and refreshes the cache).
 
-Redis down: step 3 is skipped, the answer is computed, health says the cache is down.
+Redis down: step 3 is skipped, the answer is computed, health says the cache is down. A Redis
+entry is served only if :func:`~deployments.cache.read_entry` accepts it (signed by this
+deployment, of the schema, made with the snapshot's models and feature set); anything else is a
+miss, counted. Every call to the backend (DeploymentHandle calls in Serve) has a deadline,
+``Settings.handle_timeout_s``: a hung graph answers 503 ``prediction_unavailable``, it does not
+hold requests open.
 
 Missing data (docs/api.md "When data is missing"): no candle for longer than ``max_data_age_s`` is a
 ``market_data_gap`` while the gap is short enough to be bridged (``features.max_bridge_candles``;
@@ -28,15 +33,15 @@ a guess, and a backend polling signals always gets an answer it can act on.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
 from typing import Any, Literal, Protocol, Sequence
 
 from configs.settings import Settings
-from deployments.auth import ApiKeys, RateLimiter
-from deployments.cache import CacheUnavailable, RedisGateway, prediction_key
+from deployments import health
+from deployments.auth import ApiKeys, RateLimiter, deployment_secret
+from deployments.cache import CacheUnavailable, RedisGateway, make_entry, prediction_key, read_entry
 from deployments.errors import MarketDataGap, StaleMarketData, status_for
 from deployments.hooks import NullServingLog, RequestRecord, ServingLog
 from deployments.metrics import EngineMetrics
@@ -44,7 +49,7 @@ from deployments.render import body_prefix, finish, indicators_body, prediction_
 from deployments.state import FeatureRow, MarketSnapshot, SymbolState, iso_time
 from features.candles import FIVE_MINUTES_MS
 from features.errors import FeatureError, MarketDataError, MLEngineError, PredictionError
-from features.indicators import feature_names
+from features.indicators import feature_names, feature_set_hash
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +97,11 @@ class PredictionService:
         q = settings.models.quantiles
         self.coverage = round(q[2] - q[0], 6)
         self.feature_names = tuple(feature_names(settings.features))
-        self.keys = ApiKeys(settings.api_keys)
+        self.feature_hash = feature_set_hash(settings.features)
+        self.secret = deployment_secret(settings)
+        self.keys = ApiKeys(settings.api_keys, self.secret)  # ConfigError without keys: never serve open
         self.limiter = RateLimiter(settings.rate_limit_per_minute, redis)
+        self.auth_failures = RateLimiter(settings.auth_failures_per_minute, redis, prefix="authfail")
         self.market = MarketSnapshot.empty(self.symbols)
         self.started_at = time.time()
         # (endpoint, symbol, horizon) -> (candle_open_time, rendered prefix, forecast dict)
@@ -162,7 +170,7 @@ class PredictionService:
                 self.metrics.cache_hit("local")
                 prefix, forecast, obj = entry[1], entry[2], entry[3]
             else:
-                forecast = None if fresh else await self._from_redis(symbol, horizon, open_time)
+                forecast = None if fresh else await self._from_redis(st, horizon)
                 if forecast is None:
                     source = "computed"
                     forecast = await self._compute(st, horizon, fresh)
@@ -208,19 +216,22 @@ class PredictionService:
         except Exception:  # the log must never break an answer
             log.exception("serving log hook failed")
 
-    async def _from_redis(self, symbol: str, horizon: int, open_time: int) -> dict[str, Any] | None:
-        if self.redis is None:
+    async def _from_redis(self, st: SymbolState, horizon: int) -> dict[str, Any] | None:
+        if self.redis is None or st.open_time is None:
             return None
+        key = prediction_key(st.symbol, horizon, st.open_time)
         try:
-            raw = await self.redis.get(prediction_key(symbol, horizon, open_time))
+            raw = await self.redis.get(key)
         except CacheUnavailable:
             return None
         if raw is None:
             return None
-        try:
-            forecast = json.loads(raw)
-        except ValueError:
-            log.warning("unreadable cache entry %s", prediction_key(symbol, horizon, open_time))
+        forecast, reason = read_entry(raw, symbol=st.symbol, horizon=horizon, candle_open_time=st.open_time,
+                                      model_versions=st.model_versions, feature_set_hash=self.feature_hash,
+                                      secret=self.secret)
+        if forecast is None:
+            self.metrics.cache_rejected(reason or "unreadable")
+            log.warning("cache entry %s refused (%s): computing instead", key, reason)
             return None
         self.metrics.cache_hit("redis")
         return forecast
@@ -240,8 +251,12 @@ class PredictionService:
 
     async def _compute_and_cache(self, st: SymbolState, row: FeatureRow, horizon: int) -> dict[str, Any]:
         self.metrics.cache_miss()
+        timeout = self.settings.handle_timeout_s
         try:
-            forecasts = await self.backend.forecast([row], horizon)
+            forecasts = await asyncio.wait_for(self.backend.forecast([row], horizon), timeout)
+        except asyncio.TimeoutError:
+            log.warning("forecast through the graph: no answer within %.1f s", timeout)
+            raise PredictionError(f"the model graph did not answer within {timeout:g} s; retry shortly") from None
         except MLEngineError as exc:
             raise _engine_cause(exc) from None
         except Exception as exc:  # a replica died, backpressure, ...: the client can retry
@@ -254,7 +269,7 @@ class PredictionService:
         if self.redis is not None:
             try:
                 await self.redis.set_many([(prediction_key(row.symbol, horizon, row.open_time),
-                                            json.dumps(forecast), self.ttl_s(st))])
+                                            make_entry(forecast, self.feature_hash, self.secret), self.ttl_s(st))])
             except CacheUnavailable:
                 pass
         return forecast
@@ -269,7 +284,25 @@ class PredictionService:
         return body
 
     async def models_status(self) -> dict[str, Any]:
-        return await self.backend.models_status()
+        try:
+            return await asyncio.wait_for(self.backend.models_status(), self.settings.handle_timeout_s)
+        except asyncio.TimeoutError:
+            raise PredictionError(f"the model graph did not answer within {self.settings.handle_timeout_s:g} s; "
+                                  "retry shortly") from None
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether this engine can answer: models loaded, market data for every symbol, the graph up."""
+        checks: dict[str, Any] = {}
+        try:
+            status = await asyncio.wait_for(self.backend.models_status(), min(5.0, self.settings.handle_timeout_s))
+            checks["graph"] = {"ok": True}
+            checks["models"] = {"ok": bool(status.get("loaded")), "versions": status.get("versions") or {}}
+        except Exception as exc:  # readiness answers whatever the graph does
+            checks["graph"] = {"ok": False, "error": type(exc).__name__}
+            checks["models"] = {"ok": False, "detail": "unknown: the graph did not answer"}
+        missing = [s for s in self.symbols if (self.market.symbols.get(s) or SymbolState(s)).open_time is None]
+        checks["market"] = {"ok": not missing, "missing": missing}
+        return all(c["ok"] for c in checks.values()), checks
 
     def market_status(self) -> dict[str, Any]:
         out = {}
@@ -288,7 +321,7 @@ class PredictionService:
     async def health_detailed(self, database: dict[str, Any]) -> dict[str, Any]:
         models: dict[str, Any]
         try:
-            models = await asyncio.wait_for(self.backend.models_status(), timeout=5)
+            models = await asyncio.wait_for(self.backend.models_status(), min(5.0, self.settings.handle_timeout_s))
             models = {"status": "up" if models.get("loaded") else "down", **models}
         except Exception as exc:  # health must answer even when the graph does not
             models = {"status": "down", "error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -298,18 +331,15 @@ class PredictionService:
         else:
             cache = {"status": "disabled"}
         try:
-            runtime = await asyncio.wait_for(self.backend.runtime_status(), timeout=5)
+            runtime = await asyncio.wait_for(self.backend.runtime_status(), min(5.0, self.settings.handle_timeout_s))
         except Exception as exc:
             runtime = {"status": "unknown", "error": f"{type(exc).__name__}: {exc}"[:300]}
         market = self.market_status()
-        stale = [s for s, m in market.items() if m["stale"]]
-        if models["status"] != "up" or len(stale) == len(market):
-            overall = "down"
-        elif stale or cache.get("status") != "up" or database.get("status") not in ("up", "not_configured"):
-            overall = "degraded"
-        else:
-            overall = "ok"
-        return {"status": overall, "models": models, "cache": cache, "database": database,
+        components = {"models": health.models_state(models), "cache": str(cache.get("status")),
+                      "database": str(database.get("status")), "log": health.log_state(database),
+                      "market": health.market_state(market), "feed": health.feed_state(runtime.get("feed"))}
+        return {"status": health.overall(components), "components": components, "models": models, "cache": cache,
+                "database": database,
                 "market": {"max_data_age_s": self.settings.max_data_age_s, "symbols": market,
                            "feed": runtime.get("feed")},
                 "serve": runtime.get("serve"), "uptime_s": round(time.time() - self.started_at, 1)}
