@@ -28,13 +28,13 @@ from typing import Any, Callable, Mapping, Sequence
 import asyncpg
 import numpy as np
 
-from configs.settings import Settings
+from configs.settings import Settings, scrub
 from deployments.db.live_metrics import (Baseline, fetch_live_metrics, latest_version, summarize,
                                          walk_forward_baseline)
 from deployments.db.migrate import apply_migrations
 from deployments.db.resolution import CandleHistory, resolve_predictions, resolve_signals
 from deployments.db.rows import RANGE_MODEL, SIGNAL_MODEL
-from deployments.db.writer import UNAVAILABLE, _close_quietly
+from deployments.db.insert import UNAVAILABLE, _close_quietly
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class OutcomeResolver:
         # next candle. A sweep every ``sweep_interval_s`` resolves those too (None: candles only).
         self.sweep_interval_s = sweep_interval_s
         self._sweeper: asyncio.Task | None = None
-        self.database_url = database_url or settings.database_url
+        self.database_url = database_url or settings.database_url.get_secret_value()
         if baselines is None:
             baselines = registry_baselines(settings)
         elif isinstance(baselines, Mapping):
@@ -384,15 +384,15 @@ class OutcomeResolver:
             await apply_migrations(conn)
         except Exception as exc:
             self.postgres_up = False
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.last_error = scrub(f"{type(exc).__name__}: {exc}", self.database_url)
             return None
         self._conn, self.postgres_up = conn, True
         return conn
 
     async def _drop_connection(self, exc: BaseException) -> None:
-        log.warning("resolver: PostgreSQL unavailable (%s: %s); rows wait for the next close", type(exc).__name__, exc)
         self.postgres_up = False
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error = scrub(f"{type(exc).__name__}: {exc}", self.database_url)
+        log.warning("resolver: PostgreSQL unavailable (%s); rows wait for the next close", self.last_error)
         if self._conn is not None:
             await _close_quietly(self._conn)
         self._conn = None

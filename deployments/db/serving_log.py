@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from typing import Any, Sequence
 
 from configs.settings import Settings
@@ -29,6 +30,8 @@ from deployments.db.writer import LogWriter
 log = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 2.5
+# How long a rejected row keeps the log's health at "rejected" (someone should look at rejected.log).
+REJECTED_ATTENTION_S = 3600.0
 # The resolver's namespace, named: otherwise a named actor lands in its creator's job namespace,
 # which is anonymous for a driver that called ray.init() without one (the ingress could not find it,
 # nor an operator).
@@ -39,7 +42,7 @@ def resolver_name(settings: Settings) -> str:
     """One resolver per database and resolution settings: an engine pointed at another database, or
     redeployed with other fees, drift rules or model registry, gets its own (the actor is detached
     and keeps the settings it was started with)."""
-    key = "|".join(str(x) for x in (settings.database_url, settings.models_dir, settings.fee_rate,
+    key = "|".join(str(x) for x in (settings.database_url.get_secret_value(), settings.models_dir, settings.fee_rate,
                                     settings.drift_mae_margin, settings.drift_min_samples, settings.drift_window))
     return f"{ACTOR_NAME}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
@@ -123,7 +126,7 @@ class DbServingLog:
     async def health(self) -> dict[str, Any]:
         """``/health/detailed``'s ``database.log``: writer (spool, losses), resolver, drift."""
         writer = self.writer.status()
-        out: dict[str, Any] = {"status": "up" if writer["postgres"] == "up" else "spooling", "writer": writer}
+        out: dict[str, Any] = {"status": log_status(writer), "writer": writer}
         try:
             out["resolver"] = await self._ask("status")
             out["drift"] = await self._ask("drift")
@@ -140,6 +143,26 @@ class DbServingLog:
             except Exception:
                 pass
         await asyncio.to_thread(self.writer.close, 5.0)
+
+
+def log_status(writer: dict[str, Any], now: float | None = None) -> str:
+    """One word for the log writer, worst first: ``spool_unavailable`` (rows dropped: no spool),
+    ``disk_full`` (rows dropped: the disk refused), ``spool_full`` (rows dropped: the node's spool
+    bound), ``spooling`` (PostgreSQL down, rows wait on disk), ``rejected`` (rows set aside in
+    rejected.log within the last hour), else ``up``. Everything but ``up`` degrades health."""
+    spool = writer.get("spool", "ok")
+    if spool == "unavailable":
+        return "spool_unavailable"
+    if spool in ("disk_full", "write_error"):
+        return "disk_full" if spool == "disk_full" else "spool_write_error"
+    if spool == "full":
+        return "spool_full"
+    if writer.get("postgres") != "up":
+        return "spooling"
+    rejected_at = writer.get("last_rejected_at")
+    if rejected_at is not None and (now or time.time()) - rejected_at < REJECTED_ATTENTION_S:
+        return "rejected"
+    return "up"
 
 
 def make_serving_log(settings: Settings, role: str) -> DbServingLog:

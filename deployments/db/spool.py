@@ -11,19 +11,29 @@ atomically but not fsynced.
 Layout of a spool directory: ``lock`` (flock held by the owning process, released by the kernel
 when it dies, which is how an orphan is recognised), ``seg-NNNNNNNN.log`` (JSON lines, see
 :mod:`deployments.db.rows`), ``position`` (``<segment> <offset>`` of the first unconfirmed line),
-and ``rejected.log`` (lines PostgreSQL refused, kept for a human; never silently dropped).
+and ``rejected.log`` (rows PostgreSQL or the decoder refused, one JSON object per line with the
+time, the reason and the row, kept for a human; never silently dropped).
 
-Memory stays bounded however long an outage lasts: rows wait on disk, up to ``max_bytes``; past
-that, appends are refused and counted (disk is finite too; the count shows in health).
+Memory stays bounded however long an outage lasts: rows wait on disk, up to ``max_bytes`` for all
+the spools of the node together (every directory under the same root: each replica, each
+crash-restart and each dead process's leftovers); past that, appends are refused and counted.
+
+A failing disk must not corrupt the journal: a write that fails part-way (a short write, then
+``ENOSPC``) is truncated back to the last complete line before the error is reported, so the next
+row never lands glued onto a fragment, and a directory is deleted only when its files on disk --
+not this process's counters -- say every byte was confirmed.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import json
 import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 from deployments.db.rows import PredictionRow, SignalRow, decode
@@ -36,6 +46,19 @@ _SEG_PREFIX, _SEG_SUFFIX = "seg-", ".log"
 
 class SpoolBusy(RuntimeError):
     """Another live process owns this spool directory."""
+
+
+class SpoolWriteError(RuntimeError):
+    """The local disk refused a write (``errno`` tells which: ENOSPC = full). Not an OSError on
+    purpose: the writer treats OSErrors of its database connection as "PostgreSQL is down"."""
+
+    def __init__(self, what: str, exc: OSError) -> None:
+        super().__init__(f"{what}: {exc.strerror or exc}")
+        self.errno = exc.errno
+
+    @property
+    def disk_full(self) -> bool:
+        return self.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _seg_name(n: int) -> str:
@@ -74,6 +97,8 @@ class Spool:
         self._read_seg = -1
         self.torn_lines = 0
         self.rejected_lines = 0
+        self.others_pending = 0  # other spools of the node (refreshed by the writer thread)
+        self.position_error: str | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def open(self) -> "Spool":
@@ -110,13 +135,26 @@ class Spool:
             self._read_file.close()
             self._read_file = None
         removed = False
-        if remove_if_empty and self.pending_bytes() == 0 and not (self.directory / "rejected.log").exists():
+        if (remove_if_empty and self.pending_bytes() == 0 and Spool.pending_on_disk(self.directory) == 0
+                and not (self.directory / "rejected.log").exists()):
             shutil.rmtree(self.directory, ignore_errors=True)
             removed = True
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
         return removed
+
+    def refresh_node_usage(self) -> int:
+        """Re-read what the other spools under this one's root hold (the node-wide bound)."""
+        total = 0
+        try:
+            for d in self.directory.parent.iterdir():
+                if d != self.directory and d.is_dir():
+                    total += Spool.pending_on_disk(d)
+        except OSError:
+            pass
+        self.others_pending = total
+        return total
 
     @staticmethod
     def pending_on_disk(directory: Path) -> int:
@@ -147,26 +185,61 @@ class Spool:
 
     # ---- producer (any thread) -----------------------------------------------------------------
     def append(self, data: bytes) -> bool:
-        """Append whole lines with one write; False (nothing written) when the spool is full."""
+        """Append whole lines with one write; False (nothing written) when the node's spools are full.
+
+        :class:`SpoolWriteError` when the disk refuses: whatever part was written is cut off again."""
         if not data:
             return True
         with self._lock:
             if self._fd is None:
-                raise RuntimeError("spool is not open for appending")
-            if self._pending() + len(data) > self.max_bytes:
+                raise SpoolWriteError("spool segment is not open", OSError(errno.EBADF, "no open segment"))
+            if self._pending() + self.others_pending + len(data) > self.max_bytes:
                 return False
+            good = self._sizes[self._active]
             view = memoryview(data)
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
+            try:
+                while view:
+                    n = os.write(self._fd, view)
+                    view = view[n:]
+            except OSError as exc:
+                self._cut_back(good)
+                raise SpoolWriteError("spool append refused", exc) from None
             self._sizes[self._active] += len(data)
             self._dirty = True
             return True
+
+    def _cut_back(self, good: int) -> None:
+        """Drop a partial write (under the lock). If even that fails, seal the segment at its real
+        size (the reader skips a sealed segment's torn tail) and append to a fresh one."""
+        try:
+            os.ftruncate(self._fd, good)
+            return
+        except OSError as exc:
+            log.error("spool %s: cannot cut a partial write (%s); sealing the segment", self.directory, exc)
+        try:
+            self._sizes[self._active] = os.fstat(self._fd).st_size
+            os.close(self._fd)
+        except OSError:
+            pass
+        self._fd = None
+        self._active += 1
+        try:
+            self._open_active()
+        except OSError as exc:  # retried by sync(); appends are refused (and counted) meanwhile
+            self._fd = None
+            self._sizes.pop(self._active, None)
+            log.error("spool %s: cannot open a new segment: %s", self.directory, exc)
 
     # ---- consumer (the writer thread) ----------------------------------------------------------
     def sync(self) -> None:
         """Group commit: make every appended line durable with one fsync; rotate a full segment."""
         with self._lock:
+            if self._fd is None and self.appendable and self._lock_fd is not None:
+                try:  # a segment lost to a disk error: try again (space may be back)
+                    self._open_active()
+                except OSError:
+                    self._sizes.pop(self._active, None)
+                    self._fd = None
             fd, dirty = self._fd, self._dirty
             self._dirty = False
             old = None
@@ -233,8 +306,8 @@ class Spool:
                 consumed += len(line)
                 try:
                     rows.append(decode(line))
-                except (ValueError, TypeError):
-                    self.reject([line])
+                except (ValueError, TypeError) as exc:
+                    self.reject([line], f"undecodable: {exc}")
             off += consumed
         return rows, (seg, off)
 
@@ -247,11 +320,18 @@ class Spool:
         return self._read_file
 
     def commit(self, position: tuple[int, int]) -> None:
-        """Everything before ``position`` is in PostgreSQL: persist it, delete finished segments."""
+        """Everything before ``position`` is in PostgreSQL: persist it, delete finished segments.
+
+        A position that cannot be saved (disk full) is kept in memory and saved with the next
+        commit: at worst a restart replays rows PostgreSQL already holds, which costs nothing."""
         self._pos = position
         tmp = self.directory / "position.tmp"
-        tmp.write_text(f"{position[0]} {position[1]}\n")
-        os.replace(tmp, self.directory / "position")
+        try:
+            tmp.write_text(f"{position[0]} {position[1]}\n")
+            os.replace(tmp, self.directory / "position")
+            self.position_error = None
+        except OSError as exc:
+            self.position_error = f"position not saved: {exc.strerror or exc}"
         with self._lock:
             done = [n for n in self._sizes if n < position[0] and n != self._active]
             for n in done:
@@ -262,15 +342,38 @@ class Spool:
                 self._read_file, self._read_seg = None, -1
             (self.directory / _seg_name(n)).unlink(missing_ok=True)
 
-    def reject(self, lines: list[bytes]) -> None:
-        """Keep lines PostgreSQL (or the decoder) refused, for a human to inspect."""
-        with open(self.directory / "rejected.log", "ab") as f:
-            for line in lines:
-                f.write(line if line.endswith(b"\n") else line + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
+    def reject(self, lines: list[bytes], reason: str) -> None:
+        """Keep lines PostgreSQL (or the decoder) refused, with why, for a human to inspect (and
+        replay: each ``row`` is a spool line's JSON). :class:`SpoolWriteError` if the disk refuses."""
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        out = []
+        for line in lines:
+            try:
+                entry = {"rejected_at": at, "reason": reason, "row": json.loads(line)}
+            except ValueError:
+                entry = {"rejected_at": at, "reason": reason, "line": line.decode("utf-8", "replace").rstrip("\n")}
+            out.append(json.dumps(entry) + "\n")
+        try:
+            with open(self.directory / "rejected.log", "ab") as f:
+                f.write("".join(out).encode())
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as exc:
+            raise SpoolWriteError("rejected.log not written", exc) from None
         self.rejected_lines += len(lines)
-        log.error("spool %s: %d line(s) rejected, kept in rejected.log", self.directory, len(lines))
+        log.error("spool %s: %d line(s) rejected (%s), kept in rejected.log", self.directory, len(lines), reason)
+
+
+def node_pending_bytes(root: Path) -> int:
+    """Bytes not yet confirmed in PostgreSQL in every spool under ``root`` (all writers of this node,
+    the router's included, dead ones' too), from their segment sizes and saved read positions."""
+    total = 0
+    try:
+        for d in root.iterdir():
+            total += Spool.pending_on_disk(d)
+    except OSError:
+        pass
+    return total
 
 
 def orphans(root: Path, own: Path) -> list[Path]:
@@ -292,3 +395,16 @@ def orphans(root: Path, own: Path) -> list[Path]:
         finally:
             os.close(fd)
     return sorted(found, key=lambda d: d.stat().st_mtime)
+
+
+def adopt_orphans(root: Path, own: Path, max_bytes: int) -> list[Spool]:
+    """Open (read-only) the spools of dead processes under ``root`` for replay, oldest first."""
+    found = []
+    for d in orphans(root, own):
+        try:
+            sp = Spool(d, max_bytes, append=False).open()
+        except SpoolBusy:  # another live writer adopted it first
+            continue
+        log.info("log writer: replaying the spool of a dead process: %s (%d bytes)", d, sp.pending_bytes())
+        found.append(sp)
+    return found

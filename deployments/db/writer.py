@@ -10,9 +10,15 @@ in batches of ``Settings.log_batch_size``, and inserts them with one multi-row
 PostgreSQL unreachable (refused, stopped, hung past ``db_timeout_s``): the rows simply stay in the
 spool, the thread retries every ``log_retry_interval_s`` and, once connected, applies the
 migrations and replays the backlog in order. Spools left by dead processes (their flock is free)
-are adopted and replayed too. Rows PostgreSQL refuses for what they contain (not for being down)
-are inserted one by one so a single bad row cannot block the rest; the refused ones are kept in
-``rejected.log`` and counted.
+are adopted and replayed too. Rows refused for what they contain (by PostgreSQL, or by asyncpg
+encoding them: :mod:`deployments.db.insert` tells that from an outage) are inserted one by one so
+a single bad row cannot block the rest; the refused ones are kept in ``rejected.log`` with their
+reason and counted.
+
+Local disk trouble degrades logging, never serving: a spool that cannot be opened (read-only or
+missing disk) or a full disk makes ``submit`` refuse rows -- counted, and shown as ``spool:
+unavailable`` / ``disk_full`` in ``status()`` -- while the thread keeps retrying; the node's spools
+together stay under ``spool_max_bytes``.
 """
 
 from __future__ import annotations
@@ -29,59 +35,14 @@ from typing import Any, Iterable, Sequence
 
 import asyncpg
 
-from configs.settings import Settings
+from configs.settings import Settings, scrub
+from deployments.db.insert import (UNAVAILABLE, _close_quietly, insert_or_sort_out, insert_rows,  # noqa: F401
+                                   is_unavailable)
 from deployments.db.migrate import apply_migrations
-from deployments.db.rows import (PREDICTION_COLUMNS, SIGNAL_COLUMNS, ForecastLike, PredictionRow, SignalRow,
-                                 encode, rows_from_forecast)
-from deployments.db.spool import Spool, SpoolBusy, orphans
+from deployments.db.rows import ForecastLike, PredictionRow, SignalRow, encode, rows_from_forecast
+from deployments.db.spool import Spool, SpoolWriteError, adopt_orphans, node_pending_bytes
 
 log = logging.getLogger(__name__)
-
-_PG_TYPES = {"id": "uuid", "symbol": "text", "horizon": "int4", "candle_open_time": "int8",
-             "resolve_after": "int8", "model_version": "text", "close": "float8", "predicted_high": "float8",
-             "predicted_low": "float8", "high_lower": "float8", "high_upper": "float8", "low_lower": "float8",
-             "low_upper": "float8", "created_ms": "int8", "signal_type": "text", "confidence": "float8",
-             "entry_price": "float8", "take_profit": "float8", "stop_loss": "float8",
-             "model_versions": "text", "reason": "text"}
-
-
-def _insert_sql(table: str, columns: Sequence[str]) -> str:
-    """``INSERT … SELECT FROM unnest($1::t[], …) ON CONFLICT (id) DO NOTHING``: one round trip per batch."""
-    params = ", ".join(f"${i}::{_PG_TYPES[c]}[]" for i, c in enumerate(columns, 1))
-    target = [("created_at" if c == "created_ms" else c) for c in columns]
-    select = []
-    for c in columns:
-        if c == "created_ms":
-            select.append("to_timestamp(u.created_ms / 1000.0)")
-        elif c == "model_versions":
-            select.append("u.model_versions::jsonb")
-        else:
-            select.append(f"u.{c}")
-    return (f"INSERT INTO {table} ({', '.join(target)}) SELECT {', '.join(select)} "
-            f"FROM unnest({params}) AS u({', '.join(columns)}) ON CONFLICT (id) DO NOTHING")
-
-
-INSERT_PREDICTIONS = _insert_sql("ml.prediction_logs", PREDICTION_COLUMNS)
-INSERT_SIGNALS = _insert_sql("ml.signal_logs", SIGNAL_COLUMNS)
-
-# Errors that mean "PostgreSQL is not there (or not usable) right now": keep the rows, retry later.
-# A missing table or schema counts too: reconnecting re-applies the migrations.
-UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-               asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InsufficientResourcesError,
-               asyncpg.exceptions.UndefinedTableError, asyncpg.exceptions.InvalidSchemaNameError,
-               asyncpg.exceptions.ReadOnlySQLTransactionError)
-
-
-async def insert_rows(conn: asyncpg.Connection, rows: Sequence[PredictionRow | SignalRow],
-                      timeout: float | None = None) -> None:
-    """Insert a batch (both tables, one transaction); rows already present are left alone."""
-    preds = [r for r in rows if isinstance(r, PredictionRow)]
-    sigs = [r for r in rows if isinstance(r, SignalRow)]
-    async with conn.transaction():
-        if preds:
-            await conn.execute(INSERT_PREDICTIONS, *(list(c) for c in zip(*preds)), timeout=timeout)
-        if sigs:
-            await conn.execute(INSERT_SIGNALS, *(list(c) for c in zip(*sigs)), timeout=timeout)
 
 
 class LogWriter:
@@ -89,11 +50,12 @@ class LogWriter:
 
     DEDUPE_KEYS = 65_536  # recent forecasts remembered, so a cached one served again costs a dict lookup
     PROBE_INTERVAL_S = 5.0  # an idle writer checks the connection this often
+    NODE_USAGE_INTERVAL_S = 1.0  # how often the other spools of the node are measured (the node-wide bound)
 
     def __init__(self, settings: Settings, *, name: str = "engine", database_url: str | None = None,
                  spool_root: Path | None = None) -> None:
         self.settings = settings
-        self.database_url = database_url or settings.database_url
+        self.database_url = database_url or settings.database_url.get_secret_value()
         self.spool_root = Path(spool_root or settings.spool_dir)
         self.name = name
         self._spool: Spool | None = None
@@ -111,6 +73,10 @@ class LogWriter:
         self.adopted = 0
         self.dropped = 0
         self.rejected = 0
+        self.last_rejected_at: float | None = None
+        self.spool_state = "ok"  # ok | full (node bound) | disk_full | write_error | unavailable (cannot open)
+        self.spool_open_failures = 0
+        self._spool_dir: Path | None = None
         self._unread = 0
         self.postgres_up = False
         self.last_error: str | None = None
@@ -122,14 +88,31 @@ class LogWriter:
     def start(self) -> "LogWriter":
         if self._thread is not None:
             return self
-        directory = self.spool_root / f"{self.name}.{os.getpid()}.{secrets.token_hex(4)}"
-        self._spool = Spool(directory, self.settings.spool_max_bytes).open()
+        self._spool_dir = self.spool_root / f"{self.name}.{os.getpid()}.{secrets.token_hex(4)}"
+        self._open_spool()
         ready = threading.Event()
         self._thread = threading.Thread(target=self._thread_main, args=(ready,), name=f"log-writer-{self.name}",
                                         daemon=True)
         self._thread.start()
         ready.wait(5)
         return self
+
+    def _open_spool(self) -> bool:
+        """Open this process's spool; a disk that refuses degrades logging (counted, retried by the
+        writer thread) instead of failing the replica that logs."""
+        assert self._spool_dir is not None
+        try:
+            spool = Spool(self._spool_dir, self.settings.spool_max_bytes).open()
+        except OSError as exc:
+            self.spool_open_failures += 1
+            if self.spool_state != "unavailable":
+                log.error("log writer: cannot open the spool %s (%s); rows are dropped (counted) until it opens",
+                          self._spool_dir, exc)
+            self.spool_state, self.last_error = "unavailable", f"spool unavailable: {exc}"
+            return False
+        spool.refresh_node_usage()
+        self._spool, self.spool_state = spool, "ok"
+        return True
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what can be written within ``timeout``; the rest stays in the spool for the next start."""
@@ -170,11 +153,21 @@ class LogWriter:
             data = encode(rows)
             spool = self._spool
             if spool is None:
-                raise RuntimeError("LogWriter.start() was not called")
+                reason = "the spool could not be opened" if self._spool_dir else "LogWriter.start() was not called"
+                self._count_drop(len(rows), reason)
+                return 0
             with self._submit_lock:
-                if not spool.append(data):
-                    self._count_drop(len(rows), "spool full (Settings.spool_max_bytes)")
+                try:
+                    appended = spool.append(data)
+                except SpoolWriteError as exc:
+                    self.spool_state = "disk_full" if exc.disk_full else "write_error"
+                    self._count_drop(len(rows), exc)
                     return 0
+                if not appended:
+                    self.spool_state = "full"
+                    self._count_drop(len(rows), "the node's spools are full (Settings.spool_max_bytes)")
+                    return 0
+                self.spool_state = "ok"
                 self.submitted += len(rows)
                 self._unread += len(rows)
                 wake = self._unread >= self.settings.log_batch_size
@@ -217,6 +210,9 @@ class LogWriter:
             "node_spool_pending_bytes": node_pending_bytes(self.spool_root),  # every writer on this node
             "rows_dropped": self.dropped,
             "rows_rejected": self.rejected,
+            "last_rejected_at": self.last_rejected_at,
+            "spool": self.spool_state,
+            "spool_open_failures": self.spool_open_failures,
             "down_for_s": None if self.down_since is None else round(time.time() - self.down_since, 1),
             "last_error": self.last_error,
         }
@@ -259,12 +255,13 @@ class LogWriter:
                         break
                 except Exception as exc:  # a bug or a local disk error: keep the thread alive, retry
                     log.exception("log writer: unexpected error; retrying")
-                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    self.last_error = scrub(f"{type(exc).__name__}: {exc}", self.database_url)
                     await self._sleep(self.settings.log_retry_interval_s)
         finally:
             for sp in adopted:
                 sp.close()
-            self._spool.close()
+            if self._spool is not None:
+                self._spool.close()
             if state["conn"] is not None:
                 await _close_quietly(state["conn"])
             with self._done:
@@ -273,12 +270,15 @@ class LogWriter:
     async def _step(self, state: dict[str, Any], adopted: list[Spool]) -> bool:
         """One round: sync the spool, (re)connect if due, write one batch. False when it is time to stop."""
         s = self.settings
-        assert self._spool is not None
         stopping = self._stop.is_set()
         if stopping and (time.monotonic() >= self._stop_deadline or
                          (state["conn"] is not None and self._idle(adopted))):
             return False
-        self._spool.sync()
+        if not self._maintain_spool(state):
+            if stopping:
+                return False
+            await self._sleep(s.log_retry_interval_s)
+            return True
         if state["conn"] is None and time.monotonic() >= state["next_connect"]:
             state["conn"] = await self._connect()
             if state["conn"] is None:
@@ -293,39 +293,63 @@ class LogWriter:
             adopted.extend(self._adopt())
             state["next_adopt"] = time.monotonic() + 30.0
         source = adopted[0] if adopted else self._spool
-        rows, pos = source.read(s.log_batch_size)
-        if source is self._spool:
-            with self._submit_lock:
-                self._unread = max(0, self._unread - len(rows))
-        if rows:
-            try:
-                await self._write(conn, source, rows)
-            except UNAVAILABLE as exc:  # the rows stay in the spool and are read again
-                self._mark_down(exc)
-                await _close_quietly(conn)
-                state["conn"], state["next_connect"] = None, time.monotonic() + s.log_retry_interval_s
-                return True
-            source.commit(pos)
-            self._count_written(source, len(rows))
-            self.last_write_at = time.time()
-            self._contact_at = time.monotonic()
+        written = await self._write_next(conn, source, state)
+        if written is None:  # the connection was lost; the rows stay in the spool
+            return True
         if source is not self._spool:
             if source.pending_bytes() == 0:
                 source.close()
                 adopted.remove(source)
             return True
-        if not rows and time.monotonic() - self._contact_at > self.PROBE_INTERVAL_S:
+        if not written and time.monotonic() - self._contact_at > self.PROBE_INTERVAL_S:
             # Idle: check the server is still there, so health tells the truth before rows pile up.
             try:
                 await conn.fetchval("SELECT 1", timeout=s.db_timeout_s)
                 self._contact_at = time.monotonic()
             except UNAVAILABLE as exc:
-                self._mark_down(exc)
-                await _close_quietly(conn)
-                state["conn"], state["next_connect"] = None, time.monotonic() + s.log_retry_interval_s
+                await self._drop_connection(state, exc)
                 return True
-        if len(rows) < s.log_batch_size:
+        if written < s.log_batch_size:
             await self._sleep(0 if stopping else s.log_flush_interval_s)
+        return True
+
+    async def _write_next(self, conn: asyncpg.Connection, source: Spool, state: dict[str, Any]) -> int | None:
+        """Write the next batch of ``source``; rows written, or None when PostgreSQL went away."""
+        rows, pos = source.read(self.settings.log_batch_size)
+        if source is self._spool:
+            with self._submit_lock:
+                self._unread = max(0, self._unread - len(rows))
+        if not rows:
+            return 0
+        try:
+            await self._write(conn, source, rows)
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise  # a local disk error or a bug: retried by _run, the rows stay in the spool
+            await self._drop_connection(state, exc)
+            return None
+        source.commit(pos)
+        self._count_written(source, len(rows))
+        self.last_write_at = time.time()
+        self._contact_at = time.monotonic()
+        return len(rows)
+
+    async def _drop_connection(self, state: dict[str, Any], exc: BaseException) -> None:
+        self._mark_down(exc)
+        if state["conn"] is not None:
+            await _close_quietly(state["conn"])
+        state["conn"], state["next_connect"] = None, time.monotonic() + self.settings.log_retry_interval_s
+
+    def _maintain_spool(self, state: dict[str, Any]) -> bool:
+        """Group-commit the spool, re-measure the node's other spools now and then, and reopen a
+        spool that could not be opened. False while there is no spool."""
+        if self._spool is None and not self._open_spool():
+            return False
+        assert self._spool is not None
+        self._spool.sync()
+        if time.monotonic() >= state.get("next_usage", 0.0):
+            self._spool.refresh_node_usage()
+            state["next_usage"] = time.monotonic() + self.NODE_USAGE_INTERVAL_S
         return True
 
     def _idle(self, adopted: list[Spool]) -> bool:
@@ -359,32 +383,22 @@ class LogWriter:
         return conn
 
     def _mark_down(self, exc: BaseException) -> None:
+        error = scrub(f"{type(exc).__name__}: {exc}", self.database_url)
         if self.postgres_up or self.last_error is None:
-            log.warning("log writer: PostgreSQL unavailable, spooling (%s: %s)", type(exc).__name__, exc)
+            log.warning("log writer: PostgreSQL unavailable, spooling (%s)", error)
         self.postgres_up = False
         self.down_since = self.down_since or time.time()
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error = error
 
     async def _write(self, conn: asyncpg.Connection, source: Spool, rows: list[PredictionRow | SignalRow]) -> None:
-        timeout = self.settings.db_timeout_s
-        try:
-            await insert_rows(conn, rows, timeout)
-        except UNAVAILABLE:
-            raise
-        except asyncpg.PostgresError as exc:
-            # Something in the batch is refused (not an outage): find it row by row.
-            log.error("log writer: batch refused (%s: %s); retrying row by row", type(exc).__name__, exc)
-            bad = []
-            for r in rows:
-                try:
-                    await insert_rows(conn, [r], timeout)
-                except UNAVAILABLE:
-                    raise
-                except asyncpg.PostgresError:
-                    bad.append(r)
-            if bad:
-                source.reject([encode([r]) for r in bad])
-                self.rejected += len(bad)
+        """Insert a batch; rows refused for what they hold go to ``rejected.log`` with the reason."""
+        bad = await insert_or_sort_out(conn, rows, self.settings.db_timeout_s)
+        for row, reason in bad:
+            source.reject([encode([row])], reason)
+        if bad:
+            self.rejected += len(bad)
+            self.last_rejected_at = time.time()
+            log.error("log writer: %d of %d rows refused, kept in rejected.log: %s", len(bad), len(rows), bad[0][1])
 
     def _count_written(self, source: Spool, n: int) -> None:
         with self._done:
@@ -395,31 +409,5 @@ class LogWriter:
             self._done.notify_all()
 
     def _adopt(self) -> list[Spool]:
-        found = []
-        for d in orphans(self.spool_root, self._spool.directory):
-            try:
-                sp = Spool(d, self.settings.spool_max_bytes, append=False).open()
-            except SpoolBusy:  # another live writer adopted it first
-                continue
-            log.info("log writer: replaying the spool of a dead process: %s (%d bytes)", d, sp.pending_bytes())
-            found.append(sp)
-        return found
-
-
-def node_pending_bytes(root: Path) -> int:
-    """Bytes not yet confirmed in PostgreSQL in every spool under ``root`` (all writers of this node,
-    the router's included, dead ones' too), from their segment sizes and saved read positions."""
-    total = 0
-    try:
-        for d in root.iterdir():
-            total += Spool.pending_on_disk(d)
-    except OSError:
-        pass
-    return total
-
-
-async def _close_quietly(conn: asyncpg.Connection) -> None:
-    try:
-        await asyncio.wait_for(conn.close(), 1.0)
-    except Exception:
-        conn.terminate()
+        assert self._spool is not None
+        return adopt_orphans(self.spool_root, self._spool.directory, self.settings.spool_max_bytes)
