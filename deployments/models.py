@@ -22,6 +22,7 @@ import numpy as np
 from ray import serve
 
 from configs.settings import Settings, load_settings
+from features.errors import ModelLoadError, ModelNotFoundError
 from features.indicators import feature_set_hash
 from training.ensemble import Ensemble
 from training.registry import MODEL_NAMES, ModelRegistry
@@ -35,10 +36,26 @@ POOL_AUTOSCALING: dict[str, Any] = {"min_replicas": 1, "initial_replicas": 1, "m
                                     "target_ongoing_requests": 16, "upscale_delay_s": 10, "downscale_delay_s": 120}
 
 VersionKey = tuple[tuple[str, str], ...]
+FALLBACK_CANDIDATES = 3  # older complete sets tried when the current one cannot be loaded
 
 
 def version_key(versions: dict[str, str]) -> VersionKey:
     return tuple(sorted(versions.items()))
+
+
+def fallback_sets(registry: ModelRegistry, wanted: dict[str, str] | None,
+                  limit: int = FALLBACK_CANDIDATES) -> list[dict[str, str]]:
+    """Older complete model sets to serve when ``wanted`` (the current pointers) cannot be loaded,
+    newest first: versions every model has (a set is trained, saved and promoted together)."""
+    common: set[str] | None = None
+    for name in MODEL_NAMES:
+        try:
+            have = set(registry.versions(name))
+        except ModelNotFoundError:
+            return []
+        common = have if common is None else common & have
+    candidates = [{name: v for name in MODEL_NAMES} for v in sorted(common or (), reverse=True)]
+    return [c for c in candidates if c != wanted][:limit]
 
 
 class EnsembleCache:
@@ -78,6 +95,16 @@ class EnsembleCache:
             log.info("loaded model set %s", dict(key))
             return ens
         return await asyncio.shield(fut)
+
+    async def first_loadable(self, candidates: list[dict[str, str]]) -> tuple[Ensemble | None, list[str]]:
+        """The first of ``candidates`` that loads and verifies, and why each one before it did not."""
+        errors = []
+        for versions in candidates:
+            try:
+                return await self.get(versions), errors
+            except (ModelNotFoundError, ModelLoadError) as exc:
+                errors.append(str(exc))
+        return None, errors
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256,

@@ -20,6 +20,11 @@ New models: a watcher polls the registry's ``current`` pointers every ``model_po
 consistent set is loaded beside the old one and swapped in atomically (requests in flight finish
 on the set they started with), then the newest candles are recomputed so caches hold the new
 models' answers. An inconsistent set (promotion half done) is retried, never served.
+
+A current set that cannot be loaded (a truncated booster, an interrupted promotion, a pointer to
+nowhere) never takes the engine down: the set already served stays, and a router starting
+without one serves the newest older complete set that loads. ``fallback`` in /models/status and
+/health/detailed says so (and health is degraded) until the current set loads.
 """
 
 from __future__ import annotations
@@ -34,16 +39,18 @@ import numpy as np
 from ray import serve
 
 from configs.settings import load_settings
-from deployments.cache import CacheUnavailable, RedisGateway, prediction_key, signal_channel
+from deployments.auth import deployment_secret
+from deployments.cache import CacheUnavailable, RedisGateway, make_entry, prediction_key, signal_channel
 from deployments.feed import CandleEvent
 from deployments.hooks import load_serving_log
 from deployments.metrics import EngineMetrics
-from deployments.models import EnsembleCache
+from deployments.models import EnsembleCache, fallback_sets
 from deployments.render import describe_models, signal_body
 from deployments.state import FeatureRow, iso_time
 from features.errors import MLEngineError, ModelLoadError, ModelNotFoundError
+from features.indicators import feature_set_hash
 from training.ensemble import BASE_MODELS, Ensemble, Forecast
-from training.registry import MODEL_NAMES
+from training.registry import MODEL_NAMES, check_name
 
 log = logging.getLogger("ray.serve")
 
@@ -65,6 +72,9 @@ class EnsembleRouter:
         self.ensemble: Ensemble | None = None
         self.loaded_at: float | None = None
         self.load_error: str | None = None
+        self.fallback: dict[str, Any] | None = None
+        self.feature_hash = feature_set_hash(self.settings.features)
+        self.secret = deployment_secret(self.settings)
         self.redis = RedisGateway(self.settings.redis_url, self.settings.redis_timeout_s, self.settings.redis_retry_s)
         self.metrics = EngineMetrics(use_ray=True)
         self.log = load_serving_log(self.settings, "router")
@@ -88,24 +98,42 @@ class EnsembleRouter:
         pinned = (user_config or {}).get("model_versions")
         if pinned is not None and set(pinned) != set(MODEL_NAMES):
             raise ValueError(f"user_config.model_versions must name every model {list(MODEL_NAMES)}")
+        for version in (pinned or {}).values():
+            check_name("user_config.model_versions: version", version)
         self.pinned_versions = dict(pinned) if pinned else None
 
     async def _check_models(self) -> bool:
         """Load the registry's current set if it differs from the served one; True when switched."""
+        versions: dict[str, str] | None = None
         try:
             versions = await asyncio.to_thread(self._current_versions)
             if self.ensemble is not None and versions == self.ensemble.versions:
+                self.fallback = self.load_error = None  # e.g. rolled back to the set being served
                 return False
             ens = await self.models.get(versions)
         except (ModelNotFoundError, ModelLoadError) as exc:
             if self.ensemble is None or str(exc) != self.load_error:
                 log.warning("models not (re)loaded: %s", exc)
             self.load_error = str(exc)
-            return False
+            return await self._fall_back(versions)
         old = self.ensemble.versions if self.ensemble else None
-        self.ensemble, self.loaded_at, self.load_error = ens, time.time(), None
+        self.ensemble, self.loaded_at, self.load_error, self.fallback = ens, time.time(), None, None
         log.info("serving models %s (before: %s)", ens.versions, old)
         return True
+
+    async def _fall_back(self, wanted: dict[str, str] | None) -> bool:
+        """The current set does not load: keep the served set, or start on the newest older one that
+        loads (never 503 everything because a promotion was interrupted). True when switched."""
+        switched = False
+        if self.ensemble is None:
+            candidates = await asyncio.to_thread(fallback_sets, self.models.registry, wanted)
+            ens, _ = await self.models.first_loadable(candidates)
+            if ens is None:
+                return False
+            self.ensemble, self.loaded_at, switched = ens, time.time(), True
+            log.warning("serving the older model set %s: the current one does not load", ens.versions)
+        self.fallback = {"serving": dict(self.ensemble.versions), "current": wanted, "error": self.load_error}
+        return switched
 
     async def _watch_models(self) -> None:
         while True:
@@ -172,8 +200,8 @@ class EnsembleRouter:
 
         async def one(horizon: int, idx: list[int]) -> None:
             rows = [r for i in idx for r in items[i][0]]
-            try:
-                forecasts = await self._forecast(ens, rows, horizon)
+            try:  # a request path: the pool hops get the same deadline as the ingress's hop here
+                forecasts = await asyncio.wait_for(self._forecast(ens, rows, horizon), self.settings.handle_timeout_s)
             except Exception as exc:  # one horizon's failure must not fail the others
                 for i in idx:
                     out[i] = exc
@@ -239,7 +267,8 @@ class EnsembleRouter:
         now = time.time()
         for f in forecasts:
             d = f.to_dict()
-            items.append((prediction_key(f.symbol, f.horizon, f.candle_open_time), json.dumps(d), ttl))
+            items.append((prediction_key(f.symbol, f.horizon, f.candle_open_time),
+                          make_entry(d, self.feature_hash, self.secret), ttl))
             if publish:
                 messages.append((signal_channel(f.symbol), json.dumps({**signal_body(d), "published_at": now})))
         try:
@@ -253,6 +282,7 @@ class EnsembleRouter:
     async def status(self) -> dict[str, Any]:
         status = describe_models(self.ensemble, self.loaded_at, self.load_error)
         status["candles_processed"] = self.candles
+        status["fallback"] = self.fallback
         return status
 
     async def check_health(self) -> None:

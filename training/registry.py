@@ -11,9 +11,14 @@ Layout (root = ``Settings.models_dir``)::
 Why it is strict: a model that silently loads against a different feature definition, or whose
 file was changed after training, produces plausible-looking nonsense. So loading checks every
 file's sha256 and the feature-set hash and refuses with :class:`ModelLoadError` rather than guess.
-Writes are atomic: a version is written into a hidden temporary folder and renamed into place,
-then ``current`` is swapped with :func:`os.replace`, so a reader never sees half a model. Old
-versions are kept for rollback (``promote`` an older one).
+Writes are atomic and durable: a version is written into a hidden temporary folder, every file
+and the folder are fsynced, the folder is renamed into place, then ``current`` is swapped with
+:func:`os.replace` and the model's folder fsynced, so neither a reader nor a power cut sees half a
+model or a pointer to one. Old versions are kept for rollback (``promote`` an older one).
+
+Names are checked wherever they come from (``current``, a pinned ``user_config``, the command
+line): a version or model name is one path component of letters, digits, ``.``, ``_`` and ``-``,
+never ``..`` -- a pointer cannot lead a loader out of the registry.
 
 This module is on the inference path: it imports no training code and no Ray.
 """
@@ -24,6 +29,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -40,6 +46,16 @@ MODEL_NAMES: tuple[str, ...] = ("range_predictor", "tpsl_classifier", "signal_cl
 METADATA_FILE = "metadata.json"
 CURRENT_FILE = "current"
 BOOSTER_SUFFIX = ".ubj"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(kind: str, name: str) -> str:
+    """``name`` if it is a safe model or version name (one path component, no ``..``), else
+    :class:`ModelNotFoundError` naming what was wrong (a pointer to nowhere serves nothing)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise ModelNotFoundError(f"{kind} name {name!r} is not valid: one path component of letters, digits, "
+                                 "'.', '_' and '-' (no '..', no separators)")
+    return name
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -64,6 +80,22 @@ class LoadedModel:
     documents: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, a new file) durable: fsync of the file alone is not."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -75,6 +107,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
 
 
 class ModelRegistry:
@@ -118,6 +151,7 @@ class ModelRegistry:
 
     def current(self, model: str) -> str:
         """The promoted version of ``model``; :class:`ModelNotFoundError` if there is none."""
+        check_name("model", model)
         pointer = self.root / model / CURRENT_FILE
         try:
             version = pointer.read_text(encoding="utf-8").strip()
@@ -125,6 +159,7 @@ class ModelRegistry:
             self.versions(model)  # raises a clear error when the model does not exist at all
             raise ModelNotFoundError(f"model {model!r} in {self.root} has no current version; "
                                      f"promote one: python -m training.registry promote {model} <version>") from None
+        check_name(f"model {model!r}: current points to a version whose", version)
         if not version or not (self.root / model / version / METADATA_FILE).exists():
             raise ModelNotFoundError(f"model {model!r}: current points to {version!r}, which does not exist")
         return version
@@ -135,7 +170,7 @@ class ModelRegistry:
         return self._read_metadata(model, version)
 
     def _read_metadata(self, model: str, version: str) -> dict[str, Any]:
-        path = self.root / model / version / METADATA_FILE
+        path = self.root / check_name("model", model) / check_name("version", version) / METADATA_FILE
         if not path.exists():
             raise ModelNotFoundError(f"model {model!r} has no version {version!r} in {self.root}")
         try:
@@ -217,8 +252,8 @@ class ModelRegistry:
         ``documents`` become ``<name>.json``. The metadata gets the feature-set hash of this registry
         unless it already names one, and a sha256 of every file.
         """
-        if "/" in model or model.startswith(".") or "/" in version or version.startswith("."):
-            raise ValueError(f"bad model or version name: {model!r} {version!r}")
+        check_name("model", model)
+        check_name("version", version)
         model_dir = self.root / model
         model_dir.mkdir(parents=True, exist_ok=True)
         final = model_dir / version
@@ -229,18 +264,20 @@ class ModelRegistry:
             files: dict[str, str] = {}
             for name, booster in boosters.items():
                 raw = bytes(booster.save_raw("ubj")) if isinstance(booster, xgb.Booster) else bytes(booster)
-                (tmp / f"{name}{BOOSTER_SUFFIX}").write_bytes(raw)
+                _write_durable(tmp / f"{name}{BOOSTER_SUFFIX}", raw)
                 files[f"{name}{BOOSTER_SUFFIX}"] = sha256_bytes(raw)
             for name, doc in (documents or {}).items():
                 raw = json.dumps(doc, indent=1, sort_keys=True).encode()
-                (tmp / f"{name}.json").write_bytes(raw)
+                _write_durable(tmp / f"{name}.json", raw)
                 files[f"{name}.json"] = sha256_bytes(raw)
             meta = dict(metadata)
             meta.setdefault("feature_set_hash", self.feature_hash)
             meta.update(model=model, version=version, files=files)
-            (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True, default=_json_default),
-                                             encoding="utf-8")
+            _write_durable(tmp / METADATA_FILE,
+                           json.dumps(meta, indent=1, sort_keys=True, default=_json_default).encode())
+            fsync_dir(tmp)  # the files' entries, before the folder becomes visible under its name
             os.replace(tmp, final)
+            fsync_dir(model_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
