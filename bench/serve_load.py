@@ -246,7 +246,10 @@ class ServeApp:
             self.head.connect()
             self.http_port = start_serve_on_free_port("127.0.0.1")
             self.url = f"http://127.0.0.1:{self.http_port}"
-            deploy({"models_dir": str(models), "api_keys": [key], "rate_limit_per_minute": 10**9,
+            from deployments.auth import write_api_keys_file
+
+            keys_file = write_api_keys_file(workdir / f"api_keys-{name}", [key])
+            deploy({"models_dir": str(models), "api_keys_file": str(keys_file), "rate_limit_per_minute": 10**9,
                     "redis_url": redis_url, "replay_speed": 0, "replay_history": 10**9, "max_data_age_s": 1e9,
                     "serving_log": "", "serve_access_log": False}, ingress_replicas=ingress_replicas)
             wait_http(self.url, key)

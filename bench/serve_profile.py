@@ -18,6 +18,7 @@ import asyncio
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -124,7 +125,11 @@ def main() -> int:
     ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         port = start_serve_on_free_port("127.0.0.1")
-        deploy({"models_dir": models, "api_keys": [key], "rate_limit_per_minute": 10**9, "replay_speed": 0,
+        from deployments.auth import write_api_keys_file
+
+        keys_file = write_api_keys_file(Path(tempfile.mkdtemp(prefix="mle-profile-")) / "api_keys", [key])
+        deploy({"models_dir": models, "api_keys_file": str(keys_file), "rate_limit_per_minute": 10**9,
+                "replay_speed": 0,
                 "replay_history": 10**9, "max_data_age_s": 1e9, "serving_log": "", "serve_access_log": False})
         results = asyncio.run(profile(models, port, key, args.calls))
     finally:

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs.settings import load_settings  # noqa: E402
+from deployments.auth import write_api_keys_file  # noqa: E402
 from features.candles import FIVE_MINUTES_MS, load_candles  # noqa: E402
 
 HISTORY = 1100
@@ -139,7 +140,8 @@ def main() -> int:
             frames[s].to_parquet(files[s])
         key = secrets.token_urlsafe(24)
         port = free_port()
-        overrides = {"models_dir": str(models_dir), "api_keys": [key], "redis_url": redis.url,
+        keys_file = write_api_keys_file(tmp / "api_keys", [key])  # keys never go in Serve args
+        overrides = {"models_dir": str(models_dir), "api_keys_file": str(keys_file), "redis_url": redis.url,
                      "database_url": pg.url, "spool_dir": str(tmp / "spool"), "replay_speed": 0.0,
                      "replay_history": HISTORY, "replay_files": {s: str(p) for s, p in files.items()}}
         # address="local": always a new cluster of our own, never another engineer's running one.

@@ -34,6 +34,7 @@ import httpx
 import pandas as pd
 import yaml
 
+from deployments.auth import write_api_keys_file
 from features.candles import FIVE_MINUTES_MS, load_candles
 from scripts.drills import connect, feature_history, kill_pid, market_status, my_actor_pids
 from scripts.loadgen import run_load
@@ -93,11 +94,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         app = app_cfg["name"]
         app_cfg.setdefault("args", {}).update({"feed": "binance", "binance_api_url": fake.base_url,
                                                "binance_ws_url": f"ws://127.0.0.1:{fake.port}/ws"})
-        if args.api_key:
-            app_cfg["args"].setdefault("api_keys", [args.api_key])
+        work = Path(tempfile.mkdtemp(prefix="drill-md-"))
+        # The key reaches the (local) head as a 0600 file: keys never go in Serve args.
+        app_cfg["args"].setdefault("api_keys_file", str(write_api_keys_file(work / "api_keys", [args.api_key])))
         if args.http_port:
             config.setdefault("http_options", {})["port"] = args.http_port
-        path = Path(tempfile.mkdtemp(prefix="drill-md-")) / "binance.yaml"
+        path = work / "binance.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         url = f"http://127.0.0.1:{config.get('http_options', {}).get('port', 8000)}"
         serve_deploy(path, args.address)

@@ -23,6 +23,8 @@ What it does, against a running Ray head (it starts nothing but Serve applicatio
 
 Exit status 0 only when no request failed. ``--args KEY=VALUE`` adds Settings overrides to the
 application's ``args`` (e.g. a private Redis URL, the HTTP port comes from ``--http-port``).
+``--api-key`` reaches the application as ``api_keys_file`` (a 0600 file in the run's temporary
+folder, so the head must be on this machine); without it the head's ``MLE_API_KEYS`` is used.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from typing import Any
 import httpx
 import yaml
 
+from deployments.auth import write_api_keys_file
 from scripts.loadgen import LoadResult, run_load
 from training.registry import MODEL_NAMES, ModelRegistry
 
@@ -214,8 +217,9 @@ def promote_all(registry: ModelRegistry, version: str) -> None:
 
 async def rollout(args: argparse.Namespace) -> dict[str, Any]:
     extra = parse_kv(args.args)
-    if args.api_key:
-        extra.setdefault("api_keys", [args.api_key])
+    work = Path(tempfile.mkdtemp(prefix="rollout-"))
+    if args.api_key:  # through a key file (the head is on this machine): keys never go in Serve args
+        extra.setdefault("api_keys_file", str(write_api_keys_file(work / "api_keys", [args.api_key])))
     config, app = load_config(Path(args.config), args.app, args.http_port, extra)
     port = config.get("http_options", {}).get("port", 8000)
     url = f"http://127.0.0.1:{port}"
@@ -228,7 +232,6 @@ async def rollout(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"{args.models_dir} needs a second complete model version to switch to")
     alternative = others[-1]
 
-    work = Path(tempfile.mkdtemp(prefix="rollout-"))
     config = with_pinned_versions(config, app, None)  # follow the registry (what serve_config.yaml says)
     base = write_config(config, work, "base.yaml")
     pinned = write_config(with_pinned_versions(config, app, {m: alternative for m in MODEL_NAMES}), work,
