@@ -96,3 +96,13 @@ def ray_cluster():
 
 # The Serve application, deployed once per session (tests/serving_app.py).
 from tests.serving_app import serving_app  # noqa: E402,F401
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The hardening suite's one line per area: what was tried, how many, what failed."""
+    from tests.hardening_report import LINES
+
+    if LINES:
+        terminalreporter.section("hardening and fault suite")
+        for line in LINES:
+            terminalreporter.write_line(line)

@@ -2,9 +2,11 @@
 
 ``serving_app`` trains a small model set on the shipped sample (few rounds: these tests check the
 serving graph, not model quality), starts a private redis-server on a free port (so a test can
-stop it mid-run without touching the shared 6379 one), deploys ``deployments.app:build_app`` on
-a free HTTP port with a replay of the sample at 100x (one candle every 3 s, stale after 9 s
-without one) and waits until both symbols have published forecasts. Every HTTP test uses it.
+stop it mid-run without touching the shared 6379 one; it requires a password, which must never
+show in a log), deploys ``deployments.app:build_app`` on a free HTTP port with a replay of the
+sample at 100x (one candle every 3 s, stale after 9 s without one) and waits until both symbols
+have published forecasts. Every HTTP test uses it. The API keys reach the app as a key file, as
+they should in production: never in Serve args.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from deployments.auth import write_api_keys_file
 from tests.conftest import SAMPLE_DATA, SYMBOLS, free_port
 
 APP_NAME = "ml-engine"
@@ -28,23 +31,27 @@ REPLAY_HISTORY = 1100
 
 
 class PrivateRedis:
-    """A redis-server of our own on a free loopback port (stop / start at will)."""
+    """A redis-server of our own on a free loopback port (stop / start at will), optionally with a
+    password (``requirepass``)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.password = password
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.fail("redis-server is not installed (bash scripts/services.sh needs it too)")
+        auth = ["--requirepass", self.password] if self.password else []
         self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.workdir)],
+                                      "--appendonly", "no", "--dir", str(self.workdir), *auth],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = self.client()
         deadline = time.monotonic() + 10
@@ -66,7 +73,7 @@ class PrivateRedis:
     def client(self):
         import redis
 
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5)
 
 
 @dataclass
@@ -83,6 +90,13 @@ class ServingApp:
         if not self._keys:
             pytest.fail("the serving app ran out of API keys; raise KEYS in tests/serving_app.py")
         return self._keys.pop()
+
+    def key_id(self, key: str) -> str:
+        """The id the app gives ``key`` (an HMAC under the deployment's secret) in Redis and logs."""
+        from configs.settings import load_settings
+        from deployments.auth import ApiKeys
+
+        return ApiKeys.from_settings(load_settings(**self.overrides)).key_id(key)
 
     def client(self, key: str | None = None, timeout: float = 30.0) -> httpx.Client:
         headers = {"X-API-Key": key} if key else {}
@@ -116,7 +130,9 @@ class ServingApp:
         raise TimeoutError(f"the ingress did not switch {symbol} to candle {open_time}")
 
 
-KEYS = 40
+KEYS = 60
+# The private Redis's password: tests grep the cluster's logs for it after an outage.
+REDIS_PASSWORD = "redis-pw-" + secrets.token_hex(8)
 
 
 def _serve_running() -> bool:
@@ -147,12 +163,15 @@ def serving_app(ray_cluster, tmp_path_factory) -> ServingApp:
 
     root = tmp_path_factory.mktemp("serving")
     models_dir = train_small_models(root / "models")
-    redis = PrivateRedis(root)
+    redis = PrivateRedis(root, password=REDIS_PASSWORD)
     redis.start()
     keys = [secrets.token_urlsafe(24) for _ in range(KEYS)]
     overrides = {
         "models_dir": str(models_dir),
-        "api_keys": keys,
+        "api_keys_file": str(write_api_keys_file(root / "api_keys", keys)),
+        # Every test calls from 127.0.0.1: the failed-auth budget of loopback is shared by all of them
+        # (the throttle itself is tested on its own app, with addresses of its own).
+        "auth_failures_per_minute": 600,
         "redis_url": redis.url,
         "replay_speed": REPLAY_SPEED,
         "replay_history": REPLAY_HISTORY,

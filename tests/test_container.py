@@ -237,8 +237,8 @@ def test_compose_env_wires_the_engine_to_its_services(compose, compose_env):
     for name in ("engine", "worker"):
         env = {k: _interpolate(str(v), compose_env) for k, v in services[name]["environment"].items()}
         settings = _settings_from_env({k: v for k, v in env.items() if k.startswith("MLE_")})
-        assert settings.redis_url == "redis://redis:6379/0"
-        assert settings.database_url == (f"postgresql://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}"
+        assert settings.redis_url.get_secret_value() == "redis://redis:6379/0"
+        assert settings.database_url.get_secret_value() == (f"postgresql://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}"
                                          f"@postgres:5432/{pg['POSTGRES_DB']}")
         assert settings.http_host == "0.0.0.0" and settings.api_keys
         assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == compose_env["RAY_AUTH_TOKEN"]

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from configs.settings import load_settings
+from deployments.auth import write_api_keys_file
 from features.labels import build_labels
 from tests.conftest import SAMPLE_DATA, SYMBOLS, free_port
 from tests.postgres_util import fresh_database
@@ -63,7 +64,8 @@ def outcomes_app(ray_cluster, serving_app, tmp_path_factory):
         frames[s].to_parquet(files[s])
     key = secrets.token_urlsafe(24)
     with fresh_database() as url:
-        overrides = {"models_dir": str(models_dir), "api_keys": [key], "redis_url": redis.url, "database_url": url,
+        overrides = {"models_dir": str(models_dir), "api_keys_file": str(write_api_keys_file(root / "api_keys", [key])),
+                     "redis_url": redis.url, "database_url": url,
                      "spool_dir": str(root / "spool"), "replay_speed": 0.0, "replay_history": HISTORY,
                      "replay_files": files}
         start_serve("127.0.0.1", free_port())

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deployments.auth import key_id
 from features import FEATURE_NAMES
 from features.candles import FIVE_MINUTES_MS
 from tests.conftest import SAMPLE_DATA, SYMBOLS
@@ -110,7 +109,7 @@ def test_rate_limit_per_key_shared_through_redis_with_retry_after(serving_app):
     with serving_app.client(other) as c:
         assert c.post("/predictions", json=body).status_code == 200  # other keys are unaffected
     # The limiter's state lives in Redis (shared by every ingress replica), under the key's id.
-    assert serving_app.redis.client().exists(f"ratelimit:{key_id(key)}")
+    assert serving_app.redis.client().exists(f"ratelimit:{serving_app.key_id(key)}")
 
 
 # ---- validation -----------------------------------------------------------------------------
@@ -289,6 +288,14 @@ def test_redis_stopped_mid_run_the_engine_still_answers_and_health_says_cache_do
         while c.get("/health/detailed").json()["cache"]["status"] != "up":
             assert time.monotonic() < deadline, "the cache did not come back"
             time.sleep(0.2)
+    # The outage was logged (the Redis URL holds a password): by every replica, without the password.
+    import ray
+
+    from tests.serving_app import REDIS_PASSWORD
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    leaked = [f for f in logs.rglob("*") if f.is_file() and REDIS_PASSWORD.encode() in f.read_bytes()]
+    assert redis.password == REDIS_PASSWORD and leaked == [], f"the Redis password is in {leaked}"
 
 
 def test_a_stalled_feed_is_a_gap_503_for_predictions_and_hold_for_signals(serving_app):
@@ -476,7 +483,7 @@ def test_log_hook_gets_every_candle_close_forecast_and_every_request(serving_app
     forecasts = [r for r in lines("router") if r["kind"] == "forecast" and r["symbol"] == "BTCUSDT"
                  and r["candle_open_time"] == t]
     assert sorted(r["horizon"] for r in forecasts) == list(HORIZONS)
-    requests = [r for r in lines("ingress") if r["kind"] == "request" and r["key_id"] == key_id(key)]
+    requests = [r for r in lines("ingress") if r["kind"] == "request" and r["key_id"] == serving_app.key_id(key)]
     assert len(requests) == 1 and requests[0]["endpoint"] == "/signals" and requests[0]["status"] == 200
     assert requests[0]["horizon"] == 18 and requests[0]["forecast_candle"] == t
     assert key not in (serving_app.spool_dir / "serving-ingress.jsonl").read_text()

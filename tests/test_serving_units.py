@@ -26,14 +26,16 @@ from tests.conftest import free_port
 from tests.fake_binance import load_test_candles
 
 ROOT = Path(__file__).resolve().parents[1]
+UNIT_KEY = "unit-test-key-of-24-chars+"
 
 
 def test_api_keys_identify_only_configured_keys():
-    keys = ApiKeys(["alpha-key", "beta-key"])
-    assert keys.identify("beta-key") == key_id("beta-key") != key_id("alpha-key")
-    for bad in (None, "", "alpha", "alpha-key ", "x" * 10_000):
+    alpha, beta, secret = "alpha-key-" + "a" * 20, "beta-key-" + "b" * 20, b"deployment secret"
+    keys = ApiKeys([alpha, beta], secret)
+    assert keys.identify(beta) == key_id(beta, secret) != key_id(alpha, secret)
+    for bad in (None, "", "alpha", alpha + " ", "x" * 10_000):
         assert keys.identify(bad) is None
-    assert len(key_id("alpha-key")) == 12 and "alpha" not in key_id("alpha-key")
+    assert len(key_id(alpha, secret)) == 16 and "alpha" not in key_id(alpha, secret)
 
 
 def test_local_limiter_is_a_gcra_bucket():
@@ -168,7 +170,7 @@ def _service_app(backend, **overrides):
     from deployments.metrics import EngineMetrics
     from deployments.service import PredictionService
 
-    settings = load_settings(api_keys=["unit-key"], redis_url=f"redis://127.0.0.1:{free_port()}/0", serving_log="",
+    settings = load_settings(api_keys=[UNIT_KEY], redis_url=f"redis://127.0.0.1:{free_port()}/0", serving_log="",
                              **overrides)
     service = PredictionService(settings, backend, redis=None, metrics=EngineMetrics(use_ray=False))
     state = MarketState()
@@ -194,7 +196,7 @@ def _call(app, method: str, path: str, **kw):
 
     async def go():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            return await c.request(method, path, headers={"X-API-Key": "unit-key"}, **kw)
+            return await c.request(method, path, headers={"X-API-Key": UNIT_KEY}, **kw)
 
     return asyncio.run(go())
 

@@ -37,16 +37,17 @@ def test_defaults_need_no_environment(clean_env):
     assert s.market.symbols == ["BTCUSDT", "ETHUSDT"]
     assert s.market.horizons == [6, 18, 36, 72]
     assert s.http_port == 8000 and s.ray_port == 6380
-    assert s.database_url == "postgresql://127.0.0.1:5432/test"
+    assert s.database_url.get_secret_value() == "postgresql://127.0.0.1:5432/test"
     assert s.api_keys == []
 
 
 def test_env_overrides_and_key_list(clean_env):
-    clean_env.setenv("MLE_API_KEYS", "k1, k2")
+    k1, k2 = "first-key-of-thirty-two-chars-0", "second-key-of-thirty-two-chars-"
+    clean_env.setenv("MLE_API_KEYS", f"{k1}, {k2}")
     clean_env.setenv("MLE_HTTP_PORT", "8100")
     s = load_settings()
-    assert [k.get_secret_value() for k in s.api_keys] == ["k1", "k2"]
-    assert "k1" not in repr(s)  # keys never appear in logs or reprs
+    assert [k.get_secret_value() for k in s.api_keys] == [k1, k2]
+    assert k1 not in repr(s)  # keys never appear in logs or reprs
     assert s.http_port == 8100
 
 
