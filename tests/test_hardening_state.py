@@ -95,6 +95,18 @@ def test_poisoned_and_stale_cache_entries_are_misses_never_answers(redis_server)
            "/predictions and /signals, and one valid entry", 2 * len(answers) + 1, failed)
 
 
+def test_the_cache_entry_schema_is_the_forecast_plus_its_provenance():
+    """A field added to Forecast must reach CacheEntry too, or every entry the router writes would be
+    refused as ``schema`` (correct, but a cache that never hits)."""
+    import dataclasses
+
+    from deployments.cache import CacheEntry
+    from training.ensemble import Forecast
+
+    assert set(CacheEntry.model_fields) == {f.name for f in dataclasses.fields(Forecast)} | {"feature_set_hash",
+                                                                                             "sig"}
+
+
 # ---- point 6: secrets ------------------------------------------------------------------------
 
 class _WriterLog:
