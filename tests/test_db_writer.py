@@ -207,9 +207,18 @@ def test_writer_killed_mid_batch_replays_every_row_once(private_pg, tmp_path):
                 return await conn.fetchval(
                     "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                     "AND query LIKE 'INSERT INTO ml.prediction_logs%'")
-            deadline = time.monotonic() + 120
-            while not (state["done"] and await blocked_insert()):
-                assert time.monotonic() < deadline, "the child never got stuck mid-batch"
+            # Two waits, each with its own generous deadline (a loaded CI machine starts the child
+            # slowly): every row submitted, then the child's INSERT waiting on the table lock.
+            deadline = time.monotonic() + 300
+            while not state["done"]:
+                assert proc.poll() is None, f"the child exited ({proc.returncode}) after {state['submitted']} rows"
+                assert time.monotonic() < deadline, f"the child submitted only {state['submitted']} of {n} rows"
+                await asyncio.sleep(0.05)
+            deadline = time.monotonic() + 300
+            while not await blocked_insert():
+                activity = await conn.fetch("SELECT pid, state, wait_event_type, left(query, 60) AS q "
+                                            "FROM pg_stat_activity WHERE datname = current_database()")
+                assert time.monotonic() < deadline, f"the child never got stuck mid-batch: {activity}"
                 await asyncio.sleep(0.05)
             backend = await blocked_insert()
             proc.send_signal(signal.SIGKILL)  # mid-batch: its INSERT is inside an open transaction
