@@ -20,123 +20,20 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Optional
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response, Security
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import RedirectResponse
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, create_model
+from pydantic import ConfigDict, Field, SecretStr, create_model
 
 from configs.settings import scrub
 from deployments.auth import retry_after_header
-from deployments.errors import ApiError, ErrorBody, install_error_handlers, openapi_errors
+from deployments.errors import ApiError, install_error_handlers, openapi_errors
 from deployments.guard import API_KEY_HEADER, KID_STATE, MetricsAccess, RequestGuard
 from deployments.hooks import ServingLog
 from deployments.metrics import MetricsUnavailable
 from deployments.service import PredictionService
-
-
-# ---- response schemas (documentation of what the service renders) --------------------------
-class PriceBand(BaseModel):
-    lower: float
-    upper: float
-    lower_pct: float
-    upper_pct: float
-
-
-class Interval(BaseModel):
-    coverage: float = Field(description="probability mass between lower and upper (0.8 = the 10%-90% quantiles)")
-    high: PriceBand = Field(description="interval of the highest price over the horizon")
-    low: PriceBand = Field(description="interval of the lowest price over the horizon")
-
-
-class PredictionResponse(BaseModel):
-    symbol: str
-    horizon: int = Field(description="in 5-minute candles")
-    horizon_minutes: int
-    candle_open_time: int = Field(description="open time (ms UTC) of the last closed candle the prediction uses")
-    candle_time: str = Field(description="the same, ISO 8601")
-    close: float = Field(description="close price of that candle")
-    predicted_high: float = Field(description="median predicted highest price over the horizon")
-    predicted_high_pct: float = Field(description="the same in percent of close (0.4 = +0.4%)")
-    predicted_low: float
-    predicted_low_pct: float
-    interval: Interval
-    model_version: Optional[str] = Field(description="version of the range predictor")
-    model_versions: dict[str, str]
-    cached: bool = Field(description="answered from the cache (computed at candle close) rather than computed now")
-    data_age_s: float = Field(description="feed seconds since that candle closed")
-
-
-class Probabilities(BaseModel):
-    SELL: Optional[float]
-    HOLD: Optional[float]
-    BUY: Optional[float]
-
-
-class SignalResponse(BaseModel):
-    symbol: str
-    horizon: int
-    horizon_minutes: int
-    signal_type: Literal["BUY", "SELL", "HOLD"]
-    confidence: float = Field(description="calibrated probability that the signal is right (0 for a forced HOLD)")
-    entry_price: Optional[float]
-    take_profit: Optional[float] = Field(description="for HOLD: the would-be long's take-profit, or null")
-    stop_loss: Optional[float]
-    reason: Optional[str] = Field(description="why the signal is a forced HOLD, as a code: `market_data_gap` (no "
-                                  "candle since the last close: an exchange halt or a lost candle), "
-                                  "`stale_market_data` (the feed is down), `features_unavailable` (warming up "
-                                  "after a long gap), `unknown_symbol`, `market_data_invalid`, "
-                                  "`model_output_undefined`; null when the signal comes from the models")
-    reason_detail: Optional[str] = Field(None, description="the same for people: what is missing and since when")
-    probabilities: Probabilities
-    p_tp_long: Optional[float]
-    p_tp_short: Optional[float]
-    close: float
-    candle_open_time: int
-    candle_time: str
-    model_versions: dict[str, str]
-    cached: bool
-    data_age_s: float
-
-
-class IndicatorGroup(BaseModel):
-    title: str
-    values: dict[str, Optional[float]]
-
-
-class IndicatorsResponse(BaseModel):
-    symbol: str
-    candle_open_time: int
-    candle_time: str
-    close: float
-    groups: dict[str, IndicatorGroup]
-    data_age_s: float
-
-
-class ModelsStatusResponse(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    loaded: bool
-    versions: dict[str, str]
-    models: dict[str, dict[str, Any]]
-
-
-class HealthResponse(BaseModel):
-    status: Literal["ok"]
-
-
-class ReadinessResponse(BaseModel):
-    status: Literal["ready"]
-    checks: dict[str, Any]
-
-
-class HealthDetailedResponse(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    status: Literal["ok", "degraded", "down"]
-    models: dict[str, Any]
-    cache: dict[str, Any]
-    database: dict[str, Any]
-    market: dict[str, Any]
-    serve: Optional[dict[str, Any]]
-    uptime_s: float
+from ml_engine_client.models import (HealthDetailedResponse, HealthResponse, IndicatorsResponse, ModelsStatusResponse,
+                                     PredictionResponse, ReadinessResponse, SignalResponse)
 
 
 # ---- the app --------------------------------------------------------------------------------
@@ -180,7 +77,12 @@ signal is also published as JSON on the Redis channel `signals:{{symbol}}`. An a
 from the cache (`cached`) and how old the market data is (`data_age_s`, seconds since the candle closed, \
 in the feed's time). `Cache-Control: no-cache` computes the answer now through the model graph.
 
-**Percentages** (`*_pct`) are percent of the candle's close: 0.4 means +0.4 %."""
+**Percentages** (`*_pct`) are percent of the candle's close: 0.4 means +0.4 %.
+
+**Clients.** Every route has a stable `operationId` (`get_prediction`, `get_signal`, ...: the method names \
+of generated clients) and a response model. The Python client `ml_engine_client` (in this repository) \
+parses answers into these very models and retries 429 and 503 as their `Retry-After` says. `GET /` \
+redirects to this page's interactive form, `/docs`."""
 
 
 def create_app(service: PredictionService, *, database_health: Callable[[], Awaitable[dict[str, Any]]],
@@ -205,7 +107,6 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
     install_error_handlers(app, symbols, horizons)
     key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
                               description="one of the keys in MLE_API_KEYS")
-    limit = settings.rate_limit_per_minute
 
     async def authorized(request: Request, key: Optional[str] = Security(key_header)) -> str:
         kid = request.scope.get("state", {}).get(KID_STATE)  # the guard identified the key already
@@ -214,7 +115,8 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
             raise ApiError(401, "unauthorized", f"missing or unknown {API_KEY_HEADER} header")
         wait, _scope = await service.limiter.check(kid)
         if wait > 0:
-            raise ApiError(429, "rate_limited", f"more than {limit} requests per minute for this API key",
+            raise ApiError(429, "rate_limited",
+                           f"more than {service.limiter.limit} requests per minute for this API key",
                            headers={"Retry-After": retry_after_header(wait)}, retry_after_s=round(wait, 3))
         return kid
 
@@ -222,6 +124,12 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
     app.add_middleware(RequestGuard, routes_of=app, key_check=authorized, keys=service.keys,
                        failures=service.auth_failures, max_body_bytes=settings.max_body_bytes,
                        metrics=metrics_access or MetricsAccess(settings.metrics_networks))
+
+    if settings.cors_origins:  # added last: outermost, so a preflight never meets the guard's 401
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_credentials=settings.cors_allow_credentials, allow_methods=["GET", "POST"],
+                           allow_headers=[API_KEY_HEADER, "Content-Type", "Cache-Control"],
+                           expose_headers=["Retry-After"], max_age=600)
 
     def json_bytes(body: bytes) -> Response:
         return Response(content=body, media_type="application/json")
@@ -232,7 +140,8 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
     cache_control_doc = ("`no-cache` computes the answer now through the model graph instead of reading the cache "
                          "(and refreshes the cache)")
 
-    @app.post("/predictions", response_model=PredictionResponse, responses=auth_errors, tags=["predictions"],
+    @app.post("/predictions", operation_id="get_prediction",
+              response_model=PredictionResponse, responses=auth_errors, tags=["predictions"],
               summary="Predicted high and low over the horizon, with the 10-90% interval")
     async def predictions(req: PredictionRequest,  # type: ignore[valid-type]
                           kid: str = Depends(authorized),
@@ -244,7 +153,8 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
         return json_bytes(await service.answer("predictions", req.symbol, req.horizon,
                                                fresh=no_cache(cache_control), kid=kid))
 
-    @app.post("/signals", response_model=SignalResponse, responses=auth_errors, tags=["predictions"],
+    @app.post("/signals", operation_id="get_signal",
+              response_model=SignalResponse, responses=auth_errors, tags=["predictions"],
               summary="BUY/SELL/HOLD with confidence, entry, take-profit and stop-loss")
     async def signals(req: SignalRequest,  # type: ignore[valid-type]
                       kid: str = Depends(authorized),
@@ -258,7 +168,8 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
         return json_bytes(await service.answer("signals", req.symbol, horizon, fresh=no_cache(cache_control),
                                                kid=kid))
 
-    @app.get("/indicators", response_model=IndicatorsResponse, responses=auth_errors, tags=["market"],
+    @app.get("/indicators", operation_id="get_indicators",
+             response_model=IndicatorsResponse, responses=auth_errors, tags=["market"],
              summary="The latest indicator values (the model's features), by group")
     async def indicators(symbol: Symbol = Query(description="exchange symbol"),  # type: ignore[valid-type]
                          kid: str = Depends(authorized)) -> dict[str, Any]:
@@ -267,7 +178,8 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
         scale-free (fractions of the close)."""
         return service.indicators(symbol)
 
-    @app.get("/models/status", response_model=ModelsStatusResponse, responses=openapi_errors(401, 429, 503),
+    @app.get("/models/status", operation_id="get_models_status",
+             response_model=ModelsStatusResponse, responses=openapi_errors(401, 429, 503),
              tags=["operations"], summary="Each model's version, training range, walk-forward metrics, load time")
     async def models_status(kid: str = Depends(authorized)) -> dict[str, Any]:
         """The served version of each model (range predictor, TP/SL classifier, signal classifier,
@@ -282,11 +194,18 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
                 status = {**status, "live": {"status": "unknown", "error": f"{type(exc).__name__}: {exc}"[:300]}}
         return status
 
-    @app.get("/health", response_model=HealthResponse, tags=["operations"], summary="Liveness (no key needed)")
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        """A browser opening the engine's address lands on the interactive API docs."""
+        return RedirectResponse("/docs", status_code=307)
+
+    @app.get("/health", operation_id="get_health",
+             response_model=HealthResponse, tags=["operations"], summary="Liveness (no key needed)")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/health/ready", response_model=ReadinessResponse, responses=openapi_errors(503), tags=["operations"],
+    @app.get("/health/ready", operation_id="get_readiness",
+             response_model=ReadinessResponse, responses=openapi_errors(503), tags=["operations"],
              summary="Readiness for load balancers: 503 until models, market data and the graph are up (no key)")
     async def health_ready() -> dict[str, Any]:
         """200 once this engine can answer: the models are loaded, every symbol has market data and the
@@ -298,7 +217,8 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
             raise ApiError(503, "not_ready", f"not ready: {failing}", headers={"Retry-After": "5"}, checks=checks)
         return {"status": "ready", "checks": checks}
 
-    @app.get("/health/detailed", response_model=HealthDetailedResponse, responses=openapi_errors(401, 429),
+    @app.get("/health/detailed", operation_id="get_health_detailed",
+             response_model=HealthDetailedResponse, responses=openapi_errors(401, 429),
              tags=["operations"], summary="Models, cache, database, market feed (with data age), Serve replicas")
     async def health_detailed(kid: str = Depends(authorized)) -> dict[str, Any]:
         """`status` is `ok`, `degraded` (the cache or database is down, or a symbol's data is stale) or
@@ -313,15 +233,18 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
                 database = {**database, "log": {"status": "unknown", "error": scrub(f"{type(exc).__name__}: {exc}")}}
         return await service.health_detailed(database)
 
-    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics of the engine (no key needed)",
+    @app.get("/metrics", operation_id="get_metrics",
+             tags=["operations"], summary="Prometheus metrics of the engine (no key needed)",
              response_class=Response,
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                               "description": "Prometheus text exposition format"}, **openapi_errors(401, 503)})
     async def metrics() -> Response:
-        """Prometheus text: `ml_predictions_total{symbol,horizon}`, `ml_prediction_latency_seconds`,
-        `ml_cache_hits_total{layer}`, `ml_cache_misses_total`, `ml_market_data_age_seconds{symbol}`,
-        `ml_precomputed_predictions_total`, `ml_model_accuracy{model_name}`, aggregated over every replica
-        of the node (Ray's metrics agent; Ray itself exports them with a `ray_` prefix)."""
+        """Prometheus text: the engine's series (`ml_predictions_total{symbol,horizon}`,
+        `ml_prediction_latency_seconds{endpoint,source}`, `ml_cache_hits_total{layer}`,
+        `ml_cache_misses_total{layer}`, `ml_market_data_age_seconds{symbol}`, the live
+        `ml_interval_coverage_ratio{model_name,window}` and `ml_signal_hit_ratio{model_name,window}`, ...;
+        every one in docs/metrics.md), aggregated over every replica of the node (Ray's metrics agent; Ray
+        itself exports them with a `ray_` prefix)."""
         try:
             text = await metrics_text()
         except MetricsUnavailable as exc:

@@ -20,28 +20,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from features.errors import (CandleDataError, ConfigError, FeatureError, MarketDataError, MLEngineError,
                              ModelLoadError, ModelNotFoundError, PredictionError)
+from ml_engine_client.models import ErrorBody  # the client parses error answers with the same class
 
 log = logging.getLogger(__name__)
-
-
-class ErrorBody(BaseModel):
-    """Every error response has this shape."""
-
-    error: str = Field(description="machine-readable error code, e.g. `validation_error`, `stale_market_data`")
-    message: str = Field(description="what went wrong, for people")
-    path: str = Field(description="the request path")
-    data_age_s: float | None = Field(None, description="age of the newest market data (stale_market_data and "
-                                                       "market_data_gap)")
-    missing_candles: int | None = Field(None, description="market_data_gap and stale_market_data: candles that "
-                                                          "should have closed since the newest one")
-    supported_symbols: list[str] | None = Field(None, description="on validation errors: what the engine serves")
-    supported_horizons: list[int] | None = Field(None, description="on validation errors: what the engine serves")
-    retry_after_s: float | None = Field(None, description="rate_limited only: seconds until a request is allowed")
 
 
 class ApiError(Exception):

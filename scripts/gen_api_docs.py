@@ -63,6 +63,34 @@ def _schema_table(name: str, schema: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def signals_section() -> list[str]:
+    """docs/api.md's pub/sub part: the ``signals:{symbol}`` message, from the model the publisher's
+    fields are checked against (``SignalMessage`` shares ``SignalBody`` with the /signals answer)."""
+    from ml_engine_client.models import SignalMessage
+
+    schema = SignalMessage.model_json_schema()
+    return ["## Signals on Redis: `signals:{symbol}`", "",
+            "At every candle close the engine publishes, for each symbol and horizon, one JSON message on the "
+            "Redis channel `signals:{symbol}` (e.g. `signals:BTCUSDT`). Its fields are those of the POST /signals "
+            "answer (the same `SignalBody` model) without `cached` and `data_age_s`, plus `published_at`. "
+            "Pub/sub is at-most-once: a subscriber that was disconnected asks POST /signals for the current "
+            "candle. An asyncio subscriber (redis-py) is shipped with the Python client:", "",
+            "```bash",
+            "python -m ml_engine_client.subscriber BTCUSDT ETHUSDT --redis-url redis://127.0.0.1:6379/0",
+            "```", "",
+            "and the same from code, with the HTTP client (`ml_engine_client`, the API's own response models):", "",
+            "```python",
+            "from ml_engine_client import MLEngineClient",
+            "from ml_engine_client.subscriber import subscribe_signals",
+            "",
+            "with MLEngineClient(\"http://127.0.0.1:8000\", api_key=KEY) as engine:   # retries 429/503 per Retry-After",
+            "    print(engine.signal(\"BTCUSDT\").signal_type)",
+            "",
+            "async for msg in subscribe_signals(\"redis://127.0.0.1:6379/0\", [\"BTCUSDT\"]):  # SignalMessage",
+            "    print(msg.signal_type, msg.confidence, msg.take_profit, msg.stop_loss)",
+            "```", "", *_schema_table("SignalMessage", schema)]
+
+
 def render_markdown(spec: dict[str, Any]) -> str:
     info = spec["info"]
     out = ["# HTTP API", "",
@@ -103,7 +131,7 @@ def render_markdown(spec: dict[str, Any]) -> str:
                 details.append(f"| {code} | {resp.get('description', '').replace('|', '/')} | "
                                f"{_ref_name(content) if content else ''} |")
             details.append("")
-    out += ["", "## Route details", "", *details, "## Schemas", ""]
+    out += ["", "## Route details", "", *details, *signals_section(), "## Schemas", ""]
     for name in sorted(schemas):
         out += _schema_table(name, schemas[name])
     return "\n".join(out).rstrip("\n") + "\n"
