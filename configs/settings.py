@@ -10,6 +10,7 @@ never silently fall back to a default.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 from functools import lru_cache
@@ -28,6 +29,8 @@ MAX_FEATURE_WINDOW = 576
 # Shortest API key accepted: 24 characters of token_urlsafe are 144 random bits, far beyond any
 # online or offline guess (launcher.py generates keys of 32 characters).
 MIN_API_KEY_LENGTH = 24
+# A web origin as browsers send it in the Origin header.
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 
 
 class Strict(BaseModel):
@@ -179,6 +182,10 @@ class Settings(BaseSettings):
     http_port: int = Field(8000, ge=1, le=65535)
     ray_port: int = Field(6380, ge=1, le=65535)
     rate_limit_per_minute: int = Field(100, ge=1)
+    # Browser origins (scheme://host[:port]) that may call the API: CORS for the platform's frontend.
+    # MLE_CORS_ORIGINS=https://a.example,https://b.example; empty = no browser may call it.
+    cors_origins: Annotated[list[str], NoDecode] = ["http://localhost:3000"]
+    cors_allow_credentials: bool = False  # let browsers send cookies/HTTP auth (never with "*" among the origins)
 
     # Market feed.
     feed: Literal["replay", "binance"] = "replay"
@@ -256,6 +263,26 @@ class Settings(BaseSettings):
                                  "print(secrets.token_urlsafe(24))')")
         return v
 
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [o.strip() for o in text.split(",") if o.strip()]
+        return v
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        """An origin is exactly what a browser sends in ``Origin``: a trailing slash or a path never matches."""
+        for origin in v:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"MLE_CORS_ORIGINS: {origin!r} is not an origin (scheme://host[:port], no path "
+                                 "or trailing slash)")
+        return v
+
     @field_validator("metrics_networks")
     @classmethod
     def _networks(cls, v: list[str]) -> list[str]:
@@ -271,6 +298,13 @@ class Settings(BaseSettings):
     def _check(self) -> "Settings":
         if max(self.market.horizons) > MAX_FEATURE_WINDOW:
             raise ValueError("market.horizons: longest horizon exceeds the feature window")
+        return self
+
+    @model_validator(mode="after")
+    def _check_cors(self) -> "Settings":
+        if "*" in self.cors_origins and self.cors_allow_credentials:
+            raise ValueError("MLE_CORS_ORIGINS: '*' with MLE_CORS_ALLOW_CREDENTIALS would let every web site make "
+                             "credentialed calls; list the frontend's origins instead")
         return self
 
     @model_validator(mode="after")

@@ -232,6 +232,41 @@ def _yaml_file_of(section: str) -> str:
     return "(none)"
 
 
+# The seed platform's engine settings -> this engine's (docs/configuration.md "Coming from the seed");
+# tests/test_config_docs.py checks that every key named here is a real setting.
+SEED_SETTINGS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("API_KEY", ("api_keys", "api_keys_file"), "a list (comma-separated), each key at least 24 characters; or a "
+     "file of keys (a mounted secret). Sent as the `X-API-Key` header, as in the seed"),
+    ("DATABASE_URL", ("database_url",), "the same PostgreSQL URL; tables live in schema `ml`"),
+    ("REDIS_URL", ("redis_url",), "the same Redis URL (cache, rate limits, `signals:{symbol}`)"),
+    ("MODEL_PATH", ("models_dir",), "a model registry folder (one subfolder per model, versions and a "
+     "`current` pointer; docs/models.md), not one model file"),
+    ("SUPPORTED_SYMBOLS", ("market.symbols",), "configs/market.yaml, or the variable as a JSON list"),
+    ("DEFAULT_HORIZONS", ("market.horizons",), "in 5-minute candles, like the seed; configs/market.yaml"),
+    ("CORS_ORIGINS", ("cors_origins", "cors_allow_credentials"), "comma-separated origins, default "
+     "`http://localhost:3000` as in the seed; `*` is refused together with credentials"),
+    ("BINANCE_API_KEY / BINANCE_API_SECRET", ("binance_api_url", "binance_ws_url"), "no equivalent: the engine "
+     "reads only public market data (klines over REST and WebSocket), which needs no key; it never trades. "
+     "Only the endpoints are configurable"),
+)
+
+
+def env_name(key: str) -> str:
+    """``market.symbols`` -> ``MLE_MARKET__SYMBOLS``."""
+    return ENV_PREFIX + NESTED.join(part.upper() for part in key.split("."))
+
+
+def seed_section() -> list[str]:
+    out = ["## Coming from the seed", "",
+           "The seed platform's engine was configured by unprefixed variables; this engine reads `MLE_*` ones "
+           "(and its YAML files). Each seed name and what replaces it:", "",
+           "| seed variable | this engine | notes |", "|---|---|---|"]
+    for seed, keys, note in SEED_SETTINGS:
+        ours = ", ".join(f"`{k}` (`{env_name(k)}`)" for k in keys)
+        out.append(f"| `{seed}` | {ours} | {note} |")
+    return out + [""]
+
+
 def render() -> str:
     out = [
         "# Configuration reference",
@@ -247,7 +282,7 @@ def render() -> str:
         "1. keyword arguments (tests, `load_settings(**overrides)`),",
         f"2. environment variables `{ENV_PREFIX}<FIELD>` (nested keys joined by `{NESTED}`, e.g. "
         f"`{ENV_PREFIX}MODELS{NESTED}XGB_PARAMS{NESTED}MAX_DEPTH=8`; lists and dicts as JSON, except "
-        f"`{ENV_PREFIX}API_KEYS=key1,key2`),",
+        f"`{ENV_PREFIX}API_KEYS=key1,key2` and `{ENV_PREFIX}CORS_ORIGINS=https://a,https://b`),",
         "3. a `.env` file in the working directory (same names; any other key is an error),",
         f"4. the YAML files in `configs/` (or `{ENV_PREFIX}CONFIG_DIR`): " + ", ".join(f"`{f}`" for f in YAML_FILES)
         + ", each holding the sections named below,",
@@ -260,6 +295,7 @@ def render() -> str:
         "`runtime_env`.",
         "",
     ]
+    out += seed_section()
     sections = [n for n, i in Settings.model_fields.items()
                 if isinstance(i.annotation, type) and issubclass(i.annotation, BaseModel)]
     headings = section_headings(Settings)

@@ -39,3 +39,25 @@ def test_check_mode_reports_a_stale_file(tmp_path):
     assert gen_config_docs.main(["--check", "--out", str(stale)]) == 1
     assert gen_config_docs.main(["--out", str(stale)]) == 0
     assert gen_config_docs.main(["--check", "--out", str(stale)]) == 0
+
+
+def test_seed_setting_names_map_to_real_settings(monkeypatch):
+    """Every engine setting the seed mapping names exists and is read from the variable it shows."""
+    text = gen_config_docs.render()
+    seeds = [seed for seed, _, _ in gen_config_docs.SEED_SETTINGS]
+    for name in ("API_KEY", "DATABASE_URL", "REDIS_URL", "MODEL_PATH", "SUPPORTED_SYMBOLS", "DEFAULT_HORIZONS",
+                 "CORS_ORIGINS", "BINANCE_API_KEY"):
+        assert any(name in seed for seed in seeds), name
+    for seed, keys, _ in gen_config_docs.SEED_SETTINGS:
+        assert f"| `{seed}` |" in text
+        for key in keys:
+            top, _, leaf = key.partition(".")
+            assert top in Settings.model_fields, key
+            if leaf:
+                assert leaf in Settings.model_fields[top].annotation.model_fields, key
+    monkeypatch.setenv("MLE_MARKET__SYMBOLS", '["BTCUSDT"]')
+    monkeypatch.setenv("MLE_CORS_ORIGINS", "http://localhost:3000,https://app.example")
+    monkeypatch.setenv("MLE_MODELS_DIR", "/srv/models")
+    s = Settings()
+    assert s.market.symbols == ["BTCUSDT"] and s.cors_origins == ["http://localhost:3000", "https://app.example"]
+    assert str(s.models_dir) == "/srv/models"
