@@ -64,6 +64,15 @@ def build_graph(args: dict[str, Any] | None = None, ingress_replicas: int = 1) -
                               num_replicas=ingress_replicas).bind(router, fb, feed, overrides)
 
 
+def build_pool(args: dict[str, Any] | None = None) -> Application:
+    """One model pool as an application of its own (``args``: ``model`` plus Settings overrides): the
+    smallest declarative app, for trying a pool's live tunables with ``serve deploy`` (tests do)."""
+    overrides = _plain(dict(args or {}))
+    model = overrides.pop("model", "range_predictor")
+    load_settings(**overrides)  # a typo fails the deploy, naming the key
+    return ModelPool.options(name=POOL_NAMES[model]).bind(model, overrides)
+
+
 # Serve's proxy must report ready within 5 s (x3) by default; on a busy 2-core machine its start
 # can take longer, and the controller then kills and restarts it in a loop. Give it time.
 CONTROLLER_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}

@@ -23,6 +23,7 @@ from deployments.hooks import load_serving_log
 from deployments.metrics import EngineMetrics, NodeMetricsExport
 from deployments.service import PredictionService
 from deployments.state import FeatureRow
+from deployments.tunables import INGRESS_TUNABLES, apply_tunables, replica_identity
 
 log = logging.getLogger("ray.serve")
 
@@ -70,7 +71,8 @@ def _serve_status() -> dict[str, Any]:
 class ApiIngress:
     async def __init__(self, router, feature_builder, market_feed,
                        settings_overrides: dict[str, Any] | None = None) -> None:
-        self.settings = load_settings(**(settings_overrides or {}))
+        self.overrides = dict(settings_overrides or {})
+        self.settings = load_settings(**self.overrides)
         self.fb = feature_builder
         redis = RedisGateway(self.settings.redis_url, self.settings.redis_timeout_s, self.settings.redis_retry_s)
         self.metrics = EngineMetrics(use_ray=True)
@@ -92,6 +94,16 @@ class ApiIngress:
             log.warning("no market snapshot yet: %s", exc)
         self._tasks = [asyncio.create_task(self._follow_market()), asyncio.create_task(self._tick()),
                        asyncio.create_task(self._follow_nodes())]
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """``user_config: {rate_limit_per_minute}`` (deployments/tunables.py): the next request is limited
+        by the new figure, nothing restarts."""
+        tuned = apply_tunables(self.overrides, user_config, INGRESS_TUNABLES)
+        self.service.set_rate_limit(tuned.rate_limit_per_minute)
+
+    async def tunables(self) -> dict[str, Any]:
+        """The live tunables of this replica and its identity (a restart would change ``replica``)."""
+        return {"rate_limit_per_minute": self.service.limiter.limit, **replica_identity()}
 
     def __serve_build_asgi_app__(self):
         return create_app(self.service, database_health=self.database, metrics_text=self.metrics_export,

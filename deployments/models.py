@@ -22,6 +22,7 @@ import numpy as np
 from ray import serve
 
 from configs.settings import Settings, load_settings
+from deployments.tunables import POOL_TUNABLES, apply_tunables, replica_identity
 from features.errors import ModelLoadError, ModelNotFoundError
 from features.indicators import feature_set_hash
 from training.ensemble import Ensemble
@@ -116,12 +117,27 @@ class ModelPool:
         if model_name not in MODEL_NAMES:
             raise ValueError(f"unknown model {model_name!r}")
         self.model_name = model_name
-        self.settings = load_settings(**(settings_overrides or {}))
+        self.overrides = dict(settings_overrides or {})
+        self.settings = load_settings(**self.overrides)
         self.cache = EnsembleCache(self.settings)
-        self._batched.set_max_batch_size(self.settings.batch_max_size)
-        self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_s)
+        self._apply_batching()
         self.batches = 0
         self.rows = 0
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """``user_config: {batch_max_size, batch_wait_s}`` (deployments/tunables.py): applied to the
+        next batch, no restart."""
+        self.settings = apply_tunables(self.overrides, user_config, POOL_TUNABLES)
+        self._apply_batching()
+
+    def _apply_batching(self) -> None:
+        self._batched.set_max_batch_size(self.settings.batch_max_size)
+        self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_s)
+
+    async def tunables(self) -> dict[str, Any]:
+        """The live batching of this replica, read back from ``@serve.batch`` itself, and its identity."""
+        return {"batch_max_size": self._batched._get_max_batch_size(),
+                "batch_wait_s": self._batched._get_batch_wait_timeout_s(), **replica_identity()}
 
     async def predict(self, X: np.ndarray, horizon: int, versions: dict[str, str]) -> np.ndarray:
         """This model's raw stage output for the rows of ``X`` (see training.ensemble)."""

@@ -47,6 +47,7 @@ from deployments.metrics import EngineMetrics
 from deployments.models import EnsembleCache, fallback_sets
 from deployments.render import describe_models, signal_body
 from deployments.state import FeatureRow, iso_time
+from deployments.tunables import ROUTER_TUNABLES, apply_tunables, replica_identity
 from features.errors import MLEngineError, ModelLoadError, ModelNotFoundError
 from features.indicators import feature_set_hash
 from training.ensemble import BASE_MODELS, Ensemble, Forecast
@@ -64,7 +65,8 @@ ROUTER_AUTOSCALING: dict[str, Any] = {"min_replicas": 1, "initial_replicas": 1, 
 class EnsembleRouter:
     async def __init__(self, feature_builder, range_predictor, tpsl_classifier, signal_classifier, meta_model,
                        settings_overrides: dict[str, Any] | None = None) -> None:
-        self.settings = load_settings(**(settings_overrides or {}))
+        self.overrides = dict(settings_overrides or {})
+        self.settings = load_settings(**self.overrides)
         self.fb = feature_builder
         self.pools = {"range_predictor": range_predictor, "tpsl_classifier": tpsl_classifier,
                       "signal_classifier": signal_classifier, "meta_model": meta_model}
@@ -88,18 +90,21 @@ class EnsembleRouter:
         pinned = getattr(self, "pinned_versions", None)
         if pinned:
             return {m: pinned[m] for m in MODEL_NAMES}
-        return {m: self.models.registry.current(m) for m in MODEL_NAMES}
+        return self.models.registry.current_versions()  # the set pointer, read once
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Ops hook (issue 8): ``user_config: {model_versions: {model: version, ...} | null}`` in
         serve_config.yaml pins the served model set, so ``serve deploy`` alone rolls a version out or
         back (no restart: the watcher switches within ``model_poll_s``); null follows the registry's
-        ``current`` pointers. A pin naming a missing version is refused like a bad promotion."""
+        set pointer. A pin naming a missing version is refused like a bad promotion. ``model_poll_s``
+        is a live tunable (deployments/tunables.py): the watcher uses a new value within a second."""
         pinned = (user_config or {}).get("model_versions")
         if pinned is not None and set(pinned) != set(MODEL_NAMES):
             raise ValueError(f"user_config.model_versions must name every model {list(MODEL_NAMES)}")
         for version in (pinned or {}).values():
             check_name("user_config.model_versions: version", version)
+        self.settings = apply_tunables(getattr(self, "overrides", None), user_config, ROUTER_TUNABLES,
+                                       also=("model_versions",))
         self.pinned_versions = dict(pinned) if pinned else None
 
     async def _check_models(self) -> bool:
@@ -136,8 +141,12 @@ class EnsembleRouter:
         return switched
 
     async def _watch_models(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.model_poll_s)
+        last = time.monotonic()
+        while True:  # short sleeps: a model_poll_s changed by reconfigure applies within a second
+            await asyncio.sleep(min(1.0, self.settings.model_poll_s))
+            if time.monotonic() - last < self.settings.model_poll_s:
+                continue
+            last = time.monotonic()
             try:
                 if await self._check_models():
                     await self._recompute_latest()
@@ -279,6 +288,10 @@ class EnsembleRouter:
             log.warning("cache down, %d forecasts not cached/published: %s", len(items), exc)
 
     # ---- status ----------------------------------------------------------------------------
+    async def tunables(self) -> dict[str, Any]:
+        """The live tunables and which replica answers (a restart would change ``replica``)."""
+        return {"model_poll_s": self.settings.model_poll_s, **replica_identity()}
+
     async def status(self) -> dict[str, Any]:
         status = describe_models(self.ensemble, self.loaded_at, self.load_error)
         status["candles_processed"] = self.candles

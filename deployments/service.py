@@ -109,6 +109,12 @@ class PredictionService:
         self._local: dict[tuple[str, str, int], tuple[int, bytes, dict[str, Any], Any]] = {}
         self._inflight: dict[tuple[str, int, int], asyncio.Task] = {}
 
+    def set_rate_limit(self, per_minute: int) -> None:
+        """A new per-key limit (Serve ``user_config`` of the ingress, applied live)."""
+        if per_minute != self.limiter.limit:
+            self.settings = self.settings.model_copy(update={"rate_limit_per_minute": per_minute})
+            self.limiter = RateLimiter(per_minute, self.redis)
+
     # ---- market state ----------------------------------------------------------------------
     def set_market(self, snapshot: MarketSnapshot) -> None:
         """Adopt a newer snapshot; rendered answers of older candles (or models) are dropped."""
@@ -170,6 +176,8 @@ class PredictionService:
                 self.metrics.cache_hit("local")
                 prefix, forecast, obj = entry[1], entry[2], entry[3]
             else:
+                if not fresh:
+                    self.metrics.cache_miss("local")
                 forecast = None if fresh else await self._from_redis(st, horizon)
                 if forecast is None:
                     source = "computed"
@@ -217,6 +225,15 @@ class PredictionService:
             log.exception("serving log hook failed")
 
     async def _from_redis(self, st: SymbolState, horizon: int) -> dict[str, Any] | None:
+        """The Redis entry, or None -- a ``redis`` miss however it came about (none, down, refused)."""
+        forecast = await self._redis_entry(st, horizon)
+        if forecast is None:
+            self.metrics.cache_miss("redis")
+        else:
+            self.metrics.cache_hit("redis")
+        return forecast
+
+    async def _redis_entry(self, st: SymbolState, horizon: int) -> dict[str, Any] | None:
         if self.redis is None or st.open_time is None:
             return None
         key = prediction_key(st.symbol, horizon, st.open_time)
@@ -233,7 +250,6 @@ class PredictionService:
             self.metrics.cache_rejected(reason or "unreadable")
             log.warning("cache entry %s refused (%s): computing instead", key, reason)
             return None
-        self.metrics.cache_hit("redis")
         return forecast
 
     async def _compute(self, st: SymbolState, horizon: int, fresh: bool) -> dict[str, Any]:
@@ -250,7 +266,6 @@ class PredictionService:
         return await asyncio.shield(task)
 
     async def _compute_and_cache(self, st: SymbolState, row: FeatureRow, horizon: int) -> dict[str, Any]:
-        self.metrics.cache_miss()
         timeout = self.settings.handle_timeout_s
         try:
             forecasts = await asyncio.wait_for(self.backend.forecast([row], horizon), timeout)

@@ -211,8 +211,7 @@ def served_versions(url: str, key: str) -> dict[str, str]:
 
 
 def promote_all(registry: ModelRegistry, version: str) -> None:
-    for name in MODEL_NAMES:
-        registry.promote(name, version)
+    registry.promote_set(version)
 
 
 async def rollout(args: argparse.Namespace) -> dict[str, Any]:
@@ -225,7 +224,7 @@ async def rollout(args: argparse.Namespace) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
     key = args.api_key or os.environ.get("MLE_API_KEYS", "").split(",")[0]
     registry = ModelRegistry(args.models_dir)
-    original = {m: registry.current(m) for m in MODEL_NAMES}
+    original = registry.current_versions()
     others = [v for v in registry.versions("range_predictor") if v != original["range_predictor"]
               and all(v in registry.versions(m) for m in MODEL_NAMES)]
     if not others:

@@ -121,3 +121,28 @@ def _deployment_classes(module) -> dict:
     for name in POOL_NAMES.values():  # one class, deployed under one name per model
         out[name] = ModelPool.func_or_class
     return out
+
+
+def test_the_documented_serve_run_line_builds_the_graph(tmp_path):
+    """`serve run ... deployments.app:build_app api_keys_file=... replay_speed=60` (docs/operations.md):
+    Serve's own CLI path turns the key=value words into the builder's args; a typo fails it."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve import Application
+    from ray.serve.scripts import convert_args_to_dict
+
+    from deployments import app as app_module
+    from features.errors import ConfigError
+
+    text = (ROOT / "docs" / "operations.md").read_text()
+    line = next(line for line in text.splitlines() if "serve run --address" in line) + " " + next(
+        line for line in text.splitlines() if "api_keys_file=" in line and "serve run" not in line)
+    words = line.replace("\\", " ").split()
+    builder = words[words.index("deployments.app:build_app")]
+    keys = tmp_path / "keys"
+    keys.write_text("a-development-key-of-enough-length\n")
+    args = [w.replace('"$PWD/var/dev_api_keys"', str(keys)) for w in words[words.index(builder) + 1:]]
+    built = call_user_app_builder_with_args_if_necessary(app_module.build_app, convert_args_to_dict(tuple(args)))
+    assert isinstance(built, Application) and builder == "deployments.app:build_app"
+    with pytest.raises(ConfigError, match="replay_sped"):
+        call_user_app_builder_with_args_if_necessary(app_module.build_app,
+                                                     convert_args_to_dict((f"api_keys_file={keys}", "replay_sped=6")))

@@ -6,7 +6,9 @@ Layout (root = ``Settings.models_dir``)::
     models/<model>/<version>/*.json        side documents (e.g. the confidence calibrator)
     models/<model>/<version>/metadata.json features + feature_set_hash, data range, params,
                                            walk-forward metrics, versions, sha256 of every file
-    models/<model>/current                 the served version (a one-line text file)
+    models/<model>/current                 that model's promoted version (a one-line text file)
+    models/current_set.json                the served set: {"versions": {model: version, ...}}, swapped
+                                           by promote-set with one os.replace (all four at once)
 
 Why it is strict: a model that silently loads against a different feature definition, or whose
 file was changed after training, produces plausible-looking nonsense. So loading checks every
@@ -14,7 +16,15 @@ file's sha256 and the feature-set hash and refuses with :class:`ModelLoadError` 
 Writes are atomic and durable: a version is written into a hidden temporary folder, every file
 and the folder are fsynced, the folder is renamed into place, then ``current`` is swapped with
 :func:`os.replace` and the model's folder fsynced, so neither a reader nor a power cut sees half a
-model or a pointer to one. Old versions are kept for rollback (``promote`` an older one).
+model or a pointer to one. Old versions are kept for rollback (``promote-set`` an older one).
+
+Why a set pointer: the four models are one ensemble (the meta-model is trained on the others'
+outputs), so they must move together. Four per-model ``current`` swaps leave a moment where a
+reader sees a mixed set, and a crash between them leaves one for good. ``current_set.json`` names
+all four and is replaced in one :func:`os.replace`; readers (:meth:`ModelRegistry.current_versions`,
+:meth:`ModelRegistry.current`) consult it first and fall back to the per-model files in a registry
+that has none. ``promote <model> <version>`` still moves one model: it rewrites the set with that
+one entry changed (one replace again) and the model's ``current`` file.
 
 Names are checked wherever they come from (``current``, a pinned ``user_config``, the command
 line): a version or model name is one path component of letters, digits, ``.``, ``_`` and ``-``,
@@ -25,7 +35,6 @@ This module is on the inference path: it imports no training code and no Ray.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -45,6 +54,7 @@ from features.errors import ModelLoadError, ModelNotFoundError
 MODEL_NAMES: tuple[str, ...] = ("range_predictor", "tpsl_classifier", "signal_classifier", "meta_model")
 METADATA_FILE = "metadata.json"
 CURRENT_FILE = "current"
+CURRENT_SET_FILE = "current_set.json"
 BOOSTER_SUFFIX = ".ubj"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -149,8 +159,43 @@ class ModelRegistry:
                                      f"(train one: python -m training.train --candles ... --out {self.root})")
         return versions
 
+    def current_set(self) -> dict[str, str] | None:
+        """The set pointer's versions (model -> version), None in a registry without one."""
+        path = self.root / CURRENT_SET_FILE
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise ModelNotFoundError(f"{path} is unreadable ({exc}); promote a set: python -m training.registry "
+                                     "promote-set <version>") from None
+        versions = doc.get("versions") if isinstance(doc, dict) else None
+        if not isinstance(versions, dict) or set(versions) != set(MODEL_NAMES):
+            raise ModelNotFoundError(f"{path} must name a version of every model {list(MODEL_NAMES)}")
+        return {m: check_name(f"{CURRENT_SET_FILE}: {m}'s version", versions[m]) for m in MODEL_NAMES}
+
+    def current_versions(self) -> dict[str, str]:
+        """The served set, read at one instant: the set pointer if there is one, else each ``current``."""
+        versions = self.current_set()
+        if versions is None:
+            return {m: self._current_file(m) for m in MODEL_NAMES}
+        for model, version in versions.items():
+            if not (self.root / model / version / METADATA_FILE).exists():
+                raise ModelNotFoundError(f"{CURRENT_SET_FILE}: {model} version {version!r} does not exist")
+        return versions
+
     def current(self, model: str) -> str:
-        """The promoted version of ``model``; :class:`ModelNotFoundError` if there is none."""
+        """The promoted version of ``model`` (the set pointer's, if any); :class:`ModelNotFoundError` if none."""
+        check_name("model", model)
+        versions = self.current_set() if model in MODEL_NAMES else None
+        if versions is not None:
+            version = versions[model]
+            if not (self.root / model / version / METADATA_FILE).exists():
+                raise ModelNotFoundError(f"{CURRENT_SET_FILE}: {model} version {version!r} does not exist")
+            return version
+        return self._current_file(model)
+
+    def _current_file(self, model: str) -> str:
         check_name("model", model)
         pointer = self.root / model / CURRENT_FILE
         try:
@@ -158,7 +203,7 @@ class ModelRegistry:
         except FileNotFoundError:
             self.versions(model)  # raises a clear error when the model does not exist at all
             raise ModelNotFoundError(f"model {model!r} in {self.root} has no current version; "
-                                     f"promote one: python -m training.registry promote {model} <version>") from None
+                                     f"promote a set: python -m training.registry promote-set <version>") from None
         check_name(f"model {model!r}: current points to a version whose", version)
         if not version or not (self.root / model / version / METADATA_FILE).exists():
             raise ModelNotFoundError(f"model {model!r}: current points to {version!r}, which does not exist")
@@ -286,9 +331,38 @@ class ModelRegistry:
         return final
 
     def promote(self, model: str, version: str) -> None:
-        """Make ``version`` the served one (verified first), swapping the pointer atomically."""
+        """Make ``version`` the served one of ``model`` (verified first), swapping the pointers atomically."""
         self.verify(model, version)
+        versions = self.current_set()
+        if versions is not None:  # the set pointer is what readers follow: move this one model in it
+            self._write_set({**versions, model: version})
         _atomic_write_text(self.root / model / CURRENT_FILE, version + "\n")
+
+    def promote_set(self, versions: str | Mapping[str, str]) -> dict[str, str]:
+        """Serve ``versions`` (one id for all four models, or model -> version) in one atomic step.
+
+        Every model is verified first; then ``current_set.json`` is replaced once (readers switch
+        to all four together), then the per-model ``current`` files follow for tools that read them."""
+        wanted = {m: versions for m in MODEL_NAMES} if isinstance(versions, str) else dict(versions)
+        if set(wanted) != set(MODEL_NAMES):
+            raise ModelNotFoundError(f"a model set names every model {list(MODEL_NAMES)}, not {sorted(wanted)}")
+        missing = [m for m in MODEL_NAMES if not (self.root / m / check_name("version", wanted[m]) / METADATA_FILE)
+                   .exists()]
+        if missing:
+            raise ModelNotFoundError(f"no version {wanted[missing[0]]!r} of {', '.join(missing)} in {self.root}: "
+                                     "nothing was promoted")
+        for model in MODEL_NAMES:
+            self.verify(model, wanted[model])
+        self._write_set(wanted)
+        for model in MODEL_NAMES:
+            _atomic_write_text(self.root / model / CURRENT_FILE, wanted[model] + "\n")
+        return wanted
+
+    def _write_set(self, versions: Mapping[str, str]) -> None:
+        doc = {"versions": {m: versions[m] for m in MODEL_NAMES},
+               "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self.root.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self.root / CURRENT_SET_FILE, json.dumps(doc, indent=1) + "\n")
 
 
 def _json_default(obj: Any) -> Any:
@@ -304,58 +378,12 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot serialise {type(obj).__name__} in model metadata")
 
 
-# ---- command line --------------------------------------------------------------------------------
-def _list(registry: ModelRegistry, as_json: bool) -> int:
-    rows = []
-    for model in registry.models():
-        try:
-            current = registry.current(model)
-        except ModelNotFoundError:
-            current = None
-        for version in registry.versions(model):
-            meta = registry.metadata(model, version)
-            rows.append({"model": model, "version": version, "current": version == current,
-                         "created": meta.get("created"), "data_range": meta.get("data_range"),
-                         "feature_set_hash": meta.get("feature_set_hash"), "engine": meta.get("engine")})
-    if as_json:
-        print(json.dumps({"models": rows}, indent=1))
-        return 0
-    if not rows:
-        print(f"no models in {registry.root}")
-        return 0
-    print(f"{'model':<18} {'version':<24} {'cur':<3} {'created':<25} {'data':<35} features")
-    for r in rows:
-        rng = r["data_range"] or {}
-        data = f"{rng.get('start', '?')[:10]}..{rng.get('end', '?')[:10]}" if rng else "?"
-        print(f"{r['model']:<18} {r['version']:<24} {'*' if r['current'] else '':<3} {str(r['created'])[:25]:<25} "
-              f"{data:<35} {r['feature_set_hash']}")
-    return 0
-
-
+# ---- command line (training/registry_cli.py) ------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.registry", description="List and promote model versions.")
-    parser.add_argument("--root", type=Path, default=None, help="registry folder (default: Settings.models_dir)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_list = sub.add_parser("list", help="every model version; * marks the current one")
-    p_list.add_argument("--json", action="store_true")
-    p_promote = sub.add_parser("promote", help="make a version current (also rolls back to an older one)")
-    p_promote.add_argument("model", choices=MODEL_NAMES)
-    p_promote.add_argument("version")
-    args = parser.parse_args(argv)
-    if args.root is None:
-        from configs.settings import get_settings
+    """``python -m training.registry``: list, promote, promote-set (training/registry_cli.py)."""
+    from training.registry_cli import main as cli_main
 
-        args.root = get_settings().models_dir
-    registry = ModelRegistry(args.root)
-    try:
-        if args.command == "list":
-            return _list(registry, args.json)
-        registry.promote(args.model, args.version)
-        print(f"{args.model}: current -> {args.version}")
-        return 0
-    except (ModelNotFoundError, ModelLoadError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

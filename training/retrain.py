@@ -203,7 +203,7 @@ def _load_version(registry: ModelRegistry, version: Mapping[str, str], settings:
 
 def _current_versions(registry: ModelRegistry) -> dict[str, str] | None:
     try:
-        return {name: registry.current(name) for name in MODEL_NAMES}
+        return registry.current_versions()
     except ModelNotFoundError:
         return None
 
@@ -302,8 +302,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # 5. promote (all four together: the serving graph swaps on the `current` pointers)
     if verdict.promote and not args.dry_run:
-        for name in MODEL_NAMES:
-            registry.promote(name, challenger_version[name])
+        registry.promote_set(challenger_version)  # all four in one atomic step
     decision = "promote" if verdict.promote and not args.dry_run else "keep"
     reason = verdict.reason + (" (dry run: not promoted)" if verdict.promote and args.dry_run else "")
     return _finish(record, decision, reason, log_path, timings, t_start)

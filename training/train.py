@@ -80,8 +80,7 @@ def save_models(out: TrainOutput, registry: ModelRegistry, settings: Settings, d
                         regime_features=list(REGIME_FEATURES))
         registry.save(name, version, out.boosters[name], meta, out.documents.get(name), promote=False)
     if promote:
-        for name in MODEL_NAMES:
-            registry.promote(name, version)
+        registry.promote_set(version)  # one atomic step: readers never see a mixed set
     return version
 
 
