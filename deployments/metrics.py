@@ -8,15 +8,8 @@ own names (``ml_predictions_total``...), so a scraper pointed at the API needs n
 Outside Ray (the plain FastAPI baseline) the same names go to a process-local prometheus_client
 registry, so the two apps do the same bookkeeping work per request.
 
-Series:
-- ``ml_predictions_total{symbol,horizon}``: predictions served over the API (/predictions, /signals);
-- ``ml_precomputed_predictions_total{symbol,horizon}``: predictions computed at candle close;
-- ``ml_prediction_latency_seconds{endpoint,source}``: request latency, ``source`` = cache | computed;
-- ``ml_cache_hits_total{layer}`` (``local`` = the ingress's memory, ``redis``) and ``ml_cache_misses_total``;
-- ``ml_cache_rejected_total{reason}``: Redis entries not served (unreadable, unsigned, stale models, ...);
-- ``ml_market_data_age_seconds{symbol}``: age of the newest candle, in feed seconds;
-- ``ml_model_accuracy{model_name}``: live accuracy, set by outcome tracking (issue 6) via
-  :meth:`EngineMetrics.model_accuracy`.
+Series: :data:`deployments.metric_defs.METRICS` defines each one (name, type, unit, labels, meaning);
+both recorders are built from it, and docs/metrics.md is generated from it.
 """
 
 from __future__ import annotations
@@ -26,8 +19,28 @@ import re
 import time
 from typing import Any, Callable
 
+from deployments.metric_defs import BY_NAME, MetricDef
+
 LATENCY_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 ENGINE_PREFIX = "ml_"
+# The series the request path and the router record (the resolver records the live-outcome ones).
+ENGINE_METRICS = ("ml_predictions", "ml_precomputed_predictions", "ml_prediction_latency_seconds", "ml_cache_hits",
+                  "ml_cache_misses", "ml_cache_rejected", "ml_market_data_age_seconds", "ml_model_accuracy")
+
+
+def make_metric(d: MetricDef, use_ray: bool, registry: Any = None) -> Any:
+    """``d`` as a Ray metric (inside the cluster) or a prometheus_client one (in ``registry``)."""
+    if use_ray:
+        from ray.util import metrics as m
+
+        if d.kind == "histogram":
+            return m.Histogram(d.name, d.help, boundaries=LATENCY_BUCKETS, tag_keys=d.labels)
+        return (m.Counter if d.kind == "counter" else m.Gauge)(d.name, d.help, tag_keys=d.labels)
+    import prometheus_client as p
+
+    if d.kind == "histogram":
+        return p.Histogram(d.name, d.help, d.labels, buckets=LATENCY_BUCKETS, registry=registry)
+    return (p.Counter if d.kind == "counter" else p.Gauge)(d.name, d.help, d.labels, registry=registry)
 
 
 class EngineMetrics:
@@ -35,41 +48,16 @@ class EngineMetrics:
 
     def __init__(self, use_ray: bool) -> None:
         self.use_ray = use_ray
-        if use_ray:
-            from ray.util import metrics as m
-
-            self._predictions = m.Counter("ml_predictions", "predictions served over the API",
-                                          tag_keys=("symbol", "horizon"))
-            self._precomputed = m.Counter("ml_precomputed_predictions", "predictions computed at candle close",
-                                          tag_keys=("symbol", "horizon"))
-            self._latency = m.Histogram("ml_prediction_latency_seconds", "request latency of /predictions and "
-                                        "/signals", boundaries=LATENCY_BUCKETS, tag_keys=("endpoint", "source"))
-            self._hits = m.Counter("ml_cache_hits", "prediction cache hits", tag_keys=("layer",))
-            self._misses = m.Counter("ml_cache_misses", "prediction cache misses (computed through the graph)")
-            self._rejected = m.Counter("ml_cache_rejected", "Redis cache entries refused (served as a miss)",
-                                       tag_keys=("reason",))
-            self._age = m.Gauge("ml_market_data_age_seconds", "age of the newest candle (feed seconds)",
-                                tag_keys=("symbol",))
-            self._accuracy = m.Gauge("ml_model_accuracy", "live accuracy of a model (outcome tracking)",
-                                     tag_keys=("model_name",))
-        else:
+        self.registry = None
+        if not use_ray:
             import prometheus_client as p
 
             self.registry = p.CollectorRegistry()
-            self._predictions = p.Counter("ml_predictions", "predictions served over the API",
-                                          ("symbol", "horizon"), registry=self.registry)
-            self._precomputed = p.Counter("ml_precomputed_predictions", "predictions computed at candle close",
-                                          ("symbol", "horizon"), registry=self.registry)
-            self._latency = p.Histogram("ml_prediction_latency_seconds", "request latency", ("endpoint", "source"),
-                                        buckets=LATENCY_BUCKETS, registry=self.registry)
-            self._hits = p.Counter("ml_cache_hits", "prediction cache hits", ("layer",), registry=self.registry)
-            self._misses = p.Counter("ml_cache_misses", "prediction cache misses", registry=self.registry)
-            self._rejected = p.Counter("ml_cache_rejected", "Redis cache entries refused (served as a miss)",
-                                       ("reason",), registry=self.registry)
-            self._age = p.Gauge("ml_market_data_age_seconds", "age of the newest candle", ("symbol",),
-                                registry=self.registry)
-            self._accuracy = p.Gauge("ml_model_accuracy", "live accuracy of a model", ("model_name",),
-                                     registry=self.registry)
+        made = {name: make_metric(BY_NAME[name], use_ray, self.registry) for name in ENGINE_METRICS}
+        self._predictions, self._precomputed = made["ml_predictions"], made["ml_precomputed_predictions"]
+        self._latency, self._hits = made["ml_prediction_latency_seconds"], made["ml_cache_hits"]
+        self._misses, self._rejected = made["ml_cache_misses"], made["ml_cache_rejected"]
+        self._age, self._accuracy = made["ml_market_data_age_seconds"], made["ml_model_accuracy"]
 
     def prediction_served(self, symbol: str, horizon: int, endpoint: str, source: str, latency_s: float) -> None:
         if self.use_ray:
@@ -91,8 +79,11 @@ class EngineMetrics:
         else:
             self._hits.labels(layer).inc()
 
-    def cache_miss(self) -> None:
-        self._misses.inc(1) if self.use_ray else self._misses.inc()
+    def cache_miss(self, layer: str) -> None:
+        if self.use_ray:
+            self._misses.inc(1, {"layer": layer})
+        else:
+            self._misses.labels(layer).inc()
 
     def cache_rejected(self, reason: str) -> None:
         if self.use_ray:
@@ -107,7 +98,7 @@ class EngineMetrics:
             self._age.labels(symbol).set(age_s)
 
     def model_accuracy(self, model_name: str, accuracy: float) -> None:
-        """Entry point for live outcome tracking (issue 6)."""
+        """The seed's ``ml_model_accuracy`` (the resolver sets it beside the metrics it aliases)."""
         if self.use_ray:
             self._accuracy.set(accuracy, {"model_name": model_name})
         else:
@@ -197,7 +188,4 @@ def node_metrics_url() -> str | None:
 
 
 def describe() -> dict[str, Any]:
-    return {"series": ["ml_predictions_total", "ml_precomputed_predictions_total", "ml_prediction_latency_seconds",
-                       "ml_cache_hits_total", "ml_cache_misses_total", "ml_cache_rejected_total",
-                       "ml_market_data_age_seconds",
-                       "ml_model_accuracy"]}
+    return {"series": [BY_NAME[name].exposed() for name in ENGINE_METRICS]}

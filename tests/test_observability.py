@@ -9,7 +9,6 @@ names exists and its targets serve Ray metrics.
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 from pathlib import Path
@@ -45,22 +44,12 @@ def selected_metrics(expr: str) -> set[str]:
 
 
 def engine_exports() -> set[str]:
-    """Series names of the engine's metrics, as Prometheus sees them from Ray's export.
+    """Series names of the engine's metrics, as Prometheus sees them from Ray's export: every
+    definition in deployments/metric_defs.py (what the recorders construct), with the suffixes
+    Prometheus adds per type."""
+    from deployments.metric_defs import METRICS
 
-    Read from the code: every ``Counter/Gauge/Histogram("ml_...")`` constructed under deployments/
-    (Ray's metrics and prometheus_client alike), with the suffixes Prometheus adds per type.
-    """
-    suffixes = {"Counter": ("_total",), "Histogram": ("_bucket", "_sum", "_count"), "Gauge": ("",)}
-    out = set()
-    for path in (ROOT / "deployments").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)):
-                continue
-            kind = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
-            name = node.args[0].value
-            if kind in suffixes and isinstance(name, str) and name.startswith("ml_"):
-                out |= {f"ray_{name}{s}" for s in suffixes[kind]}
-    return out
+    return {f"ray_{s}" for m in METRICS for s in m.series()}
 
 
 def ray_serve_exports() -> set[str]:
@@ -96,7 +85,7 @@ def test_engine_metric_names_are_the_contract_ones():
                      "ray_ml_model_accuracy", "ray_ml_cache_hits_total", "ray_ml_market_data_age_seconds",
                      "ray_ml_model_drift"):
         assert required in names
-    # The AST scan sees what prometheus_client registers at run time (no name is missed or invented).
+    # The definitions cover what prometheus_client registers at run time (no name is missed or invented).
     from deployments.metrics import EngineMetrics
 
     kinds = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}

@@ -95,32 +95,24 @@ def registry_baselines(settings: Settings) -> Callable[[str], Mapping[tuple[str,
 
 class LiveGauges:
     """The live figures as Prometheus gauges, recorded with Ray's metrics (exported ``ray_``-prefixed by
-    each node's agent; the API's ``/metrics`` serves them under their own names).
-
-    - ``ml_model_accuracy{model_name}`` (the engine's gauge, :mod:`deployments.metrics`):
-      ``range_predictor`` = 24 h interval coverage (share of actual highs/lows inside the predicted
-      10–90% interval; nominal 0.8); ``meta_model`` = 24 h signal hit rate (share of resolved BUY/SELL
-      signals that reached take-profit first) — of the version serving now;
-    - ``ml_model_drift{model_name}``: 1 when the drift flag is up, else 0;
-    - ``ml_model_live_mae{model_name,window}`` and ``ml_model_mae_ratio{model_name,window}`` (live MAE
-      over the mix-weighted walk-forward MAE);
-    - ``ml_signal_cumulative_r{model_name,window}``.
+    each node's agent; the API's ``/metrics`` serves them under their own names). What each one is
+    exactly: :mod:`deployments.metric_defs` (docs/metrics.md), per window (24h, 7d, all), of the
+    version serving now: ``ml_interval_coverage_ratio`` and ``ml_signal_hit_ratio``, with the seed's
+    ``ml_model_accuracy`` set to their 24 h values; ``ml_model_drift``, ``ml_model_live_mae_ratio``,
+    ``ml_model_mae_vs_walk_forward_ratio``, ``ml_signal_cumulative_r``.
     """
 
     def __init__(self) -> None:
-        from ray.util import metrics as m
-
-        from deployments.metrics import EngineMetrics
+        from deployments.metric_defs import BY_NAME
+        from deployments.metrics import EngineMetrics, make_metric
 
         self.engine = EngineMetrics(use_ray=True)
-        self.drift = m.Gauge("ml_model_drift", "1 when live MAE is worse than walk-forward MAE beyond the margin",
-                             tag_keys=("model_name",))
-        self.mae = m.Gauge("ml_model_live_mae", "live MAE of the range forecasts (fraction of close)",
-                           tag_keys=("model_name", "window"))
-        self.ratio = m.Gauge("ml_model_mae_ratio", "live MAE / walk-forward MAE on the same symbol-horizon mix",
-                             tag_keys=("model_name", "window"))
-        self.cum_r = m.Gauge("ml_signal_cumulative_r", "cumulative R multiple of resolved signals",
-                             tag_keys=("model_name", "window"))
+        gauge = {name: make_metric(BY_NAME[name], use_ray=True) for name in (
+            "ml_interval_coverage_ratio", "ml_signal_hit_ratio", "ml_model_drift", "ml_model_live_mae_ratio",
+            "ml_model_mae_vs_walk_forward_ratio", "ml_signal_cumulative_r")}
+        self.coverage, self.hit = gauge["ml_interval_coverage_ratio"], gauge["ml_signal_hit_ratio"]
+        self.drift, self.mae = gauge["ml_model_drift"], gauge["ml_model_live_mae_ratio"]
+        self.ratio, self.cum_r = gauge["ml_model_mae_vs_walk_forward_ratio"], gauge["ml_signal_cumulative_r"]
 
     @classmethod
     def create(cls) -> "LiveGauges | None":
@@ -143,16 +135,18 @@ class LiveGauges:
             self.drift.set(1.0 if entry["drift"]["flag"] else 0.0, {"model_name": RANGE_MODEL})
             for w in ("24h", "7d", "all"):
                 tags = {"model_name": RANGE_MODEL, "window": w}
-                if entry[w]["mae"] is not None:
-                    self.mae.set(entry[w]["mae"], tags)
-                if entry[w]["mae_ratio"] is not None:
-                    self.ratio.set(entry[w]["mae_ratio"], tags)
+                for gauge, key in ((self.coverage, "interval_coverage"), (self.mae, "mae"), (self.ratio, "mae_ratio")):
+                    if entry[w][key] is not None:
+                        gauge.set(entry[w][key], tags)
         if sv in models[SIGNAL_MODEL]:
             entry = models[SIGNAL_MODEL][sv]
             if entry["24h"]["hit_rate"] is not None:
                 self.engine.model_accuracy(SIGNAL_MODEL, entry["24h"]["hit_rate"])
             for w in ("24h", "7d", "all"):
-                self.cum_r.set(entry[w]["cumulative_r"], {"model_name": SIGNAL_MODEL, "window": w})
+                tags = {"model_name": SIGNAL_MODEL, "window": w}
+                if entry[w]["hit_rate"] is not None:
+                    self.hit.set(entry[w]["hit_rate"], tags)
+                self.cum_r.set(entry[w]["cumulative_r"], tags)
 
 
 class OutcomeResolver:
