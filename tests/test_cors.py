@@ -68,3 +68,12 @@ def test_origins_from_the_environment(monkeypatch):
     assert load_settings().cors_origins == ["https://a.example", "http://127.0.0.1:5173"]
     monkeypatch.setenv("MLE_CORS_ORIGINS", "")
     assert load_settings().cors_origins == []
+
+
+def test_preflight_through_serve_to_the_running_app(serving_app):
+    """The same through Serve's proxy and the deployed ingress (default origins)."""
+    with serving_app.client() as anon:
+        r = anon.options("/signals", headers={"Origin": FRONTEND, **PREFLIGHT})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == FRONTEND, r.text
+        denied = anon.post("/signals", json={"symbol": "BTCUSDT"}, headers={"Origin": FRONTEND})
+        assert denied.status_code == 401 and denied.headers["access-control-allow-origin"] == FRONTEND
