@@ -163,7 +163,7 @@ def with_pinned_versions(config: dict, app: str, versions: dict[str, str] | None
     if router is None:
         router = {"name": "EnsembleRouter"}
         deps.append(router)
-    router["user_config"] = {"model_versions": versions}
+    router["user_config"] = {**(router.get("user_config") or {}), "model_versions": versions}  # keep the tunables
     return out
 
 

@@ -98,3 +98,27 @@ def test_the_ingress_limits_by_the_new_rate_at_once():
     r = statuses[1]  # ... then the new limit
     assert "more than 1 requests per minute" in error_of(r, 429, "rate_limited")["message"]
     assert service.settings.rate_limit_per_minute == 1
+
+
+def test_router_and_ingress_reconfigure_apply_their_tunables():
+    from deployments.ingress import ApiIngress
+    from deployments.router import EnsembleRouter
+    from training.registry import MODEL_NAMES
+
+    router = object.__new__(EnsembleRouter.func_or_class)
+    router.overrides = {"model_poll_s": 2.0}
+    router.reconfigure({"model_versions": {m: "v1" for m in MODEL_NAMES}, "model_poll_s": 0.25})
+    assert router.settings.model_poll_s == 0.25 and router.pinned_versions == {m: "v1" for m in MODEL_NAMES}
+    router.reconfigure({"model_versions": None})  # poll interval back to the args' value
+    assert router.settings.model_poll_s == 2.0 and router.pinned_versions is None
+    with pytest.raises(ValueError, match="batch_max_size cannot be changed live here"):
+        router.reconfigure({"model_versions": None, "batch_max_size": 8})
+
+    app, service = make_app()
+    ingress = object.__new__(ApiIngress.func_or_class)
+    ingress.overrides, ingress.service = {}, service
+    ingress.reconfigure({"rate_limit_per_minute": 3})
+    assert service.limiter.limit == 3
+    body = {"symbol": "BTCUSDT", "horizon": 6}
+    statuses = [call(app, "POST", "/predictions", json=body).status_code for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
