@@ -111,7 +111,7 @@ def render_markdown(spec: dict[str, Any]) -> str:
             secured = "yes" if op.get("security") else "no"
             codes = ", ".join(sorted(op.get("responses", {})))
             out.append(f"| {method.upper()} | `{path}` | {op.get('summary', '')} | {secured} | {codes} |")
-            details += [f"### {method.upper()} `{path}`", ""]
+            details += [f"### {method.upper()} `{path}`", "", f"Operation id: `{op.get('operationId')}`.", ""]
             if op.get("description"):
                 details += [op["description"].strip(), ""]
             params = op.get("parameters", [])
