@@ -50,6 +50,18 @@ def test_operation_ids_are_explicit_and_the_client_uses_the_apps_models():
     assert set(SignalMessage.model_fields) - set(SignalBody.model_fields) == {"published_at"}
 
 
+def test_the_client_needs_neither_the_engine_nor_ray():
+    """A backend installs the client next to its own code: importing it loads no engine module."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ml_engine_client, ml_engine_client.subscriber; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('ray', 'deployments', 'configs', 'features', 'training', 'xgboost', 'fastapi')); print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])
+
+
 def test_root_redirects_to_docs_in_process():
     app, _ = make_app()
     transport = httpx.ASGITransport(app=app)
