@@ -25,9 +25,13 @@ from configs.settings import Settings, get_settings
 from features.errors import MLEngineError
 from training.data import Prepared, load_histories, parse_candle_args, prepare, to_ms
 from training.ensemble import Ensemble
-from training.metrics import (BASELINE_VOL_FEATURE, baseline_predictions, range_metrics, reliability_curve,
-                              signal_metrics, tpsl_metrics)
-from training.progress import progress, setup_logging
+from training.har_baseline import fit_har_baseline, har_baseline_predictions
+from training.metrics import (BASELINE_VOL_FEATURE, baseline_predictions, har_metrics, range_metrics,
+                              reliability_curve, signal_metrics, tpsl_metrics)
+from training.progress import log, progress, setup_logging
+from training.uncertainty import coverage_by_group, decile_codes, range_intervals
+
+HAR_KEYS = tuple(f"har_{m}_{s}" for m in ("mae", "r2", "pinball", "coverage") for s in ("high", "low"))
 
 
 def _iso(ms: int) -> str:
@@ -40,11 +44,50 @@ def predictions(ensemble: Ensemble, data: Prepared, horizon: int) -> dict[str, n
     return ensemble.predict_arrays(features, list(data.symbol), horizon)
 
 
+def training_end_ms(range_meta: Mapping[str, Any]) -> int:
+    """First candle time the models never trained on: ``--end`` if given, else after the last row."""
+    if range_meta.get("train_end"):
+        end = to_ms(range_meta["train_end"])
+        assert end is not None
+        return end
+    return int(pd.Timestamp(range_meta["data_range"]["end"]).value // 1_000_000) + 300_000
+
+
+def har_document(df: pd.DataFrame, horizons: tuple[int, ...], end_ms: int, settings: Settings) -> dict | None:
+    """The HAR baseline fitted on this symbol's candles before the training end (None: too little)."""
+    try:
+        return fit_har_baseline(df, horizons, end_ms, settings.labels)
+    except ValueError as exc:
+        log.warning("no HAR baseline: %s", exc)
+        return None
+
+
+def uncertainty(y_high: np.ndarray, y_low: np.ndarray, pred: np.ndarray, t: np.ndarray,
+                har: Mapping[str, np.ndarray] | None) -> dict[str, Any]:
+    """Block-bootstrap intervals of the headline figures and coverage per volatility decile (of the
+    ex-ante HAR forecast) and per UTC hour of day."""
+    out: dict[str, Any] = {}
+    nan = np.full(len(t), np.nan)
+    sigma = har["sigma"] if har is not None else nan
+    deciles = decile_codes(sigma)
+    hours = (t // 3_600_000) % 24
+    for name, y, lo, med, hi, mean in (("high", y_high, 0, 1, 2, 6), ("low", y_low, 3, 4, 5, 7)):
+        extra = {f"har_r2_{name}": har[f"{name}_mean"]} if har is not None else {}
+        if pred.shape[1] > mean and np.isfinite(pred[:, mean]).all():
+            extra[f"r2_mean_{name}"] = pred[:, mean]
+        out.update({f"har_r2_{name}_ci": None, f"r2_mean_{name}_ci": None})
+        out.update(range_intervals(y, pred[:, med], pred[:, lo], pred[:, hi], name, extra))
+        out[f"coverage_{name}_by_vol_decile"] = coverage_by_group(y, pred[:, lo], pred[:, hi], deciles, 10)
+        out[f"coverage_{name}_by_hour"] = coverage_by_group(y, pred[:, lo], pred[:, hi], hours, 24)
+    return out
+
+
 def evaluate(ensemble: Ensemble, candles: Mapping[str, pd.DataFrame], settings: Settings,
              start_ms: int | None = None, keep: dict | None = None) -> list[dict[str, Any]]:
     """One metrics row per symbol and horizon (``keep`` collects arrays for the report)."""
     range_meta = ensemble.metadata["range_predictor"]
     train_end = pd.Timestamp(range_meta["data_range"]["end"]).value // 1_000_000
+    fit_end = training_end_ms(range_meta)
     rows: list[dict[str, Any]] = []
     with progress(len(candles) * len(ensemble.horizons), "evaluate") as bar:
         for symbol, df in candles.items():
@@ -54,6 +97,8 @@ def evaluate(ensemble: Ensemble, candles: Mapping[str, pd.DataFrame], settings: 
                 continue
             rv = data.X[:, data.columns.index(BASELINE_VOL_FEATURE)].astype(np.float64)
             baselines = range_meta["baselines"].get(symbol)
+            har_doc = har_document(df, ensemble.horizons, fit_end, settings)
+            har_all = har_baseline_predictions(har_doc, df, ensemble.horizons, data.open_time) if har_doc else None
             for h in ensemble.horizons:
                 out = predictions(ensemble, data, h)
                 lab = data.labels
@@ -65,7 +110,10 @@ def evaluate(ensemble: Ensemble, candles: Mapping[str, pd.DataFrame], settings: 
                     base = {k: np.full(len(r), np.nan) for k in ("mean_high", "vol_high", "mean_low", "vol_low")}
                 else:
                     base = baseline_predictions(baselines[str(h)], rv[r])
-                row.update(range_metrics(y_high[r], y_low[r], out["range_predictor"][r], base))
+                quantiles = tuple(range_meta.get("quantiles", (0.1, 0.5, 0.9)))
+                row.update(range_metrics(y_high[r], y_low[r], out["range_predictor"][r], base, quantiles))
+                har = {k: v[r] for k, v in har_all[h].items()} if har_all else None
+                row.update(har_metrics(y_high[r], y_low[r], har, quantiles) if har else dict.fromkeys(HAR_KEYS))
                 row.update({k: v for k, v in tpsl_metrics(lab[f"tp_long_{h}"].to_numpy()[r],
                                                           lab[f"tp_short_{h}"].to_numpy()[r],
                                                           out["tpsl_classifier"][r]).items()})
@@ -75,6 +123,7 @@ def evaluate(ensemble: Ensemble, candles: Mapping[str, pd.DataFrame], settings: 
                 cls = signal_metrics(y_sig, out["signal_classifier"][r], prefix="classifier")
                 row.update({k: v for k, v in cls.items() if k != "confidence_ece"})
                 t = data.open_time[r]
+                row.update(uncertainty(y_high[r], y_low[r], out["range_predictor"][r], t, har))
                 row.update(start=_iso(t.min()) if len(t) else None, end=_iso(t.max()) if len(t) else None,
                            overlaps_training=bool(len(t) and t.min() <= train_end))
                 rows.append(row)
@@ -82,9 +131,30 @@ def evaluate(ensemble: Ensemble, candles: Mapping[str, pd.DataFrame], settings: 
                     correct = (meta[:, :3].argmax(axis=1) == y_sig).astype(float)
                     keep[(symbol, int(h))] = {"t": t, "y_high": y_high[r], "y_low": y_low[r],
                                               "pred": out["range_predictor"][r], "conf": meta[:, 3],
-                                              "correct": correct}
+                                              "correct": correct, "row": row}
                 bar.update(1)
     return rows
+
+
+def conditional_coverage_plot(path: Path, row: Mapping[str, Any], title: str) -> None:
+    """10-90% coverage per decile of the ex-ante volatility forecast and per UTC hour, with the 80%
+    target and the ±6 point band: a conditional miscoverage the overall figure hides shows here."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.5))
+    for ax, key, xs, label in ((axes[0], "by_vol_decile", range(1, 11), "HAR volatility decile (1 = calmest)"),
+                               (axes[1], "by_hour", range(24), "hour of day (UTC)")):
+        for name in ("high", "low"):
+            vals = [np.nan if v is None else v for v in row.get(f"coverage_{name}_{key}") or []]
+            if vals:
+                ax.plot(list(xs)[:len(vals)], vals, "o-", label=name)
+        ax.axhline(0.8, color="k", ls="--", lw=1)
+        ax.axhspan(0.74, 0.86, color="grey", alpha=0.15)
+        ax.set(title=f"{title}: coverage {key.replace('_', ' ')}", xlabel=label, ylim=(0.5, 1.0))
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def write_report(out_dir: Path, rows: list[dict[str, Any]], kept: dict, ensemble: Ensemble) -> Path:
@@ -100,6 +170,10 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], kept: dict, ensemble
              f"Models: {', '.join(f'{m} {v}' for m, v in ensemble.versions.items())}", "",
              "| symbol | h | n | R² high | R² low | MAE high | mean | vol | MAE low | mean | vol | cov high | cov low "
              "| AUC long | AUC short | acc | F1 | ECE |", "|" + "---|" * 18]
+    har_lines = ["", "## Against the HAR baseline (90% block-bootstrap intervals)", "",
+                 "| symbol | h | R² high [CI] | mean | HAR | R² low [CI] | mean | HAR | MAE high [CI] | HAR "
+                 "| MAE low [CI] | HAR | pinball high | HAR | pinball low | HAR | cov high [CI] | cov low [CI] |",
+                 "|" + "---|" * 18]
     for r in rows:
         def f(k: str, d: int = 4) -> str:
             v = r.get(k)
@@ -110,6 +184,18 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], kept: dict, ensemble
                      f"{f('mean_mae_low', 5)} | {f('vol_mae_low', 5)} | {f('coverage_high', 3)} | "
                      f"{f('coverage_low', 3)} | {f('tpsl_auc_long', 3)} | {f('tpsl_auc_short', 3)} | "
                      f"{f('signal_accuracy', 3)} | {f('signal_macro_f1', 3)} | {f('confidence_ece', 3)} |")
+
+        def ci(k: str, d: int) -> str:
+            v = r.get(f"{k}_ci")
+            return f"{f(k, d)} [{v[0]:.{d}f}, {v[1]:.{d}f}]" if v else f(k, d)
+
+        har_lines.append(f"| {r['symbol']} | {r['horizon']} | {ci('r2_high', 3)} | {ci('r2_mean_high', 3)} | "
+                         f"{ci('har_r2_high', 3)} | {ci('r2_low', 3)} | {ci('r2_mean_low', 3)} | {ci('har_r2_low', 3)} | "
+                         f"{ci('mae_high', 5)} | {f('har_mae_high', 5)} | "
+                         f"{ci('mae_low', 5)} | {f('har_mae_low', 5)} | {f('pinball_high', 6)} | "
+                         f"{f('har_pinball_high', 6)} | {f('pinball_low', 6)} | {f('har_pinball_low', 6)} | "
+                         f"{ci('coverage_high', 3)} | {ci('coverage_low', 3)} |")
+    lines += har_lines
     if any(r.get("overlaps_training") for r in rows):
         lines += ["", "**Warning: the evaluated period overlaps the models' training data (in-sample figures).**"]
     for (symbol, h), k in sorted(kept.items()):
@@ -143,8 +229,9 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], kept: dict, ensemble
         fig.tight_layout()
         fig.savefig(out_dir / f"{stem}_reliability.png", dpi=80)
         plt.close(fig)
+        conditional_coverage_plot(out_dir / f"{stem}_coverage.png", k["row"], f"{symbol} h={h}")
         lines += ["", f"## {symbol}, horizon {h}", "", f"![range]({stem}_range.png)", "",
-                  f"![reliability]({stem}_reliability.png)"]
+                  f"![coverage]({stem}_coverage.png)", "", f"![reliability]({stem}_reliability.png)"]
     # Feature importance (gain) of the shortest horizon's boosters.
     h = min(ensemble.horizons)
     fig, axes = plt.subplots(1, 3, figsize=(16, 6))
@@ -198,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"MAE high {r['mae_high']} (mean {r['mean_mae_high']}, vol {r['vol_mae_high']}) "
                   f"low {r['mae_low']} (mean {r['mean_mae_low']}, vol {r['vol_mae_low']}) | "
                   f"cov {r['coverage_high']}/{r['coverage_low']} | AUC {r['tpsl_auc_long']}/{r['tpsl_auc_short']} | "
-                  f"acc {r['signal_accuracy']} F1 {r['signal_macro_f1']} ECE {r['confidence_ece']}")
+                  f"acc {r['signal_accuracy']} F1 {r['signal_macro_f1']} ECE {r['confidence_ece']} | "
+                  f"HAR R² {r['har_r2_high']}/{r['har_r2_low']} MAE {r['har_mae_high']}/{r['har_mae_low']}")
     return 0
 
 

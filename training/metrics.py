@@ -34,6 +34,16 @@ def r2(y: np.ndarray, p: np.ndarray) -> float:
     return 1.0 - float(np.sum((y - p) ** 2)) / ss_tot if ss_tot > 0 else float("nan")
 
 
+def pinball(y: np.ndarray, q: np.ndarray, alphas: Sequence[float]) -> float:
+    """Mean pinball (quantile) loss of the columns of ``q`` at levels ``alphas``, averaged over levels:
+    the proper score of a quantile forecast (MAE/2 for the median)."""
+    if len(y) == 0:
+        return float("nan")
+    d = np.asarray(y, dtype=np.float64)[:, None] - np.asarray(q, dtype=np.float64)
+    a = np.asarray(alphas, dtype=np.float64)[None, :]
+    return float(np.mean(np.maximum(a * d, (a - 1) * d)))
+
+
 def coverage(y: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> float:
     return float(np.mean((y >= lower) & (y <= upper))) if len(y) else float("nan")
 
@@ -110,8 +120,10 @@ def baseline_predictions(baseline: Mapping[str, Mapping[str, float]], vol: np.nd
 
 # ---- metric rows ---------------------------------------------------------------------------------------
 def range_metrics(y_high: np.ndarray, y_low: np.ndarray, pred: np.ndarray,
-                  baselines: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """R², MAE (median), baselines' MAE and 10-90% coverage of the high and the low.
+                  baselines: Mapping[str, np.ndarray],
+                  quantiles: Sequence[float] = (0.1, 0.5, 0.9)) -> dict[str, Any]:
+    """R², MAE (median), baselines' MAE, pinball loss of the three quantiles, 10-90% coverage, and R²
+    and MAE of the mean forecast (``r2_mean_*``, None without one) of the high and the low.
 
     ``pred`` is the range predictor's (n, 6) output; rows with an undefined label are ignored.
     """
@@ -124,6 +136,27 @@ def range_metrics(y_high: np.ndarray, y_low: np.ndarray, pred: np.ndarray,
         out[f"mean_mae_{name}"] = _f(mae(yy, baselines[f"mean_{name}"][ok]))
         out[f"vol_mae_{name}"] = _f(mae(yy, baselines[f"vol_{name}"][ok]))
         out[f"coverage_{name}"] = _f(coverage(yy, pred[ok, lo], pred[ok, hi]))
+        out[f"pinball_{name}"] = _f(pinball(yy, pred[ok, lo:hi + 1], quantiles))
+        mean_col = 6 if name == "high" else 7  # the mean forecast (training.transforms.RANGE_MEAN_OUTPUTS)
+        has_mean = pred.shape[1] > mean_col and np.isfinite(pred[ok, mean_col]).all() and ok.any()
+        out[f"r2_mean_{name}"] = _f(r2(yy, pred[ok, mean_col])) if has_mean else None
+        out[f"mae_mean_{name}"] = _f(mae(yy, pred[ok, mean_col])) if has_mean else None
+    return out
+
+
+def har_metrics(y_high: np.ndarray, y_low: np.ndarray, har: Mapping[str, np.ndarray],
+                quantiles: Sequence[float] = (0.1, 0.5, 0.9)) -> dict[str, Any]:
+    """The HAR baseline's ``har_mae_*`` (median), ``har_r2_*`` (its mean forecast), ``har_pinball_*``
+    and ``har_coverage_*`` (see ``training.har_baseline``); rows where it is undefined are ignored."""
+    out: dict[str, Any] = {}
+    for name, y in (("high", y_high), ("low", y_low)):
+        q, m = har[name], har[f"{name}_mean"]
+        ok = np.isfinite(y) & np.isfinite(m)
+        yy = y[ok]
+        out[f"har_mae_{name}"] = _f(mae(yy, q[ok, 1]))
+        out[f"har_r2_{name}"] = _f(r2(yy, m[ok]))
+        out[f"har_pinball_{name}"] = _f(pinball(yy, q[ok], quantiles))
+        out[f"har_coverage_{name}"] = _f(coverage(yy, q[ok, 0], q[ok, 2]))
     return out
 
 
