@@ -149,7 +149,14 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
         """The median predicted highest and lowest price over the next `horizon` candles, as prices and
         percent of the last close, with the 10%-90% interval of each (`interval.coverage` = 0.8), for the
         newest closed candle. 503 `features_unavailable` when the candle's features are undefined (warm-up,
-        a data gap): the engine does not guess."""
+        a data gap): the engine does not guess.
+
+        Which field for what: `predicted_high`/`predicted_low` (medians) are the typical extremes and the
+        best forecast for absolute error — use them for a "likely" level, and the `interval` bounds for
+        stops and position sizing (10% / 90% quantiles, 80% of outcomes inside). `predicted_high_mean`/
+        `predicted_low_mean` are the expected extremes (the best forecast for squared error, hence for R²):
+        use them where an average over many trades matters (expected-value and P&L models). The future
+        high is right-skewed, so the mean lies above the median (and the mean low below the median low)."""
         return json_bytes(await service.answer("predictions", req.symbol, req.horizon,
                                                fresh=no_cache(cache_control), kid=kid))
 

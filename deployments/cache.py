@@ -208,6 +208,8 @@ class CacheEntry(BaseModel):
     reason: Optional[str]
     model_versions: dict[str, str]
     reason_detail: Optional[str] = None
+    pred_high_mean_pct: Optional[float] = Field(default=None, allow_inf_nan=False)
+    pred_low_mean_pct: Optional[float] = Field(default=None, allow_inf_nan=False)
     feature_set_hash: str
     sig: str
 

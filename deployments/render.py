@@ -30,6 +30,17 @@ def _pct(frac: float) -> float:
     return frac * 100.0
 
 
+def _means(f: dict[str, Any], price) -> dict[str, Any]:
+    """The mean forecasts as prices and percent (None when the model set has none)."""
+    out: dict[str, Any] = {}
+    for side in ("high", "low"):
+        v = f.get(f"pred_{side}_mean_pct")
+        ok = v is not None and math.isfinite(v)
+        out[f"predicted_{side}_mean"] = price(v) if ok else None
+        out[f"predicted_{side}_mean_pct"] = _pct(v) if ok else None
+    return out
+
+
 def prediction_body(f: dict[str, Any], coverage: float) -> dict[str, Any]:
     """The /predictions answer for one forecast; FeatureError (503) when the range is undefined."""
     needed = ("pred_high_pct", "pred_low_pct", "high_lower", "high_upper", "low_lower", "low_upper")
@@ -53,6 +64,7 @@ def prediction_body(f: dict[str, Any], coverage: float) -> dict[str, Any]:
         "predicted_high_pct": _pct(f["pred_high_pct"]),
         "predicted_low": price(f["pred_low_pct"]),
         "predicted_low_pct": _pct(f["pred_low_pct"]),
+        **_means(f, price),
         "interval": {
             "coverage": coverage,
             "high": {"lower": price(f["high_lower"]), "upper": price(f["high_upper"]),

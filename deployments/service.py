@@ -73,7 +73,7 @@ def forecast_from_dict(d: dict[str, Any]):
     nan = float("nan")
     fields = dict(d)
     for k in ("close", "pred_high_pct", "pred_low_pct", "high_lower", "high_upper", "low_lower", "low_upper",
-              "p_tp_long", "p_tp_short", "confidence", "entry_price"):
+              "p_tp_long", "p_tp_short", "confidence", "entry_price", "pred_high_mean_pct", "pred_low_mean_pct"):
         if fields.get(k) is None:
             fields[k] = nan
     fields["signal_probs"] = tuple(nan if p is None else p for p in (d.get("signal_probs") or (None,) * 3))

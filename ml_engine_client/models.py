@@ -62,10 +62,18 @@ class PredictionResponse(BaseModel):
     candle_open_time: int = Field(description="open time (ms UTC) of the last closed candle the prediction uses")
     candle_time: str = Field(description="the same, ISO 8601")
     close: float = Field(description="close price of that candle")
-    predicted_high: float = Field(description="median predicted highest price over the horizon")
+    predicted_high: float = Field(description="median predicted highest price over the horizon (half the time "
+                                               "the high ends above it: the typical move, MAE-optimal)")
     predicted_high_pct: float = Field(description="the same in percent of close (0.4 = +0.4%)")
-    predicted_low: float
+    predicted_low: float = Field(description="median predicted lowest price over the horizon")
     predicted_low_pct: float
+    predicted_high_mean: Optional[float] = Field(
+        default=None, description="expected (mean) highest price over the horizon: the squared-error-optimal "
+                                  "point forecast, above the median on this right-skewed target; null when the "
+                                  "served models have no mean forecast")
+    predicted_high_mean_pct: Optional[float] = Field(default=None, description="the same in percent of close")
+    predicted_low_mean: Optional[float] = Field(default=None, description="expected (mean) lowest price")
+    predicted_low_mean_pct: Optional[float] = Field(default=None, description="the same in percent of close")
     interval: Interval
     model_version: Optional[str] = Field(description="version of the range predictor")
     model_versions: dict[str, str]

@@ -159,6 +159,10 @@ def test_predictions_signals_and_indicators_answer_with_every_field(serving_app)
                 close = p["close"]
                 assert p["predicted_high"] == pytest.approx(close * (1 + p["predicted_high_pct"] / 100), rel=1e-12)
                 assert p["predicted_low"] == pytest.approx(close * (1 + p["predicted_low_pct"] / 100), rel=1e-12)
+                assert p["predicted_high_mean"] == pytest.approx(close * (1 + p["predicted_high_mean_pct"] / 100),
+                                                                 rel=1e-12)
+                assert p["predicted_low_mean"] == pytest.approx(close * (1 + p["predicted_low_mean_pct"] / 100),
+                                                                rel=1e-12)
                 assert p["interval"]["coverage"] == pytest.approx(0.8)
                 assert p["interval"]["high"]["lower"] <= p["interval"]["high"]["upper"]
                 assert p["interval"]["low"]["lower"] <= p["interval"]["low"]["upper"]
@@ -364,6 +368,8 @@ def test_served_features_and_predictions_equal_the_batch_path(serving_app):
             assert answer["candle_open_time"] == t and answer["close"] == close
             assert answer["predicted_high_pct"] / 100 == pytest.approx(f.pred_high_pct, rel=1e-9, abs=1e-12)
             assert answer["predicted_low_pct"] / 100 == pytest.approx(f.pred_low_pct, rel=1e-9, abs=1e-12)
+            assert answer["predicted_high_mean_pct"] / 100 == pytest.approx(f.pred_high_mean_pct, rel=1e-9, abs=1e-12)
+            assert answer["predicted_low_mean_pct"] / 100 == pytest.approx(f.pred_low_mean_pct, rel=1e-9, abs=1e-12)
             assert answer["interval"]["high"]["upper_pct"] / 100 == pytest.approx(f.high_upper, rel=1e-9, abs=1e-12)
             assert answer["interval"]["low"]["lower_pct"] / 100 == pytest.approx(f.low_lower, rel=1e-9, abs=1e-12)
             assert answer["model_versions"] == ensemble.versions

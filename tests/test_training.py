@@ -296,7 +296,7 @@ def test_meta_model_trained_only_on_out_of_fold_predictions(candle_slices):
             assert not set(job.predict_rows) & (set(job.fit_rows) | set(job.val_rows))
             assert (data.open_time[job.fit_rows] + embargo * FIVE_MIN < data.open_time[job.predict_rows].min()).all()
     atr = data.X[:, 0].astype(np.float64)
-    expected = range_output(raw["high"], raw["low"], atr, h)[oof] / range_scale(atr[oof], h)[:, None]
+    expected = range_output(raw["high"], raw["low"], atr, h)[oof, :6] / range_scale(atr[oof], h)[:, None]
     np.testing.assert_allclose(meta_mats[f"meta_{h}"][:, :6], expected, rtol=1e-6)
     # Meta fit/val rows and calibration rows are disjoint, time-ordered and embargoed.
     mt = data.open_time[oof]
@@ -375,10 +375,55 @@ def test_evaluate_cli_json(trained, candle_slices):
             "vol_mae_high", "vol_mae_low", "coverage_high", "coverage_low", "tpsl_auc_long", "tpsl_auc_short",
             "signal_accuracy", "signal_macro_f1", "confidence_ece"}
     assert {(r["symbol"], r["horizon"]) for r in doc["rows"]} == {(s, h) for s in SYMBOLS for h in (6, 18, 36, 72)}
+    keys |= {f"{p}_{s}" for p in ("har_mae", "har_r2", "pinball", "har_pinball") for s in ("high", "low")}
+    keys |= {f"r2_mean_{s}" for s in ("high", "low")}
+    intervals = {f"{m}_{s}_ci" for m in ("r2", "mae", "coverage", "har_r2", "r2_mean") for s in ("high", "low")}
     for r in doc["rows"]:
-        assert keys <= set(r)
+        assert keys | intervals <= set(r)
         assert r["n"] > 1000 and 0 <= r["coverage_high"] <= 1 and r["mae_high"] > 0 and r["mean_mae_low"] > 0
         assert r["overlaps_training"] is True  # evaluated on its own training period: flagged in-sample
+        for k in keys - {"symbol", "horizon", "n"}:
+            assert isinstance(r[k], float), (k, r[k])  # the HAR baseline is fitted on the slice's own history
+        for k in ("mae_low", "coverage_high", "coverage_low"):  # means: their bootstrap centres on them
+            lo, hi = r[f"{k}_ci"]
+            assert lo <= r[k] <= hi, (k, lo, r[k], hi)
+        for k in ("r2_high", "r2_mean_low", "har_r2_low"):  # ratios over ~5 day blocks: well-formed
+            lo, hi = r[f"{k}_ci"]
+            assert lo < hi and lo - 0.2 < r[k] < hi + 0.2, (k, lo, r[k], hi)
+        assert r["pinball_high"] > 0 and r["har_pinball_low"] > 0
+        for s in ("high", "low"):
+            assert len(r[f"coverage_{s}_by_vol_decile"]) == 10 and len(r[f"coverage_{s}_by_hour"]) == 24
+            assert all(v is None or 0 <= v <= 1 for v in r[f"coverage_{s}_by_hour"])
+
+
+def test_mean_forecast_beside_the_quantiles(trained, candle_slices):
+    """The range predictor has squared-error mean boosters; their forecasts reach Forecast and the
+    evaluate JSON; a model set without them (trained before they existed) still serves, mean = NaN."""
+    from configs.settings import get_settings
+    from training.ensemble import Ensemble
+
+    ens = Ensemble.load(trained, get_settings())
+    data = _prepared(candle_slices)
+    rows = np.flatnonzero(np.isfinite(data.X).all(axis=1))[:300]
+    feats, syms = data.X[rows, :-1].astype(np.float64), list(data.symbol[rows])
+    closes, times = data.close[rows], data.open_time[rows]
+    X = ens.model_input(feats, syms)
+    for h in ens.horizons:
+        assert {f"high_mean_h{h}", f"low_mean_h{h}"} <= set(ens.models["range_predictor"].boosters)
+        out = ens.predict_stage("range_predictor", X, h)
+        assert out.shape == (len(rows), 8) and np.isfinite(out).all()
+        raw = ens.models["range_predictor"].boosters[f"high_mean_h{h}"].inplace_predict(X)
+        scale = np.sqrt(h) * np.maximum(feats[:, ens.feature_names.index("atr_14")], 1e-4)
+        np.testing.assert_allclose(out[:, 6], np.asarray(raw) * scale, rtol=1e-6)
+    with_mean = ens.forecast(feats, syms, closes, times, 6)
+    assert all(math.isfinite(f.pred_high_mean_pct) and math.isfinite(f.pred_low_mean_pct) for f in with_mean)
+    for h in ens.horizons:
+        for t in ("high_mean", "low_mean"):
+            del ens.models["range_predictor"].boosters[f"{t}_h{h}"]
+    without = ens.forecast(feats, syms, closes, times, 6)
+    assert [f.reason for f in without] == [f.reason for f in with_mean]
+    assert [f.pred_high_pct for f in without] == [f.pred_high_pct for f in with_mean]
+    assert all(math.isnan(f.pred_high_mean_pct) and f.to_dict()["pred_low_mean_pct"] is None for f in without)
 
 
 def test_per_symbol_models_route_rows_by_symbol(candle_slices, tmp_path):
@@ -394,7 +439,8 @@ def test_per_symbol_models_route_rows_by_symbol(candle_slices, tmp_path):
                               rounds=3, folds=2, per_symbol=True)
     data = _prepared(candle_slices, settings)
     out = train(data, settings, PlainEngine(nthread=1))
-    assert set(out.boosters["range_predictor"]) == {f"{t}_h6__{s}" for t in ("high", "low") for s in SYMBOLS}
+    assert set(out.boosters["range_predictor"]) == {f"{t}_h6__{s}" for t in ("high", "low", "high_mean", "low_mean")
+                                                        for s in SYMBOLS}
     save_models(out, ModelRegistry(tmp_path), settings, {
         "data_range": data.data_range(), "symbols": list(data.symbols), "horizons": [6], "per_symbol": True,
         "feature_names": list(data.feature_names), "model_columns": list(data.columns)}, "plain")

@@ -125,3 +125,19 @@ def test_conditional_coverage_groups():
     lower = np.where(codes == 0, 1.0, -1.0)  # the calmest decile misses every time
     assert coverage_by_group(y, lower, np.ones(100), codes, 10) == [0.0] + [1.0] * 9
     assert decile_codes(np.array([np.nan, 1.0]))[0] == -1
+
+
+def test_each_interval_uses_the_rows_of_its_point_estimate():
+    """A baseline undefined on some rows must not shift the model's interval onto a subset."""
+    rng = np.random.default_rng(7)
+    n = 288 * 30
+    vol = np.repeat(np.exp(rng.normal(0, 0.5, 30)), 288)
+    y = rng.normal(0, 1, n) * vol
+    p = 0.6 * y + rng.normal(0, 0.8, n) * vol
+    alt = 0.5 * y
+    alt[: n // 2] = np.nan  # e.g. the HAR baseline before a month of history exists
+    with_alt = range_intervals(y, p, p - vol, p + vol, "low", {"alt": alt})
+    alone = range_intervals(y, p, p - vol, p + vol, "low")
+    assert with_alt["r2_low_ci"] == alone["r2_low_ci"] and with_alt["mae_low_ci"] == alone["mae_low_ci"]
+    half = range_intervals(y[n // 2:], alt[n // 2:], alt[n // 2:], alt[n // 2:], "x")
+    assert with_alt["alt_ci"] == half["r2_x_ci"]

@@ -11,7 +11,8 @@ no pandas. It is split into stages so serving can run each model in its own repl
     out    = ens.compose(features, symbols, closes, open_times, h, {**base, "meta_model": meta})
 
 Raw stage outputs (columns, see ``training.transforms``):
-- ``range_predictor`` (n, 6): high 10%/50%/90% quantiles, low 10%/50%/90%, fractions of close;
+- ``range_predictor`` (n, 8): high 10%/50%/90% quantiles, low 10%/50%/90%, then the high and low
+  mean forecasts (NaN for a model set trained without mean boosters), fractions of close;
 - ``tpsl_classifier`` (n, 2): P(take-profit before stop-loss) long, short;
 - ``signal_classifier`` (n, 3): P(SELL), P(HOLD), P(BUY);
 - ``meta_model`` (n, 4): final P(SELL), P(HOLD), P(BUY) and the calibrated confidence of the argmax.
@@ -91,6 +92,11 @@ class Forecast:
     reason: str | None = None
     model_versions: dict[str, str] = field(default_factory=dict)
     reason_detail: str | None = None
+    # Mean forecasts (squared-error boosters): the point forecast R² rewards. The median
+    # (``pred_*_pct``) is what MAE rewards and what a trader's "typical" move is; NaN when the model
+    # set has no mean boosters.
+    pred_high_mean_pct: float = float("nan")
+    pred_low_mean_pct: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types; NaN becomes ``None`` (JSON has no NaN)."""
@@ -177,12 +183,15 @@ class Ensemble:
             raise PredictionError(f"horizon {horizon} is not one of the model's horizons {list(self.horizons)}")
         return int(horizon)
 
-    def _predict(self, model: str, target: str, horizon: int, X: np.ndarray, width: int) -> np.ndarray:
-        """One booster's output as (n, width), routed by symbol when models are per symbol."""
+    def _predict(self, model: str, target: str, horizon: int, X: np.ndarray, width: int,
+                 optional: bool = False) -> np.ndarray:
+        """One booster's output as (n, width), routed by symbol when models are per symbol
+        (``optional``: NaN when the model set has no such booster, e.g. mean boosters of older sets)."""
         boosters = self.models[model].boosters
         n = len(X)
         out = np.full((n, width), np.nan)
-        if n == 0:
+        if n == 0 or (optional and booster_name(target, horizon, self.symbols[0] if self.per_symbol else None)
+                      not in boosters):
             return out
         if not self.per_symbol:
             groups = [(None, np.ones(n, dtype=bool))]
@@ -202,7 +211,9 @@ class Ensemble:
         X = np.asarray(X, dtype=np.float64)
         if model_name == "range_predictor":
             return range_output(self._predict(model_name, "high", horizon, X, 3),
-                                self._predict(model_name, "low", horizon, X, 3), X[:, self._vol_index], horizon)
+                                self._predict(model_name, "low", horizon, X, 3), X[:, self._vol_index], horizon,
+                                self._predict(model_name, "high_mean", horizon, X, 1, optional=True),
+                                self._predict(model_name, "low_mean", horizon, X, 1, optional=True))
         if model_name == "tpsl_classifier":
             return np.hstack([self._predict(model_name, t, horizon, X, 1) for t in ("tp_long", "tp_short")])
         if model_name == "signal_classifier":
@@ -258,7 +269,7 @@ class Ensemble:
         known = np.array([s in self._symbol_code for s in symbols], dtype=bool)
         with np.errstate(invalid="ignore"):
             good_close = np.isfinite(closes) & (closes > 0)
-        good_output = np.isfinite(rng).all(axis=1) & np.isfinite(meta).all(axis=1)
+        good_output = np.isfinite(rng[:, :len(RANGE_OUTPUTS)]).all(axis=1) & np.isfinite(meta).all(axis=1)
         reason = np.full(n, None, dtype=object)
         detail = np.full(n, None, dtype=object)
         for i in np.flatnonzero(~good_output):
@@ -293,6 +304,7 @@ class Ensemble:
             "signal_probs": probs, "signal_type": signal,
             "confidence": np.where(ok, meta[:, 3], 0.0), "entry_price": closes,
             "take_profit": defined(tp), "stop_loss": defined(sl), "reason": reason, "reason_detail": detail,
+            "pred_high_mean_pct": defined(rng[:, 6]), "pred_low_mean_pct": defined(rng[:, 7]),
         }
 
     def compose(self, features: np.ndarray, symbols: Sequence[str], closes: Sequence[float],
@@ -313,7 +325,7 @@ class Ensemble:
                 lists["p_tp_short"][i], tuple(lists["signal_probs"][i]), lists["signal_type"][i],
                 lists["confidence"][i], lists["entry_price"][i], lists["take_profit"][i] if ok else None,
                 lists["stop_loss"][i] if ok else None, lists["reason"][i], dict(versions),
-                lists["reason_detail"][i]))
+                lists["reason_detail"][i], lists["pred_high_mean_pct"][i], lists["pred_low_mean_pct"][i]))
         return forecasts
 
     def forecast(self, features: np.ndarray, symbols: Sequence[str], closes: Sequence[float],

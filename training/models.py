@@ -30,7 +30,7 @@ class TargetSpec:
     model: str
     target: str
     horizon: int
-    kind: str    # "quantile" | "binary" | "multiclass"
+    kind: str    # "quantile" | "mean" | "binary" | "multiclass"
     label: str   # column of features.labels.build_labels
     symbol: str | None = None
 
@@ -52,6 +52,8 @@ def base_specs(settings: Settings, symbols: Sequence[str]) -> list[TargetSpec]:
         for s in per:
             specs += [TargetSpec("range_predictor", "high", h, "quantile", f"fut_high_{h}", s),
                       TargetSpec("range_predictor", "low", h, "quantile", f"fut_low_{h}", s),
+                      TargetSpec("range_predictor", "high_mean", h, "mean", f"fut_high_{h}", s),
+                      TargetSpec("range_predictor", "low_mean", h, "mean", f"fut_low_{h}", s),
                       TargetSpec("tpsl_classifier", "tp_long", h, "binary", f"tp_long_{h}", s),
                       TargetSpec("tpsl_classifier", "tp_short", h, "binary", f"tp_short_{h}", s),
                       TargetSpec("signal_classifier", "signal", h, "multiclass", f"signal_{h}", s)]
@@ -69,6 +71,8 @@ def xgb_params(spec: TargetSpec, cfg: ModelConfig, nthread: int) -> dict:
     params: dict = dict(cfg.xgb_params.model_dump(), seed=SEED, nthread=nthread)
     if spec.kind == "quantile":
         params.update(objective="reg:quantileerror", quantile_alpha=list(cfg.quantiles), eval_metric="quantile")
+    elif spec.kind == "mean":  # the conditional mean: the point forecast squared error (R²) rewards
+        params.update(objective="reg:squarederror", eval_metric="rmse")
     elif spec.kind == "binary":
         params.update(objective="binary:logistic", eval_metric="logloss")
     elif spec.kind == "multiclass":
@@ -85,7 +89,7 @@ def target_values(spec: TargetSpec, labels: pd.DataFrame, atr_fraction: np.ndarr
     predictions are multiplied back by ``training.transforms.range_output``.
     """
     y = labels[spec.label].to_numpy(np.float64)
-    if spec.kind == "quantile":
+    if spec.kind in ("quantile", "mean"):
         return y / range_scale(atr_fraction, spec.horizon)
     return y
 

@@ -153,13 +153,15 @@ def _assemble(jobs: Sequence[FitJob], outcomes: Sequence[FitOutcome], n: int) ->
 
 def model_outputs(raw: Mapping[tuple[str, int], np.ndarray], atr: np.ndarray, horizon: int) -> dict[str, np.ndarray]:
     """Base models' stage outputs from raw booster outputs (same post-processing as the Ensemble)."""
-    return {"range_predictor": range_output(raw[("high", horizon)], raw[("low", horizon)], atr, horizon),
+    return {"range_predictor": range_output(raw[("high", horizon)], raw[("low", horizon)], atr, horizon,
+                                            raw.get(("high_mean", horizon)), raw.get(("low_mean", horizon))),
             "tpsl_classifier": np.hstack([raw[("tp_long", horizon)], raw[("tp_short", horizon)]]),
             "signal_classifier": raw[("signal", horizon)]}
 
 
 def _metric_rows(data: Prepared, rows: np.ndarray, outputs: Mapping[str, np.ndarray], horizon: int,
-                 baseline_preds: Mapping[str, np.ndarray], meta: np.ndarray | None = None) -> list[dict[str, Any]]:
+                 baseline_preds: Mapping[str, np.ndarray],
+                 quantiles: Sequence[float] = (0.1, 0.5, 0.9)) -> list[dict[str, Any]]:
     out = []
     lab = data.labels
     for symbol in data.symbols:
@@ -168,7 +170,8 @@ def _metric_rows(data: Prepared, rows: np.ndarray, outputs: Mapping[str, np.ndar
             continue
         row: dict[str, Any] = {"symbol": symbol, "horizon": horizon, "n": int(len(r))}
         row.update(range_metrics(lab[f"fut_high_{horizon}"].to_numpy()[r], lab[f"fut_low_{horizon}"].to_numpy()[r],
-                                 outputs["range_predictor"][r], {k: v[r] for k, v in baseline_preds.items()}))
+                                 outputs["range_predictor"][r], {k: v[r] for k, v in baseline_preds.items()},
+                                 quantiles))
         row.update(tpsl_metrics(lab[f"tp_long_{horizon}"].to_numpy()[r], lab[f"tp_short_{horizon}"].to_numpy()[r],
                                 outputs["tpsl_classifier"][r]))
         row.update(signal_metrics(lab[f"signal_{horizon}"].to_numpy()[r], outputs["signal_classifier"][r],
@@ -226,10 +229,10 @@ def train(data: Prepared, settings: Settings, engine: Engine) -> TrainOutput:
                 b = fit_baselines(lab[f"fut_high_{h}"].to_numpy()[fr], lab[f"fut_low_{h}"].to_numpy()[fr], rv[fr])
                 for k, v in baseline_predictions(b, rv[tr]).items():
                     base_pred[h][k][tr] = v
-            for row in _metric_rows(data, fold.test, oof[h], h, base_pred[h]):
+            for row in _metric_rows(data, fold.test, oof[h], h, base_pred[h], cfg.quantiles):
                 fold_rows.append({"fold": fold.index, **row})
     oof_rows = np.sort(np.concatenate([f.test for f in folds]))
-    wf_rows = [r for h in horizons for r in _metric_rows(data, oof_rows, oof[h], h, base_pred[h])]
+    wf_rows = [r for h in horizons for r in _metric_rows(data, oof_rows, oof[h], h, base_pred[h], cfg.quantiles)]
 
     # 2. meta-model on out-of-fold predictions only
     t0 = time.perf_counter()
@@ -313,7 +316,7 @@ def train(data: Prepared, settings: Settings, engine: Engine) -> TrainOutput:
         keep = ("symbol", "horizon", "n", "fold")
         return [{k: v for k, v in r.items() if k in keep or k.startswith(prefixes)} for r in rows]
 
-    range_prefixes = ("r2_", "mae_", "mean_mae_", "vol_mae_", "coverage_")
+    range_prefixes = ("r2_", "mae_", "mean_mae_", "vol_mae_", "coverage_", "pinball_")
     metadata = {
         "range_predictor": {"quantiles": list(cfg.quantiles), "target_scaling": f"{VOL_FEATURE} x sqrt(h)",
                             "baselines": baselines, "baseline_vol_feature": BASELINE_VOL_FEATURE,

@@ -28,6 +28,9 @@ REGIME_FEATURES: tuple[str, ...] = ("atr_14", "rv_288", "vol_ratio", "adx_14", "
 
 # Column order of each base model's raw output (``Ensemble.predict_stage``).
 RANGE_OUTPUTS: tuple[str, ...] = ("high_lower", "high_median", "high_upper", "low_lower", "low_median", "low_upper")
+# The range predictor's stage output also carries the mean forecasts (squared-error boosters; NaN
+# for a model set trained without them). The meta-model sees only RANGE_OUTPUTS.
+RANGE_MEAN_OUTPUTS: tuple[str, ...] = ("high_mean", "low_mean")
 TPSL_OUTPUTS: tuple[str, ...] = ("p_tp_long", "p_tp_short")
 SIGNAL_OUTPUTS: tuple[str, ...] = ("p_sell", "p_hold", "p_buy")
 # The meta-model's stage output: class probabilities then the calibrated confidence of the argmax.
@@ -59,7 +62,8 @@ def meta_matrix(X: np.ndarray, columns: Sequence[str], base_outputs: Mapping[str
     """
     index = {c: i for i, c in enumerate(columns)}
     scale = range_scale(X[:, index[VOL_FEATURE]], horizon)
-    rng = np.asarray(base_outputs["range_predictor"], dtype=np.float64) / scale[:, None]
+    width = len(RANGE_OUTPUTS)
+    rng = np.asarray(base_outputs["range_predictor"], dtype=np.float64)[:, :width] / scale[:, None]
     parts = [rng, np.asarray(base_outputs["tpsl_classifier"], dtype=np.float64),
              np.asarray(base_outputs["signal_classifier"], dtype=np.float64),
              X[:, [index[c] for c in REGIME_FEATURES]], X[:, [index[SYMBOL_COLUMN]]]]
@@ -88,8 +92,11 @@ def apply_calibration(calibration: Mapping[str, object], p: np.ndarray) -> np.nd
     raise ValueError(f"unknown calibration method {method!r}")
 
 
-def range_output(raw_high: np.ndarray, raw_low: np.ndarray, atr_fraction: np.ndarray, horizon: int) -> np.ndarray:
-    """The range predictor's (n, 6) output from its two boosters' raw quantiles (volatility units).
+def range_output(raw_high: np.ndarray, raw_low: np.ndarray, atr_fraction: np.ndarray, horizon: int,
+                 raw_high_mean: np.ndarray | None = None, raw_low_mean: np.ndarray | None = None) -> np.ndarray:
+    """The range predictor's (n, 8) output from its boosters' raw outputs (volatility units):
+    high q10/q50/q90, low q10/q50/q90 (``RANGE_OUTPUTS``), then the high and low mean forecasts
+    (``RANGE_MEAN_OUTPUTS``; NaN when the model has no mean boosters).
 
     Each row's quantiles are sorted (quantile regressions trained separately can cross; sorting is
     the standard monotone rearrangement and never worsens pinball loss), then multiplied back by
@@ -98,4 +105,6 @@ def range_output(raw_high: np.ndarray, raw_low: np.ndarray, atr_fraction: np.nda
     scale = range_scale(atr_fraction, horizon)[:, None]
     high = np.sort(np.asarray(raw_high, dtype=np.float64).reshape(len(scale), -1), axis=1) * scale
     low = np.sort(np.asarray(raw_low, dtype=np.float64).reshape(len(scale), -1), axis=1) * scale
-    return np.hstack([high, low])
+    means = [np.full((len(scale), 1), np.nan) if m is None else np.asarray(m, dtype=np.float64).reshape(-1, 1) * scale
+             for m in (raw_high_mean, raw_low_mean)]
+    return np.hstack([high, low, *means])

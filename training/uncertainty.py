@@ -50,29 +50,36 @@ def _interval(values: np.ndarray, level: float = LEVEL) -> list[float] | None:
     return [round(float(np.quantile(values, a)), 6), round(float(np.quantile(values, 1 - a)), 6)]
 
 
+def _r2_interval(y: np.ndarray, p: np.ndarray, **kw: Any) -> list[float] | None:
+    ok = np.isfinite(y) & np.isfinite(p)
+    if ok.sum() < 2:
+        return None
+    yy = y[ok]
+    sums, m = block_sums(np.column_stack([yy, yy * yy, (yy - p[ok]) ** 2]), **kw)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _interval(1 - sums[:, 2] / (sums[:, 1] - sums[:, 0] ** 2 / m))
+
+
 def range_intervals(y: np.ndarray, point: np.ndarray, lower: np.ndarray, upper: np.ndarray, name: str,
                     extra_points: dict[str, np.ndarray] | None = None, **kw: Any) -> dict[str, Any]:
     """90% intervals of ``r2_<name>``, ``mae_<name>``, ``coverage_<name>`` (and ``<key>_ci`` for the R²
     of each ``extra_points`` forecast, e.g. the mean forecast or the HAR baseline) as ``[lo, hi]``.
 
     ``point`` is the forecast scored by R² and MAE (the median), ``lower``/``upper`` the interval.
-    Rows with a non-finite value in any input are dropped (all statistics use the same rows).
+    Each interval uses the rows its point estimate uses (finite label and forecast), so an interval
+    always describes the figure printed beside it.
     """
-    extra = extra_points or {}
-    cols = [y, point, lower, upper, *extra.values()]
-    ok = np.all([np.isfinite(c) for c in cols], axis=0)
+    out = {f"{k}_ci": _r2_interval(y, p, **kw) for k, p in (extra_points or {}).items()}
+    ok = np.isfinite(y) & np.isfinite(point) & np.isfinite(lower) & np.isfinite(upper)
     if ok.sum() < 2:
-        return {f"{k}_ci": None for k in (f"r2_{name}", f"mae_{name}", f"coverage_{name}", *extra)}
+        return {**out, **{f"{k}_ci": None for k in (f"r2_{name}", f"mae_{name}", f"coverage_{name}")}}
     yy, p = y[ok], point[ok]
     parts = [yy, yy * yy, (yy - p) ** 2, np.abs(yy - p), ((yy >= lower[ok]) & (yy <= upper[ok])).astype(float)]
-    parts += [(yy - e[ok]) ** 2 for e in extra.values()]
     sums, m = block_sums(np.column_stack(parts), **kw)
     sst = sums[:, 1] - sums[:, 0] ** 2 / m
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = {f"r2_{name}_ci": _interval(1 - sums[:, 2] / sst), f"mae_{name}_ci": _interval(sums[:, 3] / m),
-               f"coverage_{name}_ci": _interval(sums[:, 4] / m)}
-        for j, key in enumerate(extra):
-            out[f"{key}_ci"] = _interval(1 - sums[:, 5 + j] / sst)
+        out.update({f"r2_{name}_ci": _interval(1 - sums[:, 2] / sst), f"mae_{name}_ci": _interval(sums[:, 3] / m),
+                    f"coverage_{name}_ci": _interval(sums[:, 4] / m)})
     return out
 
 
