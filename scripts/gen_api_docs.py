@@ -75,6 +75,7 @@ def signals_section() -> list[str]:
             "answer (the same `SignalBody` model) without `cached` and `data_age_s`, plus `published_at`. "
             "Pub/sub is at-most-once: a subscriber that was disconnected asks POST /signals for the current "
             "candle. An asyncio subscriber (redis-py) is shipped with the Python client:", "",
+            "<!-- docs-test: skip (needs a running engine's Redis; tests/test_client.py subscribes to the deployed app) -->",
             "```bash",
             "python -m ml_engine_client.subscriber BTCUSDT ETHUSDT --redis-url redis://127.0.0.1:6379/0",
             "```", "",
