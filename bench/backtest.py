@@ -1,5 +1,8 @@
 """Backtest throughput on the whole shared history of both symbols: candles/s, with baselines.
 
+The candles default to ``../shared/data`` beside the checkout, else the shipped 30-day sample
+(``data/sample``), so the command runs on a fresh clone too (smaller figures: compare ratios).
+
     .venv/bin/python bench/backtest.py [--models models] [--candles F ...] [--naive-slice 20000]
 
 Times the stages of ``python -m training.backtest`` (load, features, batch forecasts through
@@ -43,6 +46,13 @@ from training.data import load_histories, parse_candle_args  # noqa: E402
 from training.ensemble import Ensemble  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
+SAMPLE = ROOT / "data" / "sample"
+
+
+def default_candles() -> list[str]:
+    """The shared history when this machine has it, else the shipped sample."""
+    folder = SHARED if all((SHARED / f"{s}_5m.parquet").exists() for s in ("BTCUSDT", "ETHUSDT")) else SAMPLE
+    return [str(folder / f"{s}_5m.parquet") for s in ("BTCUSDT", "ETHUSDT")]
 
 
 def naive_loop(c: pd.DataFrame, signals: pd.DataFrame, costs: Costs) -> list[tuple[int, int, float]]:
@@ -84,12 +94,15 @@ def naive_loop(c: pd.DataFrame, signals: pd.DataFrame, costs: Costs) -> list[tup
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", type=Path, default=None)
-    p.add_argument("--candles", nargs="+", default=[str(SHARED / f"{s}_5m.parquet") for s in ("BTCUSDT", "ETHUSDT")])
+    p.add_argument("--candles", nargs="+", default=None,
+                   help="candle files (default: ../shared/data, else the shipped sample)")
     p.add_argument("--naive-slice", type=int, default=20_000, help="candles per symbol for the naive loop")
     p.add_argument("--row-slice", type=int, default=500, help="rows for the per-row forecast baseline")
     p.add_argument("--random-seeds", type=int, default=20)
     p.add_argument("--breakdown-rows", type=int, default=100_000, help="rows for the forecast time breakdown")
     args = p.parse_args()
+    args.candles = args.candles or default_candles()
+    print(f"candles: {', '.join(args.candles)}")
     settings = get_settings()
     strategies = load_strategies(settings=settings)
     horizons = sorted({s.horizon for s in strategies.values()})
