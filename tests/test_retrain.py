@@ -214,3 +214,131 @@ def test_runs_as_a_ray_job(ray_cluster, champion_registry, tmp_path, sample):
     assert "succeeded" in result.stdout.lower()
     decision = json.loads(log.read_text().splitlines()[-1])
     assert decision["decision"] == "keep" and decision["reason"] in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# On a schedule: cron (docs/operations.md) and the retrain-scheduler actor (training/schedule.py)
+# ---------------------------------------------------------------------------------------------
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_schedule_survives_a_crash_of_its_actor(ray_cluster, tmp_path):
+    """Kill the scheduler actor (Ray restarts it): the next round still runs, in the new process, on time."""
+    import sys
+
+    import ray
+
+    from training import schedule
+
+    runs = tmp_path / "runs.txt"
+    # Each "round" appends the pid of the actor that started it (its parent) and when it ran.
+    command = [sys.executable, "-c", "import os, sys, time; "
+               f"open({str(runs)!r}, 'a').write(f'{{os.getppid()}} {{time.time()}}\\n')"]
+    actor = schedule.remote_class().options(name=f"schedule-test-{tmp_path.name}", namespace="mle-tests").remote(
+        1.0, command, state_path=str(tmp_path / "schedule.json"), log_path=str(tmp_path / "schedule.log"))
+    first_pid = ray.get(actor.status.remote(), timeout=60)["pid"]
+    _wait_for(lambda: len(_lines(runs)) >= 2, 60, "two rounds before the crash")
+
+    ray.kill(actor, no_restart=False)  # SIGKILL of the actor's process; Ray may restart it
+    import time
+
+    killed_at = time.time()
+    status = _wait_for(lambda: _status_after_restart(actor, first_pid), 90, "the restarted actor")
+    assert status["starts"] == 2 and status["alive"]
+
+    def rounds_of_the_new_actor() -> list[str]:
+        later = [ln for ln in _lines(runs) if int(ln.split()[0]) == status["pid"] and float(ln.split()[1]) > killed_at]
+        return later if len(later) >= 2 else []
+
+    later = _wait_for(rounds_of_the_new_actor, 60, "two rounds of the restarted actor")
+    assert float(later[1].split()[1]) - float(later[0].split()[1]) >= 0.9  # on the schedule, not in a burst
+    assert all(int(ln.split()[0]) in (first_pid, status["pid"]) for ln in _lines(runs))
+    ray.kill(actor, no_restart=True)
+
+
+def _status_after_restart(actor, first_pid: int) -> dict | None:
+    import ray
+
+    try:
+        status = ray.get(actor.status.remote(), timeout=10)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return None  # still restarting
+    return status if status["pid"] != first_pid else None
+
+
+def test_the_schedule_waits_for_the_round_a_killed_actor_left_running(tmp_path):
+    """A round that outlives its actor holds the lock: the next start skips instead of overlapping."""
+    import fcntl
+
+    from training.schedule import RetrainScheduler
+
+    state = tmp_path / "schedule.json"
+    holder = open(state.with_suffix(".lock"), "w")  # what the orphaned round's process holds
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    runs = tmp_path / "runs.txt"
+    sched = RetrainScheduler(30.0, ["sh", "-c", f"echo run >> {runs}"], state_path=str(state),
+                             log_path=str(tmp_path / "schedule.log"))
+    status = _wait_for(lambda: (s := sched.status()).get("last_skip") and s, 10, "the skipped round")
+    assert status["last_skip_reason"] == "the previous round is still running" and not runs.exists()
+    assert status["runs"] == 0 and status["next_due"] > status["last_skip"] + 29  # next try: one period on
+    sched.stop()
+    holder.close()
+
+
+def test_the_cron_line_runs_on_a_fresh_node(ray_cluster, champion_registry, sample, tmp_path):
+    """docs/operations.md's crontab line, run as cron runs it: /bin/sh, cwd $HOME, PATH=/usr/bin:/bin,
+    a checkout with no var/ folder. Only the address, the checkout's path and offline retrain
+    arguments (the cheap "keep" path) differ from the documented line."""
+    import os
+    import subprocess
+
+    from scripts import check_docs
+
+    [block] = [b for b in check_docs.all_blocks(ROOT) if b.fence == "cron" and "training.retrain" in b.text]
+    checkout = check_docs.fresh_copy(tmp_path / "ml-engine", ROOT)
+    assert not (checkout / "var").exists()
+    shutil.copytree(champion_registry, checkout / "models")
+    offline = " ".join(["--no-download", "--candles", *[f"{s}={p}" for s, p in sample.items()],
+                        "--min-eval-rows", "100000"])
+    script = (block.script().replace("/home/ubuntu/ml-engine", str(checkout))
+              .replace("http://127.0.0.1:8265", ray_cluster["dashboard_url"])
+              .replace("-m training.retrain", f"-m training.retrain {offline}"))
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".ray").mkdir()
+    token = Path.home() / ".ray" / "auth_token"
+    if token.exists():
+        shutil.copy(token, home / ".ray" / "auth_token")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "SHELL": "/bin/sh", "RAY_USAGE_STATS_ENABLED": "0",
+           # how this suite's cluster hands its token to clients (a real node has it in ~/.ray/auth_token)
+           **{k: v for k, v in os.environ.items() if k.startswith("RAY_AUTH")}}
+    log = checkout / "var" / "retrain" / "cron.log"
+    import time
+
+    deadline = time.monotonic() + 120
+    while True:  # a freshly started cluster's job agent may need a moment ("No available agent")
+        result = subprocess.run(["/bin/sh", "-c", script], cwd=home, env=env, capture_output=True, text=True,
+                                timeout=300)
+        if "No available agent" not in (log.read_text() if log.exists() else "") or time.monotonic() > deadline:
+            break
+        log.unlink()
+        time.sleep(2)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-2000:] + (log.read_text()[-3000:] if log.exists() else "")
+    assert "succeeded" in log.read_text().lower()
+    decision = json.loads((checkout / "var" / "retrain" / "decisions.jsonl").read_text().splitlines()[-1])
+    assert decision["decision"] == "keep"
+    assert os.listdir(checkout / "models") == os.listdir(champion_registry)
