@@ -9,16 +9,18 @@
 # OpenMP, NumPy's BLAS), so the slim base needs no apt packages at all: smaller image, nothing to
 # pin, nothing for a CVE scanner to flag beyond Debian's base.
 
-# ---- dependencies: a virtualenv built once per change of pyproject.toml --------------------------
+# ---- dependencies: a virtualenv built once per change of the lock file -------------------------
 FROM python:3.11-slim-bookworm AS deps
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# The pinned set the image runs (`make lock` writes it from pyproject.toml): serving + training
+# (the head trains on a fresh volume and runs retrain jobs), without matplotlib or the test tools.
+# A serving-only image: --build-arg REQUIREMENTS=requirements/serve.txt (then mount trained models).
+ARG REQUIREMENTS=requirements/train.txt
 WORKDIR /build
-COPY pyproject.toml ./
-# Dependencies only (read from pyproject.toml with the standard library), so editing the engine's
-# code reuses this layer instead of reinstalling Ray and XGBoost.
+COPY requirements/ requirements/
+# Dependencies only, so editing the engine's code reuses this layer instead of reinstalling Ray.
 RUN python -m venv /opt/venv \
-    && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
-    && /opt/venv/bin/pip install --no-cache-dir -r requirements.txt
+    && /opt/venv/bin/pip install --no-cache-dir -r "${REQUIREMENTS}"
 
 # ---- runtime: non-root, the project on PYTHONPATH, models mounted ------------------------------
 FROM python:3.11-slim-bookworm AS runtime

@@ -3,16 +3,24 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The pinned versions (make lock): the venv gets exactly these, then the project itself, editable.
+LOCK := requirements/dev.txt
 
-.PHONY: venv test serve bench clean
+.PHONY: venv test serve bench lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Re-resolve requirements/{dev,train,serve}.txt from pyproject.toml (after changing a dependency,
+# or to take newer releases); commit the result. scripts/lock.sh says what each file is for.
+lock: $(STAMP)
+	UV=$(VENV)/bin/uv bash scripts/lock.sh
 
 test: $(STAMP)
 	bash scripts/services.sh

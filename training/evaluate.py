@@ -25,6 +25,7 @@ from configs.settings import Settings, get_settings
 from features.errors import MLEngineError
 from training.data import Prepared, load_histories, parse_candle_args, prepare, to_ms
 from training.ensemble import Ensemble
+from training.extras import require
 from training.har_baseline import fit_har_baseline, har_baseline_predictions
 from training.metrics import (BASELINE_VOL_FEATURE, baseline_predictions, har_metrics, range_metrics,
                               reliability_curve, signal_metrics, tpsl_metrics)
@@ -267,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     settings = get_settings()
     try:
+        if args.report:
+            require("matplotlib", "report", "--report")
         ensemble = Ensemble.load(args.models or settings.models_dir, settings)
         candles = load_histories(parse_candle_args(args.candles))
         kept: dict | None = {} if args.report else None

@@ -32,6 +32,7 @@ from training.backtest.signals import count_rows_to_forecast, signal_table
 from training.backtest.simulate import Costs
 from training.backtest.walkforward import make_periods, plain_engine_fit, trained_until, walk_forward_table
 from training.data import load_histories, parse_candle_args, to_ms
+from training.extras import require
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -163,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         setup_logging()
     try:
+        if args.report is not None:
+            require("matplotlib", "report", "--report")
         result, trades = run(args)
     except (MLEngineError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
