@@ -15,10 +15,13 @@ What it does, against a running Ray head (it starts nothing but Serve applicatio
    the config with ``EnsembleRouter``'s ``user_config.model_versions`` pinned to that version (the
    router's ``reconfigure``, no restart) and deploys the original (``null``: follow the registry)
    again — each time waiting until the answers carry the expected version;
-4. **replica count change**: writes the config with one more replica for ``--scale-deployment`` (its
+4. **live tunables**: ``serve deploy``s the config with new ``user_config`` values for the ingress
+   (rate limit), the router (poll interval) and the pools (batch size and wait) and checks that
+   every deployment kept its replicas (Serve replica ids unchanged: reconfigure, no restart);
+5. **replica count change**: writes the config with one more replica for ``--scale-deployment`` (its
    ``num_replicas``, or ``min_replicas``/``initial_replicas`` under autoscaling) and ``serve deploy``s
    it, waits until the new replica is RUNNING, then deploys the original config again (scale back);
-5. keeps the load running ``--settle-s`` more seconds, stops it, and prints per phase the requests
+6. keeps the load running ``--settle-s`` more seconds, stops it, and prints per phase the requests
    sent and the failed ones (transport errors, timeouts, any non-2xx), with latency percentiles.
 
 Exit status 0 only when no request failed. ``--args KEY=VALUE`` adds Settings overrides to the
@@ -48,7 +51,12 @@ from deployments.auth import write_api_keys_file
 from scripts.loadgen import LoadResult, run_load
 from training.registry import MODEL_NAMES, ModelRegistry
 
-PHASES = ("steady", "model_version", "replicas_up", "replicas_down", "settle")
+PHASES = ("steady", "model_version", "tunables", "replicas_up", "replicas_down", "settle")
+# What the tunables phase sets through user_config (deployments/tunables.py): no replica may restart.
+POOLS = ("RangePredictor", "TPSLClassifier", "SignalClassifier", "MetaModel")
+TUNED: dict[str, dict[str, Any]] = {"ApiIngress": {"rate_limit_per_minute": 1_000_000},
+                                    "EnsembleRouter": {"model_poll_s": 1.0},
+                                    **{pool: {"batch_max_size": 32, "batch_wait_s": 0.002} for pool in POOLS}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +109,13 @@ def app_state(address: str, app: str) -> tuple[str, dict[str, tuple[str, int]]]:
     return details["status"], deps
 
 
+def replica_ids(address: str, app: str) -> dict[str, set[str]]:
+    """The RUNNING replicas of each deployment, by Serve's replica id (a restart makes a new one)."""
+    deps = serve_details(address).get("applications", {}).get(app, {}).get("deployments", {})
+    return {name: {r["replica_id"] for r in d.get("replicas", []) if r["state"] == "RUNNING"}
+            for name, d in deps.items()}
+
+
 def wait_running(address: str, app: str, timeout_s: float, want: dict[str, int] | None = None) -> float:
     """Wait until the application is RUNNING, every deployment HEALTHY (and ``want`` replica counts)."""
     t0 = time.monotonic()
@@ -131,6 +146,19 @@ def load_config(path: Path, app: str | None, http_port: int | None, extra_args: 
     if extra_args:
         target.setdefault("args", {}).update(extra_args)
     return config, target["name"]
+
+
+def with_tunables(config: dict, app: str, values: dict[str, dict[str, Any]]) -> dict:
+    """The config with ``values`` merged into each named deployment's ``user_config``."""
+    out = copy.deepcopy(config)
+    deps = next(a for a in out["applications"] if a["name"] == app).setdefault("deployments", [])
+    for name, tuned in values.items():
+        dep = next((d for d in deps if d["name"] == name), None)
+        if dep is None:
+            dep = {"name": name}
+            deps.append(dep)
+        dep["user_config"] = {**(dep.get("user_config") or {}), **tuned}
+    return out
 
 
 def with_more_replicas(config: dict, app: str, deployment: str) -> tuple[dict, int]:
@@ -235,6 +263,7 @@ async def rollout(args: argparse.Namespace) -> dict[str, Any]:
     base = write_config(config, work, "base.yaml")
     pinned = write_config(with_pinned_versions(config, app, {m: alternative for m in MODEL_NAMES}), work,
                           "pinned.yaml")
+    tuned = write_config(with_tunables(config, app, TUNED), work, "tuned.yaml")
     scaled_cfg, scaled_n = with_more_replicas(config, app, args.scale_deployment)
     scaled = write_config(scaled_cfg, work, "scaled.yaml")
     marks: dict[str, float] = {}
@@ -295,6 +324,19 @@ async def rollout(args: argparse.Namespace) -> dict[str, Any]:
             raise TimeoutError("un-pinning never brought the registry's version back")
         await asyncio.sleep(0.5)
     note(f"serve deploy with user_config.model_versions = null: answers carry {original['range_predictor']} again")
+
+    # Live tunables through serve deploy: only user_config changes, so the same replicas take it.
+    mark("tunables")
+    before = await asyncio.to_thread(replica_ids, args.address, app)
+    await asyncio.to_thread(serve_deploy, tuned, args.address)
+    await asyncio.sleep(3)  # the controller applies it; then the application reports RUNNING again
+    await asyncio.to_thread(wait_running, args.address, app, args.timeout_s)
+    after = await asyncio.to_thread(replica_ids, args.address, app)
+    restarted = sorted(name for name in before if before[name] != after.get(name))
+    note(f"serve deploy with new user_config in {len(TUNED)} deployments (batch size and wait, poll interval, rate "
+         f"limit): {sum(map(len, after.values()))} replicas, restarted: {', '.join(restarted) or 'none'}")
+    if restarted:
+        raise RuntimeError(f"a user_config change restarted {restarted}: it must reach the replicas via reconfigure")
 
     # Replica count change through serve deploy, and back.
     mark("replicas_up")

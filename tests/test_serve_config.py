@@ -146,3 +146,26 @@ def test_the_documented_serve_run_line_builds_the_graph(tmp_path):
     with pytest.raises(ConfigError, match="replay_sped"):
         call_user_app_builder_with_args_if_necessary(app_module.build_app,
                                                      convert_args_to_dict((f"api_keys_file={keys}", "replay_sped=6")))
+
+
+def test_user_config_keys_are_the_deployments_tunables(config, app):
+    """serve_config.yaml and the rollout drill's tuned variant only set keys each deployment's
+    reconfigure takes (a wrong key would fail the deploy), and the variant still validates."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from deployments.tunables import INGRESS_TUNABLES, POOL_TUNABLES, ROUTER_TUNABLES
+    from scripts.rollout import TUNED, with_tunables
+
+    takes = {"ApiIngress": set(INGRESS_TUNABLES), "EnsembleRouter": {*ROUTER_TUNABLES, "model_versions"},
+             **{pool: set(POOL_TUNABLES) for pool in ("RangePredictor", "TPSLClassifier", "SignalClassifier",
+                                                      "MetaModel")}}
+    tuned = with_tunables(config, app["name"], TUNED)
+    ServeDeploySchema.model_validate(tuned)
+    for variant in (config, tuned):
+        for dep in next(a for a in variant["applications"] if a["name"] == app["name"])["deployments"]:
+            assert set(dep.get("user_config") or {}) <= takes.get(dep["name"], set()), dep["name"]
+    router = next(d for d in tuned["applications"][0]["deployments"] if d["name"] == "EnsembleRouter")
+    assert router["user_config"] == {"model_versions": None, "model_poll_s": 1.0}
+    # The committed file changes nothing by itself: every tunable is null (the Settings value holds).
+    assert all(v is None for d in app["deployments"] for k, v in (d.get("user_config") or {}).items()
+               if k != "model_versions")
