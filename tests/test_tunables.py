@@ -35,8 +35,10 @@ def _config(path, user_config: dict, args: dict | None = None) -> str:
 
 def _serve_deploy(config: str, ray_cluster) -> None:
     serve_cli = [sys.executable, "-c", "from ray.serve.scripts import cli; cli()"]
+    from scripts.rollout import cli_env  # token auth: the serve CLI sends Ray's token only when told to
+
     result = subprocess.run([*serve_cli, "deploy", config, "--address", ray_cluster["dashboard_url"]],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, env=cli_env())
     assert result.returncode == 0, result.stderr[-3000:]
 
 
