@@ -171,12 +171,13 @@ class FeedStatus:
     reconnects: int = 0
     backfills: int = 0
     last_error: str | None = None
+    clock_offset_ms: float | None = None  # exchange time - local clock (Binance: from GET /api/v3/time)
 
     def as_dict(self) -> dict[str, Any]:
         return {"symbol": self.symbol, "source": self.source, "state": self.state, "candles": self.candles,
                 "last_open_time": self.last_open_time, "gaps": [list(g) for g in self.gaps[-20:]],
                 "gap_count": len(self.gaps), "reconnects": self.reconnects, "backfills": self.backfills,
-                "last_error": self.last_error}
+                "last_error": self.last_error, "clock_offset_ms": self.clock_offset_ms}
 
 
 class ReplaySource:
@@ -201,7 +202,8 @@ class ReplaySource:
         self._paused = False
         self._resumed = False
         self._steps = 0
-        self._streamed = 0
+        self._next = self._history  # index of the next candle to stream
+        self._resume_after: int | None = None
         self._changed = asyncio.Event()
         self._clock = FeedClock(wall(), 0.0, 1.0)
         self.status = FeedStatus(symbol, source)
@@ -235,23 +237,38 @@ class ReplaySource:
 
     @property
     def remaining(self) -> int:
-        return len(self._df) - self._history - self._streamed
+        return len(self._df) - self._next
+
+    def resume_after(self, open_time: int | None) -> None:
+        """Make the next :meth:`events` continue after candle ``open_time`` (None: from the start).
+
+        Why: a restarted MarketData actor (or feed task) must deliver the candle after the last one
+        the graph took -- starting the file again would stall the symbol until the replay caught up
+        with it, skipping ahead would lose candles. The ``history`` candles before it are sent first
+        (the FeatureBuilder ignores those it has; the actor's re-seed window needs them).
+        """
+        self._resume_after = None if open_time is None else int(open_time)
 
     # ---- stream ----------------------------------------------------------------------------
     async def events(self) -> AsyncIterator[CandleEvent]:
         df = self._df
         rate = self.speed or 1.0
-        previous: int | None = None
-        if self._history:
-            head = df.iloc[: self._history]
+        times = df["open_time"].to_numpy(np.int64)
+        start = self._history if self._resume_after is None else int(
+            np.searchsorted(times, self._resume_after, side="right"))
+        previous: int | None = self._resume_after
+        head = df.iloc[max(0, start - self._history):start] if self._history else df.iloc[:0]
+        if len(head):
             last_close = int(head["open_time"].iloc[-1]) + FIVE_MINUTES_MS
             self._clock = FeedClock(self._wall(), float(last_close), rate)
             ev = _event(self.symbol, head, "history", self._clock, self.status.source, None)
             self._delivered(ev)
             previous = ev.last_open_time
             yield ev
-        times = df["open_time"].to_numpy(np.int64)
-        for i in range(self._history, len(df)):
+        elif previous is not None:  # resumed without history: the next candle is due one interval on
+            self._clock = FeedClock(self._wall(), float(previous + FIVE_MINUTES_MS), rate)
+        for i in range(start, len(df)):
+            self._next = i
             close_ms = int(times[i]) + FIVE_MINUTES_MS
             if previous is None:  # nothing loaded before: the stream starts now, at this candle's open
                 self._clock = FeedClock(self._wall(), float(close_ms - FIVE_MINUTES_MS), rate)
@@ -261,10 +278,11 @@ class ReplaySource:
                 # As fast as possible, stepped, or fell behind: the feed's time is this candle's close.
                 self._clock = FeedClock(now, float(close_ms), rate)
             ev = _event(self.symbol, df.iloc[i:i + 1], "live", self._clock, self.status.source, previous)
-            self._streamed += 1
+            self._next = i + 1
             self._delivered(ev)
             previous = ev.last_open_time
             yield ev
+        self._next = len(df)
         self.status.state = "finished"
 
     async def _wait_turn(self, close_ms: int) -> bool:
@@ -297,207 +315,3 @@ class ReplaySource:
         st.gaps.extend(ev.gaps)
         if st.state == "starting":
             st.state = "streaming"
-
-
-# --------------------------------------------------------------------------------------------
-# Binance
-# --------------------------------------------------------------------------------------------
-
-def stream_root(ws_url: str) -> str:
-    """python-binance appends ``ws/<stream>`` to its stream root; accept the root or ``.../ws``."""
-    url = ws_url.strip().rstrip("/")
-    if url.endswith("/ws"):
-        url = url[: -len("/ws")]
-    return url + "/"
-
-
-def kline_message_candle(msg: dict[str, Any]) -> tuple[int, np.ndarray, bool]:
-    """(open_time, [o, h, l, c, v], closed) from a Binance kline stream message."""
-    try:
-        k = msg["k"]
-        row = np.array([float(k["o"]), float(k["h"]), float(k["l"]), float(k["c"]), float(k["v"])])
-        return int(k["t"]), row, bool(k["x"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise MarketDataError(f"malformed kline message: {msg!r:.200}") from exc
-
-
-class BinanceSource:
-    """Closed 5-minute klines of one symbol from Binance: REST history, then the kline websocket.
-
-    No closed candle is missed: at start, after every disconnect, whenever the stream skips a
-    candle, and when no candle closes for longer than expected, the missing range is fetched
-    over REST before anything newer is delivered. Candles are delivered once each, in order;
-    holes the exchange itself has (a trading halt) are delivered as flagged gaps.
-
-    The websocket is python-binance's ``BinanceSocketManager.kline_socket`` (which reconnects by
-    itself and reports drops as ``{"e": "error"}`` messages); REST is ``AsyncClient.get_klines``.
-    """
-
-    def __init__(self, symbol: str, *, api_url: str, ws_url: str, history: int = 1000, interval: str = "5m",
-                 grace_s: float = 10.0, retry_s: float = 1.0, max_retry_s: float = 30.0,
-                 request_timeout_s: float = 15.0, wall: Callable[[], float] = time.time) -> None:
-        if interval != "5m":
-            raise MarketDataError(f"the engine trades 5-minute candles, not {interval!r}")
-        self.symbol = symbol
-        self.interval = interval
-        self.api_url = api_url
-        self.ws_url = ws_url
-        self.history = int(history)
-        self.grace_s = grace_s
-        self.retry_s = retry_s
-        self.max_retry_s = max_retry_s
-        self.request_timeout_s = request_timeout_s
-        self._wall = wall
-        self._last: int | None = None
-        self.status = FeedStatus(symbol, "binance")
-
-    def _client(self):  # python-binance AsyncClient pointed at ``api_url``
-        from binance import AsyncClient
-
-        from features.download import api_root
-
-        client = AsyncClient()
-        client.API_URL = api_root(self.api_url)
-        return client
-
-    # ---- REST ------------------------------------------------------------------------------
-    async def _fetch_closed(self, client, start_ms: int) -> pd.DataFrame:
-        """Every closed candle with open_time >= start_ms, paging forward; retried until it works."""
-        from features.download import PAGE_LIMIT, klines_to_frame
-
-        pages: list[pd.DataFrame] = []
-        cursor = start_ms
-        delay = self.retry_s
-        while True:
-            now_ms = int(self._wall() * 1000)
-            try:
-                rows = await asyncio.wait_for(
-                    client.get_klines(symbol=self.symbol, interval=self.interval, startTime=cursor, limit=PAGE_LIMIT),
-                    timeout=self.request_timeout_s)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # network, HTTP 5xx/429, bad JSON: retry with backoff
-                self.status.last_error = f"REST klines: {type(exc).__name__}: {exc}"[:300]
-                log.warning("%s: %s; retrying in %.1fs", self.symbol, self.status.last_error, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.max_retry_s)
-                continue
-            delay = self.retry_s
-            if not rows:
-                break
-            page = klines_to_frame(rows)
-            page = page[page["close_time"] < now_ms]  # the newest row may be the still-open candle
-            if not page.empty:
-                pages.append(page)
-            if len(rows) < PAGE_LIMIT or page.empty:
-                break
-            cursor = int(page["open_time"].iloc[-1]) + FIVE_MINUTES_MS
-        if not pages:
-            return pd.DataFrame(columns=["open_time", *_FIELDS])
-        df = pd.concat(pages, ignore_index=True).drop_duplicates("open_time").sort_values("open_time")
-        return df[["open_time", *_FIELDS]].reset_index(drop=True)
-
-    async def _catch_up(self, client, kind: EventKind) -> CandleEvent | None:
-        """The closed candles after the last delivered one (or the last ``history`` at start)."""
-        if self._last is None:
-            now_ms = int(self._wall() * 1000)
-            start = now_ms - now_ms % FIVE_MINUTES_MS - self.history * FIVE_MINUTES_MS
-        else:
-            start = self._last + FIVE_MINUTES_MS
-        self.status.backfills += 1
-        df = await self._fetch_closed(client, start)
-        if self._last is not None:
-            df = df[df["open_time"] > self._last]
-        if df.empty:
-            return None
-        return self._emit(df, kind)
-
-    def _emit(self, df: pd.DataFrame, kind: EventKind) -> CandleEvent:
-        now = self._wall()
-        ev = _event(self.symbol, df, kind, FeedClock(now, now * 1000.0, 1.0), "binance", self._last)
-        for gap in ev.gaps:
-            log.warning("%s: no candles between %d and %d (flagged as a gap)", self.symbol, *gap)
-        self._last = ev.last_open_time
-        st = self.status
-        st.candles += len(df)
-        st.last_open_time = self._last
-        st.gaps.extend(ev.gaps)
-        return ev
-
-    # ---- stream ----------------------------------------------------------------------------
-    async def events(self) -> AsyncIterator[CandleEvent]:
-        from binance import BinanceSocketManager
-
-        client = self._client()
-        delay = self.retry_s
-        try:
-            ev = await self._catch_up(client, "history")
-            if ev is not None:
-                yield ev
-            while True:
-                manager = BinanceSocketManager(client)
-                manager.STREAM_URL = stream_root(self.ws_url)
-                socket = manager.kline_socket(self.symbol, self.interval)
-                try:
-                    async with socket as stream:
-                        self.status.state = "streaming"
-                        # Candles that closed while we were (re)connecting.
-                        ev = await self._catch_up(client, "backfill")
-                        if ev is not None:
-                            yield ev
-                        delay = self.retry_s
-                        async for ev in self._read(client, stream):
-                            yield ev
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # the socket gave up (python-binance stops after 5 retries)
-                    self.status.last_error = f"websocket: {type(exc).__name__}: {exc}"[:300]
-                    log.warning("%s: %s; reconnecting in %.1fs", self.symbol, self.status.last_error, delay)
-                self.status.state = "reconnecting"
-                self.status.reconnects += 1
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.max_retry_s)
-        finally:
-            await client.close_connection()
-
-    async def _read(self, client, stream) -> AsyncIterator[CandleEvent]:
-        while True:
-            # Expect a close every 5 minutes; if none arrives by then (+ grace), ask REST.
-            due = (self._last or 0) + 2 * FIVE_MINUTES_MS
-            wait_s = max(1.0, due / 1000.0 + self.grace_s - self._wall())
-            try:
-                msg = await asyncio.wait_for(stream.recv(), timeout=wait_s)
-            except asyncio.TimeoutError:
-                ev = await self._catch_up(client, "backfill")
-                if ev is not None:
-                    yield ev
-                continue
-            if not isinstance(msg, dict):
-                continue
-            if msg.get("e") == "error":
-                # The connection dropped; python-binance reconnects by itself. Catch up over REST now,
-                # and again when the next closed candle shows a hole.
-                self.status.state = "reconnecting"
-                self.status.reconnects += 1
-                self.status.last_error = f"websocket: {msg.get('type')}: {msg.get('m')}"[:300]
-                if msg.get("type") in ("BinanceWebsocketUnableToConnect", "BinanceWebsocketQueueOverflow"):
-                    raise MarketDataError(self.status.last_error)
-                ev = await self._catch_up(client, "backfill")
-                if ev is not None:
-                    yield ev
-                continue
-            if msg.get("e") != "kline":
-                continue
-            open_time, row, closed = kline_message_candle(msg)
-            self.status.state = "streaming"
-            if not closed or (self._last is not None and open_time <= self._last):
-                continue  # an update of the open candle, or one we already delivered
-            if self._last is not None and open_time > self._last + FIVE_MINUTES_MS:
-                ev = await self._catch_up(client, "backfill")  # the stream skipped candles
-                if ev is not None:
-                    yield ev
-                if self._last is not None and open_time <= self._last:
-                    continue
-            df = pd.DataFrame([[open_time, *row]], columns=["open_time", *_FIELDS])
-            yield self._emit(df, "live")
-

@@ -48,11 +48,14 @@ def market_state(symbols: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def feed_state(feed: Mapping[str, Any] | None) -> str:
-    """``ok``, ``degraded`` (a symbol's source is reconnecting, failing or stalled) or ``unknown``."""
+    """``ok``, ``stale`` (a symbol's MarketData actor delivered no candle for two candle intervals),
+    ``degraded`` (a symbol's source is reconnecting, failing or unreachable) or ``unknown``."""
     if not isinstance(feed, Mapping) or not isinstance(feed.get("symbols"), Mapping):
         return "unknown"
-    states = [str(st.get("state")) for st in feed["symbols"].values() if isinstance(st, Mapping)]
-    return "degraded" if any(s in FEED_TROUBLE for s in states) else "ok"
+    symbols = [st for st in feed["symbols"].values() if isinstance(st, Mapping)]
+    if any(st.get("stale") for st in symbols):
+        return "stale"
+    return "degraded" if any(str(st.get("state")) in FEED_TROUBLE for st in symbols) else "ok"
 
 
 def models_state(models: Mapping[str, Any]) -> str:

@@ -1,28 +1,46 @@
 """MarketData Ray actors (one per symbol) and the MarketFeed deployment that owns them.
 
-A MarketData actor runs one source (:mod:`deployments.feed`: replay or Binance) and delivers each
-closed-candle event to the EnsembleRouter, in order, retrying until it is accepted: while the
-graph restarts a candle waits instead of being lost. The MarketFeed deployment (one replica)
-creates the actors when the application starts -- so ``serve deploy`` alone brings the feed up --
-restarts them if they die, and offers pause / resume / step for replays (operators, tests).
+A MarketData actor runs one source (:mod:`deployments.feed`: replay, :mod:`deployments.binance_feed`:
+Binance) and delivers each closed-candle event to the EnsembleRouter, in order, retrying until it is
+accepted: while the graph restarts a candle waits instead of being lost. The MarketFeed deployment
+(one replica) creates the actors when the application starts -- so ``serve deploy`` alone brings
+the feed up -- restarts them if they die, and offers pause / resume / step for replays (operators,
+tests).
+
+Continuity: a source that dies for any reason (the initial history fetch included) is restarted
+with exponential backoff (tenacity) after the last candle the graph took, and a new actor (after
+a kill, or a new MarketFeed replica) resumes after the newest candle the FeatureBuilder holds --
+replay or live, never from the start of the file and never skipping. A symbol whose actor has
+delivered nothing for two candle intervals (feed time) reports ``stale`` (``/health/detailed``,
+``ml_feed_stale``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
 import ray
 from ray import serve
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from configs.settings import Settings, load_settings
-from deployments.feed import BinanceSource, CandleEvent, CandleWindow, ReplaySource
+from deployments.binance_feed import BinanceSource
+from deployments.feed import CandleEvent, CandleWindow, FeedClock, ReplaySource
+from deployments.metrics import EngineMetrics
+from features.candles import FIVE_MINUTES_MS
 from features.errors import MarketDataError
 from features.indicators import WARMUP
 
 log = logging.getLogger("ray.serve")
+
+STALE_INTERVALS = 2     # no candle for this many intervals (feed time): the symbol's feed is stale
+RESTART_MIN_S, RESTART_MAX_S = 1.0, 30.0   # backoff between restarts of a dead feed task
+# Running states a stale feed's state replaces (paused, finished and error say more than "stale").
+_STALE_REPLACES = frozenset({"starting", "streaming", "backfilling", "reconnecting"})
 
 
 def replay_file(settings: Settings, symbol: str):
@@ -40,9 +58,14 @@ def make_source(settings: Settings, symbol: str) -> ReplaySource | BinanceSource
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class MarketData:
-    """Streams one symbol's closed candles into the graph (see the module docstring)."""
+    """Streams one symbol's closed candles into the graph (see the module docstring).
 
-    def __init__(self, symbol: str, router, settings_overrides: dict[str, Any] | None = None) -> None:
+    ``resume_after``: the newest candle the caller knows was delivered (a hint; the FeatureBuilder's
+    own newest candle, asked through the router at start, wins when it is newer).
+    """
+
+    def __init__(self, symbol: str, router, settings_overrides: dict[str, Any] | None = None,
+                 resume_after: int | None = None) -> None:
         self.symbol = symbol
         self.router = router
         self.settings = load_settings(**(settings_overrides or {}))
@@ -51,7 +74,14 @@ class MarketData:
         self.delivery_failures = 0
         self.last_delivery_error: str | None = None
         self.last_delivered_at: float | None = None
+        self.last_open_time: int | None = resume_after  # the newest candle the graph has taken
+        self.resumed_after: int | None = None
+        self._clock: FeedClock | None = None            # the feed clock of the newest delivered event
+        self._started = time.time()
+        self.restarts = 0
+        self.metrics = EngineMetrics(use_ray=True)
         self._task: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
         self._delivered_event = asyncio.Event()
         # The newest candles delivered (plus the one being delivered): what a restarted
         # FeatureBuilder is re-seeded with, so it answers at the next candle, not 1000 candles later.
@@ -61,17 +91,58 @@ class MarketData:
     async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run())
+            self._watch = asyncio.create_task(self._watch_stale())
+
+    async def _resume_point(self) -> int | None:
+        """Where to continue: the FeatureBuilder's newest candle of this symbol, or the hint."""
+        try:
+            async for attempt in AsyncRetrying(stop=stop_after_delay(60), wait=wait_exponential(max=5), reraise=True):
+                with attempt:
+                    newest = await asyncio.wait_for(self.router.newest_candle.remote(self.symbol), timeout=10)
+        except Exception as exc:  # the graph does not answer: the hint is the best there is
+            log.warning("%s: newest candle unknown (%s); resuming after %s", self.symbol, exc, self.last_open_time)
+            newest = None
+        known = [t for t in (newest, self.last_open_time) if t is not None]
+        return max(known) if known else None
 
     async def _run(self) -> None:
-        try:
-            async for event in self.source.events():
-                await self._deliver(event)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.source.status.state = "error"
-            self.source.status.last_error = f"{type(exc).__name__}: {exc}"[:300]
-            log.exception("%s market data stopped", self.symbol)
+        """Run the source to its end (a replay's last candle); a source that dies for any reason is
+        restarted with backoff, after the last candle delivered."""
+        self.last_open_time = self.resumed_after = await self._resume_point()
+        async for attempt in AsyncRetrying(retry=retry_if_exception_type(Exception), before_sleep=self._restarting,
+                                           wait=wait_exponential(min=RESTART_MIN_S, max=RESTART_MAX_S)):
+            with attempt:
+                self.source.resume_after(self.last_open_time)
+                async for event in self.source.events():
+                    await self._deliver(event)
+
+    def _restarting(self, state) -> None:
+        exc = state.outcome.exception()
+        self.restarts += 1
+        self.source.status.state = "error"
+        self.source.status.last_error = f"{type(exc).__name__}: {exc}"[:300]
+        self.metrics.feed_restarted(self.symbol)
+        log.warning("%s market data stopped (%s); restart %d in %.1fs, after candle %s", self.symbol,
+                    self.source.status.last_error, self.restarts, state.upcoming_sleep, self.last_open_time)
+
+    # ---- staleness -------------------------------------------------------------------------
+    def is_stale(self) -> bool:
+        """Nothing delivered for ``STALE_INTERVALS`` candle intervals of feed time."""
+        limit = STALE_INTERVALS * FIVE_MINUTES_MS
+        if self._clock is None or self.last_open_time is None:  # nothing yet: count from the start
+            rate = getattr(self.source, "speed", 0.0) or 1.0
+            return (time.time() - self._started) * 1000.0 * rate > limit
+        return self._clock.now_ms() - (self.last_open_time + FIVE_MINUTES_MS) > limit
+
+    async def _watch_stale(self) -> None:
+        rate = getattr(self.source, "speed", 0.0) or 1.0
+        period = max(0.2, min(5.0, FIVE_MINUTES_MS / 1000.0 / rate / 4))
+        while True:
+            try:
+                self.metrics.feed_stale(self.symbol, self.is_stale())
+            except Exception:  # the watch must outlive a metrics hiccup
+                log.exception("%s: feed staleness", self.symbol)
+            await asyncio.sleep(period)
 
     async def _deliver(self, event: CandleEvent) -> None:
         self.window.remember(event)
@@ -98,6 +169,8 @@ class MarketData:
                 continue
             self.delivered += candles
             self.last_delivered_at = time.time()
+            self.last_open_time = max(event.last_open_time, self.last_open_time or event.last_open_time)
+            self._clock = event.clock
             self._delivered_event.set()
             return
 
@@ -130,8 +203,13 @@ class MarketData:
 
     def status(self) -> dict[str, Any]:
         st = self.source.status.as_dict()
+        stale = self.is_stale()
+        if stale and st["state"] in _STALE_REPLACES:
+            st["state"] = "stale"
         st.update(delivered=self.delivered, delivery_failures=self.delivery_failures, reseeds=self.reseeds,
                   last_delivery_error=self.last_delivery_error, last_delivered_at=self.last_delivered_at,
+                  last_delivered_open_time=self.last_open_time, resumed_after=self.resumed_after,
+                  stale=stale, restarts=self.restarts, pid=os.getpid(),
                   running=self._task is not None and not self._task.done())
         if isinstance(self.source, ReplaySource):
             st.update(speed=self.source.speed, remaining=self.source.remaining, paused=self.source.paused)
@@ -148,13 +226,20 @@ class MarketFeed:
         self.overrides = dict(settings_overrides or {})
         self.settings = load_settings(**self.overrides)
         self.actors: dict[str, Any] = {}
+        self.last_seen: dict[str, int] = {}  # newest candle each actor reported delivered (a resume hint)
         for symbol in self.settings.market.symbols:
             await self._spawn(symbol)
 
     async def _spawn(self, symbol: str) -> None:
-        actor = MarketData.remote(symbol, self.router, self.overrides)
+        actor = MarketData.remote(symbol, self.router, self.overrides, self.last_seen.get(symbol))
         await actor.start.remote()
         self.actors[symbol] = actor
+
+    def _seen(self, symbol: str, status: dict[str, Any]) -> dict[str, Any]:
+        t = status.get("last_delivered_open_time")
+        if t is not None:
+            self.last_seen[symbol] = max(int(t), self.last_seen.get(symbol, int(t)))
+        return status
 
     def _actor(self, symbol: str):
         if symbol not in self.actors:
@@ -165,7 +250,7 @@ class MarketFeed:
         out: dict[str, Any] = {}
         for symbol, actor in self.actors.items():
             try:
-                out[symbol] = await asyncio.wait_for(actor.status.remote(), timeout=5)
+                out[symbol] = self._seen(symbol, await asyncio.wait_for(actor.status.remote(), timeout=5))
             except Exception as exc:
                 out[symbol] = {"state": "unreachable", "error": f"{type(exc).__name__}: {exc}"[:300]}
         return {"feed": self.settings.feed, "symbols": out}
@@ -185,7 +270,7 @@ class MarketFeed:
         """Restart a dead MarketData actor (Serve calls this every ``health_check_period_s``)."""
         for symbol, actor in list(self.actors.items()):
             try:
-                await asyncio.wait_for(actor.status.remote(), timeout=10)
+                self._seen(symbol, await asyncio.wait_for(actor.status.remote(), timeout=10))
             except ray.exceptions.RayActorError:
                 log.warning("%s market data actor died; restarting it", symbol)
                 await self._spawn(symbol)

@@ -70,6 +70,18 @@ METRICS: tuple[MetricDef, ...] = (
     # ---- candle close (the router) ----
     MetricDef("ml_precomputed_predictions", "counter", "forecasts", "predictions computed at candle close",
               ("symbol", "horizon"), {}, "forecasts computed and cached when a candle closes"),
+    MetricDef("ml_pool_fallbacks", "counter", "calls", "model-pool calls computed in the router instead",
+              ("model",), {"model": "`range_predictor`, `tpsl_classifier`, `signal_classifier`, `meta_model`"},
+              "model-pool calls (candle close or cache miss) that failed or did not answer within "
+              "`pool_call_timeout_s` -- a dead or stuck replica -- and were computed by the router with the "
+              "same model set"),
+    # ---- the feed (MarketData actors) ----
+    MetricDef("ml_feed_stale", "gauge", "flag (0 or 1)", "1 while the feed delivered no candle for two intervals",
+              ("symbol",), {}, "1 while the symbol's MarketData actor has delivered no candle for two candle "
+              "intervals of feed time (10 minutes live), else 0; set by the actor every few seconds"),
+    MetricDef("ml_feed_restarts", "counter", "restarts", "feed tasks restarted after dying", ("symbol",), {},
+              "times the symbol's feed task died (any exception, the initial history fetch included) and was "
+              "restarted with backoff after the last delivered candle"),
     # ---- live outcomes (the outcome resolver, docs/outcomes.md) ----
     MetricDef("ml_interval_coverage_ratio", "gauge", "ratio", "share of actual highs and lows inside the "
               "predicted 10-90% interval", ("model_name", "window"),

@@ -25,7 +25,8 @@ LATENCY_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5
 ENGINE_PREFIX = "ml_"
 # The series the request path and the router record (the resolver records the live-outcome ones).
 ENGINE_METRICS = ("ml_predictions", "ml_precomputed_predictions", "ml_prediction_latency_seconds", "ml_cache_hits",
-                  "ml_cache_misses", "ml_cache_rejected", "ml_market_data_age_seconds", "ml_model_accuracy")
+                  "ml_cache_misses", "ml_cache_rejected", "ml_market_data_age_seconds", "ml_model_accuracy",
+                  "ml_pool_fallbacks", "ml_feed_stale", "ml_feed_restarts")
 
 
 def make_metric(d: MetricDef, use_ray: bool, registry: Any = None) -> Any:
@@ -58,6 +59,8 @@ class EngineMetrics:
         self._latency, self._hits = made["ml_prediction_latency_seconds"], made["ml_cache_hits"]
         self._misses, self._rejected = made["ml_cache_misses"], made["ml_cache_rejected"]
         self._age, self._accuracy = made["ml_market_data_age_seconds"], made["ml_model_accuracy"]
+        self._fallbacks, self._stale = made["ml_pool_fallbacks"], made["ml_feed_stale"]
+        self._restarts = made["ml_feed_restarts"]
 
     def prediction_served(self, symbol: str, horizon: int, endpoint: str, source: str, latency_s: float) -> None:
         if self.use_ray:
@@ -103,6 +106,24 @@ class EngineMetrics:
             self._accuracy.set(accuracy, {"model_name": model_name})
         else:
             self._accuracy.labels(model_name).set(accuracy)
+
+    def feed_stale(self, symbol: str, stale: bool) -> None:
+        if self.use_ray:
+            self._stale.set(float(stale), {"symbol": symbol})
+        else:
+            self._stale.labels(symbol).set(float(stale))
+
+    def feed_restarted(self, symbol: str) -> None:
+        if self.use_ray:
+            self._restarts.inc(1, {"symbol": symbol})
+        else:
+            self._restarts.labels(symbol).inc()
+
+    def pool_fallback(self, model: str) -> None:
+        if self.use_ray:
+            self._fallbacks.inc(1, {"model": model})
+        else:
+            self._fallbacks.labels(model).inc()
 
     def local_text(self) -> str:
         """Prometheus text of the process-local registry (outside Ray only)."""

@@ -287,6 +287,13 @@ class EnsembleRouter:
         except CacheUnavailable as exc:
             log.warning("cache down, %d forecasts not cached/published: %s", len(items), exc)
 
+    async def newest_candle(self, symbol: str) -> int | None:
+        """The newest candle of ``symbol`` the FeatureBuilder holds: where a new MarketData actor
+        resumes (None: it holds none, e.g. a fresh deployment)."""
+        snap = await self.fb.snapshot.remote(-1, 0.0)
+        st = snap.symbols.get(symbol)
+        return None if st is None else st.open_time
+
     # ---- status ----------------------------------------------------------------------------
     async def tunables(self) -> dict[str, Any]:
         """The live tunables and which replica answers (a restart would change ``replica``)."""

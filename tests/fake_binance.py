@@ -167,10 +167,16 @@ def _binance_error(status: int, code: int, msg: str) -> web.Response:
 class FakeBinance:
     """Fake Binance spot REST API on 127.0.0.1 serving the given candles.
 
-    Endpoints: ``GET /api/v3/ping``, ``/api/v3/time``, ``/api/v3/exchangeInfo`` (minimal) and
-    ``/api/v3/klines`` with Binance's semantics (``startTime``/``endTime`` inclusive on open time,
-    ``limit`` default 500, max 1000; only ``endTime`` → the last ``limit`` candles up to it).
-    Candles missing ``quote_volume``/``trades`` get deterministic ones (see :meth:`candles`).
+    Endpoints: ``GET /api/v3/ping``, ``/api/v3/time`` (``server_time_ms``, the exchange's clock),
+    ``/api/v3/exchangeInfo`` (minimal) and ``/api/v3/klines`` with Binance's semantics
+    (``startTime``/``endTime`` inclusive on open time, ``limit`` default 500, max 1000; only
+    ``endTime`` → the last ``limit`` candles up to it). Candles missing ``quote_volume``/``trades``
+    get deterministic ones (see :meth:`candles`).
+
+    Like the real exchange, klines are what exists at the server's time: candles that open later are
+    not served, and the candle open at that time is served as it stands then -- the open price, a
+    close, high, low and volume part of the way to the final ones (:func:`partial_candle`), the close
+    time still ahead. A client that takes it for closed stores a candle that never existed.
     """
 
     def __init__(self, candles: Mapping[str, pd.DataFrame], interval: str = "5m", *,
@@ -538,8 +544,14 @@ class FakeBinance:
             if q["symbol"] not in self._candles:
                 return _binance_error(400, -1121, "Invalid symbol.")
             df, t = self._candles[q["symbol"]], self._open_times[q["symbol"]]
-        lo, hi = _select(t, start, end, limit)
-        return web.json_response(self._kline_rows(df.iloc[lo:hi]))
+        now = int(self._server_time_ms())
+        visible = int(np.searchsorted(t, now, side="right"))  # candles opened by the server's time
+        lo, hi = _select(t[:visible], start, end, limit)
+        rows = df.iloc[lo:hi]
+        if len(rows) and int(rows["open_time"].iloc[-1]) + self.interval_ms > now:
+            rows = rows.copy()
+            rows.iloc[-1] = partial_candle(rows.iloc[-1], (now - int(rows["open_time"].iloc[-1])) / self.interval_ms)
+        return web.json_response(self._kline_rows(rows))
 
     def _kline_rows(self, df: pd.DataFrame) -> list[list[Any]]:
         """Binance's 12-field layout: times and trade count as ints, every decimal as a string."""
@@ -553,6 +565,22 @@ class FakeBinance:
                 _fmt_decimal(round(qvol / 2, 8)), "0",
             ])
         return rows
+
+
+def partial_candle(row: pd.Series, fraction: float) -> pd.Series:
+    """A candle ``fraction`` of the way through its interval: the price moved that part of the way
+    from open to close, volume and trades that share of the final ones (never equal to the final
+    candle unless it is flat and empty)."""
+    f = min(max(float(fraction), 0.0), 1.0)
+    out = row.copy()
+    close = round(float(row["open"]) + (float(row["close"]) - float(row["open"])) * f, 8)
+    out["close"] = close
+    out["high"] = max(float(row["open"]), close)
+    out["low"] = min(float(row["open"]), close)
+    for name in ("volume", "quote_volume"):
+        out[name] = round(float(row[name]) * f, 8)
+    out["trades"] = float(np.floor(float(row["trades"]) * f))
+    return out
 
 
 def _select(open_times: np.ndarray, start: int | None, end: int | None, limit: int) -> tuple[int, int]:

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deployments.feed import BinanceSource, CandleEvent, ReplaySource, find_gaps, stream_root
+from deployments.binance_feed import BinanceSource, closed_rows, stream_root
+from deployments.feed import CandleEvent, ReplaySource, find_gaps
 from features.candles import FIVE_MINUTES_MS
 from tests.fake_binance import FakeBinance, load_test_candles
 
@@ -192,3 +193,95 @@ def test_binance_source_backfills_after_a_drop_mid_candle_and_flags_gaps():
         # The REST catch-up after the drop asked for exactly the candle after the last delivered one.
         starts = [r.int_param("startTime") for r in fake.klines_requests()]
         assert int(t[1001]) in starts and int(t[1002]) in starts
+
+
+# --------------------------------------------------------------------------------------------
+# Exchange time, not the local clock
+# --------------------------------------------------------------------------------------------
+
+def test_closed_rows_trusts_a_newer_row_or_the_exchange_clock():
+    page = pd.DataFrame({"open_time": [0, FIVE_MINUTES_MS, 2 * FIVE_MINUTES_MS]})
+    page["close_time"] = page["open_time"] + FIVE_MINUTES_MS - 1
+    last_close = int(page["close_time"].iloc[-1])
+    assert closed_rows(page, None)["open_time"].tolist() == [0, FIVE_MINUTES_MS]  # clock unknown
+    assert len(closed_rows(page, last_close)) == 2       # the exchange says the newest is still open
+    assert len(closed_rows(page, last_close + 1)) == 3   # ... and now it has closed
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("skew_s", [60, -60])
+def test_binance_source_uses_exchange_time_with_the_local_clock_skewed(skew_s):
+    """The fake exchange serves the candle open at its own time as it stands then (partial) and
+    answers GET /api/v3/time; the source's local clock is ``skew_s`` off. Every candle is delivered
+    once, in order, with the exchange's final values: no open candle is stored, no closed one lost."""
+    candles = load_test_candles("BTCUSDT", 1010)
+    t = candles["open_time"].to_numpy(np.int64)
+    ex = {"ms": int(t[1000]) + FIVE_MINUTES_MS - 30_000}  # 30 s before candle 1000 closes
+
+    def at(i: int, into_s: float) -> None:
+        ex["ms"] = int(t[i]) + int(into_s * 1000)
+
+    with FakeBinance({"BTCUSDT": candles}, server_time_ms=lambda: ex["ms"]) as fake:
+        src = BinanceSource("BTCUSDT", api_url=fake.base_url, ws_url=f"ws://127.0.0.1:{fake.port}/ws",
+                            history=1000, wall=lambda: ex["ms"] / 1000 + skew_s)
+
+        async def scenario() -> list[CandleEvent]:
+            events: list[CandleEvent] = []
+            task = asyncio.create_task(_collect(src, events, 10_000))
+            await _wait(lambda: len(events) >= 1)
+            await asyncio.to_thread(fake.wait_for_ws, "BTCUSDT", 1)
+            # Candle 1000 closes: the stream says so.
+            fake.push_kline("BTCUSDT", _row(candles, 1000), closed=False)
+            at(1001, 1)
+            fake.push_kline("BTCUSDT", _row(candles, 1000), closed=True)
+            await _wait(lambda: _times(events)[-1] == t[1000])
+            # The connection drops 30 s before 1001 closes: the REST catch-up sees 1001 still open.
+            at(1001, 270)
+            assert fake.drop_websockets("BTCUSDT") == 1
+            await asyncio.to_thread(fake.wait_for_ws, "BTCUSDT", 2)
+            await _wait(lambda: src.status.backfills >= 3)
+            at(1002, 1)
+            fake.push_kline("BTCUSDT", _row(candles, 1001), closed=True)
+            await _wait(lambda: _times(events)[-1] == t[1001])
+            # The stream skips 1002: REST fills it in (with 1004 open on the exchange by then).
+            at(1004, 1)
+            fake.push_kline("BTCUSDT", _row(candles, 1003), closed=True)
+            await _wait(lambda: _times(events)[-1] == t[1003])
+            at(1005, 1)
+            fake.push_kline("BTCUSDT", _row(candles, 1004), closed=True)
+            await _wait(lambda: _times(events)[-1] == t[1004])
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            return events
+
+        events = asyncio.run(scenario())
+    assert _times(events) == [int(x) for x in t[:1005]]  # each candle once, in order, none lost
+    got = np.vstack([e.ohlcv for e in events])
+    np.testing.assert_array_equal(got, candles.loc[:1004, ["open", "high", "low", "close", "volume"]].to_numpy())
+    assert events[0].kind == "history" and events[0].last_open_time == t[999]
+    assert not any(e.gaps for e in events)
+    # The offset to the exchange was measured (lower bound: at most the round trip behind).
+    assert -skew_s * 1000 - 1_000 <= src.status.clock_offset_ms <= -skew_s * 1000 + 1
+    # Data age is on the exchange's clock: the feed time at delivery is the exchange's time then.
+    last = events[-1]
+    assert abs(last.clock.now_ms(last.clock.wall_s) - (int(t[1005]) + 1_000)) < 1_000
+
+
+def test_binance_source_resumed_after_a_candle_continues_with_the_next_one():
+    """A restarted source (a new actor, a restarted task) asks REST for exactly the candle after the
+    last one the graph took, and delivers it as a backfill."""
+    candles = load_test_candles("BTCUSDT", 1010)
+    t = candles["open_time"].to_numpy(np.int64)
+    now = int(t[1005]) + FIVE_MINUTES_MS + 1_000  # 1005 has closed, 1006 is open
+    with FakeBinance({"BTCUSDT": candles}, server_time_ms=lambda: now) as fake:
+        src = BinanceSource("BTCUSDT", api_url=fake.base_url, ws_url=f"ws://127.0.0.1:{fake.port}/ws",
+                            history=1000, wall=lambda: now / 1000)
+        src.resume_after(int(t[1000]))
+        events: list[CandleEvent] = []
+        asyncio.run(_collect(src, events, 5))
+        starts = [r.int_param("startTime") for r in fake.klines_requests()]
+    assert events[0].kind == "backfill" and _times(events) == [int(x) for x in t[1001:1006]]
+    assert starts[0] == int(t[1001])

@@ -453,7 +453,8 @@ def test_new_model_version_is_picked_up_without_restart_or_failed_requests(servi
 def test_metrics_are_exported_for_prometheus_without_a_key(serving_app):
     deadline = time.monotonic() + 60
     wanted = ('ml_predictions_total{', 'ml_prediction_latency_seconds_bucket{', 'ml_cache_hits_total{',
-              'ml_cache_misses_total', 'ml_market_data_age_seconds{', 'ml_precomputed_predictions_total{')
+              'ml_cache_misses_total', 'ml_market_data_age_seconds{', 'ml_precomputed_predictions_total{',
+              'ml_feed_stale{')
     with serving_app.client() as anon:
         while True:
             r = anon.get("/metrics")
@@ -465,6 +466,8 @@ def test_metrics_are_exported_for_prometheus_without_a_key(serving_app):
             time.sleep(1.0)
     line = next(l for l in r.text.splitlines() if l.startswith("ml_predictions_total{") and 'symbol="BTCUSDT"' in l)
     assert 'horizon="' in line and float(line.rsplit(" ", 1)[1]) >= 1
+    stale = {s for l in r.text.splitlines() if l.startswith("ml_feed_stale{") for s in SYMBOLS if f'symbol="{s}"' in l}
+    assert stale == set(SYMBOLS)  # each MarketData actor reports its feed's staleness
     assert "ray_" not in r.text.split("\n", 1)[0]
 
 

@@ -136,7 +136,8 @@ def test_serving_log_loader():
 
 
 def test_feed_factory_builds_the_configured_source():
-    from deployments.feed import BinanceSource, ReplaySource
+    from deployments.binance_feed import BinanceSource
+    from deployments.feed import ReplaySource
     from deployments.market_data import make_source
 
     src = make_source(load_settings(feed="binance", binance_api_url="http://127.0.0.1:1",
