@@ -91,7 +91,7 @@ class MarketState:
                       "(warming up, or restarting after a gap)")
         st = replace(st, open_time=open_time, close=close, features=row, feature_reason=reason,
                      history=self.builder.history(symbol), clock=event.clock, source=event.source,
-                     gaps=st.gaps + len(event.gaps), published=st.published and not fresh,
+                     gaps=st.gaps + _new_gaps(event, last), published=st.published and not fresh,
                      publish_error=st.publish_error if not fresh else None, updated_at=time.time())
         self.states[symbol] = st
         return IngestResult(symbol, open_time, not st.published and open_time is not None, st.row(), reason,
@@ -122,6 +122,12 @@ class MarketState:
 
     def latest_rows(self) -> list[FeatureRow]:
         return [r for r in (st.row() for st in self.states.values()) if r is not None]
+
+
+def _new_gaps(event: CandleEvent, last: int | None) -> int:
+    """Gaps of ``event`` that end after ``last``: a resent history (a restarted feed resuming, a
+    retried delivery) does not count the gaps this replica has already seen again."""
+    return sum(1 for _, after in event.gaps if last is None or after > last)
 
 
 def _frame(times: np.ndarray, values: np.ndarray):

@@ -39,6 +39,7 @@ log = logging.getLogger("ray.serve")
 
 STALE_INTERVALS = 2     # no candle for this many intervals (feed time): the symbol's feed is stale
 RESTART_MIN_S, RESTART_MAX_S = 1.0, 30.0   # backoff between restarts of a dead feed task
+DELIVERY_TIMEOUT_S = 30.0  # one delivery attempt (the router computes every horizon); then it is retried
 # Running states a stale feed's state replaces (paused, finished and error say more than "stale").
 _STALE_REPLACES = frozenset({"starting", "streaming", "backfilling", "reconnecting"})
 
@@ -149,8 +150,8 @@ class MarketData:
         candles = len(event.open_time)  # a re-seed resends old candles: count the event's own only
         delay = 0.2
         while True:
-            try:
-                summary = await self.router.on_candles.remote(event)
+            try:  # bounded: a router replica that died mid-call must not hold the symbol forever
+                summary = await asyncio.wait_for(self.router.on_candles.remote(event), DELIVERY_TIMEOUT_S)
                 if summary["needs_history"] and len(self.window):
                     self.reseeds += 1
                     log.warning("%s: the FeatureBuilder lost its windows; re-seeding it with %d candles",
@@ -173,6 +174,12 @@ class MarketData:
             self._clock = event.clock
             self._delivered_event.set()
             return
+
+    async def wait_done(self) -> None:
+        """Returns when the source has ended (a finished replay); MarketFeed's watcher waits on it."""
+        while self._task is None:
+            await asyncio.sleep(0.1)
+        await asyncio.shield(self._task)
 
     # ---- control (replay only) -------------------------------------------------------------
     def _replay(self) -> ReplaySource:
@@ -227,6 +234,9 @@ class MarketFeed:
         self.settings = load_settings(**self.overrides)
         self.actors: dict[str, Any] = {}
         self.last_seen: dict[str, int] = {}  # newest candle each actor reported delivered (a resume hint)
+        self.respawns: dict[str, int] = {}
+        self._watchers: dict[str, asyncio.Task] = {}
+        self._lock = asyncio.Lock()
         for symbol in self.settings.market.symbols:
             await self._spawn(symbol)
 
@@ -234,6 +244,27 @@ class MarketFeed:
         actor = MarketData.remote(symbol, self.router, self.overrides, self.last_seen.get(symbol))
         await actor.start.remote()
         self.actors[symbol] = actor
+        self._watchers[symbol] = asyncio.create_task(self._watch(symbol, actor))
+
+    async def _watch(self, symbol: str, actor) -> None:
+        """Replace ``actor`` the moment it dies: a call that lasts its lifetime fails then. (The
+        health check every 10 s alone would leave the symbol without candles that long, which a
+        60x replay turns into 10 minutes of data age.)"""
+        try:
+            await actor.wait_done.remote()  # returns only when the source ends (a finished replay)
+        except ray.exceptions.RayActorError:
+            await self._replace(symbol, actor)
+        except Exception:  # the health check is the backstop
+            log.exception("%s market data watcher", symbol)
+
+    async def _replace(self, symbol: str, dead) -> None:
+        async with self._lock:
+            if self.actors.get(symbol) is not dead:
+                return  # already replaced (the watcher and the health check both saw it die)
+            log.warning("%s market data actor died; starting another after candle %s", symbol,
+                        self.last_seen.get(symbol))
+            self.respawns[symbol] = self.respawns.get(symbol, 0) + 1
+            await self._spawn(symbol)
 
     def _seen(self, symbol: str, status: dict[str, Any]) -> dict[str, Any]:
         t = status.get("last_delivered_open_time")
@@ -253,6 +284,7 @@ class MarketFeed:
                 out[symbol] = self._seen(symbol, await asyncio.wait_for(actor.status.remote(), timeout=5))
             except Exception as exc:
                 out[symbol] = {"state": "unreachable", "error": f"{type(exc).__name__}: {exc}"[:300]}
+            out[symbol]["respawns"] = self.respawns.get(symbol, 0)
         return {"feed": self.settings.feed, "symbols": out}
 
     async def pause(self, symbol: str | None = None) -> dict[str, Any]:
@@ -272,7 +304,6 @@ class MarketFeed:
             try:
                 self._seen(symbol, await asyncio.wait_for(actor.status.remote(), timeout=10))
             except ray.exceptions.RayActorError:
-                log.warning("%s market data actor died; restarting it", symbol)
-                await self._spawn(symbol)
+                await self._replace(symbol, actor)
             except asyncio.TimeoutError:
                 pass  # busy, not dead

@@ -82,6 +82,7 @@ class EnsembleRouter:
         self.log = load_serving_log(self.settings, "router")
         await self.log.start()
         self.candles = 0
+        self.fallbacks: dict[str, int] = {}  # pool calls computed here instead (see _stage)
         await self._check_models()
         self._watcher = asyncio.create_task(self._watch_models())
 
@@ -177,13 +178,37 @@ class EnsembleRouter:
         features = np.vstack([r.features for r in rows])
         symbols = [r.symbol for r in rows]
         X = ens.model_input(features, symbols)
-        versions = ens.versions
-        base = await asyncio.gather(*(self.pools[m].predict.remote(X, horizon, versions) for m in BASE_MODELS))
+        base = await asyncio.gather(*(self._stage(ens, m, X, horizon) for m in BASE_MODELS))
         outputs = dict(zip(BASE_MODELS, base))
         meta_X = ens.meta_input(X, outputs, horizon)
-        outputs["meta_model"] = await self.pools["meta_model"].predict.remote(meta_X, horizon, versions)
+        outputs["meta_model"] = await self._stage(ens, "meta_model", meta_X, horizon)
         return ens.compose(features, symbols, [r.close for r in rows], [r.open_time for r in rows], horizon,
                            outputs)
+
+    async def _stage(self, ens: Ensemble, model: str, X: np.ndarray, horizon: int) -> np.ndarray:
+        """One model's stage output from its pool, or computed here when the pool fails or does not
+        answer within ``pool_call_timeout_s``.
+
+        Why: a killed replica stays in the handle's routing table until Serve notices, and a pool
+        whose only replica died has none until a new one starts; a candle close that waited for it
+        would hold the feed (every symbol's next candle waits for this one) while data ages past
+        ``max_data_age_s``. The router holds the same model set (``ens``), so the answer is the same.
+        Engine errors (a bad horizon, a model that cannot answer) are raised, not retried.
+        """
+        try:
+            return await asyncio.wait_for(self.pools[model].predict.remote(X, horizon, ens.versions),
+                                          self.settings.pool_call_timeout_s)
+        except MLEngineError:
+            raise
+        except Exception as exc:  # a dead or unavailable replica, a timeout, a lost connection
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, MLEngineError):
+                raise cause from None
+            self.metrics.pool_fallback(model)
+            self.fallbacks[model] = self.fallbacks.get(model, 0) + 1
+            log.warning("%s pool: %s; computing the stage in the router", model,
+                        f"{type(exc).__name__}: {exc}"[:200])
+            return await asyncio.to_thread(ens.predict_stage, model, X, horizon)
 
     async def forecast(self, rows: list[FeatureRow], horizon: int) -> list[Forecast]:
         """Forecasts of ``rows`` for one horizon (the API's cache-miss path).
@@ -302,6 +327,7 @@ class EnsembleRouter:
     async def status(self) -> dict[str, Any]:
         status = describe_models(self.ensemble, self.loaded_at, self.load_error)
         status["candles_processed"] = self.candles
+        status["pool_fallbacks"] = dict(self.fallbacks)
         status["fallback"] = self.fallback
         return status
 

@@ -8,14 +8,15 @@ with an open-loop load on loopback (scripts/loadgen.py) running through every dr
 1. **model replica**: SIGKILL the process of one ``RangePredictor`` replica (its PID from Ray's state
    API) — Serve notices the dead actor and starts a replacement;
 2. **feature builder**: SIGKILL the ``FeatureBuilder`` replica — Serve restarts it;
-3. **MarketData actor**: SIGKILL one symbol's ``MarketData`` actor — the ``MarketFeed`` deployment's
-   health check spawns a new one, which backfills the candles that closed meanwhile from the source.
+3. **MarketData actor**: SIGKILL ``--market-symbol``'s ``MarketData`` actor — the ``MarketFeed``
+   deployment's health check spawns a new one, which resumes after the newest candle the
+   FeatureBuilder holds (a replay from the next candle of its file, Binance with a REST backfill).
 
 For each drill: requests and failures *during* the drill (from the kill until the deployment is
 HEALTHY again with its replicas RUNNING, goal < 0.1%), and *after recovery* (the next
 ``--after-s`` seconds, goal 0), the recovery time, and for the MarketData drill whether the
-FeatureBuilder's candle history for that symbol is still contiguous (no candle missed) and has
-moved past the candle that was current at the kill. Exit status 0 only when every goal is met.
+FeatureBuilder's candle history of every symbol (the killed one included) is still contiguous (no
+candle missed) and has moved past the candle that was current at the kill. Exit status 0 only when every goal is met.
 
 Only processes of the application under test are signalled, by PID; nothing else is stopped.
 """
@@ -204,17 +205,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if "market_data" in args.drills:
         def kill_md() -> str:
-            # MarketData actors are unnamed (one per symbol, owned by MarketFeed): kill one by PID and
-            # check every symbol afterwards, so it does not matter which symbol it streamed.
-            pid = my_actor_pids("ray::MarketData")[0]
+            # MarketData actors are unnamed (one per symbol, owned by MarketFeed): find the symbol's
+            # actor by the PID its status reports, among this cluster's MarketData processes.
+            pids = my_actor_pids("ray::MarketData")
+            symbol = args.market_symbol
+            pid = int(market_status(app, symbol)["pid"])
+            if pid not in pids:
+                raise SystemExit(f"{symbol}'s MarketData pid {pid} is not a MarketData process of this cluster {pids}")
+            killed["md_pid"] = pid
             kill_pid(pid)
-            return f"MarketData actor pid {pid}"
+            return f"{symbol} MarketData actor pid {pid}"
 
         def md_back() -> float:
-            def delivering() -> bool:
+            def delivering() -> bool:  # a new actor (another pid) streams the killed symbol again
                 try:
-                    return all(market_status(app, s).get("running") and market_status(app, s).get("delivered", 0) > 0
-                               for s in SYMBOLS)
+                    st = market_status(app, args.market_symbol)
+                    return st.get("running") and st.get("pid") != killed["md_pid"] and st.get("delivered", 0) > 0
                 except Exception:
                     return False
             return wait_recovered(address, app, baseline, args.timeout_s, extra=delivering)
@@ -233,7 +239,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                  "goal_met": during["failed_pct"] < 0.1 and after["failed"] == 0}
         if d["before"] is not None:
             b, a = d["before"], d["after"]
-            entry["candles"] = {"before": b, "after": a,
+            entry["candles"] = {"before": b, "after": a, "killed_symbol": args.market_symbol,
                                 "advanced": all(a[s]["open_time"] is not None and b[s]["open_time"] is not None
                                                 and a[s]["open_time"] > b[s]["open_time"] for s in SYMBOLS),
                                 "contiguous": all(a[s]["gaps"] == b[s]["gaps"] and a[s]["history"] >= b[s]["history"]
@@ -255,6 +261,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--drills", nargs="+", default=["replica", "feature_builder", "market_data"],
                    choices=["replica", "feature_builder", "market_data"])
     p.add_argument("--replica", default="RangePredictor", help="the model deployment whose replica is killed")
+    p.add_argument("--market-symbol", default="BTCUSDT", choices=SYMBOLS,
+                   help="the symbol whose MarketData actor is killed")
     p.add_argument("--horizons", nargs="+", type=int, default=[6, 18, 36, 72])
     p.add_argument("--rate", type=float, default=20.0)
     p.add_argument("--warmup-s", type=float, default=5.0)
