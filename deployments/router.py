@@ -205,7 +205,8 @@ class EnsembleRouter:
             if isinstance(cause, MLEngineError):
                 raise cause from None
             self.metrics.pool_fallback(model)
-            self.fallbacks[model] = self.fallbacks.get(model, 0) + 1
+            counts = self.__dict__.setdefault("fallbacks", {})
+            counts[model] = counts.get(model, 0) + 1
             log.warning("%s pool: %s; computing the stage in the router", model,
                         f"{type(exc).__name__}: {exc}"[:200])
             return await asyncio.to_thread(ens.predict_stage, model, X, horizon)
@@ -327,7 +328,7 @@ class EnsembleRouter:
     async def status(self) -> dict[str, Any]:
         status = describe_models(self.ensemble, self.loaded_at, self.load_error)
         status["candles_processed"] = self.candles
-        status["pool_fallbacks"] = dict(self.fallbacks)
+        status["pool_fallbacks"] = dict(getattr(self, "fallbacks", {}))
         status["fallback"] = self.fallback
         return status
 
