@@ -6,7 +6,9 @@ On folds that end before 2025-07-01 (nothing after it is loaded), for each horiz
 - ``atr``: the shipped unit, ATR14/close x sqrt(h), the shipped features;
 - ``har``: the HAR volatility forecast (features/volatility.py) fitted on the fold's fit rows only;
 - ``har+x``: that unit, plus the HAR inputs and log sigma as extra features;
-- ``atr+cross``: the shipped unit, plus the other symbol's volatility and returns (``CROSS``).
+- ``atr+cross``: the shipped unit, plus the other symbol's volatility and returns (``CROSS``);
+- ``raw``: no unit (raw fractions of close), the objective squared error rewards as is.
+Each variant's mean is also combined with the HAR baseline's mean (equal weights, ``⊕HAR``).
 Each variant fits the high/low quantile boosters and squared-error mean boosters, early-stopped on
 the fold's validation tail, and is scored on the fold's test block beside the HAR baseline
 (sigma x fit-row quantiles). Prints one line per (variant, horizon, side), fold-averaged.
@@ -105,7 +107,8 @@ def main() -> int:
             atr_scale = np.sqrt(h) * np.maximum(atr, 1e-4)
             make = {"atr": lambda: (atr_scale, data.X), "har": lambda: (sigma, data.X),
                     "har+x": lambda: (sigma, np.hstack([data.X, extra])),
-                    "atr+cross": lambda: (atr_scale, np.hstack([data.X, cross]))}
+                    "atr+cross": lambda: (atr_scale, np.hstack([data.X, cross])),
+                    "raw": lambda: (np.ones(len(data)), data.X)}
             variants = {v: make[v]() for v in args.variants}
             for side in ("high", "low"):
                 y = data.labels[f"fut_{side}_{h}"].to_numpy(np.float64)
@@ -130,6 +133,10 @@ def main() -> int:
                     results.setdefault((name, h, side), []).append(
                         (r2(y[test], preds["mean"][:, 0]), r2(y[test], qs[:, 1]), mae(y[test], qs[:, 1]),
                          pinball(y[test], qs, q), coverage(y[test], qs[:, 0], qs[:, 2])))
+                    # forecast combination: the booster's mean and the HAR baseline's mean, equal weights
+                    combo = 0.5 * (preds["mean"][:, 0] + har_m)
+                    results.setdefault((f"{name}⊕HAR", h, side), []).append(
+                        (r2(y[test], combo), np.nan, np.nan, np.nan, np.nan))
                 print(f"fold {fold.index} h={h} {side}: " + "  ".join(
                     f"{k[0]} R²mean {v[-1][0]:.3f}" for k, v in results.items() if k[1:] == (h, side)), flush=True)
     print("\nvariant  h  side  R²(mean)  R²(median)  MAE(median)  pinball  coverage   (mean of folds)")

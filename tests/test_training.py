@@ -376,8 +376,9 @@ def test_evaluate_cli_json(trained, candle_slices):
             "signal_accuracy", "signal_macro_f1", "confidence_ece"}
     assert {(r["symbol"], r["horizon"]) for r in doc["rows"]} == {(s, h) for s in SYMBOLS for h in (6, 18, 36, 72)}
     keys |= {f"{p}_{s}" for p in ("har_mae", "har_r2", "pinball", "har_pinball") for s in ("high", "low")}
-    keys |= {f"r2_mean_{s}" for s in ("high", "low")}
-    intervals = {f"{m}_{s}_ci" for m in ("r2", "mae", "coverage", "har_r2", "r2_mean") for s in ("high", "low")}
+    keys |= {f"{m}_{s}" for m in ("r2_mean", "r2_mean_gain") for s in ("high", "low")}
+    intervals = {f"{m}_{s}_ci" for m in ("r2", "mae", "coverage", "har_r2", "r2_mean", "r2_mean_gain")
+                 for s in ("high", "low")}
     for r in doc["rows"]:
         assert keys | intervals <= set(r)
         assert r["n"] > 1000 and 0 <= r["coverage_high"] <= 1 and r["mae_high"] > 0 and r["mean_mae_low"] > 0
@@ -391,6 +392,9 @@ def test_evaluate_cli_json(trained, candle_slices):
             lo, hi = r[f"{k}_ci"]
             assert lo < hi and lo - 0.2 < r[k] < hi + 0.2, (k, lo, r[k], hi)
         assert r["pinball_high"] > 0 and r["har_pinball_low"] > 0
+        for s in ("high", "low"):  # the gain is on the rows both forecasts cover (HAR needs a week's history)
+            lo, hi = r[f"r2_mean_gain_{s}_ci"]
+            assert lo < hi
         for s in ("high", "low"):
             assert len(r[f"coverage_{s}_by_vol_decile"]) == 10 and len(r[f"coverage_{s}_by_hour"]) == 24
             assert all(v is None or 0 <= v <= 1 for v in r[f"coverage_{s}_by_hour"])

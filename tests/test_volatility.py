@@ -10,7 +10,7 @@ import pandas as pd
 from features.volatility import (HAR_WINDOWS, apply_har, fit_har, har_input_names, har_inputs, har_target)
 from tests.test_features import synthetic
 from training.metrics import pinball
-from training.uncertainty import block_sums, coverage_by_group, decile_codes, range_intervals
+from training.uncertainty import block_sums, coverage_by_group, decile_codes, r2_gain, range_intervals
 
 HORIZONS = (6, 72)
 
@@ -141,3 +141,22 @@ def test_each_interval_uses_the_rows_of_its_point_estimate():
     assert with_alt["r2_low_ci"] == alone["r2_low_ci"] and with_alt["mae_low_ci"] == alone["mae_low_ci"]
     half = range_intervals(y[n // 2:], alt[n // 2:], alt[n // 2:], alt[n // 2:], "x")
     assert with_alt["alt_ci"] == half["r2_x_ci"]
+
+
+def test_paired_r2_gain_and_its_interval():
+    rng = np.random.default_rng(8)
+    n = 288 * 40
+    vol = np.repeat(np.exp(rng.normal(0, 0.5, 40)), 288)
+    y = rng.normal(0, 1, n) * vol
+    signal = y + rng.normal(0, 1.0, n) * vol
+    better, worse = 0.5 * signal, 0.4 * signal
+    sst = np.sum((y - y.mean()) ** 2)
+    expected = (np.sum((y - worse) ** 2) - np.sum((y - better) ** 2)) / sst
+    gain, (lo, hi) = r2_gain(y, better, worse)
+    assert np.isclose(gain, expected, atol=1e-6) and lo <= gain <= hi and lo > 0
+    # paired: the gain's interval is narrower than either R² interval
+    a = range_intervals(y, better, better - vol, better + vol, "a")["r2_a_ci"]
+    assert hi - lo < a[1] - a[0]
+    nan_base = worse.copy()
+    nan_base[:100] = np.nan
+    assert r2_gain(y, better, nan_base)[0] != gain  # computed on the rows both forecasts cover

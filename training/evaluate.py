@@ -30,7 +30,7 @@ from training.har_baseline import fit_har_baseline, har_baseline_predictions
 from training.metrics import (BASELINE_VOL_FEATURE, baseline_predictions, har_metrics, range_metrics,
                               reliability_curve, signal_metrics, tpsl_metrics)
 from training.progress import log, progress, setup_logging
-from training.uncertainty import coverage_by_group, decile_codes, range_intervals
+from training.uncertainty import coverage_by_group, decile_codes, r2_gain, range_intervals
 
 HAR_KEYS = tuple(f"har_{m}_{s}" for m in ("mae", "r2", "pinball", "coverage") for s in ("high", "low"))
 
@@ -78,6 +78,10 @@ def uncertainty(y_high: np.ndarray, y_low: np.ndarray, pred: np.ndarray, t: np.n
             extra[f"r2_mean_{name}"] = pred[:, mean]
         out.update({f"har_r2_{name}_ci": None, f"r2_mean_{name}_ci": None})
         out.update(range_intervals(y, pred[:, med], pred[:, lo], pred[:, hi], name, extra))
+        # the mean forecast's R² over the HAR baseline's, with a paired interval (same resampled days)
+        gain, gain_ci = (r2_gain(y, pred[:, mean], har[f"{name}_mean"]) if har is not None and pred.shape[1] > mean
+                         else (None, None))
+        out.update({f"r2_mean_gain_{name}": gain, f"r2_mean_gain_{name}_ci": gain_ci})
         out[f"coverage_{name}_by_vol_decile"] = coverage_by_group(y, pred[:, lo], pred[:, hi], deciles, 10)
         out[f"coverage_{name}_by_hour"] = coverage_by_group(y, pred[:, lo], pred[:, hi], hours, 24)
     return out
