@@ -383,6 +383,7 @@ def test_evaluate_cli_json(trained, candle_slices):
         assert keys | intervals <= set(r)
         assert r["n"] > 1000 and 0 <= r["coverage_high"] <= 1 and r["mae_high"] > 0 and r["mean_mae_low"] > 0
         assert r["overlaps_training"] is True  # evaluated on its own training period: flagged in-sample
+        assert r["har_source"] == "model"  # the baseline saved with the models, not a refit
         for k in keys - {"symbol", "horizon", "n"}:
             assert isinstance(r[k], float), (k, r[k])  # the HAR baseline is fitted on the slice's own history
         for k in ("mae_low", "coverage_high", "coverage_low"):  # means: their bootstrap centres on them
@@ -398,6 +399,30 @@ def test_evaluate_cli_json(trained, candle_slices):
         for s in ("high", "low"):
             assert len(r[f"coverage_{s}_by_vol_decile"]) == 10 and len(r[f"coverage_{s}_by_hour"]) == 24
             assert all(v is None or 0 <= v <= 1 for v in r[f"coverage_{s}_by_hour"])
+
+
+def test_har_baseline_is_saved_with_the_range_predictor_as_json(trained, candle_slices):
+    """training.train saves each symbol's HAR baseline (coefficients and scaled-target quantiles) as a
+    JSON side document of the range predictor, equal to a refit on the same candles."""
+    from configs.settings import get_settings
+    from features.candles import load_candles
+    from training.har_baseline import HAR_DOCUMENT, fit_har_baseline
+    from training.registry import ModelRegistry
+    from features.indicators import feature_set_hash
+
+    settings = get_settings()
+    model = ModelRegistry(trained, feature_set_hash(settings.features)).load("range_predictor")
+    assert (model.path / f"{HAR_DOCUMENT}.json").exists() and not list(model.path.glob("*.pkl"))
+    saved = model.documents[HAR_DOCUMENT]
+    assert set(saved) == set(SYMBOLS)
+    for s in SYMBOLS:
+        refit = fit_har_baseline(load_candles(candle_slices[s]), settings.market.horizons, None, settings.labels)
+        for h in settings.market.horizons:
+            d, r = saved[s][str(h)], refit[str(h)]
+            assert d["har"]["inputs"] == r["har"]["inputs"] and d["har"]["rows"] == r["har"]["rows"] > 200
+            np.testing.assert_allclose(d["har"]["coef"], r["har"]["coef"], rtol=1e-12)
+            np.testing.assert_allclose(d["high"]["q"], r["high"]["q"], rtol=1e-12)
+            assert d["low"]["q"][0] < d["low"]["q"][1] < d["low"]["q"][2] < 0 < d["high"]["q"][2]
 
 
 def test_mean_forecast_beside_the_quantiles(trained, candle_slices):

@@ -26,7 +26,7 @@ from features.errors import MLEngineError
 from training.data import Prepared, load_histories, parse_candle_args, prepare, to_ms
 from training.ensemble import Ensemble
 from training.extras import require
-from training.har_baseline import fit_har_baseline, har_baseline_predictions
+from training.har_baseline import HAR_DOCUMENT, fit_har_baseline, har_baseline_predictions
 from training.metrics import (BASELINE_VOL_FEATURE, baseline_predictions, har_metrics, range_metrics,
                               reliability_curve, signal_metrics, tpsl_metrics)
 from training.progress import log, progress, setup_logging
@@ -54,13 +54,19 @@ def training_end_ms(range_meta: Mapping[str, Any]) -> int:
     return int(pd.Timestamp(range_meta["data_range"]["end"]).value // 1_000_000) + 300_000
 
 
-def har_document(df: pd.DataFrame, horizons: tuple[int, ...], end_ms: int, settings: Settings) -> dict | None:
-    """The HAR baseline fitted on this symbol's candles before the training end (None: too little)."""
+def har_document(ensemble: Ensemble, symbol: str, df: pd.DataFrame, end_ms: int,
+                 settings: Settings) -> tuple[dict | None, str | None]:
+    """The HAR baseline of ``symbol`` and where it came from: the one saved with the range predictor
+    (``"model"``, fitted on its training candles), else fitted here on the candles before the
+    training end (``"refit"``; model sets saved before the baseline existed). None: too little history."""
+    saved = ensemble.models["range_predictor"].documents.get(HAR_DOCUMENT, {}).get(symbol)
+    if saved is not None and all(str(h) in saved for h in ensemble.horizons):
+        return saved, "model"
     try:
-        return fit_har_baseline(df, horizons, end_ms, settings.labels)
+        return fit_har_baseline(df, ensemble.horizons, end_ms, settings.labels), "refit"
     except ValueError as exc:
         log.warning("no HAR baseline: %s", exc)
-        return None
+        return None, None
 
 
 def uncertainty(y_high: np.ndarray, y_low: np.ndarray, pred: np.ndarray, t: np.ndarray,
@@ -102,7 +108,7 @@ def evaluate(ensemble: Ensemble, candles: Mapping[str, pd.DataFrame], settings: 
                 continue
             rv = data.X[:, data.columns.index(BASELINE_VOL_FEATURE)].astype(np.float64)
             baselines = range_meta["baselines"].get(symbol)
-            har_doc = har_document(df, ensemble.horizons, fit_end, settings)
+            har_doc, har_source = har_document(ensemble, symbol, df, fit_end, settings)
             har_all = har_baseline_predictions(har_doc, df, ensemble.horizons, data.open_time) if har_doc else None
             for h in ensemble.horizons:
                 out = predictions(ensemble, data, h)
@@ -110,7 +116,7 @@ def evaluate(ensemble: Ensemble, candles: Mapping[str, pd.DataFrame], settings: 
                 y_high, y_low = lab[f"fut_high_{h}"].to_numpy(), lab[f"fut_low_{h}"].to_numpy()
                 scored = np.isfinite(y_high) & np.isfinite(y_low)
                 r = np.flatnonzero(scored)
-                row: dict[str, Any] = {"symbol": symbol, "horizon": int(h), "n": int(len(r))}
+                row: dict[str, Any] = {"symbol": symbol, "horizon": int(h), "n": int(len(r)), "har_source": har_source}
                 if baselines is None:  # a symbol the models never saw: no training baseline exists
                     base = {k: np.full(len(r), np.nan) for k in ("mean_high", "vol_high", "mean_low", "vol_low")}
                 else:

@@ -23,6 +23,8 @@ from features.labels import build_labels
 from features.volatility import apply_har, fit_har, har_inputs, har_target
 
 QUANTILES: tuple[float, ...] = (0.1, 0.5, 0.9)
+# The range predictor's side document holding the baseline fitted on its training candles.
+HAR_DOCUMENT = "har_baseline"
 
 
 def _columns(df: pd.DataFrame) -> tuple[np.ndarray, ...]:

@@ -26,6 +26,7 @@ from configs.settings import Settings, get_settings
 from features.errors import MLEngineError
 from features.indicators import feature_set_hash
 from training.data import load_histories, parse_candle_args, prepare, to_ms
+from training.har_baseline import HAR_DOCUMENT, fit_har_baseline
 from training.pipeline import Engine, PlainEngine, TrainOutput, train
 from training.progress import log, setup_logging
 from training.registry import MODEL_NAMES, ModelRegistry, new_version
@@ -119,6 +120,10 @@ def _run(args: argparse.Namespace, settings: Settings, out_dir: Path, engine: En
 
     result = train(data, settings, engine)
     timings.update(result.timings)
+    t0 = time.perf_counter()
+    result.documents.setdefault("range_predictor", {})[HAR_DOCUMENT] = har_documents(
+        histories, settings, to_ms(args.end))
+    timings["har_baseline"] = time.perf_counter() - t0
     timings.update(engine.timings)  # Ray: cluster start, object store / ray.data loading, checkpoint
 
     t0 = time.perf_counter()
@@ -138,6 +143,19 @@ def _run(args: argparse.Namespace, settings: Settings, out_dir: Path, engine: En
                "meta": {h: {k: v for k, v in m.items() if k != "reliability"}
                         for h, m in result.metadata["meta_model"]["metrics"]["calibration_holdout"].items()}}
     return summary
+
+
+def har_documents(histories: dict, settings: Settings, end_ms: int | None) -> dict[str, Any]:
+    """The HAR baseline of every symbol, fitted on the training candles (before ``end_ms``), saved with
+    the range predictor as JSON: ``training.evaluate`` scores against it, and serving can apply the
+    same coefficients (``features.volatility.apply_har``)."""
+    out: dict[str, Any] = {}
+    for symbol, df in histories.items():
+        try:
+            out[symbol] = fit_har_baseline(df, settings.market.horizons, end_ms, settings.labels)
+        except ValueError as exc:  # too little history for the week/month windows
+            log.warning("%s: no HAR baseline saved: %s", symbol, exc)
+    return out
 
 
 def prepare_range(data, symbol: str) -> dict[str, Any]:
