@@ -301,8 +301,8 @@ def test_the_schedule_waits_for_the_round_a_killed_actor_left_running(tmp_path):
 
 def test_the_cron_line_runs_on_a_fresh_node(ray_cluster, champion_registry, sample, tmp_path):
     """docs/operations.md's crontab line, run as cron runs it: /bin/sh, cwd $HOME, PATH=/usr/bin:/bin,
-    a checkout with no var/ folder. Only the address, the checkout's path and offline retrain
-    arguments (the cheap "keep" path) differ from the documented line."""
+    a checkout with no var/ folder. Only the address, the checkout's path, the lock file and offline
+    retrain arguments (the cheap "keep" path) differ from the documented line."""
     import os
     import subprocess
 
@@ -316,6 +316,7 @@ def test_the_cron_line_runs_on_a_fresh_node(ray_cluster, champion_registry, samp
                         "--min-eval-rows", "100000"])
     script = (block.script().replace("/home/ubuntu/ml-engine", str(checkout))
               .replace("http://127.0.0.1:8265", ray_cluster["dashboard_url"])
+              .replace("/tmp/ml-retrain.lock", str(tmp_path / "ml-retrain.lock"))  # another suite may run
               .replace("-m training.retrain", f"-m training.retrain {offline}"))
     home = tmp_path / "home"
     home.mkdir()
