@@ -247,7 +247,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             entry["goal_met"] = entry["goal_met"] and entry["candles"]["advanced"] and entry["candles"]["contiguous"]
         report["drills"].append(entry)
     report["total"] = result.summary()
+    report["engine"] = await asyncio.to_thread(engine_counters, app)
     return report
+
+
+def engine_counters(app: str) -> dict[str, Any]:
+    """What the engine says it did about the kills: model-pool calls the router computed itself, and
+    per symbol the MarketData actors started after a death and where the current one resumed."""
+    from ray import serve
+
+    out: dict[str, Any] = {}
+    try:
+        router = serve.get_deployment_handle("EnsembleRouter", app_name=app)
+        out["pool_fallbacks"] = router.status.remote().result(timeout_s=30).get("pool_fallbacks")
+        feed = serve.get_deployment_handle("MarketFeed", app_name=app).status.remote().result(timeout_s=30)
+        out["feed"] = {s: {k: st.get(k) for k in ("respawns", "resumed_after", "restarts", "stale")}
+                       for s, st in feed["symbols"].items()}
+    except Exception as exc:  # an engine without these counters: the drill's figures still stand
+        out["error"] = f"{type(exc).__name__}: {exc}"[:200]
+    return out
 
 
 def parser() -> argparse.ArgumentParser:
@@ -293,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'':<18}errors: {'; '.join(du['errors'] + af['errors'])}")
         t = report["total"]
         print(f"{'total':<18}{'':>11}{t['requests']:>13}{t['failed']:>8}{t['failed_pct']:>8.3f}")
+        print(f"engine: {report['engine']}")
     return 0 if all(d["goal_met"] for d in report["drills"]) else 1
 
 
