@@ -89,8 +89,12 @@ class MarketState:
         if row is None:
             reason = (f"features need {WARMUP} contiguous candles, have {self.builder.history(symbol)} "
                       "(warming up, or restarting after a gap)")
+        # The clock is the one of the event that brought the newest candle: an event of candles this
+        # replica already has (a restarted feed resending history, a retried delivery) carries another
+        # clock, and taking it would make the unchanged candle look fresh -- data age must keep growing.
+        clock = event.clock if fresh or st.clock is None else st.clock
         st = replace(st, open_time=open_time, close=close, features=row, feature_reason=reason,
-                     history=self.builder.history(symbol), clock=event.clock, source=event.source,
+                     history=self.builder.history(symbol), clock=clock, source=event.source,
                      gaps=st.gaps + _new_gaps(event, last), published=st.published and not fresh,
                      publish_error=st.publish_error if not fresh else None, updated_at=time.time())
         self.states[symbol] = st

@@ -176,3 +176,24 @@ def test_warming_up_gives_hold_with_a_reason_for_signals_not_a_503():
     assert s.status_code == 200 and s.json()["reason"] == "features_unavailable" and "have 12" in s.json()["reason_detail"]
     r = _call(app, "POST", "/predictions", json={"symbol": "BTCUSDT", "horizon": 6})
     assert r.status_code == 503 and r.json()["error"] == "features_unavailable"
+
+
+def test_resent_candles_neither_reset_the_data_age_nor_count_their_gaps_again(halt):
+    """A restarted feed resends candles the FeatureBuilder has (its history, with a clock anchored at
+    an older close): the symbol's data age keeps growing and the halt's gap is counted once."""
+    from deployments.feature_builder import MarketState
+
+    df, _ = halt
+    t = df["open_time"].to_numpy(np.int64)
+    v = df[FIELDS].to_numpy(np.float64)
+    state = MarketState()
+    now = time.time()
+    clock = FeedClock(now - 600, float(t[-1] + FIVE_MINUTES_MS), 1.0)  # the newest candle closed 600 s ago
+    state.ingest(CandleEvent("BTCUSDT", t, v, "history", clock, "test", find_gaps(t, None)))
+    before = state.states["BTCUSDT"]
+    assert before.gaps == 1
+    older = FeedClock(now, float(t[-20] + FIVE_MINUTES_MS), 1.0)  # a replay restarted from an older candle
+    state.ingest(CandleEvent("BTCUSDT", t[:-10], v[:-10], "history", older, "test", find_gaps(t[:-10], None)))
+    after = state.states["BTCUSDT"]
+    assert after.open_time == before.open_time and after.gaps == 1
+    assert after.clock == clock and after.data_age_s() >= 600
