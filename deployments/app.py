@@ -1,8 +1,10 @@
 """The application graph, for ``serve.run`` (make serve, tests, benchmarks) and ``serve deploy``.
 
 ``serve_config.yaml`` names ``deployments.app:build_app`` as its import path; its ``args`` are
-Settings overrides (any Settings field; the rest comes from ``MLE_*`` variables and configs/*.yaml
-on the cluster). API keys never go in args (they are visible in the Serve config and dashboard):
+Settings *defaults* (any Settings field) that the cluster's ``MLE_*`` variables (or ``.env``) override:
+``build_app`` drops every arg the environment also sets, so ``MLE_FEED=binance`` beats the committed
+``feed: replay`` (configs/settings.py ``below_environment``). Code that deploys with
+:func:`build_graph` / :func:`deploy` (tests, benchmarks) passes overrides that win over everything. API keys never go in args (they are visible in the Serve config and dashboard):
 set ``MLE_API_KEYS`` in the cluster's environment or point ``api_keys_file`` at a mounted secret.
 
 Graph::
@@ -15,18 +17,21 @@ Graph::
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from ray.serve import Application
 
-from configs.settings import load_settings
+from configs.settings import below_environment, load_settings
 from deployments.feature_builder import FeatureBuilderDeployment
 from deployments.ingress import ApiIngress
 from deployments.market_data import MarketFeed
 from features.errors import ConfigError
 from deployments.models import POOL_NAMES, ModelPool
 from deployments.router import EnsembleRouter
+
+log = logging.getLogger("ray.serve")
 
 
 def _plain(value: Any) -> Any:
@@ -41,8 +46,13 @@ def _plain(value: Any) -> Any:
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    """The whole graph; ``args`` are Settings overrides (validated here, so a typo fails the deploy)."""
-    return build_graph(args)
+    """The whole graph for ``serve deploy``; ``args`` are defaults below the environment (validated
+    here, so a typo fails the deploy)."""
+    kept, shadowed = below_environment(_plain(dict(args or {})))
+    for key in shadowed:
+        log.warning("serve_config args: %s is set in the environment (MLE_%s); the environment wins",
+                    key, key.upper().replace(".", "__"))
+    return build_graph(kept)
 
 
 def build_graph(args: dict[str, Any] | None = None, ingress_replicas: int = 1) -> Application:

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from ray import serve
 
-from configs.settings import load_settings
+from configs.settings import load_settings, setting_sources
 from deployments.api import DatabaseProbe, create_app
 from deployments.cache import RedisGateway
 from deployments.guard import MetricsAccess
@@ -79,7 +79,8 @@ class ApiIngress:
         self.serving_log = load_serving_log(self.settings, "ingress")
         await self.serving_log.start()
         self.service = PredictionService(self.settings, ServeBackend(router, market_feed), redis=redis,
-                                         metrics=self.metrics, serving_log=self.serving_log)
+                                         metrics=self.metrics, serving_log=self.serving_log,
+                                         settings_sources=setting_sources(settings_overrides or {}))
         self.database = DatabaseProbe(self.settings.database_url, timeout_s=min(2.0, self.settings.db_timeout_s))
         self.metrics_export = NodeMetricsExport(self.settings.metrics_cache_s)
         # Serve's HAProxy mode connects to this replica itself: every client's address is the proxy's.

@@ -84,8 +84,10 @@ class PredictionService:
     """Answers the API's questions from the market snapshot, the caches and a :class:`Backend`."""
 
     def __init__(self, settings: Settings, backend: Backend, *, redis: RedisGateway | None,
-                 metrics: EngineMetrics, serving_log: ServingLog | None = None) -> None:
+                 metrics: EngineMetrics, serving_log: ServingLog | None = None,
+                 settings_sources: dict[str, str] | None = None) -> None:
         self.settings = settings
+        self.settings_sources = settings_sources or {}  # configs.settings.setting_sources: shown by health
         self.backend = backend
         self.redis = redis
         self.metrics = metrics
@@ -319,6 +321,13 @@ class PredictionService:
         checks["market"] = {"ok": not missing, "missing": missing}
         return all(c["ok"] for c in checks.values()), checks
 
+    def feed_config(self) -> dict[str, Any]:
+        """The feed this deployment was configured with, and where each per-environment choice came from."""
+        s = self.settings
+        return {"feed": s.feed, "replay_speed": s.replay_speed if s.feed == "replay" else None,
+                "binance_api_url": s.binance_api_url if s.feed == "binance" else None,
+                "sources": dict(self.settings_sources)}
+
     def market_status(self) -> dict[str, Any]:
         out = {}
         for symbol in self.symbols:
@@ -326,6 +335,7 @@ class PredictionService:
             age = st.data_age_s()
             out[symbol] = {
                 "candle_open_time": st.open_time, "data_age_s": None if age is None else round(age, 3),
+                **clock_status(st),
                 "stale": age is None or age > self.settings.max_data_age_s,
                 "features_ready": st.features is not None, "feature_reason": st.feature_reason,
                 "history": st.history, "source": st.source, "gaps": st.gaps,
@@ -356,8 +366,23 @@ class PredictionService:
         return {"status": health.overall(components), "components": components, "models": models, "cache": cache,
                 "database": database,
                 "market": {"max_data_age_s": self.settings.max_data_age_s, "symbols": market,
-                           "feed": runtime.get("feed")},
+                           "feed": runtime.get("feed"), "config": self.feed_config()},
                 "serve": runtime.get("serve"), "uptime_s": round(time.time() - self.started_at, 1)}
+
+
+def clock_status(st: SymbolState, wall_s: float | None = None) -> dict[str, Any]:
+    """Which clock ``data_age_s`` is measured on, and the age against wall time as well.
+
+    A replay's clock runs ``rate`` times faster than the wall from old candles, so its data age says
+    nothing about how current the data is; ``data_age_wall_s`` does (years, for the shipped sample).
+    """
+    if st.clock is None or st.open_time is None:
+        return {"clock": None, "clock_rate": None, "data_age_wall_s": None}
+    wall = time.time() if wall_s is None else wall_s
+    replay = str(st.source or "").startswith("replay")
+    name = "replay" if replay else str(getattr(st.clock, "name", "local"))
+    return {"clock": name, "clock_rate": st.clock.rate,
+            "data_age_wall_s": round(wall - (st.open_time + FIVE_MINUTES_MS) / 1000.0, 3)}
 
 
 def _engine_cause(exc: MLEngineError) -> MLEngineError:

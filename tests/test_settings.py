@@ -82,3 +82,40 @@ def test_bad_env_value_names_the_key(clean_env):
     clean_env.setenv("MLE_HTTP_PORT", "eighty")
     with pytest.raises(ConfigError, match="http_port"):
         load_settings()
+
+
+def _committed_args() -> dict:
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "serve_config.yaml").read_text())
+    return dict(config["applications"][0].get("args") or {})
+
+
+def test_serve_config_args_are_defaults_below_the_environment(clean_env, tmp_path):
+    """MLE_FEED=binance beats the committed ``feed: replay`` (it used to be silently ignored)."""
+    from configs.settings import below_environment, setting_sources
+
+    args = _committed_args()
+    assert args.get("feed") == "replay", "the committed config's default feed is the replay"
+    kept, dropped = below_environment(args)
+    assert dropped == [] and load_settings(**kept).feed == "replay"
+    assert setting_sources(kept)["feed"] == "args"
+
+    clean_env.setenv("MLE_FEED", "binance")
+    (tmp_path / ".env").write_text("MLE_REPLAY_SPEED=7\n")  # .env ranks with the environment
+    kept, dropped = below_environment(args)
+    assert sorted(dropped) == ["feed", "replay_speed"]
+    s = load_settings(**kept)
+    assert s.feed == "binance" and s.replay_speed == 7
+    sources = setting_sources(kept)
+    assert sources["feed"] == sources["replay_speed"] == "environment" and sources["http_port"] == "default"
+
+
+def test_nested_args_lose_only_the_keys_the_environment_sets(clean_env):
+    from configs.settings import below_environment
+
+    clean_env.setenv("MLE_FEATURES__MAX_BRIDGE_CANDLES", "12")
+    kept, dropped = below_environment({"features": {"max_bridge_candles": 3, "rsi_periods": [6, 10]}})
+    assert dropped == ["features.max_bridge_candles"]
+    s = load_settings(**kept)
+    assert s.features.max_bridge_candles == 12 and s.features.rsi_periods == (6, 10)
