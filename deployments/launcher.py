@@ -3,50 +3,47 @@
 1. an API key: ``MLE_API_KEYS`` if set, else one generated for this run (printed);
 2. models: trains the default set on the shipped sample if the registry has none
    (``python -m training.train ... --out <models_dir>``, with its progress bar);
-3. a local Ray head on ``MLE_RAY_PORT`` (6380; Redis owns 6379), started as
-   ``ray start --head --block`` so that terminating that one process stops everything it started;
-4. Serve on ``MLE_HTTP_HOST:MLE_HTTP_PORT`` with the whole graph, replaying the shipped sample
-   (``MLE_REPLAY_SPEED``, default 60x here: a candle every 5 s; 1 = real time, 0 = as fast as possible);
+3. a local Ray head on ``MLE_RAY_PORT`` (6380; Redis owns 6379) in a session of its own, watched
+   by a watchdog that stops it if this process is killed (deployments/ray_head.py);
+4. Serve on ``MLE_HTTP_HOST:MLE_HTTP_PORT`` deploying the committed ``serve_config.yaml`` (``--config``)
+   exactly as ``serve deploy`` would -- its args are defaults below ``MLE_*`` (``MLE_FEED=binance``
+   wins over ``feed: replay``; by default a 60x replay of the shipped sample) -- with Serve's fast
+   ingress (HAProxy + throughput-optimized; ``RAY_SERVE_ENABLE_HA_PROXY=0
+   RAY_SERVE_THROUGHPUT_OPTIMIZED=0`` for Serve's default proxy);
 5. prints the URL, where the key comes from and a working curl line, then waits.
 
-Ctrl-C or SIGTERM: deletes the application, shuts Serve down and stops the Ray head it started
-(never a bare ``ray stop``: other clusters on the machine are left alone). Redis and PostgreSQL
-are used when reachable; without them the engine runs degraded (see /health/detailed).
+Ctrl-C or SIGTERM: Serve is given 2.5 s to shut down, then the Ray head's whole session is stopped
+(SIGTERM, SIGKILL after 3 s): every port is free within 10 s. Never a bare ``ray stop``: other
+clusters on the machine are left alone. Redis and PostgreSQL are used when reachable; without them
+the engine runs degraded (see /health/detailed).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from configs.settings import PROJECT_DIR, Settings, load_settings, redact_url
 from deployments.auth import new_api_key
+from deployments.ray_head import RayHead, free_port, port_open  # noqa: F401  (RayHead: bench/ imports it here)
 
-DEFAULT_REPLAY_SPEED = "60"
+SERVE_CONFIG = PROJECT_DIR / "serve_config.yaml"
+# Serve's fast ingress (issue 12): HAProxy in front, replicas answering it directly. Both are read
+# when Ray's processes start; an operator's own value (0) wins.
+FAST_INGRESS = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+SERVE_SHUTDOWN_S = 2.5  # of the 10 s a clean stop may take; the head's session gets the rest
 
 
 def _say(msg: str) -> None:
     print(f"[make serve] {msg}", flush=True)
-
-
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure_models(settings: Settings) -> None:
@@ -95,59 +92,63 @@ def service_status(settings: Settings) -> tuple[str, str]:
     return r, p
 
 
-class RayHead:
-    """A ``ray start --head --block`` child process: ours to stop, and only ours."""
+def fast_ingress_env(env: dict[str, str], workdir: Path | None = None) -> dict[str, str]:
+    """``env`` with the fast ingress on unless the operator turned it off, and HAProxy's files and
+    ports private to this head (two heads on one machine must not share Serve's /tmp defaults)."""
+    out = {**FAST_INGRESS, **env}
+    if out["RAY_SERVE_ENABLE_HA_PROXY"] != "1":
+        return out
+    # HAProxy's admin socket path must stay under 97 bytes, and Serve adds a 56-character folder.
+    d = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="hp", dir="/tmp"))
+    d.mkdir(parents=True, exist_ok=True)
+    private = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(d / "haproxy.cfg"),
+               "RAY_SERVE_HAPROXY_SOCKET_PATH": str(d / "admin.sock"),
+               "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(d),
+               "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(d / "server-state"),
+               "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
+    return {**private, **out}
 
-    def __init__(self, port: int, env: dict[str, str], dashboard_port: int | None = None,
-                 log_path: Path | None = None) -> None:
-        self.port = port
-        ray_cli = Path(sys.executable).with_name("ray")
-        cmd = [str(ray_cli) if ray_cli.exists() else shutil.which("ray") or "ray", "start", "--head",
-               "--port", str(port), "--dashboard-host", "127.0.0.1", "--block", "--disable-usage-stats"]
-        if dashboard_port is not None:
-            cmd += ["--dashboard-port", str(dashboard_port)]
-        # Ports Ray would otherwise take by default (10001, 52365): another head on this machine may
-        # hold them, and `ray start --block` then kills the whole node.
-        cmd += ["--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port())]
-        self.log_path = log_path or PROJECT_DIR / "var" / "ray-head.log"
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
 
-    def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while not _port_open("127.0.0.1", self.port):
-            if self.proc.poll() is not None:
-                raise SystemExit(f"ray start exited ({self.proc.returncode}); see {self.log_path}")
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the Ray head did not come up in {timeout:.0f}s; see {self.log_path}")
-            time.sleep(0.5)
+def render_config(path: Path, settings: Settings, env: dict[str, str]):
+    """The committed config as ``serve deploy`` would apply it here: ``http_options`` host and port from
+    ``MLE_HTTP_HOST`` / ``MLE_HTTP_PORT``, and the fast-ingress switches of its ``runtime_env`` blocks
+    from this environment (so ``RAY_SERVE_ENABLE_HA_PROXY=0 make serve`` really turns HAProxy off)."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
 
-    def connect(self, timeout: float = 120) -> None:
-        """``ray.init`` this driver to the head, retried: its GCS port opens before its node is
-        registered, and ray.init fails in between."""
-        import ray
+    raw: dict[str, Any] = yaml.safe_load(path.read_text())
+    raw["http_options"] = {**(raw.get("http_options") or {}), "host": settings.http_host, "port": settings.http_port}
+    blocks = [(raw.get("controller_options") or {}).get("runtime_env") or {}]
+    blocks += [app.get("runtime_env") or {} for app in raw.get("applications", [])]
+    for block in blocks:
+        env_vars = block.get("env_vars") or {}
+        for key in [k for k in env_vars if k in env and k.startswith("RAY_SERVE_")]:
+            env_vars[key] = env[key]
+    return ServeDeploySchema.model_validate(raw)
 
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                ray.init(address=f"127.0.0.1:{self.port}", configure_logging=False, log_to_driver=False)
-                return
-            except ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise
-                time.sleep(2)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # `ray start --block` stops its own processes
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self._log.close()
+def deploy_config(config) -> None:
+    """Start Serve with the config's options and deploy its applications, as ``serve run config.yaml``
+    does (the controller builds the app from its import path and args: the ``serve deploy`` path)."""
+    from ray.serve._private import api as serve_api
+
+    client = serve_api.serve_start(http_options=config.http_options.model_dump(),
+                                   grpc_options=config.grpc_options.model_dump(),
+                                   proxy_location=config.proxy_location,
+                                   controller_options=config.controller_options)
+    client.deploy_apps(config, _blocking=False)
+
+
+def stop_serve(timeout_s: float = SERVE_SHUTDOWN_S) -> None:
+    """``serve.shutdown()`` (replicas drain and flush their logs) for at most ``timeout_s``: the head's
+    session is stopped after it either way."""
+    from ray import serve
+
+    t = threading.Thread(target=serve.shutdown, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        _say(f"serve shutdown took over {timeout_s:g} s: stopping the Ray head regardless")
 
 
 def wait_until_serving(base_url: str, key: str, symbols: list[str], timeout: float = 300) -> dict:
@@ -169,86 +170,108 @@ def wait_until_serving(base_url: str, key: str, symbols: list[str], timeout: flo
     raise SystemExit(f"the engine did not become ready in {timeout:.0f}s ({last})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployments.launcher", description=__doc__.split("\n")[0])
-    parser.add_argument("--no-train", action="store_true", help="fail instead of training when no model exists")
-    args = parser.parse_args(argv)
+class _Stop(BaseException):
+    """Raised by the SIGINT/SIGTERM handler wherever the launcher is (starting, waiting, serving)."""
 
+
+def _on_signal(*_: Any) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)  # one stop sequence; a second Ctrl-C must not cut it short
+    raise _Stop()
+
+
+def _catch_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_signal)
+
+
+def _environment() -> tuple[dict[str, str], bool]:
+    """The environment of the head: the operator's, the fast ingress, a generated key if none."""
     env = dict(os.environ)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    env.setdefault("MLE_REPLAY_SPEED", DEFAULT_REPLAY_SPEED)
     # The head enables Ray's token auth (token in ~/.ray/auth_token); this driver must use it too.
     env.setdefault("RAY_AUTH_MODE", "token")
     generated = not env.get("MLE_API_KEYS", "").strip()
     if generated:
         env["MLE_API_KEYS"] = new_api_key()
-    os.environ.update({k: env[k] for k in ("MLE_API_KEYS", "MLE_REPLAY_SPEED", "RAY_USAGE_STATS_ENABLED",
-                                           "RAY_AUTH_MODE")})
-    settings = load_settings()
-    key = settings.api_keys[0].get_secret_value()
+    env = fast_ingress_env(env)
+    os.environ.update({k: env[k] for k in ("MLE_API_KEYS", "RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE")})
+    return env, generated
 
-    if not args.no_train:
-        ensure_models(settings)
-    redis_state, pg_state = service_status(settings)
-    _say(f"redis {redact_url(settings.redis_url)}: {redis_state}; "
-         f"postgresql {redact_url(settings.database_url)}: {pg_state}")
-    if _port_open("127.0.0.1", settings.ray_port):
-        raise SystemExit(f"port {settings.ray_port} is taken (another Ray head?); set MLE_RAY_PORT to a free port")
-    if _port_open(settings.http_host, settings.http_port):
-        raise SystemExit(f"HTTP port {settings.http_port} is taken; set MLE_HTTP_PORT to a free port")
 
-    stop = threading.Event()
-
-    def on_signal() -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-
-    on_signal()
-
-    _say(f"starting a Ray head on port {settings.ray_port}")
-    head = RayHead(settings.ray_port, env)
-    try:
-        head.wait_ready()
-        import ray
-        from ray import serve
-
-        from deployments.app import deploy, start_serve
-
-        head.connect()
-        on_signal()  # ray.init installs its own SIGTERM handler (which just exits): ours must win
-        try:
-            start_serve(settings.http_host, settings.http_port)
-            _say("deploying the graph (replay of the shipped sample at "
-                 f"{settings.replay_speed:g}x{' = as fast as possible' if settings.replay_speed == 0 else ''})")
-            deploy({})
-            base = f"http://{settings.http_host}:{settings.http_port}"
-            if not stop.is_set():
-                wait_until_serving(base, key, list(settings.market.symbols))
-            key_note = (f"generated for this run: {key}  (set MLE_API_KEYS=k1,k2 to choose your own)" if generated
-                        else "the first of MLE_API_KEYS")
-            shown = key if generated else "${MLE_API_KEYS%%,*}"
-            print(f"""
+def _banner(settings: Settings, base: str, key: str, generated: bool, health: dict, services: tuple[str, str]) -> str:
+    key_note = (f"generated for this run: {key}  (set MLE_API_KEYS=k1,k2 to choose your own)" if generated
+                else "the first of MLE_API_KEYS")
+    shown = key if generated else "${MLE_API_KEYS%%,*}"
+    feed = (health.get("market") or {}).get("config") or {}
+    feed_note = (f"replay at {settings.replay_speed:g}x" if settings.feed == "replay" else
+                 f"binance ({settings.binance_api_url})") + f", feed from {(feed.get('sources') or {}).get('feed', '?')}"
+    ingress = "HAProxy + throughput-optimized" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve default proxy"
+    return f"""
 ML Engine is serving on {base}   (OpenAPI docs: {base}/docs)
   API key : {key_note}
+  Feed    : {feed_note};  ingress: {ingress}
   Try     : curl -s -X POST {base}/predictions -H "X-API-Key: {shown}" -H 'Content-Type: application/json' -d '{{"symbol":"BTCUSDT","horizon":6}}'
             curl -s -X POST {base}/signals -H "X-API-Key: {shown}" -H 'Content-Type: application/json' -d '{{"symbol":"ETHUSDT"}}'
             curl -s {base}/health
-  Ray dashboard: http://127.0.0.1:8265   Redis: {redis_state}   PostgreSQL: {pg_state}
+  Ray dashboard: http://127.0.0.1:{settings.dashboard_port}   Redis: {services[0]}   PostgreSQL: {services[1]}
 Ctrl-C stops everything started here.
-""", flush=True)
-            while not stop.wait(1.0):
-                pass
-            _say("stopping")
-        finally:
-            try:
-                serve.shutdown()
-            except Exception as exc:  # best effort: the head is stopped below anyway
-                _say(f"serve shutdown: {exc}")
-            ray.shutdown()
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deployments.launcher", description=__doc__.split("\n")[0])
+    parser.add_argument("--no-train", action="store_true", help="fail instead of training when no model exists")
+    parser.add_argument("--config", type=Path, default=SERVE_CONFIG, help="the Serve config to deploy")
+    args = parser.parse_args(argv)
+    _catch_signals()
+    env, generated = _environment()
+    os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_SERVE_")})  # the driver too
+    settings = load_settings()
+    key = settings.api_keys[0].get_secret_value()
+    config = render_config(args.config, settings, env)  # a broken config fails before anything starts
+
+    head = None
+    try:
+        if not args.no_train:
+            ensure_models(settings)
+        services = service_status(settings)
+        _say(f"redis {redact_url(settings.redis_url)}: {services[0]}; "
+             f"postgresql {redact_url(settings.database_url)}: {services[1]}")
+        if port_open("127.0.0.1", settings.ray_port):
+            raise SystemExit(f"port {settings.ray_port} is taken (another Ray head?); set MLE_RAY_PORT to a free port")
+        if port_open(settings.http_host, settings.http_port):
+            raise SystemExit(f"HTTP port {settings.http_port} is taken; set MLE_HTTP_PORT to a free port")
+        _say(f"starting a Ray head on port {settings.ray_port}")
+        head = RayHead(settings.ray_port, env, dashboard_port=settings.dashboard_port)
+        head.wait_ready()
+        head.connect()
+        _catch_signals()  # ray.init installs its own SIGTERM handler (which just exits): ours must win
+        _say(f"deploying {args.config.name} ({settings.feed} feed)")
+        deploy_config(config)
+        base = f"http://{settings.http_host}:{settings.http_port}"
+        health = wait_until_serving(base, key, list(settings.market.symbols))
+        print(_banner(settings, base, key, generated, health, services), flush=True)
+        while True:
+            time.sleep(1.0)
+    except _Stop:
+        _say("stopping")
     finally:
-        head.stop()
-        _say("stopped the Ray head it started; bye")
+        if head is not None:
+            _shutdown(head)
     return 0
+
+
+def _shutdown(head: RayHead) -> None:
+    import ray
+
+    t0 = time.monotonic()
+    if ray.is_initialized():
+        stop_serve()
+        ray.shutdown()
+    killed = head.stop()
+    _say(f"stopped the Ray head it started in {time.monotonic() - t0:.1f} s"
+         f"{f' ({killed} processes needed SIGKILL)' if killed else ''}; bye")
 
 
 if __name__ == "__main__":

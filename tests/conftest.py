@@ -95,7 +95,7 @@ def ray_cluster():
 
 
 # The Serve application, deployed once per session (tests/serving_app.py).
-from tests.serving_app import serving_app  # noqa: E402,F401
+from tests.serving_app import serving_app, small_models  # noqa: E402,F401
 
 
 def pytest_terminal_summary(terminalreporter):

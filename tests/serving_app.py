@@ -155,14 +155,20 @@ def train_small_models(out: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def serving_app(ray_cluster, tmp_path_factory) -> ServingApp:
+def small_models(tmp_path_factory) -> Path:
+    """One small model set for the session (the serving app, the launcher tests)."""
+    return train_small_models(tmp_path_factory.mktemp("small-models") / "models")
+
+
+@pytest.fixture(scope="session")
+def serving_app(ray_cluster, small_models, tmp_path_factory) -> ServingApp:
     from ray import serve
     from ray.serve.context import _get_global_client
 
     from deployments.app import deploy, start_serve_on_free_port
 
     root = tmp_path_factory.mktemp("serving")
-    models_dir = train_small_models(root / "models")
+    models_dir = small_models
     redis = PrivateRedis(root, password=REDIS_PASSWORD)
     redis.start()
     keys = [secrets.token_urlsafe(24) for _ in range(KEYS)]

@@ -1,0 +1,219 @@
+"""``make serve`` as an operator runs it (issue 12, points 1 and 7): ``python -m deployments.launcher``
+in a subprocess, deploying the committed serve_config.yaml with the shipped fast ingress.
+
+1. With ``MLE_FEED=binance`` against the fake exchange on loopback, the engine streams the exchange's
+   candles although serve_config.yaml says ``feed: replay`` (the environment wins over its args), and
+   /health/detailed says which feed, which clock and where the choice came from. SIGTERM then stops
+   everything the launcher started -- the Ray head's whole session, HAProxy, the feed -- and frees
+   its ports within 10 s.
+2. The default replay, stopped by SIGKILL (what a supervisor does after its grace period): the
+   watchdog stops the Ray head by itself, and nothing answers on the API port any more.
+
+Ports come from 20000-20999 (this machine's helpers share it by ranges); Ray runs a head of its own
+here, so these tests are the suite's only second Ray cluster, one at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from deployments.ray_head import port_open, session_pids
+from features.candles import FIVE_MINUTES_MS
+from tests.fake_binance import FakeBinance, load_test_candles
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "launcher-test-key-0123456789abcdef"
+STOP_BUDGET_S = 10.0
+HISTORY = 1050  # candles the fake exchange has before the live one (the feed asks for 1012)
+
+
+def _free_port_in_range(taken: set[int], lo: int = 20000, hi: int = 20999) -> int:
+    for _ in range(200):
+        port = random.randint(lo, hi)
+        if port in taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        taken.add(port)
+        return port
+    raise RuntimeError(f"no free port in {lo}-{hi}")
+
+
+class Launcher:
+    """``python -m deployments.launcher`` with its own ports, models, Redis db and spool."""
+
+    def __init__(self, tmp: Path, models: Path, extra_env: dict[str, str]) -> None:
+        taken: set[int] = set()
+        self.ray_port, self.http_port, self.dash_port = (_free_port_in_range(taken) for _ in range(3))
+        self.log_path = tmp / "launcher.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLE_", "RAY_SERVE_"))}
+        env.update({"PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", "MLE_API_KEYS": KEY,
+                    "MLE_MODELS_DIR": str(models), "MLE_RAY_PORT": str(self.ray_port),
+                    "MLE_HTTP_PORT": str(self.http_port), "MLE_DASHBOARD_PORT": str(self.dash_port),
+                    "MLE_REDIS_URL": "redis://127.0.0.1:6379/13", "MLE_SERVING_LOG": "",
+                    "MLE_SPOOL_DIR": str(tmp / "spool"), **extra_env})
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "deployments.launcher", "--no-train"], cwd=tmp,
+                                     env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.base = f"http://127.0.0.1:{self.http_port}"
+        self.head_sid: int | None = None
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-4000:]
+
+    def wait_serving(self, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while "is serving on" not in self.log_path.read_text():
+            if self.proc.poll() is not None:
+                pytest.fail(f"the launcher exited ({self.proc.returncode}):\n{self.log()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the launcher did not serve within {timeout:.0f} s:\n{self.log()}")
+            time.sleep(0.5)
+        self.head_sid = _head_session(self.ray_port)
+
+    def health(self) -> dict:
+        r = httpx.get(f"{self.base}/health/detailed", headers={"X-API-Key": KEY}, timeout=10)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def ports(self) -> list[int]:
+        return [self.ray_port, self.http_port, self.dash_port]
+
+    def cleanup(self) -> None:
+        """Never leave a head behind, whatever the test saw."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        if self.head_sid is not None and session_pids(self.head_sid):
+            from deployments.ray_head import stop_session
+
+            stop_session(self.head_sid, grace_s=1.0)
+        self._log.close()
+
+
+def _head_session(ray_port: int) -> int:
+    """The session of ``ray start --head --port ray_port`` (the head's processes all share it)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"start" in cmd and b"--head" in cmd and str(ray_port).encode() in cmd:
+                return os.getsid(int(entry))
+    pytest.fail(f"no `ray start --head --port {ray_port}` process found")
+
+
+def _wait_gone(launcher: Launcher, t0: float) -> float:
+    """Seconds from ``t0`` until the head's session is empty and no port of the launcher answers."""
+    while time.monotonic() - t0 < 30:
+        alive = session_pids(launcher.head_sid)
+        open_ports = [p for p in launcher.ports() if port_open("127.0.0.1", p)]
+        if not alive and not open_ports:
+            return time.monotonic() - t0
+        time.sleep(0.1)
+    pytest.fail(f"30 s after the signal: processes {session_pids(launcher.head_sid)} of the head's session, "
+                f"ports {[p for p in launcher.ports() if port_open('127.0.0.1', p)]} still open\n{launcher.log()}")
+
+
+@pytest.fixture
+def models(small_models, tmp_path) -> Path:
+    return Path(shutil.copytree(small_models, tmp_path / "models"))
+
+
+def _exchange_candles() -> dict:
+    """Real candles moved in time so that the live one (index HISTORY) is the newest closed one 20 s ago."""
+    now_ms = int(time.time() * 1000)
+    out = {}
+    for symbol in ("BTCUSDT", "ETHUSDT"):
+        df = load_test_candles(symbol, HISTORY + 1).copy()
+        last_open = (now_ms - 20_000) // FIVE_MINUTES_MS * FIVE_MINUTES_MS - FIVE_MINUTES_MS
+        df["open_time"] = last_open - (len(df) - 1 - np.arange(len(df), dtype=np.int64)) * FIVE_MINUTES_MS
+        out[symbol] = df.reset_index(drop=True)
+    return out
+
+
+@pytest.mark.timeout(420)
+def test_binance_from_the_environment_beats_the_committed_config_and_sigterm_stops_everything(models, tmp_path):
+    candles = _exchange_candles()
+    with FakeBinance({s: df.iloc[:HISTORY] for s, df in candles.items()}) as fake:
+        launcher = Launcher(tmp_path, models, {"MLE_FEED": "binance", "MLE_BINANCE_API_URL": fake.base_url,
+                                               "MLE_BINANCE_WS_URL": f"ws://127.0.0.1:{fake.port}/ws"})
+        try:
+            launcher.wait_serving()
+            health = launcher.health()
+            config = health["market"]["config"]
+            assert config["feed"] == "binance" and config["sources"]["feed"] == "environment", config
+            assert health["market"]["feed"]["feed"] == "binance"
+            live = int(candles["BTCUSDT"].open_time[HISTORY])
+            fake.add_candles("BTCUSDT", candles["BTCUSDT"].iloc[HISTORY:])
+            fake.wait_for_ws("BTCUSDT", 1, timeout=60)
+            fake.push_kline("BTCUSDT", candles["BTCUSDT"].iloc[HISTORY].to_dict(), closed=True)
+            deadline = time.monotonic() + 60
+            while (btc := launcher.health()["market"]["symbols"]["BTCUSDT"])["candle_open_time"] != live:
+                assert time.monotonic() < deadline, f"the exchange's candle {live} never arrived: {btc}"
+                time.sleep(0.5)
+            assert btc["source"] == "binance" and btc["clock"] != "replay" and btc["clock_rate"] == 1.0
+            # The exchange's newest closed candle (closed 20 s to 5 min 20 s before the test began), not a replay.
+            assert 0 < btc["data_age_wall_s"] < 600, btc
+            assert abs(btc["data_age_s"] - btc["data_age_wall_s"]) < 5, btc
+            r = httpx.post(f"{launcher.base}/predictions", json={"symbol": "BTCUSDT", "horizon": 6},
+                           headers={"X-API-Key": KEY}, timeout=10)
+            assert r.status_code == 200 and r.json()["candle_open_time"] == live, r.text
+            assert _haproxy_in(launcher.head_sid), "make serve runs Serve's HAProxy ingress"
+
+            t0 = time.monotonic()
+            launcher.proc.send_signal(signal.SIGTERM)
+            launcher.proc.wait(timeout=30)
+            took = _wait_gone(launcher, t0)
+            assert launcher.proc.returncode == 0, launcher.log()
+            assert took <= STOP_BUDGET_S, f"SIGTERM: everything stopped after {took:.1f} s\n{launcher.log()}"
+        finally:
+            launcher.cleanup()
+
+
+@pytest.mark.timeout(420)
+def test_sigkill_of_the_launcher_stops_the_ray_head_by_itself(models, tmp_path):
+    launcher = Launcher(tmp_path, models, {})
+    try:
+        launcher.wait_serving()
+        health = launcher.health()
+        assert health["market"]["config"]["feed"] == "replay"
+        assert health["market"]["config"]["sources"]["feed"] == "args"  # serve_config.yaml's default
+        btc = health["market"]["symbols"]["BTCUSDT"]
+        assert btc["clock"] == "replay" and btc["clock_rate"] == 60.0
+        assert btc["data_age_wall_s"] > 86400, "the shipped sample is old: its wall-clock age says so"
+        t0 = time.monotonic()
+        launcher.proc.kill()
+        launcher.proc.wait(timeout=10)
+        took = _wait_gone(launcher, t0)
+        assert took <= STOP_BUDGET_S, f"SIGKILL: the head stopped after {took:.1f} s"
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{launcher.base}/health", timeout=5)
+    finally:
+        launcher.cleanup()
+
+
+def _haproxy_in(sid: int) -> bool:
+    for pid in session_pids(sid):
+        try:
+            if b"haproxy" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]:
+                return True
+        except OSError:
+            continue
+    return False
