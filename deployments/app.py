@@ -3,7 +3,7 @@
 ``serve_config.yaml`` names ``deployments.app:build_app`` as its import path; its ``args`` are
 Settings *defaults* (any Settings field) that the cluster's ``MLE_*`` variables (or ``.env``) override:
 ``build_app`` drops every arg the environment also sets, so ``MLE_FEED=binance`` beats the committed
-``feed: replay`` (configs/settings.py ``below_environment``). Code that deploys with
+``feed: replay`` (configs/precedence.py ``below_environment``). Code that deploys with
 :func:`build_graph` / :func:`deploy` (tests, benchmarks) passes overrides that win over everything. API keys never go in args (they are visible in the Serve config and dashboard):
 set ``MLE_API_KEYS`` in the cluster's environment or point ``api_keys_file`` at a mounted secret.
 
@@ -23,7 +23,8 @@ from typing import Any
 
 from ray.serve import Application
 
-from configs.settings import below_environment, load_settings
+from configs.precedence import below_environment
+from configs.settings import load_settings
 from deployments.feature_builder import FeatureBuilderDeployment
 from deployments.ingress import ApiIngress
 from deployments.market_data import MarketFeed

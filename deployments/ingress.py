@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 from ray import serve
 
-from configs.settings import load_settings, setting_sources
+from configs.precedence import setting_sources
+from configs.settings import load_settings
 from deployments.api import DatabaseProbe, create_app
 from deployments.cache import RedisGateway
 from deployments.guard import MetricsAccess

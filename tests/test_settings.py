@@ -93,7 +93,7 @@ def _committed_args() -> dict:
 
 def test_serve_config_args_are_defaults_below_the_environment(clean_env, tmp_path):
     """MLE_FEED=binance beats the committed ``feed: replay`` (it used to be silently ignored)."""
-    from configs.settings import below_environment, setting_sources
+    from configs.precedence import below_environment, setting_sources
 
     args = _committed_args()
     assert args.get("feed") == "replay", "the committed config's default feed is the replay"
@@ -112,7 +112,7 @@ def test_serve_config_args_are_defaults_below_the_environment(clean_env, tmp_pat
 
 
 def test_nested_args_lose_only_the_keys_the_environment_sets(clean_env):
-    from configs.settings import below_environment
+    from configs.precedence import below_environment
 
     clean_env.setenv("MLE_FEATURES__MAX_BRIDGE_CANDLES", "12")
     kept, dropped = below_environment({"features": {"max_bridge_candles": 3, "rsi_periods": [6, 10]}})
