@@ -1,19 +1,25 @@
-"""Load benchmark: the Serve app vs the same API as one plain FastAPI + uvicorn process, same run.
+"""Load benchmark: what `make serve` starts vs the same API as one plain FastAPI + uvicorn process vs a
+bare FastAPI app, same run.
 
-    .venv/bin/python bench/serve_load.py [--duration 5] [--models models] [--modes default,ha]
+    .venv/bin/python bench/serve_load.py [--duration 5] [--models models] [--modes shipped]
 
 Measures p50 / p99 latency and throughput at concurrency 1, 16 and 64 for cached /predictions,
-uncached /predictions (``Cache-Control: no-cache``: the whole ensemble is computed) and /signals,
-for: the plain baseline (bench/baseline_fastapi.py), Serve with its defaults, and Serve's
-high-throughput mode (RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1, HAProxy from
-ray[serve]). Each Serve mode gets a fresh Ray head (the flags are read at process start).
-Prints the table, the ratios to the baseline, the goals, and a CPU profile (CPU ms per request
-by process: load generator, proxy, replicas, Redis, ... and "other", the machine's other load).
+uncached /predictions (``Cache-Control: no-cache``: the whole ensemble is computed) and /signals, for:
 
-Fair by construction: both apps run the same request code, the same models, a private Redis
-(rate limit per request, prediction cache), no access logs and no request log hook; the rate
-limit is set out of reach (it is not what is measured). Load: wrk (one thread, bounded duration)
-when installed, else an asyncio aiohttp client. A 1 s warm-up precedes every measured cell.
+* ``bare``: bench/bare_fastapi.py, a FastAPI app returning a fixed dict (cached /predictions only):
+  the floor this machine and HTTP stack give;
+* ``plain``: the same API code as one FastAPI + uvicorn process (bench/baseline_fastapi.py);
+* ``shipped`` (mode ``shipped``, the default): ``python -m deployments.launcher`` -- exactly what
+  ``make serve`` starts: the committed serve_config.yaml (HAProxy + throughput-optimized, access
+  log, 60x replay, PostgreSQL log into a private database), with only the per-key rate limit raised
+  out of reach in a copy of the config;
+* optional modes ``default``, ``ha``, ``ha2``: the graph deployed by code with Serve's default proxy,
+  HAProxy, HAProxy with 2 ingress replicas (no access log, no log hook, a static market).
+
+Prints the table, the ratios to ``plain`` and ``bare``, the goals, and a CPU profile (CPU ms per request
+by process: load generator, HAProxy, replicas, Redis, PostgreSQL, ... and "other", the machine's
+other load). Load: wrk (one thread, bounded duration) when installed, else an asyncio aiohttp
+client. A 1 s warm-up precedes every measured cell.
 """
 
 from __future__ import annotations
@@ -36,46 +42,20 @@ import json  # noqa: E402
 import re  # noqa: E402
 import secrets  # noqa: E402
 import shutil  # noqa: E402
-import signal  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
-import httpx  # noqa: E402
+from bench.load_targets import (_CLEANUP, Bare, Baseline, PrivateDatabase, PrivateRedis, ServeApp,  # noqa: E402
+                                haproxy_env, Shipped)
 
 ENDPOINTS = (
     ("cached /predictions", "/predictions", {"symbol": "BTCUSDT", "horizon": 6}, {}),
     ("uncached /predictions", "/predictions", {"symbol": "BTCUSDT", "horizon": 6}, {"Cache-Control": "no-cache"}),
     ("/signals", "/signals", {"symbol": "ETHUSDT"}, {}),
 )
-SYMBOLS = ("BTCUSDT", "ETHUSDT")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, key: str, timeout: float = 600) -> None:
-    """Until /health/detailed says both symbols have published forecasts."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.get(f"{url}/health/detailed", headers={"X-API-Key": key}, timeout=10)
-            if r.status_code == 200 and all(r.json()["market"]["symbols"][s]["predictions_published"]
-                                            for s in SYMBOLS):
-                return
-            last = f"{r.status_code} {r.text[:200]}"
-        except httpx.HTTPError as exc:
-            last = type(exc).__name__
-        time.sleep(1)
-    raise SystemExit(f"{url} did not become ready: {last}")
 
 
 # ---- load generation ----------------------------------------------------------------------------
@@ -167,8 +147,11 @@ GROUPS = (
     ("router replica", re.compile(r"ServeReplica:ml-engine:EnsembleRouter")),
     ("model pool replicas", re.compile(r"ServeReplica:ml-engine:(RangePredictor|TPSLClassifier|SignalClassifier|MetaModel)")),
     ("other serve replicas", re.compile(r"ServeReplica:ml-engine:|ray::MarketData|ray::ServeController")),
+    ("launcher", re.compile(r"deployments\.launcher|deployments\.ray_head")),
     ("baseline process", re.compile(r"baseline_fastapi\.py")),
+    ("bare process", re.compile(r"bare_fastapi\.py")),
     ("redis", re.compile(r"redis-server")),
+    ("postgresql", re.compile(r"^postgres")),
     ("ray system", re.compile(r"raylet|gcs_server|dashboard|ray/_private|ray\.util|ray::IDLE|default_worker")),
 )
 
@@ -206,113 +189,11 @@ def cpu_delta(before: dict, after: dict, redis_port: int) -> dict[str, float]:
     return dict(groups)
 
 
-# ---- targets ----------------------------------------------------------------------------------------
-
-class Baseline:
-    name = "plain"
-
-    def __init__(self, models: Path, key: str, redis_url: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "baseline_fastapi.py"), "--port",
-                                      str(self.port), "--models", str(models), "--api-key", key, "--redis-url",
-                                      redis_url], cwd=ROOT, stdout=subprocess.DEVNULL)
-        wait_http(self.url, key)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-class ServeApp:
-    """A fresh Ray head (own ports, own env) running the whole graph."""
-
-    def __init__(self, name: str, env_extra: dict[str, str], models: Path, key: str, redis_url: str,
-                 workdir: Path, ingress_replicas: int = 1) -> None:
-        from deployments.launcher import RayHead
-
-        self.name = name
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
-               **env_extra}
-        os.environ["RAY_AUTH_MODE"] = env["RAY_AUTH_MODE"]
-        self.head = RayHead(free_port(), env, dashboard_port=free_port(), log_path=workdir / f"ray-{name}.log")
-        try:
-            self.head.wait_ready()
-            from deployments.app import deploy, start_serve_on_free_port
-
-            self.head.connect()
-            self.http_port = start_serve_on_free_port("127.0.0.1")
-            self.url = f"http://127.0.0.1:{self.http_port}"
-            from deployments.auth import write_api_keys_file
-
-            keys_file = write_api_keys_file(workdir / f"api_keys-{name}", [key])
-            deploy({"models_dir": str(models), "api_keys_file": str(keys_file), "rate_limit_per_minute": 10**9,
-                    "redis_url": redis_url, "replay_speed": 0, "replay_history": 10**9, "max_data_age_s": 1e9,
-                    "serving_log": "", "serve_access_log": False}, ingress_replicas=ingress_replicas)
-            wait_http(self.url, key)
-        except BaseException:
-            self.stop()  # never leave a Ray head behind
-            raise
-
-    def stop(self) -> None:
-        import ray
-        from ray import serve
-
-        try:
-            if ray.is_initialized():
-                serve.shutdown()
-        finally:
-            ray.shutdown()
-            self.head.stop()
-
-
-_CLEANUP: list[Path] = []
-
-
-def haproxy_env(workdir: Path) -> dict[str, str]:
-    """Serve's high-throughput mode, with HAProxy's files and ports private to this run."""
-    # HAProxy's admin socket path must stay under 97 bytes, and Serve adds a 56-character folder.
-    d = Path(tempfile.mkdtemp(prefix="hp", dir="/tmp"))
-    _CLEANUP.append(d)
-    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(d / "haproxy.cfg"),
-            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(d / "admin.sock"),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(d),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(d / "server-state"),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
-
-
-class PrivateRedis:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(workdir)], stdout=subprocess.DEVNULL)
-        import redis
-
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis(port=self.port).ping()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-
-
 # ---- the run ---------------------------------------------------------------------------------------
 
 def measure(target, key: str, conc_levels: list[int], duration: float, loadgen, redis_port: int,
-            results: dict) -> None:
-    for label, path, body, headers in ENDPOINTS:
+            results: dict, endpoints=ENDPOINTS) -> None:
+    for label, path, body, headers in endpoints:
         for conc in conc_levels:
             hdrs = {"X-API-Key": key, **headers}
             loadgen(target.url + path, body, hdrs, conc, 1.0)  # warm-up
@@ -325,7 +206,7 @@ def measure(target, key: str, conc_levels: list[int], duration: float, loadgen, 
 
 
 def print_table(results: dict, targets: list[str], conc_levels: list[int]) -> None:
-    serve_targets = [t for t in targets if t != "plain"]
+    serve_targets = [t for t in targets if t not in ("plain", "bare")]
     head = f"{'endpoint':<22} {'c':>3} | {'plain req/s':>11} {'p50 ms':>7} {'p99 ms':>7}"
     for t in serve_targets:
         head += f" | {t + ' req/s':>15} {'p50 ms':>7} {'p99 ms':>7} {'x thr':>6} {'x p99':>6}"
@@ -351,10 +232,31 @@ def print_table(results: dict, targets: list[str], conc_levels: list[int]) -> No
         print(f"non-2xx / socket errors: {errors}")
 
 
+def print_vs_bare(results: dict, targets: list[str], conc_levels: list[int]) -> None:
+    print("\ncached /predictions against the bare FastAPI app (a fixed dict, same run)")
+    for conc in conc_levels:
+        b = results.get(("bare", "cached /predictions", conc))
+        if b is None:
+            continue
+        cells = [f"bare {b.rps:.0f} req/s p99 {b.p99_ms:.2f} ms"]
+        for t in [t for t in targets if t != "bare"]:
+            r = results.get((t, "cached /predictions", conc))
+            if r:
+                cells.append(f"{t} {r.rps / b.rps:.2f}x thr {r.p99_ms / b.p99_ms:.2f}x p99")
+        print(f"  c={conc:<3} " + " | ".join(cells))
+
+
 def print_goals(results: dict, targets: list[str]) -> None:
     print("\nGoals")
     base = results.get(("plain", "cached /predictions", 16))
-    for t in [t for t in targets if t != "plain"]:
+    bare = results.get(("bare", "cached /predictions", 16))
+    ship = results.get(("shipped", "cached /predictions", 16))
+    if bare and ship:
+        ok = ship.rps >= 0.5 * bare.rps and ship.p99_ms <= 3 * bare.p99_ms
+        print(f"  cached /predictions c=16, shipped (make serve) vs bare FastAPI: {ship.rps / bare.rps:.2f}x "
+              f"throughput (goal >= 0.5), p99 {ship.p99_ms / bare.p99_ms:.2f}x (goal <= 3): "
+              f"{'MET' if ok else 'NOT MET'}")
+    for t in [t for t in targets if t not in ("plain", "bare")]:
         r = results.get((t, "cached /predictions", 16))
         if base and r:
             ok = r.rps >= 0.8 * base.rps and r.p99_ms <= 2 * base.p99_ms
@@ -390,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=float, default=5.0, help="seconds per measured cell (plus 1 s warm-up)")
     p.add_argument("--models", type=Path, default=None, help="registry (default Settings.models_dir; trained if empty)")
-    p.add_argument("--modes", default="default,ha,ha2",
-                   help="Serve modes: default, ha (HAProxy + throughput-optimized), ha2 (the same, 2 ingress replicas)")
+    p.add_argument("--modes", default="shipped",
+                   help="shipped (what make serve starts), and/or the graph deployed by code: default (Serve's "
+                        "default proxy), ha (HAProxy + throughput-optimized), ha2 (the same, 2 ingress replicas)")
     p.add_argument("--concurrency", default="1,16,64")
     args = p.parse_args(argv)
     from configs.settings import load_settings
@@ -409,9 +312,17 @@ def main(argv: list[str] | None = None) -> int:
           f"models {models}; private redis :{redis.port}; machine: {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
     results: dict = {}
-    targets = ["plain"]
+    targets = ["bare", "plain"]
+    cached = [e for e in ENDPOINTS if e[0] == "cached /predictions"]
+    database = None
     try:
-        print("plain FastAPI + uvicorn (one process)", flush=True)
+        print("bare FastAPI + uvicorn (a fixed dict)", flush=True)
+        bare = Bare()
+        try:
+            measure(bare, key, conc_levels, args.duration, loadgen, redis.port, results, endpoints=cached)
+        finally:
+            bare.stop()
+        print("plain FastAPI + uvicorn (one process, the same API code)", flush=True)
         base = Baseline(models, key, redis.url)
         try:
             measure(base, key, conc_levels, args.duration, loadgen, redis.port, results)
@@ -423,20 +334,28 @@ def main(argv: list[str] | None = None) -> int:
             "ha2": ("serve-ha2", haproxy_env(workdir), 2, "HAProxy + throughput-optimized, 2 ingress replicas"),
         }
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-            name, env_extra, replicas, what = modes[mode]
-            print(f"Ray Serve ({what})", flush=True)
-            app = ServeApp(name, env_extra, models, key, redis.url, workdir, ingress_replicas=replicas)
-            targets.append(name)
+            if mode == "shipped":
+                print("make serve (python -m deployments.launcher, the committed serve_config.yaml)", flush=True)
+                database = database or PrivateDatabase()
+                app = Shipped(models, key, redis.url, database.url, workdir)
+            else:
+                name, env_extra, replicas, what = modes[mode]
+                print(f"Ray Serve ({what})", flush=True)
+                app = ServeApp(name, env_extra, models, key, redis.url, workdir, ingress_replicas=replicas)
+            targets.append(app.name)
             try:
                 measure(app, key, conc_levels, args.duration, loadgen, redis.port, results)
             finally:
                 app.stop()
     finally:
         redis.stop()
+        if database is not None:
+            database.stop()
         for d in [workdir, *_CLEANUP]:
             shutil.rmtree(d, ignore_errors=True)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     print_table(results, targets, conc_levels)
+    print_vs_bare(results, targets, conc_levels)
     print_goals(results, targets)
     print_profile(results, targets)
     return 0

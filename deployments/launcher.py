@@ -127,6 +127,15 @@ def render_config(path: Path, settings: Settings, env: dict[str, str]):
     return ServeDeploySchema.model_validate(raw)
 
 
+def print_config(path: Path) -> int:
+    """``--print-config``: the rendered config as YAML on stdout (nothing is started)."""
+    import yaml
+
+    config = render_config(path, load_settings(), dict(os.environ))
+    print(yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True), sort_keys=False), end="")
+    return 0
+
+
 def deploy_config(config) -> None:
     """Start Serve with the config's options and deploy its applications, as ``serve run config.yaml``
     does (the controller builds the app from its import path and args: the ``serve deploy`` path)."""
@@ -223,7 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deployments.launcher", description=__doc__.split("\n")[0])
     parser.add_argument("--no-train", action="store_true", help="fail instead of training when no model exists")
     parser.add_argument("--config", type=Path, default=SERVE_CONFIG, help="the Serve config to deploy")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the config as it would be deployed here (http_options from MLE_HTTP_HOST / "
+                             "MLE_HTTP_PORT, fast-ingress switches from this environment) and exit: for serve deploy")
     args = parser.parse_args(argv)
+    if args.print_config:
+        return print_config(args.config)
     _catch_signals()
     env, generated = _environment()
     os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_SERVE_")})  # the driver too

@@ -24,7 +24,8 @@ shutdown() {
   # Stops only this container's own Ray (it is the only one in this PID namespace).
   local code="${1:-0}"
   log "stopping Ray"
-  ray stop --grace-period 20 >/dev/null 2>&1 || true
+  # Within Docker's default 10 s grace (docker stop), so Ray stops itself before the SIGKILL.
+  ray stop --grace-period 6 >/dev/null 2>&1 || true
   if [[ -n "$ray_pid" ]]; then wait "$ray_pid" 2>/dev/null || true; fi
   exit "$code"
 }
@@ -48,10 +49,14 @@ ensure_models() {
 }
 
 deploy_serve() {
-  local attempt
+  local attempt rendered=/tmp/serve_config.deployed.yaml
+  # The committed config with http_options from MLE_HTTP_HOST / MLE_HTTP_PORT (0.0.0.0 in this image:
+  # the published port must reach HAProxy, not only the container's loopback) and the fast-ingress
+  # switches from this environment.
+  python -m deployments.launcher --config "$SERVE_CONFIG" --print-config > "$rendered"
   for attempt in $(seq 1 60); do
-    if serve deploy "$SERVE_CONFIG" --address "http://127.0.0.1:${DASHBOARD_PORT}"; then
-      log "serve deploy $SERVE_CONFIG: accepted (attempt $attempt)"
+    if serve deploy "$rendered" --address "http://127.0.0.1:${DASHBOARD_PORT}"; then
+      log "serve deploy $SERVE_CONFIG (as $rendered): accepted (attempt $attempt)"
       return 0
     fi
     sleep 2

@@ -137,6 +137,7 @@ def test_head_starts_ray_on_6380_then_deploys_serve(cluster, tmp_path):
     assert start["autoscaling_config"] == "~/ray_bootstrap_config.yaml"
     assert start["metrics_export_port"] == 8080
     assert calls[1]["env"]["RAY_AUTH_MODE"] == "token"
+    assert calls[1]["env"]["RAY_SERVE_ENABLE_HA_PROXY"] == calls[1]["env"]["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     # .env on the node reaches the Ray processes (and so every replica) as environment.
     assert calls[1]["env"]["MLE_HTTP_PORT"] == "8123" and calls[1]["env"]["MLE_FEED"] == "binance"
     assert calls[2]["env"]["RAY_AUTH_MODE"] == "token", "serve sends the token only in token mode"
@@ -153,6 +154,7 @@ def test_workers_join_the_head_on_6380(cluster, tmp_path):
     start = _click_parse(calls[1]["argv"])
     assert start["address"] == f"{HEAD_IP}:6380" and not start["head"]
     assert calls[1]["env"]["RAY_AUTH_MODE"] == "token"
+    assert calls[1]["env"]["RAY_SERVE_ENABLE_HA_PROXY"] == calls[1]["env"]["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert calls[1]["env"]["MLE_FEED"] == "binance"
 
 

@@ -97,6 +97,7 @@ def test_ports_env_and_healthcheck(instructions):
         if i.cmd == "ENV":
             env.update(zip(i.value[::2], i.value[1::2]))
     assert env["MLE_HTTP_HOST"] == "0.0.0.0", "Serve must listen beyond the container's loopback"
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1", "the fast ingress"
     assert env["MLE_MODELS_DIR"] == "/app/models" and env["PYTHONPATH"] == "/app"
     # Every MLE_ variable the image sets is a real Settings field with a valid value.
     mle = {k: v for k, v in env.items() if k.startswith("MLE_")}
@@ -242,6 +243,7 @@ def test_compose_env_wires_the_engine_to_its_services(compose, compose_env):
                                          f"@postgres:5432/{pg['POSTGRES_DB']}")
         assert settings.http_host == "0.0.0.0" and settings.api_keys
         assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == compose_env["RAY_AUTH_TOKEN"]
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"] == env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1", name
     worker_env = services["worker"]["environment"]
     assert worker_env["RAY_HEAD_ADDRESS"] == f"engine:{Settings().ray_port}"
 

@@ -169,3 +169,37 @@ def test_user_config_keys_are_the_deployments_tunables(config, app):
     # The committed file changes nothing by itself: every tunable is null (the Settings value holds).
     assert all(v is None for d in app["deployments"] for k, v in (d.get("user_config") or {}).items()
                if k != "model_versions")
+
+
+def _print_config(env: dict) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLE_", "RAY_SERVE_"))}
+    out = subprocess.run([sys.executable, "-m", "deployments.launcher", "--print-config"], cwd=ROOT,
+                         env={**base, "PYTHONPATH": str(ROOT), **env}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return yaml.safe_load(out.stdout)
+
+
+def test_the_fast_ingress_is_the_committed_default(config, app):
+    """HAProxy + throughput-optimized for the controller (proxies) and the replicas (direct ingress)."""
+    for env_vars in (config["controller_options"]["runtime_env"]["env_vars"], app["runtime_env"]["env_vars"]):
+        assert env_vars["RAY_SERVE_ENABLE_HA_PROXY"] == env_vars["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+
+
+def test_print_config_binds_the_environments_address_and_honours_the_way_back():
+    """What the container and operators deploy: http_options from MLE_HTTP_HOST/PORT, and
+    RAY_SERVE_ENABLE_HA_PROXY=0 really reaches both runtime_env blocks."""
+    from ray.serve.schema import ServeDeploySchema
+
+    rendered = _print_config({"MLE_HTTP_HOST": "0.0.0.0", "MLE_HTTP_PORT": "8123"})
+    ServeDeploySchema.model_validate(rendered)
+    assert rendered["http_options"]["host"] == "0.0.0.0" and rendered["http_options"]["port"] == 8123
+    assert rendered["applications"][0]["args"] == yaml.safe_load(CONFIG.read_text())["applications"][0]["args"]
+    back = _print_config({"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"})
+    assert back["http_options"]["host"] == "127.0.0.1"
+    for env_vars in (back["controller_options"]["runtime_env"]["env_vars"],
+                     back["applications"][0]["runtime_env"]["env_vars"]):
+        assert env_vars["RAY_SERVE_ENABLE_HA_PROXY"] == env_vars["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
