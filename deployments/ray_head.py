@@ -90,27 +90,34 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (tells a live process from a reused pid)."""
+def _stat(pid: int) -> tuple[str, str] | None:
+    """(state, kernel start time) of ``pid``; the start time tells a live process from a reused pid."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], fields[19]
     except OSError:
         return None
 
 
+def _alive(pid: int, born: str | None) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] != "Z" and st[1] == born
+
+
 def watch(parent: int, sid: int, poll_s: float = 0.2) -> int:
-    """Stop session ``sid`` once ``parent`` is gone; return when the session is empty either way."""
-    born = _start_time(parent)
-    while True:
-        if not [p for p in session_pids(sid) if p != os.getpid()]:
-            return 0  # the launcher stopped the head itself
-        if born is None or _start_time(parent) != born:
+    """Stop session ``sid`` once ``parent`` is gone; return once the head (the session's leader) is.
+
+    Two /proc reads per poll, not a scan of every process: the watchdog runs beside benchmarks."""
+    parent_born, head_born = (_stat(parent) or ("", None))[1], (_stat(sid) or ("", None))[1]
+    while _alive(sid, head_born):
+        if not _alive(parent, parent_born):
             print(f"[ray_head watchdog] launcher {parent} is gone: stopping the Ray head (session {sid})",
                   file=sys.stderr, flush=True)
             stop_session(sid)
             return 0
         time.sleep(poll_s)
+    return 0  # the launcher stopped the head itself (and stops the rest of its session)
 
 
 class RayHead:
