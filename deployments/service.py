@@ -377,11 +377,13 @@ def clock_status(st: SymbolState, wall_s: float | None = None) -> dict[str, Any]
     nothing about how current the data is; ``data_age_wall_s`` does (years, for the shipped sample).
     """
     if st.clock is None or st.open_time is None:
-        return {"clock": None, "clock_rate": None, "data_age_wall_s": None}
+        return {"clock": None, "clock_rate": None, "clock_offset_s": None, "data_age_wall_s": None}
     wall = time.time() if wall_s is None else wall_s
     replay = str(st.source or "").startswith("replay")
-    name = "replay" if replay else str(getattr(st.clock, "name", "local"))
-    return {"clock": name, "clock_rate": st.clock.rate,
+    # A live feed's clock is the exchange's (server time, deployments/binance_feed.py): its offset from
+    # this host's clock is shown; a replay's clock has no meaningful offset.
+    offset = None if replay else round((st.clock.now_ms(wall) - wall * 1000.0) / 1000.0, 3)
+    return {"clock": "replay" if replay else "exchange", "clock_rate": st.clock.rate, "clock_offset_s": offset,
             "data_age_wall_s": round(wall - (st.open_time + FIVE_MINUTES_MS) / 1000.0, 3)}
 
 

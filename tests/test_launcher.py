@@ -168,7 +168,8 @@ def test_binance_from_the_environment_beats_the_committed_config_and_sigterm_sto
             while (btc := launcher.health()["market"]["symbols"]["BTCUSDT"])["candle_open_time"] != live:
                 assert time.monotonic() < deadline, f"the exchange's candle {live} never arrived: {btc}"
                 time.sleep(0.5)
-            assert btc["source"] == "binance" and btc["clock"] != "replay" and btc["clock_rate"] == 1.0
+            assert btc["source"] == "binance" and btc["clock"] == "exchange" and btc["clock_rate"] == 1.0
+            assert abs(btc["clock_offset_s"]) < 5, btc  # the fake exchange's server time is this host's
             # The exchange's newest closed candle (closed 20 s to 5 min 20 s before the test began), not a replay.
             assert 0 < btc["data_age_wall_s"] < 600, btc
             assert abs(btc["data_age_s"] - btc["data_age_wall_s"]) < 5, btc
