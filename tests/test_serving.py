@@ -323,6 +323,9 @@ def test_a_stalled_feed_is_a_gap_503_for_predictions_and_hold_for_signals(servin
             assert c.post("/predictions", json={"symbol": "BTCUSDT", "horizon": 6}).status_code == 200
             health = c.get("/health/detailed").json()
             assert health["market"]["symbols"]["ETHUSDT"]["stale"] is True and health["status"] == "degraded"
+            # Two candle intervals without a delivery: the feed itself says stale (ml_feed_stale too).
+            assert health["components"]["feed"] == "stale", health["components"]
+            assert health["market"]["feed"]["symbols"]["ETHUSDT"]["stale"] is True
             t = serving_app.step("ETHUSDT", 1)["last_open_time"]
             serving_app.wait_for_candle(key, "ETHUSDT", t)
             assert c.post("/predictions", json={"symbol": "ETHUSDT", "horizon": 6}).status_code == 200
