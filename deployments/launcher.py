@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -239,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         return print_config(args.config)
     _catch_signals()
+    given = "RAY_SERVE_HAPROXY_SERVER_STATE_BASE" in os.environ  # an operator's own folder stays
     env, generated = _environment()
+    ours = None if given else env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE")
     os.environ.update({k: v for k, v in env.items() if k.startswith("RAY_SERVE_")})  # the driver too
     settings = load_settings()
     key = settings.api_keys[0].get_secret_value()
@@ -273,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if head is not None:
             _shutdown(head)
+        if ours:
+            shutil.rmtree(ours, ignore_errors=True)  # HAProxy's files of this run (fast_ingress_env)
     return 0
 
 

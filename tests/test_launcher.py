@@ -6,7 +6,8 @@ in a subprocess, deploying the committed serve_config.yaml with the shipped fast
    /health/detailed says which feed, which clock and where the choice came from. SIGTERM then stops
    everything the launcher started -- the Ray head's whole session, HAProxy, the feed -- and frees
    its ports within 10 s.
-2. The default replay, stopped by SIGKILL (what a supervisor does after its grace period): the
+2. Ctrl-C (SIGINT) while it is still starting stops it the same way.
+3. The default replay, stopped by SIGKILL (what a supervisor does after its grace period): the
    watchdog stops the Ray head by itself, and nothing answers on the API port any more.
 
 Ports come from 20000-20999 (this machine's helpers share it by ranges); Ray runs a head of its own
@@ -218,3 +219,25 @@ def _haproxy_in(sid: int) -> bool:
         except OSError:
             continue
     return False
+
+
+@pytest.mark.timeout(300)
+def test_sigint_while_starting_stops_everything(models, tmp_path):
+    """Ctrl-C before the engine serves (the head up, the graph deploying): the same clean stop, not a
+    wait for the start-up to finish."""
+    launcher = Launcher(tmp_path, models, {})
+    try:
+        deadline = time.monotonic() + 180
+        while not port_open("127.0.0.1", launcher.ray_port):
+            assert launcher.proc.poll() is None and time.monotonic() < deadline, launcher.log()
+            time.sleep(0.2)
+        launcher.head_sid = _head_session(launcher.ray_port)
+        t0 = time.monotonic()
+        launcher.proc.send_signal(signal.SIGINT)
+        launcher.proc.wait(timeout=30)
+        took = _wait_gone(launcher, t0)
+        assert "is serving on" not in launcher.log(), "the signal came too late to test the start-up"
+        assert launcher.proc.returncode == 0, launcher.log()
+        assert took <= STOP_BUDGET_S, f"SIGINT while starting: everything stopped after {took:.1f} s\n{launcher.log()}"
+    finally:
+        launcher.cleanup()
