@@ -1,8 +1,10 @@
 """``make serve`` / ``python -m deployments.launcher``: the engine on this machine, in the foreground.
 
 1. an API key: ``MLE_API_KEYS`` if set, else one generated for this run (printed);
-2. models: trains the default set on the shipped sample if the registry has none
-   (``python -m training.train ... --out <models_dir>``, with its progress bar);
+2. models: if the registry has no current set, installs the shipped set (``data/models``, trained on
+   the full history, checksums and feature-set hash verified); only when that is missing or does not
+   match the code, trains a default set on the shipped sample (``python -m training.train ... --out
+   <models_dir>``, with its progress bar), saying why;
 3. a local Ray head on ``MLE_RAY_PORT`` (6380; Redis owns 6379) in a session of its own, watched
    by a watchdog that stops it if this process is killed (deployments/ray_head.py);
 4. Serve on ``MLE_HTTP_HOST:MLE_HTTP_PORT`` deploying the committed ``serve_config.yaml`` (``--config``)
@@ -37,6 +39,9 @@ from deployments.auth import new_api_key
 from deployments.ray_head import RayHead, free_port, port_open  # noqa: F401  (RayHead: bench/ imports it here)
 
 SERVE_CONFIG = PROJECT_DIR / "serve_config.yaml"
+# The committed model set trained on the full history (make shipped-models rebuilds it; docs/models.md).
+SHIPPED_MODELS = PROJECT_DIR / "data" / "models"
+CURRENT_SET_FILE = "current_set.json"  # training.registry.CURRENT_SET_FILE (not imported here: it loads xgboost)
 # Serve's fast ingress (issue 12): HAProxy in front, replicas answering it directly. Both are read
 # when Ray's processes start; an operator's own value (0) wins.
 FAST_INGRESS = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
@@ -47,21 +52,73 @@ def _say(msg: str) -> None:
     print(f"[make serve] {msg}", flush=True)
 
 
-def ensure_models(settings: Settings) -> None:
-    """Train the default model set on the shipped sample when the registry has no current set."""
+def shipped_set_problem(settings: Settings, shipped: Path = SHIPPED_MODELS) -> str | None:
+    """Why the committed model set (``data/models``, ``make shipped-models``) cannot be served by this
+    code, or None when it can: it must exist, pass every checksum and the feature-set hash, and load as
+    one consistent ensemble under these settings (horizons, labels, feature list)."""
+    from features.errors import ModelLoadError, ModelNotFoundError
+    from training.ensemble import Ensemble
+
+    if not (shipped / CURRENT_SET_FILE).is_file():
+        return f"no shipped model set in {shipped}"
+    try:
+        Ensemble.load(shipped, settings)
+    except (ModelNotFoundError, ModelLoadError) as exc:
+        return f"the shipped model set does not match this code ({exc}); rebuild it: make shipped-models"
+    return None
+
+
+def install_shipped_models(settings: Settings, shipped: Path = SHIPPED_MODELS) -> str | None:
+    """Copy the shipped set into ``settings.models_dir`` and promote it there (the registry verifies
+    every checksum and the feature-set hash again on the copy). Returns None when installed, else why
+    not (nothing is promoted then). Each version is copied into a hidden folder and renamed into place,
+    so an interrupted copy never looks like a model version."""
+    from training.registry import ModelRegistry
+
+    problem = shipped_set_problem(settings, shipped)
+    if problem is not None:
+        return problem
+    versions = ModelRegistry(shipped).current_versions()
+    root = Path(settings.models_dir)
+    for model, version in versions.items():
+        final = root / model / version
+        if final.exists():
+            continue  # versions are immutable: promote_set verifies what is there
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".incoming-{version}-", dir=final.parent))
+        try:
+            shutil.copytree(shipped / model / version, tmp, dirs_exist_ok=True)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    ModelRegistry(root).promote_set(versions)
+    return None
+
+
+def ensure_models(settings: Settings, shipped: Path = SHIPPED_MODELS) -> None:
+    """Make sure the registry has a current set: the one there, else the shipped set (trained on the
+    full history), else -- when that is missing or does not match the code -- a default set trained
+    on the shipped 30-day sample (a weak one: say so)."""
     from features.errors import ModelLoadError, ModelNotFoundError
     from training.registry import MODEL_NAMES, ModelRegistry
 
     registry = ModelRegistry(settings.models_dir)
     try:
-        for name in MODEL_NAMES:
-            registry.current(name)
-        _say(f"models: {settings.models_dir} ({', '.join(f'{m} {registry.current(m)}' for m in MODEL_NAMES[:1])}...)")
+        versions = registry.current_versions()
+        _say(f"models: {settings.models_dir} (set {', '.join(sorted(set(versions.values())))})")
         return
     except (ModelNotFoundError, ModelLoadError):
         pass
+    problem = install_shipped_models(settings, shipped)
+    if problem is None:
+        versions = {m: registry.current(m) for m in MODEL_NAMES}
+        _say(f"no models in {settings.models_dir}: installed the shipped set {versions['meta_model']} from {shipped} "
+             "(trained on the full history; checksums and feature-set hash verified)")
+        return
     files = [str(settings.sample_dir / f"{s}_5m.parquet") for s in settings.market.symbols]
-    _say(f"no models in {settings.models_dir}: training the default set on the shipped sample")
+    _say(f"no models in {settings.models_dir} and {problem}: training the default set on the shipped "
+         "30-day sample (weak models)")
     cmd = [sys.executable, "-m", "training.train", "--candles", *files, "--out", str(settings.models_dir)]
     rc = subprocess.call(cmd, cwd=PROJECT_DIR)
     if rc != 0:
