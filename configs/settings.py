@@ -217,6 +217,9 @@ class Settings(BaseSettings):
     # Serving graph, prediction cache and market replay (deployments/, issue 5).
     prediction_ttl_s: float = Field(0.0, ge=0)  # Redis expiry of a cached prediction; 0 = when the next candle closes
     signal_horizon: int | None = None  # horizon of POST /signals when the request names none; None = the shortest
+    # A BUY/SELL whose calibrated confidence is below this becomes HOLD with reason `low_confidence`
+    # (0 = every BUY/SELL the meta-model ranks first is emitted; backtest strategies apply their own floors).
+    signal_min_confidence: float = Field(0.0, ge=0, le=1)
     replay_files: dict[str, Path] = {}  # symbol -> candle file to replay; default: sample_dir/{SYMBOL}_5m.parquet
     replay_history: int = Field(1000, ge=0)  # candles loaded at once before streaming (>= WARMUP: predictions at once)
     model_poll_s: float = Field(2.0, gt=0, le=3600)  # how often the registry's `current` pointers are checked

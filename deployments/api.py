@@ -70,6 +70,11 @@ still short enough to be bridged -- up to {settings.features.max_bridge_candles}
 code, `data_age_s` and `missing_candles`. A short gap is bridged with no-trade candles, so predictions \
 resume with the first candle after it, without a warm-up.
 
+**Every HOLD says why.** Besides those forced codes, a HOLD the models chose carries `model_hold` (the \
+meta-model's most likely class is HOLD) or `low_confidence` (a BUY or SELL whose calibrated confidence is \
+below the floor, `MLE_SIGNAL_MIN_CONFIDENCE`, now {settings.signal_min_confidence:g}); such a HOLD keeps the \
+models' confidence and the would-be long's take-profit and stop-loss. BUY and SELL have `reason` null.
+
 **Freshness.** Predictions refer to the newest closed candle (`candle_open_time`, ms UTC). They are \
 computed when it closes, for every symbol and horizon, and cached (Redis \
 `prediction:{{symbol}}:{{horizon}}:{{candle_open_time}}`, expiring when the next candle closes); each \
@@ -168,9 +173,10 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
                       cache_control: Optional[str] = Header(None, description=cache_control_doc)) -> Response:
         """BUY, SELL or HOLD for the newest closed candle, with the calibrated `confidence`, the
         probabilities of each class, and the trade: `entry_price` (the close), `take_profit` and `stop_loss`
-        (ATR barriers; SELL uses the short's). HOLD reports the would-be long's barriers, or null with a
-        `reason` when the data is bad or missing (confidence 0). Without `horizon`, the engine's signal
-        horizon (the shortest unless configured)."""
+        (ATR barriers; SELL uses the short's). Every HOLD carries a `reason` code: `model_hold` or
+        `low_confidence` when the models chose it (with the would-be long's barriers), a forced code with
+        null barriers and confidence 0 when the data is bad or missing. Without `horizon`, the engine's
+        signal horizon (the shortest unless configured)."""
         horizon = req.horizon if req.horizon is not None else service.signal_horizon
         return json_bytes(await service.answer("signals", req.symbol, horizon, fresh=no_cache(cache_control),
                                                kid=kid))

@@ -100,11 +100,15 @@ class SignalBody(BaseModel):
     entry_price: Optional[float]
     take_profit: Optional[float] = Field(description="for HOLD: the would-be long's take-profit, or null")
     stop_loss: Optional[float]
-    reason: Optional[str] = Field(description="why the signal is a forced HOLD, as a code: `market_data_gap` (no "
-                                  "candle since the last close: an exchange halt or a lost candle), "
+    reason: Optional[str] = Field(description="why the signal is HOLD, as a code (null exactly for BUY and SELL). "
+                                  "The models' own HOLDs: `model_hold` (the meta-model's most likely class "
+                                  "is HOLD), `low_confidence` (its most likely class is BUY or SELL, but the "
+                                  "calibrated confidence is below the floor `MLE_SIGNAL_MIN_CONFIDENCE`). "
+                                  "Forced HOLDs (confidence 0, no trade): `market_data_gap` (no candle "
+                                  "since the last close: an exchange halt or a lost candle), "
                                   "`stale_market_data` (the feed is down), `features_unavailable` (warming up "
                                   "after a long gap), `unknown_symbol`, `market_data_invalid`, "
-                                  "`model_output_undefined`; null when the signal comes from the models")
+                                  "`model_output_undefined`")
     reason_detail: Optional[str] = Field(None, description="the same for people: what is missing and since when")
     probabilities: Probabilities
     p_tp_long: Optional[float]

@@ -90,7 +90,9 @@ def test_registry_round_trip(trained, candle_slices):
     raw = ens.models["tpsl_classifier"].boosters["tp_long_h6"].inplace_predict(X)
     np.testing.assert_allclose(ens.predict_stage("tpsl_classifier", X, 6)[:, 0], raw)
     fc = ens.forecast(feats, list(data.symbol[:50]), data.close[:50], data.open_time[:50], 18)
-    assert len(fc) == 50 and all(f.reason is None for f in fc)
+    # Every row is defined: BUY/SELL carry no reason, a HOLD the models chose says so (never a forced code).
+    assert len(fc) == 50 and all((f.reason is None) == (f.signal_type != "HOLD") for f in fc)
+    assert all(f.reason in (None, "model_hold") for f in fc)
     for f in fc:
         assert f.high_lower <= f.pred_high_pct <= f.high_upper and f.low_lower <= f.pred_low_pct <= f.low_upper
         assert f.signal_type in ("BUY", "SELL", "HOLD") and 0 <= f.confidence <= 1
@@ -325,7 +327,8 @@ def test_ensemble_holds_with_reason_on_bad_rows(trained, candle_slices):
     assert fc[0].signal_type == "HOLD" and fc[0].confidence == 0 and fc[0].reason == "features_unavailable"
     assert "features undefined" in fc[0].reason_detail
     assert math.isnan(fc[0].pred_high_pct) and fc[0].take_profit is None
-    assert fc[1].reason is None and math.isfinite(fc[1].pred_high_pct)
+    assert fc[1].reason in (None, "model_hold") and math.isfinite(fc[1].pred_high_pct)
+    assert (fc[1].take_profit is not None) and (fc[1].reason is None) == (fc[1].signal_type != "HOLD")
     assert fc[2].signal_type == "HOLD" and fc[2].reason == "unknown_symbol" and "DOGEUSDT" in fc[2].reason_detail
     assert fc[3].signal_type == "HOLD" and fc[3].reason == "market_data_invalid" and "close" in fc[3].reason_detail
     d = fc[0].to_dict()
@@ -360,6 +363,26 @@ def test_forecast_columns_equal_the_forecast_objects(trained, candle_slices):
         columns = forecast_frame(ens, feats, symbols, closes, data.open_time[:n], h)
         pd.testing.assert_frame_equal(columns, objects)
         assert set(objects["signal_type"]) >= {"HOLD"} and objects["reason"].notna().sum() >= 4
+    # Reasons too, with a confidence floor that turns some BUY/SELLs into low_confidence HOLDs:
+    # every HOLD has a code (forced ones and the models' own), BUY/SELL none, in both paths.
+    plain = ens.forecast_columns(feats, symbols, closes, data.open_time[:n], 72)
+    trades = plain["confidence"][np.isin(plain["signal_type"], ["BUY", "SELL"])]
+    assert len(trades) > 1, "the test models give no BUY/SELL to put a floor under"
+    floor = float(np.median(trades))
+    floored = Ensemble(ens.models, get_settings().model_copy(update={"signal_min_confidence": floor}))
+    for h in (6, 72):
+        objects = floored.forecast(feats, symbols, closes, data.open_time[:n], h)
+        columns = floored.forecast_columns(feats, symbols, closes, data.open_time[:n], h)
+        assert [f.reason for f in objects] == columns["reason"].tolist()
+        assert [f.reason_detail for f in objects] == columns["reason_detail"].tolist()
+        assert [f.signal_type for f in objects] == columns["signal_type"].tolist()
+        pd.testing.assert_frame_equal(forecast_frame(floored, feats, symbols, closes, data.open_time[:n], h),
+                                      forecasts_to_frame(objects))
+        assert all((f.reason is None) == (f.signal_type != "HOLD") for f in objects)
+        assert {f.reason for f in objects} >= {"model_hold", "features_unavailable", "unknown_symbol",
+                                                "market_data_invalid"}
+    assert any(f.reason == "low_confidence" for h in (6, 72)
+               for f in floored.forecast(feats, symbols, closes, data.open_time[:n], h))
 
 
 def test_evaluate_cli_json(trained, candle_slices):

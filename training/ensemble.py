@@ -18,9 +18,10 @@ Raw stage outputs (columns, see ``training.transforms``):
 - ``meta_model`` (n, 4): final P(SELL), P(HOLD), P(BUY) and the calibrated confidence of the argmax.
 
 Rows whose features are undefined (warm-up, a long data gap), whose symbol the model does not know
-or whose close is missing become HOLD with confidence 0, a ``reason`` code (``HOLD_REASONS``) and a
-``reason_detail`` for people; their range fields are NaN (serving answers 503 for them). Nothing is
-guessed.
+or whose close is missing become HOLD with confidence 0, a ``reason`` code (``FORCED_HOLD_REASONS``)
+and a ``reason_detail`` for people; their range fields are NaN (serving answers 503 for them). Nothing
+is guessed. A HOLD the models chose carries a code too (``MODEL_HOLD_REASONS``: ``model_hold``,
+``low_confidence``), so every HOLD says why; only BUY and SELL have ``reason`` None.
 
 Entry, take-profit and stop-loss: entry is the close; TP/SL are the ATR barriers of
 :func:`features.labels.barrier_distances` (``atr_14`` feature column, the same barriers the TP/SL
@@ -57,10 +58,23 @@ def booster_name(target: str, horizon: int, symbol: str | None = None) -> str:
 
 
 # The boosters behind each model's stage output, in output order.
-# Why a forecast is a forced HOLD (the ``reason`` field; None when the forecast is defined). The
-# serving layer adds ``market_data_gap`` and ``stale_market_data`` for requests while no candle arrives.
-HOLD_REASONS: tuple[str, ...] = ("features_unavailable", "unknown_symbol", "market_data_invalid",
-                                 "model_output_undefined")
+# Why a forecast is HOLD (the ``reason`` field; None for a BUY or SELL). Forced HOLDs have no
+# forecast (NaN ranges, confidence 0, no trade); the serving layer adds ``market_data_gap`` and
+# ``stale_market_data`` for requests while no candle arrives:
+#   features_unavailable    features undefined (warm-up, a long data gap)
+#   unknown_symbol          a symbol the models were not trained on
+#   market_data_invalid     the close is missing or not positive
+#   model_output_undefined  the models gave no finite output
+FORCED_HOLD_REASONS: tuple[str, ...] = ("features_unavailable", "unknown_symbol", "market_data_invalid",
+                                        "model_output_undefined")
+# HOLDs the models chose (the forecast is defined: ranges, probabilities, the would-be long's TP/SL):
+#   model_hold      the meta-model's most likely class is HOLD
+#   low_confidence  its most likely class is BUY or SELL, but the calibrated confidence is below
+#                   ``Settings.signal_min_confidence`` (MLE_SIGNAL_MIN_CONFIDENCE)
+MODEL_HOLD_REASONS: tuple[str, ...] = ("model_hold", "low_confidence")
+HOLD_REASONS: tuple[str, ...] = FORCED_HOLD_REASONS + MODEL_HOLD_REASONS
+
+_FORCED = frozenset(FORCED_HOLD_REASONS)
 
 MODEL_TARGETS: dict[str, tuple[str, ...]] = {"range_predictor": ("high", "low"),
                                              "tpsl_classifier": ("tp_long", "tp_short"),
@@ -246,7 +260,7 @@ class Ensemble:
         from these columns, and backtests over hundreds of thousands of rows use them directly
         (building an object per row cost most of a backtest's time). ``take_profit``/``stop_loss``
         are NaN where a Forecast has ``None``; ``reason`` (a code of ``HOLD_REASONS``) and
-        ``reason_detail`` are None where the forecast is defined.
+        ``reason_detail`` are None exactly for BUY and SELL.
         """
         horizon = self._check_horizon(horizon)
         features = np.asarray(features, dtype=np.float64)
@@ -291,6 +305,8 @@ class Ensemble:
         probs = np.where(ok[:, None], meta[:, :3], np.nan)
         k = np.argmax(np.where(ok[:, None], meta[:, :3], 0.0), axis=1) if n else np.zeros(0, dtype=np.int64)
         signal = np.where(ok, np.asarray(SIGNAL_CLASSES, dtype=object)[k], "HOLD").astype(object)
+        confidence = np.where(ok, meta[:, 3], 0.0)
+        self._model_holds(ok, signal, confidence, reason, detail)
         short = signal == "SELL"  # BUY, or HOLD reporting the would-be long, takes the long barriers
         with np.errstate(invalid="ignore"):
             tp = np.where(short, closes * (1 - tp_d), closes * (1 + tp_d))
@@ -302,10 +318,26 @@ class Ensemble:
             "low_lower": defined(rng[:, 3]), "low_upper": defined(rng[:, 5]),
             "p_tp_long": defined(tpsl[:, 0]), "p_tp_short": defined(tpsl[:, 1]),
             "signal_probs": probs, "signal_type": signal,
-            "confidence": np.where(ok, meta[:, 3], 0.0), "entry_price": closes,
+            "confidence": confidence, "entry_price": closes,
             "take_profit": defined(tp), "stop_loss": defined(sl), "reason": reason, "reason_detail": detail,
             "pred_high_mean_pct": defined(rng[:, 6]), "pred_low_mean_pct": defined(rng[:, 7]),
         }
+
+    def _model_holds(self, ok: np.ndarray, signal: np.ndarray, confidence: np.ndarray, reason: np.ndarray,
+                     detail: np.ndarray) -> None:
+        """The reasons of the HOLDs the models chose (in place): ``model_hold`` where the meta-model's
+        most likely class is HOLD; ``low_confidence`` where it is BUY or SELL below the confidence floor
+        (the signal becomes HOLD; its confidence stays the model's, so a client sees how far below)."""
+        floor = float(self.settings.signal_min_confidence)
+        held = ok & (signal == "HOLD")
+        weak = ok & (signal != "HOLD") & (confidence < floor)
+        reason[held], detail[held] = "model_hold", "the meta-model's most likely class is HOLD"
+        if weak.any():
+            for side in ("BUY", "SELL"):
+                rows = weak & (signal == side)
+                reason[rows] = "low_confidence"
+                detail[rows] = f"{side} below the confidence floor {floor:g} (MLE_SIGNAL_MIN_CONFIDENCE)"
+            signal[weak] = "HOLD"
 
     def compose(self, features: np.ndarray, symbols: Sequence[str], closes: Sequence[float],
                 candle_open_times: Sequence[int], horizon: int,
@@ -317,7 +349,7 @@ class Ensemble:
         lists = {k: v.tolist() for k, v in c.items()}  # Python floats/ints/strs, once per column
         forecasts: list[Forecast] = []
         for i in range(len(lists["symbol"])):
-            ok = lists["reason"][i] is None
+            ok = lists["reason"][i] not in _FORCED
             forecasts.append(Forecast(
                 lists["symbol"][i], horizon, lists["candle_open_time"][i], lists["close"][i],
                 lists["pred_high_pct"][i], lists["pred_low_pct"][i], lists["high_lower"][i],
