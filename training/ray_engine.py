@@ -22,12 +22,14 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from configs.settings import ModelConfig
+from features.errors import ConfigError
 from training.models import FitOutcome, fit_booster, xgb_params
 from training.pipeline import FitJob, run_fit_job
 from training.progress import log, progress
@@ -100,7 +102,8 @@ class RayEngine:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, num_workers: int = 1, cpus_per_fit: float = 1.0) -> None:
+    def __init__(self, address: str | None = None, num_workers: int = 1, cpus_per_fit: float = 1.0,
+                 storage_path: str | None = None) -> None:
         import ray
 
         t0 = time.perf_counter()
@@ -118,6 +121,11 @@ class RayEngine:
             self._started = True
         self.num_workers = max(1, int(num_workers))
         self.cpus_per_fit = cpus_per_fit
+        self.storage_path = storage_path
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        if storage_path is None and len(alive) > 1:
+            raise ConfigError(f"the Ray cluster has {len(alive)} nodes: give --storage-path a folder every node can "
+                              "reach (NFS, a shared disk or s3://...); a temporary folder exists on one node only")
         cluster_cpus = float(ray.cluster_resources().get("CPU", 1.0))
         self.cluster_cpus = cluster_cpus
         # XGBoost threads per trainer worker: the final refit runs alone, so the node's cores are shared
@@ -186,14 +194,21 @@ class RayEngine:
         dataset = ray.data.from_arrow(pa.table(columns))
         self.timings["data_load"] += time.perf_counter() - t0
 
-        storage = tempfile.mkdtemp(prefix="mle-ray-train-")
+        # Ray Train writes the run and its checkpoint under storage_path from whichever node holds the
+        # rank-0 worker, and this driver reads the checkpoint back: the folder must be one every node
+        # sees. A temporary folder is only that on a single-node cluster (checked in __init__).
+        own_storage = self.storage_path is None
+        storage = tempfile.mkdtemp(prefix="mle-ray-train-") if own_storage else self.storage_path
         t0 = time.perf_counter()
         trainer = XGBoostTrainer(
             _final_train_loop,
             train_loop_config={"jobs": list(jobs), "cfg": cfg, "x_columns": x_columns,
                                "nthread": max(1, int(self.worker_cpus))},
-            scaling_config=ScalingConfig(num_workers=self.num_workers, resources_per_worker={"CPU": 1}),
-            run_config=RunConfig(name="final-refit", storage_path=storage),
+            # SPREAD: one worker per node where the cluster has the nodes (each brings its own cores);
+            # on one node it packs as before.
+            scaling_config=ScalingConfig(num_workers=self.num_workers, resources_per_worker={"CPU": 1},
+                                         placement_strategy="SPREAD"),
+            run_config=RunConfig(name=f"final-refit-{uuid.uuid4().hex[:8]}", storage_path=storage),
             datasets={"train": dataset})
         log.info("%s: one XGBoostTrainer run, %d boosters, %d worker(s)", desc, len(jobs), self.num_workers)
         result = trainer.fit()
@@ -202,7 +217,8 @@ class RayEngine:
         with result.checkpoint.as_directory() as d:
             manifest = json.loads((Path(d) / "manifest.json").read_text())
             raw = {k: ((Path(d) / v["file"]).read_bytes(), int(v["rounds"])) for k, v in manifest.items()}
-        shutil.rmtree(storage, ignore_errors=True)
+        if own_storage:
+            shutil.rmtree(storage, ignore_errors=True)
         metrics = result.metrics or {}
         self.timings["checkpoint"] += time.perf_counter() - t1 + float(metrics.get("worker_checkpoint_s", 0.0))
         self.timings["trainer_run"] = fit_wall

@@ -90,7 +90,7 @@ def make_engine(args: argparse.Namespace) -> Engine:
         return PlainEngine(args.nthread)
     from training.ray_engine import RayEngine
 
-    return RayEngine(address=args.address, num_workers=args.num_workers)
+    return RayEngine(address=args.address, num_workers=args.num_workers, storage_path=args.storage_path)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -175,6 +175,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("plain", "ray"), default="plain")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local cluster)")
     p.add_argument("--num-workers", type=int, default=1, help="XGBoostTrainer workers (ScalingConfig)")
+    p.add_argument("--storage-path", default=None,
+                   help="ray engine: where Ray Train keeps its run and checkpoint, reachable from every node "
+                        "(a shared folder, NFS or s3://...; default: a temporary folder, single-node clusters only)")
     p.add_argument("--nthread", type=int, default=None,
                    help="plain engine: XGBoost threads per fit (default 1, with one fit per core in parallel)")
     p.add_argument("--start", default=None, help="ignore candles before this UTC date (after feature warm-up)")
