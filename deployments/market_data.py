@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ray import serve
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
@@ -241,7 +242,12 @@ class MarketFeed:
             await self._spawn(symbol)
 
     async def _spawn(self, symbol: str) -> None:
-        actor = MarketData.remote(symbol, self.router, self.overrides, self.last_seen.get(symbol))
+        # On this replica's node (soft: elsewhere if it cannot): the feed then lives and dies with
+        # its owner, and a cluster that keeps MarketFeed on the head never loses a feed to a worker
+        # node's failure (docs/operations.md, "Several nodes on one machine").
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        actor = MarketData.options(scheduling_strategy=here).remote(symbol, self.router, self.overrides,
+                                                                    self.last_seen.get(symbol))
         await actor.start.remote()
         self.actors[symbol] = actor
         self._watchers[symbol] = asyncio.create_task(self._watch(symbol, actor))
