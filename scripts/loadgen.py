@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import httpx
@@ -53,21 +53,22 @@ class LoadResult:
                 "errors": sorted({o.error or f"HTTP {o.status}" for o in bad})[:5]}
 
 
-def _check_loopback(url: str) -> None:
-    host = urlsplit(url).hostname
-    if host not in LOOPBACK:
-        raise ValueError(f"load is only ever sent to loopback, not {host!r}")
+def _check_loopback(url: str, allowed: Callable[[str], bool] | None = None) -> None:
+    """Loopback, or an address ``allowed`` accepts (a lab network's namespaces on this machine)."""
+    host = urlsplit(url).hostname or ""
+    if host not in LOOPBACK and not (allowed is not None and allowed(host)):
+        raise ValueError(f"load is only ever sent to loopback or this machine's lab network, not {host!r}")
 
 
 async def run_load(url: str, *, rate: float, duration_s: float, requests: list[dict[str, Any]],
                    headers: dict[str, str] | None = None, timeout_s: float = 10.0, max_requests: int = 100_000,
-                   stop: asyncio.Event | None = None) -> LoadResult:
+                   stop: asyncio.Event | None = None, allowed: Callable[[str], bool] | None = None) -> LoadResult:
     """Send ``rate`` requests per second (cycling through ``requests``: {"method", "path", "json"}).
 
     Stops after ``duration_s`` seconds, ``max_requests`` requests or when ``stop`` is set, then
     waits for the requests in flight. Returns every outcome.
     """
-    _check_loopback(url)
+    _check_loopback(url, allowed)
     result = LoadResult()
     interval = 1.0 / rate
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
