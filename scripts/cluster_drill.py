@@ -41,6 +41,7 @@ from configs.settings import PROJECT_DIR, load_settings
 from scripts import cluster_nodes as cn
 from scripts.lab_network import LabNetwork
 from scripts.loadgen import run_load
+from scripts.rollout import wait_http
 
 CANDLE_MS = 300_000
 SYMBOLS = ("BTCUSDT", "ETHUSDT")
@@ -53,21 +54,6 @@ def _say(msg: str) -> None:
 def requests_mix() -> list[dict[str, Any]]:
     return [{"method": "POST", "path": path, "json": {"symbol": s, "horizon": h}}
             for s in SYMBOLS for h in (6, 36) for path in ("/predictions", "/signals")]
-
-
-def wait_answering(url: str, key: str, timeout_s: float) -> float:
-    t0 = time.monotonic()
-    while True:
-        try:
-            r = httpx.post(f"{url}/predictions", json={"symbol": "BTCUSDT", "horizon": 6},
-                           headers={"X-API-Key": key}, timeout=10)
-            if r.status_code == 200:
-                return time.monotonic() - t0
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() - t0 > timeout_s:
-            raise TimeoutError(f"{url} did not answer POST /predictions with 200 within {timeout_s:.0f}s")
-        time.sleep(1)
 
 
 def proxies_answering(lab: LabNetwork, key: str) -> dict[str, int]:
@@ -212,7 +198,7 @@ def run_drill(args: argparse.Namespace, lab: LabNetwork, workdir: Path) -> dict[
         config, changes = cn.lab_serve_config(workdir, lab.nodes)
         cn.serve_deploy(lab, config, workdir)
         head_url = f"http://{lab.address(0)}:{cn.HTTP_PORT}"
-        wait_answering(head_url, key, args.start_timeout_s)
+        wait_http(head_url, key, args.start_timeout_s)
         out: dict[str, Any] = {"nodes": lab.nodes, "node_addresses": [lab.address(i) for i in range(lab.nodes)],
                                "serve_config_changes": changes, "start_s": round(time.monotonic() - t0, 1)}
         time.sleep(3)  # proxies on the other nodes learn the ingress replicas' addresses

@@ -231,16 +231,17 @@ def serve_deploy(lab: LabNetwork, config: Path, log_dir: Path) -> None:
         raise RuntimeError(f"serve deploy failed (exit {rc}); see {log_dir / 'serve-deploy.log'}")
 
 
+def _application(lab: LabNetwork) -> dict[str, Any]:
+    from scripts.rollout import serve_details
+
+    return serve_details(dashboard(lab)).get("applications", {}).get(APP) or {}
+
+
 def serve_replicas(lab: LabNetwork) -> dict[str, list[dict[str, Any]]]:
     """{deployment: [replica details]} as Serve reports them."""
-    r = httpx.get(f"{dashboard(lab)}/api/serve/applications/", headers=auth_headers(), timeout=30)
-    r.raise_for_status()
-    app = r.json().get("applications", {}).get(APP) or {}
-    return {name: d.get("replicas", []) for name, d in app.get("deployments", {}).items()}
+    return {name: d.get("replicas", []) for name, d in _application(lab).get("deployments", {}).items()}
 
 
 def app_status(lab: LabNetwork) -> tuple[str, dict[str, str]]:
-    r = httpx.get(f"{dashboard(lab)}/api/serve/applications/", headers=auth_headers(), timeout=30)
-    r.raise_for_status()
-    app = r.json().get("applications", {}).get(APP) or {}
+    app = _application(lab)
     return app.get("status", "NOT_STARTED"), {n: d["status"] for n, d in app.get("deployments", {}).items()}
