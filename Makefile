@@ -30,7 +30,7 @@ test: $(STAMP)
 # MLE_RAY_PORT (6380), deploys the Serve graph on MLE_HTTP_PORT (8000), replays the sample.
 # Ctrl-C / SIGTERM stops what it started. See README "make serve".
 serve: $(STAMP)
-	RAY_USAGE_STATS_ENABLED=0 $(PY) -m deployments.launcher
+	exec env RAY_USAGE_STATS_ENABLED=0 $(PY) -m deployments.launcher
 
 # The model set committed in data/models (what make serve installs when models/ has none): retrained
 # from scratch on the full history (~5 min on 2 cores). Run it after changing features, labels or

@@ -58,7 +58,7 @@ def _free_port_in_range(taken: set[int], lo: int = 20000, hi: int = 20999) -> in
 class Launcher:
     """``python -m deployments.launcher`` with its own ports, models, Redis db and spool."""
 
-    def __init__(self, tmp: Path, models: Path, extra_env: dict[str, str]) -> None:
+    def __init__(self, tmp: Path, models: Path, extra_env: dict[str, str], argv: list[str] | None = None) -> None:
         taken: set[int] = set()
         self.ray_port, self.http_port, self.dash_port = (_free_port_in_range(taken) for _ in range(3))
         self.log_path = tmp / "launcher.log"
@@ -69,8 +69,9 @@ class Launcher:
                     "MLE_REDIS_URL": "redis://127.0.0.1:6379/13", "MLE_SERVING_LOG": "",
                     "MLE_SPOOL_DIR": str(tmp / "spool"), **extra_env})
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "deployments.launcher", "--no-train"], cwd=tmp,
-                                     env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        argv = argv or [sys.executable, "-m", "deployments.launcher", "--no-train"]
+        self.proc = subprocess.Popen(argv, cwd=ROOT if argv[0] == "make" else tmp, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
         self.base = f"http://127.0.0.1:{self.http_port}"
         self.head_sid: int | None = None
 
@@ -239,5 +240,22 @@ def test_sigint_while_starting_stops_everything(models, tmp_path):
         assert "is serving on" not in launcher.log(), "the signal came too late to test the start-up"
         assert launcher.proc.returncode == 0, launcher.log()
         assert took <= STOP_BUDGET_S, f"SIGINT while starting: everything stopped after {took:.1f} s\n{launcher.log()}"
+    finally:
+        launcher.cleanup()
+
+
+@pytest.mark.timeout(420)
+def test_sigterm_to_make_serve_stops_everything(models, tmp_path):
+    """A supervisor signals the process it started: `make`. make passes SIGTERM to its recipe's
+    process, which must be the launcher itself (the recipe execs it), not a shell that dies and
+    leaves the launcher serving."""
+    launcher = Launcher(tmp_path, models, {}, argv=["make", "--no-print-directory", "serve"])
+    try:
+        launcher.wait_serving()
+        t0 = time.monotonic()
+        launcher.proc.terminate()
+        took = _wait_gone(launcher, t0)
+        assert took <= STOP_BUDGET_S, f"SIGTERM to make: everything stopped after {took:.1f} s"
+        launcher.proc.wait(timeout=10)
     finally:
         launcher.cleanup()
