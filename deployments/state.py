@@ -7,7 +7,6 @@ needs no hop to learn the current candle, its data age or its features).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -96,7 +95,3 @@ def iso_time(ms: int | None) -> str | None:
     if ms is None:
         return None
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def finite_or_none(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(float(x)) else float(x)

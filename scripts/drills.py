@@ -52,21 +52,6 @@ def connect(gcs_address: str | None) -> None:
         ray.init(address=gcs_address or "auto", namespace="serve", logging_level="ERROR", log_to_driver=False)
 
 
-def alive_actors(class_fragment: str) -> list[dict[str, Any]]:
-    from ray.util.state import list_actors
-
-    for attempt in range(5):  # the state API can time out on a saturated machine; it is only a lookup
-        try:
-            actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, detail=True, timeout=60)
-            break
-        except Exception:
-            if attempt == 4:
-                raise
-            time.sleep(2)
-    return [a.__dict__ if hasattr(a, "__dict__") else dict(a) for a in actors
-            if class_fragment in (a.class_name if hasattr(a, "class_name") else a["class_name"])]
-
-
 def my_actor_pids(title: str) -> list[int]:
     """PIDs of this cluster's actor processes titled ``title`` (e.g. "ray::MarketData").
 

@@ -182,13 +182,3 @@ def signal_metrics(y: np.ndarray, probs: np.ndarray, confidence: np.ndarray | No
     return {f"{prefix}_accuracy": _f(accuracy_score(yy, pred)),
             f"{prefix}_macro_f1": _f(f1_score(yy, pred, average="macro", labels=[0, 1, 2], zero_division=0)),
             "confidence_ece": _f(ece(conf, pred == yy))}
-
-
-def mean_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Average of numeric fields across rows (for summaries)."""
-    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)] if rows else []
-    out = {}
-    for k in keys:
-        vals = [r[k] for r in rows if isinstance(r.get(k), (int, float))]
-        out[k] = _f(float(np.mean(vals))) if vals else None
-    return out

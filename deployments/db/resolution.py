@@ -88,11 +88,6 @@ class CandleHistory:
         return idx, found
 
 
-def is_due(candle_open_time: np.ndarray, horizon: np.ndarray, last_open_time: int) -> np.ndarray:
-    """A row is due once candle t+h (the last of its window) has closed."""
-    return np.asarray(candle_open_time) + np.asarray(horizon) * FIVE_MINUTES_MS <= last_open_time
-
-
 def _windows(history: CandleHistory, idx: np.ndarray, found: np.ndarray, horizon: np.ndarray):
     """Per row: the (h,) highs/lows after it (ragged, so grouped by horizon) and completeness."""
     groups = []
