@@ -103,6 +103,11 @@ def _run_start_commands(cmds: list[str], tmp_path: Path) -> list[dict]:
     project.mkdir(parents=True)
     (project / ".env").write_text("MLE_HTTP_PORT=8123\nMLE_FEED=binance\n")
     (project / "serve_config.yaml").write_text((ROOT / "serve_config.yaml").read_text())
+    # The node's venv python: this interpreter with this checkout's code (renders the config for real).
+    venv_bin = project / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").write_text(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} \"$@\"\n")
+    (venv_bin / "python").chmod(0o755)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("ray", "serve"):
@@ -142,9 +147,15 @@ def test_head_starts_ray_on_6380_then_deploys_serve(cluster, tmp_path):
     assert calls[1]["env"]["MLE_HTTP_PORT"] == "8123" and calls[1]["env"]["MLE_FEED"] == "binance"
     assert calls[2]["env"]["RAY_AUTH_MODE"] == "token", "serve sends the token only in token mode"
     deploy = _click_parse(calls[2]["argv"])
-    assert deploy["config_or_import_path"] == "serve_config.yaml"
     assert deploy["address"] == "http://127.0.0.1:8265"
     assert calls[2]["cwd"].endswith("ml-engine")
+    # What is deployed is serve_config.yaml rendered for the node: every interface (not the file's
+    # 127.0.0.1, which no client or other node could reach), the .env port, fast ingress kept.
+    deployed = Path(calls[2]["cwd"]) / deploy["config_or_import_path"]
+    rendered = yaml.safe_load(deployed.read_text())
+    assert rendered["http_options"]["host"] == "0.0.0.0" and rendered["http_options"]["port"] == 8123
+    app_env = rendered["applications"][0]["runtime_env"]["env_vars"]
+    assert app_env["RAY_SERVE_ENABLE_HA_PROXY"] == app_env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
 
 
 def test_workers_join_the_head_on_6380(cluster, tmp_path):
