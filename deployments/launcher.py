@@ -266,13 +266,23 @@ def _environment() -> tuple[dict[str, str], bool]:
     return env, generated
 
 
+def _feed_note(settings: Settings, deployed: dict[str, Any]) -> str:
+    """The feed as the deployed graph reports it (/health/detailed ``market.config``): the Serve args
+    (e.g. serve_config.yaml's ``replay_speed: 60``) are not in this process's settings."""
+    feed = deployed.get("feed") or settings.feed
+    if feed == "replay":
+        speed = deployed.get("replay_speed", settings.replay_speed)
+        what = "replay as fast as possible" if not speed else f"replay at {speed:g}x real time"
+    else:
+        what = f"binance ({deployed.get('binance_api_url') or settings.binance_api_url})"
+    return f"{what}, feed from {(deployed.get('sources') or {}).get('feed', '?')}"
+
+
 def _banner(settings: Settings, base: str, key: str, generated: bool, health: dict, services: tuple[str, str]) -> str:
     key_note = (f"generated for this run: {key}  (set MLE_API_KEYS=k1,k2 to choose your own)" if generated
                 else "the first of MLE_API_KEYS")
     shown = key if generated else "${MLE_API_KEYS%%,*}"
-    feed = (health.get("market") or {}).get("config") or {}
-    feed_note = (f"replay at {settings.replay_speed:g}x" if settings.feed == "replay" else
-                 f"binance ({settings.binance_api_url})") + f", feed from {(feed.get('sources') or {}).get('feed', '?')}"
+    feed_note = _feed_note(settings, (health.get("market") or {}).get("config") or {})
     ingress = "HAProxy + throughput-optimized" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "Serve default proxy"
     return f"""
 ML Engine is serving on {base}   (OpenAPI docs: {base}/docs)

@@ -203,3 +203,17 @@ def test_print_config_binds_the_environments_address_and_honours_the_way_back():
     for env_vars in (back["controller_options"]["runtime_env"]["env_vars"],
                      back["applications"][0]["runtime_env"]["env_vars"]):
         assert env_vars["RAY_SERVE_ENABLE_HA_PROXY"] == env_vars["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+
+
+def test_launcher_banner_reports_the_deployed_feed_not_its_own_defaults():
+    """The banner said "replay at 0x" under `make serve`: the launcher's Settings have replay_speed 0
+    (as fast as possible), the deployed graph replays at serve_config.yaml's 60x."""
+    from configs.settings import Settings
+    from deployments.launcher import _feed_note
+
+    settings = Settings()
+    deployed = {"feed": "replay", "replay_speed": 60.0, "sources": {"feed": "args"}}
+    assert _feed_note(settings, deployed) == "replay at 60x real time, feed from args"
+    assert _feed_note(settings, {**deployed, "replay_speed": 0.0}).startswith("replay as fast as possible")
+    live = {"feed": "binance", "replay_speed": None, "binance_api_url": "http://127.0.0.1:9", "sources": {"feed": "env"}}
+    assert _feed_note(settings, live) == "binance (http://127.0.0.1:9), feed from env"
