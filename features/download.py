@@ -225,6 +225,15 @@ def call_with_retry(fn: Callable[[], T], what: str, retry: RetryPolicy = RetryPo
     raise AssertionError("unreachable")  # max_attempts >= 1 returns or raises above
 
 
+def exchange_time_ms(client: Client, retry: RetryPolicy = RetryPolicy()) -> int:
+    """Binance's clock (``GET /api/v3/time``), retried like every other request."""
+    answer = call_with_retry(client.get_server_time, f"GET {client.API_URL}/v3/time", retry)
+    try:
+        return int(answer["serverTime"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MarketDataError(f"GET {client.API_URL}/v3/time: no serverTime in {str(answer)[:200]}") from exc
+
+
 # --------------------------------------------------------------------------------------------
 # Paging and parsing
 # --------------------------------------------------------------------------------------------
@@ -378,14 +387,16 @@ def download_klines(symbol: str, interval: str, start_ms: int, end_ms: int | Non
                     out_dir: str | Path = DEFAULT_OUT_DIR, base_url: str | None = None, *,
                     retry: RetryPolicy = RetryPolicy(), timeout_s: float = 10.0,
                     checkpoint_pages: int = 100, progress: bool | None = None,
-                    clock: Callable[[], float] = time.time) -> Path:
+                    clock: Callable[[], float] | None = None) -> Path:
     """Download closed spot candles of ``symbol`` into ``{out_dir}/{SYMBOL}_{interval}.parquet``.
 
     Candles with ``start_ms <= open_time < end_ms`` (``end_ms`` None: up to now) are fetched; if
     the file exists, the download resumes after its last candle and appends. Pages are saved
     every ``checkpoint_pages`` pages and when the run fails, so a rerun resumes. ``base_url``
-    (default ``$MLE_BINANCE_API_URL``, else api.binance.com) picks the REST endpoint; ``clock``
-    (seconds since epoch) decides which candles are closed. Returns the file's path.
+    (default ``$MLE_BINANCE_API_URL``, else api.binance.com) picks the REST endpoint. Which candles
+    are closed is decided by the exchange's clock (``GET /api/v3/time``), not this machine's: a
+    local clock running ahead would store a candle that is still forming as if it were final.
+    ``clock`` (seconds since epoch) replaces it in tests. Returns the file's path.
 
     Raises :class:`MarketDataError` (Binance/network), :class:`CandleDataError` (bad data),
     :class:`ConfigError` (bad arguments).
@@ -394,16 +405,20 @@ def download_klines(symbol: str, interval: str, start_ms: int, end_ms: int | Non
     path = candle_path(out_dir, symbol, interval)
     existing = _read_existing(path, step)
     start = _resume_start(existing, int(start_ms), step, path)
-    now_ms = int(clock() * 1000)
+    client = make_client(base_url, timeout_s)
+    if end_ms is not None and start >= int(end_ms):
+        now_ms = int(end_ms)  # nothing to fetch: no need to ask the exchange what time it is
+    else:
+        now_ms = int(clock() * 1000) if clock is not None else exchange_time_ms(client, retry)
     stop = now_ms if end_ms is None else min(int(end_ms), now_ms)
     if start >= stop:
+        client.session.close()
         if existing is None:
             raise ConfigError(f"{symbol} {interval}: empty time range "
                               f"{_fmt_ms(start)} .. {_fmt_ms(stop)}")
         log.info("%s: up to date (nothing between %s and %s)", path, _fmt_ms(start), _fmt_ms(stop))
         return path
 
-    client = make_client(base_url, timeout_s)
     log.info("downloading %s %s from %s to %s via %s", symbol, interval, _fmt_ms(start),
              _fmt_ms(stop), client.API_URL)
     bar = _Progress(f"{symbol} {interval}", max(1, (stop - start) // step), progress)

@@ -106,6 +106,19 @@ def test_only_closed_candles_are_stored(fake: FakeBinance, source: pd.DataFrame,
     assert int(got["open_time"].iloc[-1]) == t(source, 1499)
 
 
+def test_the_exchanges_clock_decides_which_candles_are_closed(source: pd.DataFrame, tmp_path: Path) -> None:
+    """This machine's clock runs a day ahead; the exchange says candle 1500 is two minutes old (open):
+    only candles 0..1499 are stored. With the local clock deciding, the open one was stored too."""
+    server_now_ms = t(source, 1500) + 2 * 60_000
+    with FakeBinance({SYMBOL: source}, interval="5m", server_time_ms=lambda: server_now_ms) as fake:
+        path = download(fake, tmp_path, t(source, 0), None)
+        assert [r.path for r in fake.requests][0] == "/api/v3/time"
+
+    got = pd.read_parquet(path)
+    assert len(got) == 1500
+    assert int(got["open_time"].iloc[-1]) == t(source, 1499)
+
+
 # ---- resume -------------------------------------------------------------------------------
 
 def test_resume_appends_after_last_stored_candle(fake: FakeBinance, source: pd.DataFrame,
