@@ -207,12 +207,17 @@ class Settings(BaseSettings):
     log_retry_interval_s: float = Field(1.0, gt=0, le=300)  # how often an unreachable PostgreSQL is retried
     db_timeout_s: float = Field(5.0, gt=0, le=300)  # connect/statement timeout: a hung server counts as down
     spool_max_bytes: int = Field(1 << 30, ge=1 << 20)  # disk all spools under spool_dir (the node) may fill; beyond: dropped, counted
-    # Exchange fee per side (0.00075 = 7.5 bps, Binance spot taker with the BNB discount), paid on entry
-    # and exit: live outcomes (pnl_percent, R) and the backtest's default cost use the same figure.
-    fee_rate: float = Field(0.00075, ge=0, lt=0.05)
     drift_mae_margin: float = Field(0.25, ge=0)  # drift: live MAE > walk-forward MAE x (1 + margin) ...
     drift_min_samples: int = Field(200, ge=1)  # ... over at least this many resolved predictions ...
     drift_window: Literal["24h", "7d", "all"] = "24h"  # ... in this window
+
+    # Trading costs.
+    fee_profile: str = "spot_taker"  # a profile of configs/fees.yaml (docs/backtests.md "Costs"); sets the 3 below unless they are set
+    # Exchange fee per side, a fraction of the filled notional (0.00075 = 7.5 bps); None = the fee of fee_profile.
+    fee_rate: float | None = Field(None, ge=0, lt=0.05)
+    slippage_rate: float | None = Field(None, ge=0, lt=0.05)  # slippage per fill, against the trade; None = fee_profile's
+    # Annual interest of the base asset a spot short borrows (0.05 = 5 %/yr); None = fee_profile's (0 on futures).
+    borrow_rate: float | None = Field(None, ge=0, lt=10)
 
     # Serving graph, prediction cache and market replay (deployments/, issue 5).
     prediction_ttl_s: float = Field(0.0, ge=0)  # Redis expiry of a cached prediction; 0 = when the next candle closes
@@ -238,6 +243,17 @@ class Settings(BaseSettings):
     retrain_holdout_days: float | None = Field(None, gt=0)  # evaluation window; None = the last walk-forward fold
     retrain_history_days: int = Field(365, ge=30)  # history a first download fetches (later runs resume)
     retrain_log: Path = PROJECT_DIR / "var" / "retrain" / "decisions.jsonl"  # one JSON line per decision
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fee_profile(cls, data: Any) -> Any:
+        """Fill ``fee_rate``/``slippage_rate``/``borrow_rate`` from ``fee_profile`` where not set:
+        explicit values (keyword, MLE_*, .env) win over the profile's."""
+        if not isinstance(data, dict):
+            return data
+        from configs.fees import resolve_costs
+
+        return resolve_costs(data, data.get("config_dir") or os.environ.get("MLE_CONFIG_DIR"))
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -44,6 +44,7 @@ def test_cli_json_keys_and_report(registry, capsys, tmp_path):
     assert {"config", "out_of_sample", "candles", "forecasts", "hold_reasons", "buy_and_hold", "strategies"} <= set(res)
     assert res["out_of_sample"] is True and res["config"]["models_trained_until"] < "2025-11-10"
     assert res["config"]["fee_bps"] == 7.5 and res["config"]["slippage_bps"] == 2.0
+    assert res["config"]["fee_profile"] == "spot_taker" and res["config"]["borrow_rate_annual"] == 0.05
     assert set(res["strategies"]) == {"all_signals", "aggressive_filter", "conservative"}
     for s in res["strategies"].values():
         assert {"definition", "signals", "metrics", "per_symbol", "per_month", "calibration", "random_entry"} <= set(s)

@@ -1,7 +1,8 @@
 """``python -m training.backtest``: would these signals have made money — out of sample, after costs?
 
     python -m training.backtest --models models --candles BTCUSDT_5m.parquet ETHUSDT_5m.parquet \\
-        --start 2025-01-01 [--strategy aggressive_filter] [--fee-bps 7.5] [--slippage-bps 2] --json \\
+        --start 2025-01-01 [--strategy aggressive_filter] [--fee-profile spot_taker] [--fee-bps 7.5] \\
+        [--slippage-bps 2] --json \\
         [--report reports/bt] [--walk-forward]
 
 Signals come from ``training.ensemble.Ensemble.forecast`` (the code serving runs). Without
@@ -17,11 +18,13 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 
+from configs.fees import profile_costs
 from configs.settings import Settings, load_settings
 from configs.strategies import Strategy, load_strategies
 from features.build import build_features
@@ -45,9 +48,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strategy", action="append", default=None,
                    help="strategy name from configs/strategies.yaml (repeatable); default: all of them")
     p.add_argument("--strategies-file", type=Path, default=None, help="another strategies YAML file")
+    p.add_argument("--fee-profile", default=None,
+                   help="fee profile of configs/fees.yaml: spot_taker, spot_maker, futures_taker, futures_maker "
+                        "(default: Settings.fee_profile with its MLE_FEE_RATE/... overrides)")
     p.add_argument("--fee-bps", type=float, default=None,
-                   help="fee per fill, basis points of notional (default: Settings.fee_rate, 7.5)")
-    p.add_argument("--slippage-bps", type=float, default=2.0, help="slippage per fill, basis points (2)")
+                   help="fee per fill, basis points of notional (default: the fee profile's; spot_taker 7.5)")
+    p.add_argument("--slippage-bps", type=float, default=None,
+                   help="slippage per fill, basis points (default: the fee profile's; spot_taker 2)")
     p.add_argument("--random-seeds", type=int, default=100, help="seeds of the random-entry baseline (100)")
     p.add_argument("--seed", type=int, default=0, help="first seed of the random-entry baseline")
     p.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
@@ -75,6 +82,20 @@ def _pick_strategies(args: argparse.Namespace, settings: Settings) -> dict[str, 
     return {s: all_s[s] for s in dict.fromkeys(args.strategy)}
 
 
+def backtest_costs(args: argparse.Namespace, settings: Settings) -> Costs:
+    """Costs of this run: ``--fee-profile`` as configs/fees.yaml defines it (else Settings' profile with its
+    overrides), then ``--fee-bps``/``--slippage-bps`` on top (the most explicit choice wins)."""
+    if args.fee_profile is not None:
+        try:
+            costs = profile_costs(args.fee_profile, settings.config_dir)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    else:
+        costs = Costs.from_settings(settings)
+    changes = {k: v for k, v in (("fee_bps", args.fee_bps), ("slippage_bps", args.slippage_bps)) if v is not None}
+    return replace(costs, **changes) if changes else costs
+
+
 def _progress(total: int, desc: str):
     from tqdm import tqdm
 
@@ -86,8 +107,7 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> tuple[dic
     settings = settings or load_settings()
     t0 = time.perf_counter()
     strategies = _pick_strategies(args, settings)
-    fee_bps = round(settings.fee_rate * 1e4, 6) if args.fee_bps is None else args.fee_bps
-    costs = Costs(fee_bps, args.slippage_bps)
+    costs = backtest_costs(args, settings)
     start_ms, end_ms = to_ms(args.start), to_ms(args.end)
     candles = load_histories(parse_candle_args(args.candles))
     horizons = sorted({s.horizon for s in strategies.values()})
@@ -97,7 +117,8 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> tuple[dic
     models_dir = args.models or settings.models_dir
     config: dict[str, Any] = {"models": str(models_dir), "candles": list(args.candles), "symbols": sorted(candles),
                               "start": args.start, "end": args.end, "fee_bps": costs.fee_bps,
-                              "slippage_bps": costs.slippage_bps, "random_seeds": args.random_seeds,
+                              "slippage_bps": costs.slippage_bps, "fee_profile": costs.profile,
+                              "borrow_rate_annual": costs.borrow_rate_annual, "random_seeds": args.random_seeds,
                               "seed": args.seed, "walk_forward": bool(args.walk_forward),
                               "strategies": list(strategies)}
     wf_info = None

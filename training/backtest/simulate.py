@@ -22,9 +22,11 @@ Rules (docs/backtests.md says why):
 * One open position per symbol: a signal is taken only when the previous trade of that symbol
   has exited at or before the signal candle (the trade exits inside candle e, so a signal at e
   may enter at e+1). Among signals at the same candle, the most confident is taken.
-* Costs on both sides: the entry fills at ``open x (1 + side x slippage)``, the exit at
+* Costs on both sides (:func:`features.costs.net_return`, the definition labels and live outcomes
+  share): the entry fills at ``open x (1 + side x slippage)``, the exit at
   ``exit x (1 - side x slippage)``, and a fee of ``fee_bps`` of the filled notional is paid on
-  each fill.
+  each fill. A short on a spot profile pays borrow interest for the hours charged from the entry
+  candle's open to the exit candle's close (:func:`features.costs.borrow_hours`).
 * R: net profit per unit divided by the planned risk ``entry x sl_frac``. A stop hit without
   costs is exactly -1R; costs make every trade a little worse.
 """
@@ -38,7 +40,8 @@ import numpy as np
 import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
 
-from features.candles import segment_ids
+from features.candles import FIVE_MINUTES_MS, segment_ids
+from features.costs import Costs, borrow_hours, net_return  # Costs: re-exported (its old home)
 from features.labels import EXPIRED, SL, TP, first_touch
 
 # The simulator's input: one row per signal.
@@ -46,26 +49,6 @@ SIGNAL_COLUMNS: tuple[str, ...] = ("open_time", "symbol", "side", "confidence", 
 # Exit reasons in the trade table.
 OUTCOMES: tuple[str, ...] = ("tp", "sl", "expiry", "gap", "end")
 _CHUNK = 65_536  # rows per first_touch call: bounds the (rows x horizon) window copies
-
-
-@dataclass(frozen=True)
-class Costs:
-    """Trading costs per fill, in basis points of the filled notional/price."""
-
-    fee_bps: float = 7.5
-    slippage_bps: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not (0 <= self.fee_bps < 1000 and 0 <= self.slippage_bps < 1000):
-            raise ValueError("fee_bps and slippage_bps must be in [0, 1000)")
-
-    @property
-    def fee(self) -> float:
-        return self.fee_bps / 1e4
-
-    @property
-    def slippage(self) -> float:
-        return self.slippage_bps / 1e4
 
 
 def validate_signals(signals: pd.DataFrame) -> pd.DataFrame:
@@ -205,7 +188,8 @@ def simulate(candles: Mapping[str, pd.DataFrame], signals: pd.DataFrame, costs: 
         s = side[take]
         entry_fill = c["entry_price"] * (1 + s * costs.slippage)
         exit_fill = c["exit_price"] * (1 - s * costs.slippage)
-        pnl = s * (exit_fill - entry_fill) - costs.fee * (entry_fill + exit_fill)
+        hours = borrow_hours(m.t[c["entry_idx"]], m.t[c["exit_idx"]] + FIVE_MINUTES_MS - 1)
+        pnl = net_return(s, c["entry_price"], c["exit_price"], costs, hours) * c["entry_price"]
         risk = c["entry_price"] * sl_frac[take]
         gross = s * (c["exit_price"] - c["entry_price"])
         trades = pd.DataFrame({
