@@ -23,6 +23,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from configs.symbols import is_synthetic, synthetic_names
+
 
 CONFIG_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = CONFIG_DIR.parent
@@ -54,7 +56,10 @@ def _positive_unique(values: tuple[int, ...] | list[int], limit: int = MAX_FEATU
 
 
 class MarketConfig(Strict):
-    symbols: list[str] = ["BTCUSDT", "ETHUSDT"]
+    symbols: list[str] = ["BTCUSDT", "ETHUSDT"]  # any number; synthetic replay symbols (SYN001BTCUSDT) too
+    # N synthetic replay symbols added to `symbols` (configs/symbols.py): time-shifted copies of the
+    # real symbols listed, named SYN<copy><SOURCE>, for tests and benchmarks; the replay feed only.
+    synthetic_symbols: int = Field(0, ge=0, le=9990)
     horizons: list[int] = [6, 18, 36, 72]
     interval: Literal["5m"] = "5m"
 
@@ -66,7 +71,24 @@ class MarketConfig(Strict):
         for s in v:
             if not s.isalnum() or s.upper() != s:
                 raise ValueError(f"{s!r} is not an upper-case exchange symbol like BTCUSDT")
+        if len(set(v)) != len(v):
+            raise ValueError("symbols must be unique")
         return v
+
+    @model_validator(mode="after")
+    def _with_synthetic(self) -> "MarketConfig":
+        """``symbols`` then holds every symbol served, the synthetic ones included (idempotent: a
+        dumped and reloaded config does not add them twice)."""
+        names = synthetic_names(self.symbols, self.synthetic_symbols)
+        extra = [s for s in names if s not in self.symbols]
+        if extra:
+            object.__setattr__(self, "symbols", [*self.symbols, *extra])
+        return self
+
+    @property
+    def real_symbols(self) -> list[str]:
+        """The configured symbols an exchange lists (not synthetic): what training and downloads use."""
+        return [s for s in self.symbols if not is_synthetic(s)]
 
     @field_validator("horizons")
     @classmethod
@@ -331,6 +353,14 @@ class Settings(BaseSettings):
         if "*" in self.cors_origins and self.cors_allow_credentials:
             raise ValueError("MLE_CORS_ORIGINS: '*' with MLE_CORS_ALLOW_CREDENTIALS would let every web site make "
                              "credentialed calls; list the frontend's origins instead")
+        return self
+
+    @model_validator(mode="after")
+    def _check_synthetic(self) -> "Settings":
+        synthetic = [s for s in self.market.symbols if is_synthetic(s)]
+        if synthetic and self.feed != "replay":
+            raise ValueError(f"market.symbols: synthetic symbols ({synthetic[0]}, ... {len(synthetic)} in all) are "
+                             f"served by the replay feed only, not by MLE_FEED={self.feed}")
         return self
 
     @model_validator(mode="after")

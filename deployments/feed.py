@@ -23,8 +23,10 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from configs.symbols import is_synthetic
 from features.candles import FIVE_MINUTES_MS, load_candles
 from features.errors import MarketDataError
+from features.synthetic import synthetic_candles
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +212,13 @@ class ReplaySource:
 
     @classmethod
     def from_file(cls, symbol: str, path: str | Path, **kwargs: Any) -> "ReplaySource":
+        """Replay ``path``; for a synthetic symbol (SYN001BTCUSDT) its time-shifted copy
+        (features/synthetic.py), with the source named ``replay:<file>+<symbol>``."""
         df = load_candles(path)
         if df.empty:
             raise MarketDataError(f"{symbol}: replay file {path} holds no candles")
+        if is_synthetic(symbol):
+            return cls(symbol, synthetic_candles(symbol, df), source=f"replay:{Path(path).name}+{symbol}", **kwargs)
         return cls(symbol, df, source=f"replay:{Path(path).name}", **kwargs)
 
     # ---- control ---------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def ensure_models(settings: Settings, shipped: Path = SHIPPED_MODELS) -> None:
         _say(f"no models in {settings.models_dir}: installed the shipped set {versions['meta_model']} from {shipped} "
              "(trained on the full history; checksums and feature-set hash verified)")
         return
-    files = [str(settings.sample_dir / f"{s}_5m.parquet") for s in settings.market.symbols]
+    files = [str(settings.sample_dir / f"{s}_5m.parquet") for s in settings.market.real_symbols]
     _say(f"no models in {settings.models_dir} and {problem}: training the default set on the shipped "
          "30-day sample (weak models)")
     cmd = [sys.executable, "-m", "training.train", "--candles", *files, "--out", str(settings.models_dir)]

@@ -29,6 +29,7 @@ from ray import serve
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from configs.settings import Settings, load_settings
+from configs.symbols import real_symbol
 from deployments.binance_feed import BinanceSource
 from deployments.feed import CandleEvent, CandleWindow, FeedClock, ReplaySource
 from deployments.metrics import EngineMetrics
@@ -46,7 +47,11 @@ _STALE_REPLACES = frozenset({"starting", "streaming", "backfilling", "reconnecti
 
 
 def replay_file(settings: Settings, symbol: str):
-    return settings.replay_files.get(symbol) or settings.sample_dir / f"{symbol}_5m.parquet"
+    """The candle file ``symbol`` replays: ``replay_files``, else the sample of its real symbol (a
+    synthetic symbol replays a time-shifted copy of its source's file: configs/symbols.py)."""
+    source = real_symbol(symbol)
+    return (settings.replay_files.get(symbol) or settings.replay_files.get(source)
+            or settings.sample_dir / f"{source}_5m.parquet")
 
 
 def make_source(settings: Settings, symbol: str) -> ReplaySource | BinanceSource:

@@ -329,7 +329,8 @@ def test_ensemble_holds_with_reason_on_bad_rows(trained, candle_slices):
     assert math.isnan(fc[0].pred_high_pct) and fc[0].take_profit is None
     assert fc[1].reason in (None, "model_hold") and math.isfinite(fc[1].pred_high_pct)
     assert (fc[1].take_profit is not None) and (fc[1].reason is None) == (fc[1].signal_type != "HOLD")
-    assert fc[2].signal_type == "HOLD" and fc[2].reason == "unknown_symbol" and "DOGEUSDT" in fc[2].reason_detail
+    # A symbol the models do not know is forecast with the default symbol_id (configs.symbols.model_symbol).
+    assert fc[2].symbol == "DOGEUSDT" and math.isfinite(fc[2].pred_high_pct) and fc[2].reason != "unknown_symbol"
     assert fc[3].signal_type == "HOLD" and fc[3].reason == "market_data_invalid" and "close" in fc[3].reason_detail
     d = fc[0].to_dict()
     json.dumps(d, allow_nan=False)
@@ -381,8 +382,7 @@ def test_forecast_columns_equal_the_forecast_objects(trained, candle_slices):
         pd.testing.assert_frame_equal(forecast_frame(floored, feats, symbols, closes, data.open_time[:n], h),
                                       forecasts_to_frame(objects))
         assert all((f.reason is None) == (f.signal_type != "HOLD") for f in objects)
-        assert {f.reason for f in objects} >= {"model_hold", "features_unavailable", "unknown_symbol",
-                                                "market_data_invalid"}
+        assert {f.reason for f in objects} >= {"model_hold", "features_unavailable", "market_data_invalid"}
     assert any(f.reason == "low_confidence" for h in (6, 72)
                for f in floored.forecast(feats, symbols, closes, data.open_time[:n], h))
 

@@ -17,9 +17,10 @@ Raw stage outputs (columns, see ``training.transforms``):
 - ``signal_classifier`` (n, 3): P(SELL), P(HOLD), P(BUY);
 - ``meta_model`` (n, 4): final P(SELL), P(HOLD), P(BUY) and the calibrated confidence of the argmax.
 
-Rows whose features are undefined (warm-up, a long data gap), whose symbol the model does not know
-or whose close is missing become HOLD with confidence 0, a ``reason`` code (``FORCED_HOLD_REASONS``)
-and a ``reason_detail`` for people; their range fields are NaN (serving answers 503 for them). Nothing
+Rows whose features are undefined (warm-up, a long data gap) or whose close is missing become
+HOLD with confidence 0, a ``reason`` code (``FORCED_HOLD_REASONS``) and a ``reason_detail`` for
+people; their range fields are NaN (serving answers 503 for them); a symbol the models do not know
+takes a default ``symbol_id`` (``configs.symbols.model_symbol``). Nothing
 is guessed. A HOLD the models chose carries a code too (``MODEL_HOLD_REASONS``: ``model_hold``,
 ``low_confidence``), so every HOLD says why; only BUY and SELL have ``reason`` None.
 
@@ -40,6 +41,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from configs.settings import Settings
+from configs.symbols import model_symbol
 from features.errors import ModelLoadError, PredictionError
 from features.indicators import feature_names, feature_set_hash
 from features.labels import SIGNAL_CLASSES, barrier_distances
@@ -62,7 +64,8 @@ def booster_name(target: str, horizon: int, symbol: str | None = None) -> str:
 # forecast (NaN ranges, confidence 0, no trade); the serving layer adds ``market_data_gap`` and
 # ``stale_market_data`` for requests while no candle arrives:
 #   features_unavailable    features undefined (warm-up, a long data gap)
-#   unknown_symbol          a symbol the models were not trained on
+#   unknown_symbol          kept for clients; no longer produced: a symbol the models were not trained on
+#                           takes a default symbol_id (configs.symbols.model_symbol, docs/models.md)
 #   market_data_invalid     the close is missing or not positive
 #   model_output_undefined  the models gave no finite output
 FORCED_HOLD_REASONS: tuple[str, ...] = ("features_unavailable", "unknown_symbol", "market_data_invalid",
@@ -183,13 +186,14 @@ class Ensemble:
 
     # ---- stages ----------------------------------------------------------------------------------
     def model_input(self, features: np.ndarray, symbols: Sequence[str]) -> np.ndarray:
-        """Features plus the symbol column; an unknown symbol gets NaN (and becomes HOLD in compose)."""
+        """Features plus the symbol column; a symbol the model was not trained on gets the id of
+        :func:`configs.symbols.model_symbol` (its synthetic source, else the model's first symbol)."""
         features = np.asarray(features, dtype=np.float64)
         if features.ndim != 2 or features.shape[1] != len(self.feature_names):
             raise PredictionError(f"features must be (n, {len(self.feature_names)}), got {features.shape}")
         if len(symbols) != len(features):
             raise PredictionError(f"{len(symbols)} symbols for {len(features)} feature rows")
-        codes = np.array([self._symbol_code.get(s, np.nan) for s in symbols], dtype=np.float64)
+        codes = np.array([self._symbol_code[model_symbol(s, self.symbols)] for s in symbols], dtype=np.float64)
         return np.hstack([features, codes[:, None]])
 
     def _check_horizon(self, horizon: int) -> int:
@@ -280,7 +284,6 @@ class Ensemble:
 
         # Why a row has no forecast, in order of precedence (the first that applies is reported).
         missing = (~np.isfinite(features)).sum(axis=1) if n else np.zeros(0, dtype=np.int64)
-        known = np.array([s in self._symbol_code for s in symbols], dtype=bool)
         with np.errstate(invalid="ignore"):
             good_close = np.isfinite(closes) & (closes > 0)
         good_output = np.isfinite(rng[:, :len(RANGE_OUTPUTS)]).all(axis=1) & np.isfinite(meta).all(axis=1)
@@ -290,14 +293,11 @@ class Ensemble:
             reason[i], detail[i] = "model_output_undefined", "the models gave no finite output for this row"
         for i in np.flatnonzero(~good_close):
             reason[i], detail[i] = "market_data_invalid", "close price missing or not positive"
-        for i in np.flatnonzero(~known):
-            reason[i] = "unknown_symbol"
-            detail[i] = f"unknown symbol {symbols[i]!r}; the models know {list(self.symbols)}"
         for i in np.flatnonzero(missing > 0):
             reason[i] = "features_unavailable"
             detail[i] = (f"features undefined (warm-up or a long data gap): {int(missing[i])} of "
                          f"{features.shape[1]} values missing")
-        ok = (missing == 0) & known & good_close & good_output
+        ok = (missing == 0) & good_close & good_output
 
         def defined(values: np.ndarray) -> np.ndarray:
             return np.where(ok, values, np.nan)

@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.no_download:
             raise MLEngineError("--candles names fixed files: combine it with --no-download")
     else:
-        paths = pull_candles(settings, settings.market.symbols, Path(args.data_dir or settings.data_dir),
+        paths = pull_candles(settings, settings.market.real_symbols, Path(args.data_dir or settings.data_dir),
                              download=not args.no_download, base_url=args.base_url)
     histories = load_histories(paths)
     timings["candles"] = time.perf_counter() - t0
