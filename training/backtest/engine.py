@@ -14,7 +14,9 @@ import pandas as pd
 
 from configs.strategies import Strategy
 from training.backtest.baselines import buy_and_hold, random_entry_baseline
+from training.backtest.controls import isolating_baselines
 from training.backtest.metrics import calibration, per_month, summarize
+from training.backtest.portfolio import portfolio_summary
 from training.backtest.signals import SignalTable, period_mask
 from training.backtest.simulate import Costs, empty_trades, simulate
 from training.backtest.strategy import select_signals
@@ -34,8 +36,8 @@ def candles_in_period(candles: Mapping[str, pd.DataFrame], start_ms: int | None,
 
 def run_strategy(name: str, strategy: Strategy, candles: Mapping[str, pd.DataFrame], table: SignalTable,
                  costs: Costs, start_ms: int | None, end_ms: int | None, random_seeds: int = 100,
-                 first_seed: int = 0, progress: Any = None) -> StrategyRun:
-    """Select, simulate and summarise one strategy, with its random-entry baseline."""
+                 first_seed: int = 0, progress: Any = None, buy_and_hold_pct: float | None = None) -> StrategyRun:
+    """Select, simulate and summarise one strategy, with its baselines and portfolio figures."""
     chosen = select_signals(table.signals, strategy) if len(table.signals) else table.signals
     trades = simulate(candles, chosen, costs) if len(chosen) else empty_trades()
     n_candles = candles_in_period(candles, start_ms, end_ms)
@@ -50,6 +52,10 @@ def run_strategy(name: str, strategy: Strategy, candles: Mapping[str, pd.DataFra
         "random_entry": random_entry_baseline(candles, trades, table.eligible, costs, random_seeds, first_seed,
                                               progress, table.volatility or None),
     }
+    result["baselines"] = isolating_baselines(strategy, candles, trades, table.eligible, table.volatility,
+                                              table.eligible_features, costs, random_seeds, first_seed,
+                                              buy_and_hold_pct, result["metrics"]["return_pct_1x"])
+    result["portfolio"] = portfolio_summary(candles, trades, start_ms, end_ms, result["metrics"]["sharpe_per_trade"])
     return StrategyRun(name, strategy, trades, result)
 
 
@@ -57,14 +63,16 @@ def run_strategies(strategies: Mapping[str, Strategy], candles: Mapping[str, pd.
                    costs: Costs, start_ms: int | None, end_ms: int | None, random_seeds: int = 100,
                    first_seed: int = 0, progress: Any = None) -> tuple[dict[str, Any], dict[str, StrategyRun]]:
     """Every strategy over one signal table, plus buy-and-hold of the same period: ``(json, runs)``."""
-    runs = {name: run_strategy(name, s, candles, table, costs, start_ms, end_ms, random_seeds, first_seed, progress)
+    bh = buy_and_hold(candles, start_ms, end_ms, costs)
+    runs = {name: run_strategy(name, s, candles, table, costs, start_ms, end_ms, random_seeds, first_seed, progress,
+                               bh["return_pct"])
             for name, s in strategies.items()}
     n_candles = candles_in_period(candles, start_ms, end_ms)
     out = {
         "candles": n_candles,
         "forecasts": table.counts,
         "hold_reasons": table.hold_reasons,
-        "buy_and_hold": buy_and_hold(candles, start_ms, end_ms, costs),
+        "buy_and_hold": bh,
         "strategies": {name: r.result for name, r in runs.items()},
     }
     return out, runs

@@ -80,6 +80,34 @@ def _calibration_png(bins: list[dict[str, Any]], path: Path, title: str) -> None
     plt.close(fig)
 
 
+def _mean_sd(b: Mapping[str, Any] | None) -> str:
+    t = (b or {}).get("total_r") or {}
+    if not t:
+        return "–"
+    return f"{_fmt(t.get('mean'), 1)} ± {_fmt(t.get('std'), 1)} ({_fmt((b or {}).get('strategy_sd_above'), 1)} sd)"
+
+
+def _baselines_table(result: Mapping[str, Any]) -> list[str]:
+    """Total R against the baselines that isolate the model, and the portfolio's per-day Sharpe."""
+    lines = ["Baselines that isolate the model: random entries among the candles passing the strategy's filters "
+             "on the same side (filter-only), always-long / always-short at random candles with the same "
+             "barriers; `(x sd)` is how far the strategy's total R lies above the baseline's mean. Portfolio: "
+             "positions marked to market per 5-minute step (simultaneous symbols together), per-day Sharpe "
+             "with a moving-block bootstrap interval.", "",
+             "| strategy | total R | filter-only total R | always-long | always-short | beats buy-and-hold "
+             "| Sharpe/day [interval] | Sharpe/day if trades were independent |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, s in result.get("strategies", {}).items():
+        b, pf = s.get("baselines") or {}, s.get("portfolio") or {}
+        ci = pf.get("sharpe_daily_ci") or [None, None]
+        lines.append(f"| {name} | {_fmt(s['metrics']['total_r'], 1)} | {_mean_sd(b.get('filter_only'))} "
+                     f"| {_mean_sd(b.get('always_long'))} | {_mean_sd(b.get('always_short'))} "
+                     f"| {_fmt((b.get('buy_and_hold') or {}).get('strategy_beats'))} "
+                     f"| {_fmt(pf.get('sharpe_daily'))} [{_fmt(ci[0])}, {_fmt(ci[1])}] "
+                     f"| {_fmt(pf.get('sharpe_daily_if_independent'))} |")
+    return lines + [""]
+
+
 def write_report(result: Mapping[str, Any], trades: Mapping[str, pd.DataFrame], out_dir: str | Path) -> Path:
     """Write ``report.md``, one PNG per plot, ``result.json`` and ``trades_<strategy>.csv``."""
     out = Path(out_dir)
@@ -118,6 +146,7 @@ def write_report(result: Mapping[str, Any], trades: Mapping[str, pd.DataFrame], 
             f"| {_fmt(m['exposure'])} | {_fmt(m['return_pct_1x'], 2)} | {_fmt(rt.get('mean'), 1)} ± {_fmt(rt.get('std'), 1)} "
             f"| {_fmt(ra.get('mean'))} | {_fmt(rg.get('mean'))} | {_fmt(rnd.get('strategy_beats_share'), 2)} |")
     lines.append("")
+    lines += _baselines_table(result)
     for name, s in result.get("strategies", {}).items():
         tr = trades.get(name)
         lines += [f"## {name}", "", s["definition"]["description"], "",

@@ -43,6 +43,9 @@ class SignalTable:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # per horizon: BUY/SELL/HOLD of rows forecast
     hold_reasons: dict[str, int] = field(default_factory=dict)
     volatility: dict[str, np.ndarray] = field(default_factory=dict)  # ATR/close at the eligible times
+    # The strategies' filter features (and ATR/close) at the eligible times: the filter-only baseline
+    # draws its random entries from the eligible candles whose features pass a strategy's filters.
+    eligible_features: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 def period_mask(open_time: np.ndarray, start_ms: int | None, end_ms: int | None) -> np.ndarray:
@@ -144,6 +147,7 @@ def signal_table(forecaster: Forecaster, candles: Mapping[str, pd.DataFrame], fe
     parts: list[pd.DataFrame] = []
     eligible: dict[str, np.ndarray] = {}
     volatility: dict[str, np.ndarray] = {}
+    eligible_features: dict[str, pd.DataFrame] = {}
     feature_columns = list(dict.fromkeys([*feature_columns, VOL_COLUMN]))  # baselines rescale by it
     counts: dict[str, dict[str, int]] = {str(h): {"BUY": 0, "SELL": 0, "HOLD": 0} for h in horizons}
     reasons: dict[str, int] = {}
@@ -153,6 +157,7 @@ def signal_table(forecaster: Forecaster, candles: Mapping[str, pd.DataFrame], fe
         defined = defined_rows(c, features[symbol], start_ms, end_ms)
         eligible[symbol] = t[defined]
         volatility[symbol] = features[symbol][VOL_COLUMN].to_numpy(np.float64)[defined]
+        eligible_features[symbol] = features[symbol].iloc[defined][feature_columns].reset_index(drop=True)
         close = c["close"].to_numpy(np.float64)
         feat_cols = {name: features[symbol][name].to_numpy(np.float64) for name in feature_columns}
         for h in horizons:
@@ -182,4 +187,4 @@ def signal_table(forecaster: Forecaster, candles: Mapping[str, pd.DataFrame], fe
                     progress.update(len(trade))
     signals = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
         columns=["open_time", "symbol", "side", "confidence", "tp_frac", "sl_frac", "horizon"])
-    return SignalTable(signals, eligible, counts, reasons, volatility)
+    return SignalTable(signals, eligible, counts, reasons, volatility, eligible_features)

@@ -39,6 +39,26 @@ def select_signals(signals: pd.DataFrame, strategy: Strategy) -> pd.DataFrame:
     return signals[keep]
 
 
+def passes_filters(features: pd.DataFrame, strategy: Strategy, side: int) -> np.ndarray:
+    """Rows whose feature row passes every filter of the strategy for a trade of ``side`` (+1/-1).
+
+    The feature half of :func:`select_signals` (no confidence floor, no reward/risk: those belong to a
+    forecast). The filter-only baseline draws its random entries from these rows.
+    """
+    ok = np.ones(len(features), bool)
+    for f in strategy.filters:
+        v = features[f.feature].to_numpy(np.float64)
+        if f.with_side:
+            v = v * side
+        cond = np.isfinite(v)
+        if f.min is not None:
+            cond &= v >= f.min
+        if f.max is not None:
+            cond &= v <= f.max
+        ok &= cond
+    return ok
+
+
 def candidate_rows(features: pd.DataFrame, strategy: Strategy) -> np.ndarray:
     """Rows whose features could pass the strategy's filters for at least one of its sides.
 
@@ -51,16 +71,5 @@ def candidate_rows(features: pd.DataFrame, strategy: Strategy) -> np.ndarray:
         return np.ones(n, bool)
     any_side = np.zeros(n, bool)
     for s in strategy.sides:
-        ok = np.ones(n, bool)
-        for f in strategy.filters:
-            v = features[f.feature].to_numpy(np.float64)
-            if f.with_side:
-                v = v * _SIDE[s]
-            cond = np.isfinite(v)
-            if f.min is not None:
-                cond &= v >= f.min
-            if f.max is not None:
-                cond &= v <= f.max
-            ok &= cond
-        any_side |= ok
+        any_side |= passes_filters(features, strategy, _SIDE[s])
     return any_side

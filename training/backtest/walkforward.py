@@ -123,6 +123,9 @@ def walk_forward_table(candles: Mapping[str, pd.DataFrame], features: Mapping[st
     check_unseen(signals, periods, embargo_candles)
     eligible = {s: np.concatenate([t.eligible.get(s, np.zeros(0, np.int64)) for t in tables]) for s in candles}
     volatility = {s: np.concatenate([t.volatility.get(s, np.zeros(0)) for t in tables]) for s in candles}
+    eligible_features = {s: pd.concat([t.eligible_features[s] for t in tables if s in t.eligible_features],
+                                      ignore_index=True) for s in candles
+                         if any(s in t.eligible_features for t in tables)}
     counts: dict[str, dict[str, int]] = {}
     reasons: dict[str, int] = {}
     for t in tables:
@@ -132,7 +135,7 @@ def walk_forward_table(candles: Mapping[str, pd.DataFrame], features: Mapping[st
                 counts[h][k] += v
         for k, v in t.hold_reasons.items():
             reasons[k] = reasons.get(k, 0) + v
-    return SignalTable(signals, eligible, counts, reasons, volatility), info
+    return SignalTable(signals, eligible, counts, reasons, volatility, eligible_features), info
 
 
 def trained_until(metadata: Mapping[str, Mapping[str, Any]]) -> int | None:
