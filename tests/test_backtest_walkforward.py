@@ -145,10 +145,12 @@ def test_report_renders(recent, tmp_path):
     path = write_report(result, {n: r.trades for n, r in runs.items()}, tmp_path / "rep")
     text = path.read_text()
     assert "| strategy | trades |" in text and "## all_signals" in text and "| month |" in text
-    assert "| strategy | total R | filter-only total R |" in text
+    assert "| strategy | total R | filter-only total R |" in text and "| rows | probability → event |" in text
+    assert set(body["calibration_by_horizon"]) == {"36", "72"}
     for s in body["strategies"].values():  # issue 15's baselines and portfolio figures beside the old keys
         assert {"filter_only", "always_long", "always_short", "buy_and_hold"} <= set(s["baselines"])
         assert {"sharpe_daily", "sharpe_daily_ci", "daily_r_corr_between_symbols"} <= set(s["portfolio"])
+        assert {"BUY", "SELL", "direction_auc"} <= set(s["calibration_by_class"])
     pngs = sorted((tmp_path / "rep").glob("*.png"))
     traded = [n for n, r in runs.items() if len(r.trades)]
     assert "all_signals" in traded

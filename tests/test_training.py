@@ -418,6 +418,7 @@ def test_evaluate_cli_json(trained, candle_slices):
             lo, hi = r[f"{k}_ci"]
             assert lo < hi and lo - 0.2 < r[k] < hi + 0.2, (k, lo, r[k], hi)
         assert r["pinball_high"] > 0 and r["har_pinball_low"] > 0
+        assert {"ece_buy", "ece_sell", "reliability_buy", "reliability_sell", "direction_auc", "direction_n"} <= set(r)
         for s in ("high", "low"):  # the gain is on the rows both forecasts cover (HAR needs a week's history)
             lo, hi = r[f"r2_mean_gain_{s}_ci"]
             assert lo < hi

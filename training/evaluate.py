@@ -23,6 +23,7 @@ import pandas as pd
 
 from configs.settings import Settings, get_settings
 from features.errors import MLEngineError
+from training.backtest.calibration import class_calibration_rows
 from training.data import Prepared, load_histories, parse_candle_args, prepare, to_ms
 from training.ensemble import Ensemble
 from training.extras import require
@@ -131,6 +132,9 @@ def evaluate(ensemble: Ensemble, candles: Mapping[str, pd.DataFrame], settings: 
                 meta = out["meta_model"][r]
                 y_sig = lab[f"signal_{h}"].to_numpy()[r]
                 row.update(signal_metrics(y_sig, meta[:, :3], meta[:, 3], prefix="signal"))
+                tpsl = out["tpsl_classifier"][r]  # issue 15 point 5: per-class ECE, direction AUC
+                row.update(class_calibration_rows(y_sig, meta[:, 0], meta[:, 2], lab[f"tp_long_{h}"].to_numpy()[r],
+                                                  lab[f"tp_short_{h}"].to_numpy()[r], tpsl[:, 0], tpsl[:, 1]))
                 cls = signal_metrics(y_sig, out["signal_classifier"][r], prefix="classifier")
                 row.update({k: v for k, v in cls.items() if k != "confidence_ece"})
                 t = data.open_time[r]
@@ -166,6 +170,10 @@ def conditional_coverage_plot(path: Path, row: Mapping[str, Any], title: str) ->
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def _fmt4(v: float | None) -> str:
+    return "" if v is None else f"{v:.4f}"
 
 
 def write_report(out_dir: Path, rows: list[dict[str, Any]], kept: dict, ensemble: Ensemble) -> Path:
@@ -207,6 +215,12 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], kept: dict, ensemble
                          f"{f('har_pinball_high', 6)} | {f('pinball_low', 6)} | {f('har_pinball_low', 6)} | "
                          f"{ci('coverage_high', 3)} | {ci('coverage_low', 3)} |")
     lines += har_lines
+    lines += ["", "## Per class: calibration (equal-mass bins) and direction", "",
+              "ECE of the meta-model's p(BUY) for label BUY and p(SELL) for label SELL over every row; direction AUC "
+              "of p_tp_long − p_tp_short on the rows where one side's take-profit came first.", "",
+              "| symbol | h | ECE BUY | ECE SELL | direction AUC | rows with a direction |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['symbol']} | {r['horizon']} | {_fmt4(r.get('ece_buy'))} | {_fmt4(r.get('ece_sell'))} "
+              f"| {_fmt4(r.get('direction_auc'))} | {r.get('direction_n')} |" for r in rows]
     if any(r.get("overlaps_training") for r in rows):
         lines += ["", "**Warning: the evaluated period overlaps the models' training data (in-sample figures).**"]
     for (symbol, h), k in sorted(kept.items()):

@@ -175,6 +175,11 @@ def _text(result: dict[str, Any]) -> str:
         lines.append(f"  {name:18s} trades {m['trades']:6d}  win {m['win_rate']}  avg R {m['avg_r']}  "
                      f"total R {m['total_r']}  PF {m['profit_factor']}  maxDD {m['max_drawdown_r']} R  "
                      f"| random total R {rt.get('mean')} ± {rt.get('std')}  beats {rnd.get('strategy_beats_share')}")
+        fo = (s.get("baselines") or {}).get("filter_only") or {}
+        pf = s.get("portfolio") or {}
+        lines.append(f"  {'':18s} filter-only total R {(fo.get('total_r') or {}).get('mean')} ± "
+                     f"{(fo.get('total_r') or {}).get('std')} (strategy {fo.get('strategy_sd_above')} sd above)  "
+                     f"Sharpe/day {pf.get('sharpe_daily')} {pf.get('sharpe_daily_ci')}")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 
 from configs.strategies import Strategy
 from training.backtest.baselines import buy_and_hold, random_entry_baseline
+from training.backtest.calibration import class_calibration
 from training.backtest.controls import isolating_baselines
 from training.backtest.metrics import calibration, per_month, summarize
 from training.backtest.portfolio import portfolio_summary
@@ -55,8 +56,19 @@ def run_strategy(name: str, strategy: Strategy, candles: Mapping[str, pd.DataFra
     result["baselines"] = isolating_baselines(strategy, candles, trades, table.eligible, table.volatility,
                                               table.eligible_features, costs, random_seeds, first_seed,
                                               buy_and_hold_pct, result["metrics"]["return_pct_1x"])
+    result["calibration_by_class"] = class_calibration(trades)
     result["portfolio"] = portfolio_summary(candles, trades, start_ms, end_ms, result["metrics"]["sharpe_per_trade"])
     return StrategyRun(name, strategy, trades, result)
+
+
+def calibration_by_horizon(candles: Mapping[str, pd.DataFrame], table: SignalTable, costs: Costs) -> dict[str, Any]:
+    """Per horizon, :func:`class_calibration` of every BUY/SELL signal the backtest forecast, each
+    resolved as if it alone were traded (out of sample when the run is; more rows than any strategy)."""
+    sig = table.signals
+    if not len(sig):
+        return {}
+    return {str(int(h)): class_calibration(simulate(candles, g, costs, one_position=False))
+            for h, g in sig.groupby("horizon", sort=True)}
 
 
 def run_strategies(strategies: Mapping[str, Strategy], candles: Mapping[str, pd.DataFrame], table: SignalTable,
@@ -73,6 +85,7 @@ def run_strategies(strategies: Mapping[str, Strategy], candles: Mapping[str, pd.
         "forecasts": table.counts,
         "hold_reasons": table.hold_reasons,
         "buy_and_hold": bh,
+        "calibration_by_horizon": calibration_by_horizon(candles, table, costs),
         "strategies": {name: r.result for name, r in runs.items()},
     }
     return out, runs

@@ -108,6 +108,24 @@ def _baselines_table(result: Mapping[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _class_calibration_table(result: Mapping[str, Any]) -> list[str]:
+    """Per-class ECE (equal-mass bins) and direction AUC: every signal per horizon, and each strategy's trades."""
+    rows = [(f"all signals, h = {h}", c) for h, c in (result.get("calibration_by_horizon") or {}).items()]
+    rows += [(name, s.get("calibration_by_class") or {}) for name, s in result.get("strategies", {}).items()]
+    if not rows:
+        return []
+    lines = ["Calibration per class (10 equal-mass bins; each probability against the event it states) and the "
+             "direction AUC of p_tp_long − p_tp_short on trades that hit a barrier.", "",
+             "| rows | probability → event | BUY n | BUY ECE | SELL n | SELL ECE | direction AUC (n) |",
+             "|---|---|---|---|---|---|---|"]
+    for label, c in rows:
+        b, sl = c.get("BUY") or {}, c.get("SELL") or {}
+        lines.append(f"| {label} | {c.get('probability')} → {c.get('event')} | {_fmt(b.get('n'))} "
+                     f"| {_fmt(b.get('ece'))} | {_fmt(sl.get('n'))} | {_fmt(sl.get('ece'))} "
+                     f"| {_fmt(c.get('direction_auc'))} ({c.get('direction_n')}) |")
+    return lines + [""]
+
+
 def write_report(result: Mapping[str, Any], trades: Mapping[str, pd.DataFrame], out_dir: str | Path) -> Path:
     """Write ``report.md``, one PNG per plot, ``result.json`` and ``trades_<strategy>.csv``."""
     out = Path(out_dir)
@@ -147,6 +165,7 @@ def write_report(result: Mapping[str, Any], trades: Mapping[str, pd.DataFrame], 
             f"| {_fmt(ra.get('mean'))} | {_fmt(rg.get('mean'))} | {_fmt(rnd.get('strategy_beats_share'), 2)} |")
     lines.append("")
     lines += _baselines_table(result)
+    lines += _class_calibration_table(result)
     for name, s in result.get("strategies", {}).items():
         tr = trades.get(name)
         lines += [f"## {name}", "", s["definition"]["description"], "",

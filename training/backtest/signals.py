@@ -59,6 +59,8 @@ def period_mask(open_time: np.ndarray, start_ms: int | None, end_ms: int | None)
 
 _FORECAST_FIELDS = ("candle_open_time", "signal_type", "confidence", "entry_price", "take_profit", "stop_loss",
                     "signal_probs", "p_tp_long", "p_tp_short", "reason")
+# Carried into the signal table when the forecaster gives them (issue 15's cost-aware signal fields).
+OPTIONAL_FIELDS = ("p_win", "expected_r", "cost_r")
 
 
 def forecast_frame(forecaster: Forecaster, features: np.ndarray, symbols: Sequence[str], closes: np.ndarray,
@@ -89,6 +91,7 @@ def _frame(c: Mapping[str, Any]) -> pd.DataFrame:
         "p_tp_long": np.asarray(c["p_tp_long"], dtype=np.float64),
         "p_tp_short": np.asarray(c["p_tp_short"], dtype=np.float64),
         "reason": pd.Series(c["reason"], dtype=object),
+        **{k: _floats(list(c[k])) for k in OPTIONAL_FIELDS if k in c and c[k] is not None},
     })
 
 
@@ -99,6 +102,9 @@ def _floats(values: list[Any]) -> np.ndarray:
 def forecasts_to_frame(forecasts: Sequence[Any]) -> pd.DataFrame:
     """The columns of a Forecast list the backtest uses (``attrgetter`` per field: C-speed gathering)."""
     cols: dict[str, Any] = {name: list(map(attrgetter(name), forecasts)) for name in _FORECAST_FIELDS}
+    for name in OPTIONAL_FIELDS:
+        if forecasts and hasattr(forecasts[0], name):
+            cols[name] = [getattr(f, name) for f in forecasts]
     cols["take_profit"], cols["stop_loss"] = _floats(cols["take_profit"]), _floats(cols["stop_loss"])
     return _frame(cols)
 
@@ -178,7 +184,8 @@ def signal_table(forecaster: Forecaster, candles: Mapping[str, pd.DataFrame], fe
                     "open_time": fc["open_time"].to_numpy(), "symbol": symbol, "side": side,
                     "confidence": fc["confidence"].to_numpy(), "tp_frac": side * ratio_tp, "sl_frac": -side * ratio_sl,
                     "horizon": int(h),
-                    **{k: fc[k].to_numpy(np.float64) for k in ("p_sell", "p_hold", "p_buy", "p_tp_long", "p_tp_short")},
+                    **{k: fc[k].to_numpy(np.float64) for k in ("p_sell", "p_hold", "p_buy", "p_tp_long", "p_tp_short",
+                                                               *OPTIONAL_FIELDS) if k in fc},
                     **{name: col[r] for name, col in feat_cols.items()},
                     **(dict(tag) if tag else {}),
                 })

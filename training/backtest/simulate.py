@@ -144,12 +144,14 @@ def _one_position(sig_idx: np.ndarray, exit_idx: np.ndarray) -> np.ndarray:
     return np.asarray(taken, dtype=np.int64)
 
 
-def simulate(candles: Mapping[str, pd.DataFrame], signals: pd.DataFrame, costs: Costs = Costs()) -> pd.DataFrame:
+def simulate(candles: Mapping[str, pd.DataFrame], signals: pd.DataFrame, costs: Costs = Costs(),
+             one_position: bool = True) -> pd.DataFrame:
     """Trades (one row each, by entry time) from a signal table over validated candles per symbol.
 
     Extra signal columns (probabilities, features) are carried into the trade table. Signals for a
     candle that is not in ``candles`` raise ``ValueError``; signals on the last candle of a segment
-    (no next open) are dropped.
+    (no next open) are dropped. ``one_position=False`` resolves every signal as if it alone were
+    traded (overlapping trades: for calibration of every signal, never for P&L).
     """
     validate_signals(signals)
     out: list[pd.DataFrame] = []
@@ -182,7 +184,7 @@ def simulate(candles: Mapping[str, pd.DataFrame], signals: pd.DataFrame, costs: 
             res = _walk(m, sidx[rows], side[rows], tp_frac[rows], sl_frac[rows], int(h))
             for key, v in res.items():
                 cols.setdefault(key, np.zeros(len(sig), v.dtype))[rows] = v
-        take = _one_position(sidx, cols["exit_idx"])
+        take = _one_position(sidx, cols["exit_idx"]) if one_position else np.arange(len(sidx))
         cand = sig.iloc[take]
         c = {k: v[take] for k, v in cols.items()}
         s = side[take]
