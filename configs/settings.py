@@ -222,6 +222,7 @@ class Settings(BaseSettings):
     binance_api_url: str = "https://api.binance.com/api"
     binance_ws_url: str = "wss://stream.binance.com:9443/ws"
     max_data_age_s: float = Field(900.0, gt=0)  # older market data makes the engine answer 503
+    feed_symbols_per_actor: int = Field(25, ge=1, le=1000)  # symbols one MarketData actor (process) streams
 
     # Prediction and signal logs, outcome resolution, live accuracy (deployments/db, issue 6).
     log_batch_size: int = Field(2000, ge=1, le=100_000)  # rows per INSERT
@@ -249,6 +250,9 @@ class Settings(BaseSettings):
     signal_min_confidence: float = Field(0.0, ge=0, le=1)
     replay_files: dict[str, Path] = {}  # symbol -> candle file to replay; default: sample_dir/{SYMBOL}_5m.parquet
     replay_history: int = Field(1000, ge=0)  # candles loaded at once before streaming (>= WARMUP: predictions at once)
+    # FeatureBuilder shards (deployments FeatureBuilder, FeatureBuilder1, ...), symbols spread by a
+    # rendezvous hash; 0 = one shard per 100 symbols (deployments/sharding.py)
+    feature_shards: int = Field(0, ge=0, le=64)
     model_poll_s: float = Field(2.0, gt=0, le=3600)  # how often the registry's `current` pointers are checked
     batch_max_size: int = Field(64, ge=1, le=4096)  # @serve.batch size in the model replica pools
     batch_wait_s: float = Field(0.0, ge=0, le=1)  # longest a model request waits for batch-mates (0: batch what queued while the previous batch ran)

@@ -12,7 +12,8 @@ Graph::
     MarketFeed --(owns)--> MarketData actor per symbol --on_candles--> EnsembleRouter
     ApiIngress --forecast (cache miss)--> EnsembleRouter --> RangePredictor | TPSLClassifier |
                                                              SignalClassifier (parallel) --> MetaModel
-    EnsembleRouter --ingest/publish--> FeatureBuilder --snapshot (long-poll)--> ApiIngress
+    EnsembleRouter --ingest/publish--> FeatureBuilder shards --snapshot (long-poll)--> ApiIngress
+    (FeatureBuilder, FeatureBuilder1, ...: Settings.feature_shards, symbols by rendezvous hash)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from deployments.market_data import MarketFeed
 from features.errors import ConfigError
 from deployments.models import POOL_NAMES, ModelPool
 from deployments.router import EnsembleRouter
+from deployments.sharding import shard_count, shard_name
 
 log = logging.getLogger("ray.serve")
 
@@ -65,7 +67,9 @@ def build_graph(args: dict[str, Any] | None = None, ingress_replicas: int = 1) -
                           "dashboard; set MLE_API_KEYS (MLE_DEPLOYMENT_SECRET) on the cluster, or api_keys_file")
     settings = load_settings(**overrides)  # ConfigError naming the key, before anything is deployed
     quiet = {"enable_access_log": False}  # internal hops: one log line per call would cost more than the call
-    fb = FeatureBuilderDeployment.options(logging_config=quiet).bind(overrides)
+    shards = shard_count(settings.feature_shards, len(settings.market.symbols))
+    fb = [FeatureBuilderDeployment.options(name=shard_name(i), logging_config=quiet).bind(overrides, i)
+          for i in range(shards)]
     pools = {m: ModelPool.options(name=POOL_NAMES[m], logging_config=quiet).bind(m, overrides) for m in POOL_NAMES}
     router = EnsembleRouter.options(logging_config=quiet).bind(
         fb, pools["range_predictor"], pools["tpsl_classifier"], pools["signal_classifier"], pools["meta_model"],

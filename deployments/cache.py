@@ -127,13 +127,17 @@ class RedisGateway:
     async def get(self, key: str) -> bytes | None:
         return await self._call(self._redis.get, key)
 
-    async def set_many(self, items: list[tuple[str, bytes | str, float]]) -> None:
-        """SET each ``(key, value, ttl_s)`` in one round trip."""
+    async def set_many(self, items: list[tuple[str, bytes | str, float]],
+                       messages: list[tuple[str, bytes | str]] = ()) -> None:
+        """SET each ``(key, value, ttl_s)``, then PUBLISH each ``(channel, message)``, in one round
+        trip (the SETs first: a subscriber that reads the key on the message finds it)."""
 
         async def run() -> None:
             pipe = self._redis.pipeline(transaction=False)
             for key, value, ttl in items:
                 pipe.set(key, value, px=max(1, int(ttl * 1000)))
+            for channel, msg in messages:
+                pipe.publish(channel, msg)
             await pipe.execute()
 
         await self._call(run)

@@ -1,6 +1,10 @@
-"""The FeatureBuilder deployment: the rolling candle windows of every symbol, and the market state.
+"""The FeatureBuilder deployment: the rolling candle windows of its symbols, and their market state.
 
-One replica (the windows are state; a second replica would hold other windows). It computes the
+Sharded by symbol (:mod:`deployments.sharding`): ``Settings.feature_shards`` deployments
+``FeatureBuilder``, ``FeatureBuilder1``, ... of one replica each, every one holding the windows of
+the symbols the rendezvous hash gives it (the windows are state: a second replica of one shard
+would hold other windows). A killed shard is restarted by Serve and re-seeded symbol by symbol
+from the MarketData actors' windows; the other shards never notice. Each shard computes the
 newest candle's feature row with :class:`features.FeatureBuilder` -- the same code as the batch
 path, proven equal by tests -- and keeps, per symbol, what the API needs to answer without a hop:
 the newest candle, its features and the feed's clock. Ingress replicas long-poll
@@ -23,9 +27,10 @@ from ray import serve
 
 from configs.settings import load_settings
 from deployments.feed import CandleEvent
+from deployments.sharding import assign, shard_count, shard_name
 from deployments.state import FeatureRow, MarketSnapshot, SymbolState
 from features.builder import FeatureBuilder
-from features.errors import CandleDataError
+from features.errors import CandleDataError, MLEngineError
 from features.indicators import WARMUP
 
 log = logging.getLogger("ray.serve")
@@ -48,9 +53,14 @@ class IngestResult:
 class MarketState:
     """The windows and per-symbol state (plain Python; the deployment wraps it)."""
 
-    def __init__(self, settings_overrides: dict[str, Any] | None = None) -> None:
+    def __init__(self, settings_overrides: dict[str, Any] | None = None, shard: int = 0) -> None:
         self.settings = load_settings(**(settings_overrides or {}))
-        self.symbols = list(self.settings.market.symbols)
+        every = list(self.settings.market.symbols)
+        self.shards = shard_count(self.settings.feature_shards, len(every))
+        if not 0 <= shard < self.shards:
+            raise ValueError(f"shard {shard} of {self.shards}")
+        self.shard = shard
+        self.symbols = assign(every, self.shards)[shard]
         self.builder = FeatureBuilder(self.settings.features)
         self.states: dict[str, SymbolState] = {s: SymbolState(s) for s in self.symbols}
         self.version = 0
@@ -59,7 +69,9 @@ class MarketState:
     def ingest(self, event: CandleEvent) -> IngestResult:
         symbol = event.symbol
         if symbol not in self.states:
-            raise CandleDataError(f"{symbol} is not one of the engine's symbols {self.symbols}")
+            if symbol in self.settings.market.symbols:
+                raise CandleDataError(f"{symbol} belongs to another FeatureBuilder shard than {shard_name(self.shard)}")
+            raise CandleDataError(f"{symbol} is not one of the engine's symbols {self.settings.market.symbols}")
         last = self.builder.last_open_time(symbol)
         if last is None and event.kind != "history":
             # Empty windows but a live feed: this replica was restarted. Taking the single candle
@@ -145,10 +157,10 @@ def _frame(times: np.ndarray, values: np.ndarray):
 @serve.deployment(name="FeatureBuilder", num_replicas=1, max_ongoing_requests=1000,
                   ray_actor_options={"num_cpus": 0.1})
 class FeatureBuilderDeployment:
-    """Serve wrapper of :class:`MarketState` with a long-poll for ingress replicas."""
+    """Serve wrapper of :class:`MarketState` (one shard) with a long-poll for ingress replicas."""
 
-    def __init__(self, settings_overrides: dict[str, Any] | None = None) -> None:
-        self.state = MarketState(settings_overrides)
+    def __init__(self, settings_overrides: dict[str, Any] | None = None, shard: int = 0) -> None:
+        self.state = MarketState(settings_overrides, shard)
         self._changed: asyncio.Condition | None = None
 
     def _cond(self) -> asyncio.Condition:
@@ -159,10 +171,26 @@ class FeatureBuilderDeployment:
     async def ingest(self, event: CandleEvent) -> IngestResult:
         return self.state.ingest(event)
 
+    async def ingest_many(self, events: list[CandleEvent]) -> list[IngestResult | MLEngineError]:
+        """One candle close of many symbols in one call; a refused event (a symbol of another shard,
+        bad candles) is returned as its error, so it does not fail the others."""
+        out: list[IngestResult | MLEngineError] = []
+        for event in events:
+            try:
+                out.append(self.state.ingest(event))
+            except MLEngineError as exc:
+                out.append(exc)
+        return out
+
     async def publish(self, symbol: str, open_time: int, model_versions: dict[str, str],
                       error: str | None = None) -> bool:
-        changed = self.state.publish(symbol, open_time, model_versions, error)
-        if changed:
+        return (await self.publish_many([(symbol, open_time, model_versions, error)]))[0]
+
+    async def publish_many(self, items: list[tuple[str, int, dict[str, str], str | None]]) -> list[bool]:
+        """Mark candles published (``(symbol, open_time, model_versions, error)`` each); readers are
+        woken once for all of them."""
+        changed = [self.state.publish(*item) for item in items]
+        if any(changed):
             async with self._cond():
                 self._cond().notify_all()
         return changed

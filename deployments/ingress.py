@@ -23,6 +23,7 @@ from deployments.guard import MetricsAccess
 from deployments.hooks import load_serving_log
 from deployments.metrics import EngineMetrics, NodeMetricsExport
 from deployments.service import PredictionService
+from deployments.sharding import ShardedMarket
 from deployments.state import FeatureRow
 from deployments.tunables import INGRESS_TUNABLES, apply_tunables, replica_identity
 
@@ -74,7 +75,9 @@ class ApiIngress:
                        settings_overrides: dict[str, Any] | None = None) -> None:
         self.overrides = dict(settings_overrides or {})
         self.settings = load_settings(**self.overrides)
-        self.fb = feature_builder
+        # One handle per FeatureBuilder shard; each is long-polled, their snapshots combined.
+        self.fbs = list(feature_builder) if isinstance(feature_builder, (list, tuple)) else [feature_builder]
+        self.market = ShardedMarket(len(self.fbs))
         redis = RedisGateway(self.settings.redis_url, self.settings.redis_timeout_s, self.settings.redis_retry_s)
         self.metrics = EngineMetrics(use_ray=True)
         self.serving_log = load_serving_log(self.settings, "ingress")
@@ -90,12 +93,14 @@ class ApiIngress:
             log.warning("HAProxy mode: client addresses are the proxy's, so GET /metrics needs an API key from "
                         "everywhere (metrics_networks is ignored); scrape the Ray metrics agent for keyless access")
         self.metrics_access = MetricsAccess(self.settings.metrics_networks, behind_proxy=behind_proxy)
-        try:  # start with the current market state, if the feed has one
-            self.service.set_market(await asyncio.wait_for(self.fb.snapshot.remote(-1, 0.0), timeout=30))
-        except Exception as exc:
-            log.warning("no market snapshot yet: %s", exc)
-        self._tasks = [asyncio.create_task(self._follow_market()), asyncio.create_task(self._tick()),
-                       asyncio.create_task(self._follow_nodes())]
+        for shard, fb in enumerate(self.fbs):  # start with the current market state, if the feed has one
+            try:
+                self.service.set_market(self.market.update(
+                    shard, await asyncio.wait_for(fb.snapshot.remote(-1, 0.0), timeout=30)))
+            except Exception as exc:
+                log.warning("no market snapshot yet from shard %d: %s", shard, exc)
+        self._tasks = [*(asyncio.create_task(self._follow_market(i)) for i in range(len(self.fbs))),
+                       asyncio.create_task(self._tick()), asyncio.create_task(self._follow_nodes())]
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``user_config: {rate_limit_per_minute}`` (deployments/tunables.py): the next request is limited
@@ -111,17 +116,18 @@ class ApiIngress:
         return create_app(self.service, database_health=self.database, metrics_text=self.metrics_export,
                           serving_log=self.serving_log, metrics_access=self.metrics_access)
 
-    async def _follow_market(self) -> None:
-        """Long-poll the FeatureBuilder: a published candle reaches this replica in one round trip."""
+    async def _follow_market(self, shard: int) -> None:
+        """Long-poll one FeatureBuilder shard: a published candle reaches this replica in one round trip."""
+        fb = self.fbs[shard]
         while True:
             try:
-                market = self.service.market
-                snap = await self.fb.snapshot.remote(market.version, 10.0, market.epoch or None)
-                self.service.set_market(snap)
+                held = self.market.parts[shard]
+                snap = await fb.snapshot.remote(held.version, 10.0, held.epoch or None)
+                self.service.set_market(self.market.update(shard, snap))
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the FeatureBuilder is restarting
-                log.warning("market snapshot: %s", exc)
+            except Exception as exc:  # the shard is restarting
+                log.warning("market snapshot (shard %d): %s", shard, exc)
                 await asyncio.sleep(1.0)
 
     async def _tick(self) -> None:

@@ -1,8 +1,10 @@
-"""MarketData Ray actors (one per symbol) and the MarketFeed deployment that owns them.
+"""MarketData Ray actors (a group of symbols each) and the MarketFeed deployment that owns them.
 
-A MarketData actor runs one source (:mod:`deployments.feed`: replay, :mod:`deployments.binance_feed`:
-Binance) and delivers each closed-candle event to the EnsembleRouter, in order, retrying until it is
-accepted: while the graph restarts a candle waits instead of being lost. The MarketFeed deployment
+A MarketData actor runs a :class:`SymbolFeed` per symbol of its group (``feed_symbols_per_actor``:
+a process per symbol would not fit hundreds of symbols), each with one source (:mod:`deployments.feed`:
+replay, :mod:`deployments.binance_feed`: Binance), delivering each closed-candle event to the
+EnsembleRouter, in order, retrying until it is accepted (the router batches a close's concurrent
+deliveries into one pass, deployments/close.py): while the graph restarts a candle waits instead of being lost. The MarketFeed deployment
 (one replica) creates the actors when the application starts -- so ``serve deploy`` alone brings
 the feed up -- restarts them if they die, and offers pause / resume / step for replays (operators,
 tests).
@@ -63,19 +65,19 @@ def make_source(settings: Settings, symbol: str) -> ReplaySource | BinanceSource
                                   history=settings.replay_history)
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
-class MarketData:
-    """Streams one symbol's closed candles into the graph (see the module docstring).
+class SymbolFeed:
+    """Streams one symbol's closed candles into the graph (see the module docstring); a MarketData
+    actor runs one per symbol of its group.
 
     ``resume_after``: the newest candle the caller knows was delivered (a hint; the FeatureBuilder's
     own newest candle, asked through the router at start, wins when it is newer).
     """
 
-    def __init__(self, symbol: str, router, settings_overrides: dict[str, Any] | None = None,
+    def __init__(self, symbol: str, router, settings: Settings, metrics: EngineMetrics,
                  resume_after: int | None = None) -> None:
         self.symbol = symbol
         self.router = router
-        self.settings = load_settings(**(settings_overrides or {}))
+        self.settings = settings
         self.source = make_source(self.settings, symbol)
         self.delivered = 0
         self.delivery_failures = 0
@@ -86,7 +88,7 @@ class MarketData:
         self._clock: FeedClock | None = None            # the feed clock of the newest delivered event
         self._started = time.time()
         self.restarts = 0
-        self.metrics = EngineMetrics(use_ray=True)
+        self.metrics = metrics
         self._task: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
         self._delivered_event = asyncio.Event()
@@ -229,53 +231,121 @@ class MarketData:
         return st
 
 
+def feed_groups(symbols: list[str], per_actor: int) -> list[list[str]]:
+    """The symbols of each MarketData actor, ``per_actor`` at most (in the configured order)."""
+    return [symbols[i:i + per_actor] for i in range(0, len(symbols), per_actor)]
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class MarketData:
+    """One process streaming a group of symbols (``Settings.feed_symbols_per_actor``), one
+    :class:`SymbolFeed` each: a Ray worker per symbol would cost hundreds of MiB per symbol.
+
+    ``resume_after``: per symbol (or for a single symbol) the newest candle the caller knows was
+    delivered. The per-symbol methods take ``symbol``; None means the actor's only symbol.
+    """
+
+    def __init__(self, symbols: str | list[str], router, settings_overrides: dict[str, Any] | None = None,
+                 resume_after: int | dict[str, int] | None = None) -> None:
+        symbols = [symbols] if isinstance(symbols, str) else list(symbols)
+        settings = load_settings(**(settings_overrides or {}))
+        metrics = EngineMetrics(use_ray=True)
+        hints = resume_after if isinstance(resume_after, dict) else {symbols[0]: resume_after}
+        self.feeds = {s: SymbolFeed(s, router, settings, metrics, hints.get(s)) for s in symbols}
+
+    def _feed(self, symbol: str | None) -> SymbolFeed:
+        if symbol is None:
+            if len(self.feeds) != 1:
+                raise MarketDataError(f"this MarketData actor streams {list(self.feeds)}: name the symbol")
+            return next(iter(self.feeds.values()))
+        if symbol not in self.feeds:
+            raise MarketDataError(f"no feed for {symbol} in this MarketData actor ({list(self.feeds)})")
+        return self.feeds[symbol]
+
+    async def start(self) -> None:
+        for feed in self.feeds.values():
+            await feed.start()
+
+    async def wait_done(self) -> None:
+        """Returns when every source has ended (finished replays); MarketFeed's watcher waits on it."""
+        await asyncio.gather(*(feed.wait_done() for feed in self.feeds.values()))
+
+    async def pause(self, symbol: str | None = None) -> dict[str, Any]:
+        return await self._feed(symbol).pause()
+
+    async def resume(self, symbol: str | None = None) -> dict[str, Any]:
+        return await self._feed(symbol).resume()
+
+    async def step(self, n: int = 1, wait_s: float = 30.0, symbol: str | None = None) -> dict[str, Any]:
+        return await self._feed(symbol).step(n, wait_s)
+
+    async def step_all(self, n: int = 1, wait_s: float = 30.0) -> dict[str, Any]:
+        """Every symbol's next ``n`` candles at once (a close of the whole group); returns once the
+        graph has processed them."""
+        feeds = list(self.feeds.values())
+        done = await asyncio.gather(*(f.step(n, wait_s) for f in feeds))
+        return {f.symbol: st for f, st in zip(feeds, done)}
+
+    def status(self, symbol: str | None = None) -> dict[str, Any]:
+        return self._feed(symbol).status()
+
+    def statuses(self) -> dict[str, dict[str, Any]]:
+        return {s: feed.status() for s, feed in self.feeds.items()}
+
+
 @serve.deployment(name="MarketFeed", num_replicas=1, max_ongoing_requests=100,
                   ray_actor_options={"num_cpus": 0.01}, health_check_period_s=10)
 class MarketFeed:
-    """Owns one MarketData actor per symbol (they die with this replica, e.g. on ``serve shutdown``)."""
+    """Owns the MarketData actors, ``feed_symbols_per_actor`` symbols each (they die with this
+    replica, e.g. on ``serve shutdown``)."""
 
     async def __init__(self, router, settings_overrides: dict[str, Any] | None = None) -> None:
         self.router = router
         self.overrides = dict(settings_overrides or {})
         self.settings = load_settings(**self.overrides)
-        self.actors: dict[str, Any] = {}
-        self.last_seen: dict[str, int] = {}  # newest candle each actor reported delivered (a resume hint)
+        self.groups = feed_groups(list(self.settings.market.symbols), self.settings.feed_symbols_per_actor)
+        self.group_of = {s: g for g, group in enumerate(self.groups) for s in group}
+        self.actors: dict[int, Any] = {}
+        self.last_seen: dict[str, int] = {}  # newest candle each symbol reported delivered (a resume hint)
         self.respawns: dict[str, int] = {}
-        self._watchers: dict[str, asyncio.Task] = {}
+        self._watchers: dict[int, asyncio.Task] = {}
         self._lock = asyncio.Lock()
-        for symbol in self.settings.market.symbols:
-            await self._spawn(symbol)
+        for g in range(len(self.groups)):
+            await self._spawn(g)
 
-    async def _spawn(self, symbol: str) -> None:
+    async def _spawn(self, g: int) -> None:
         # On this replica's node (soft: elsewhere if it cannot): the feed then lives and dies with
         # its owner, and a cluster that keeps MarketFeed on the head never loses a feed to a worker
         # node's failure (docs/operations.md, "Several nodes on one machine").
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        actor = MarketData.options(scheduling_strategy=here).remote(symbol, self.router, self.overrides,
-                                                                    self.last_seen.get(symbol))
+        group = self.groups[g]
+        hints = {s: self.last_seen[s] for s in group if s in self.last_seen}
+        actor = MarketData.options(scheduling_strategy=here).remote(group, self.router, self.overrides, hints)
         await actor.start.remote()
-        self.actors[symbol] = actor
-        self._watchers[symbol] = asyncio.create_task(self._watch(symbol, actor))
+        self.actors[g] = actor
+        self._watchers[g] = asyncio.create_task(self._watch(g, actor))
 
-    async def _watch(self, symbol: str, actor) -> None:
+    async def _watch(self, g: int, actor) -> None:
         """Replace ``actor`` the moment it dies: a call that lasts its lifetime fails then. (The
-        health check every 10 s alone would leave the symbol without candles that long, which a
+        health check every 10 s alone would leave the symbols without candles that long, which a
         60x replay turns into 10 minutes of data age.)"""
         try:
-            await actor.wait_done.remote()  # returns only when the source ends (a finished replay)
+            await actor.wait_done.remote()  # returns only when the sources end (finished replays)
         except ray.exceptions.RayActorError:
-            await self._replace(symbol, actor)
+            await self._replace(g, actor)
         except Exception:  # the health check is the backstop
-            log.exception("%s market data watcher", symbol)
+            log.exception("%s market data watcher", self.groups[g])
 
-    async def _replace(self, symbol: str, dead) -> None:
+    async def _replace(self, g: int, dead) -> None:
         async with self._lock:
-            if self.actors.get(symbol) is not dead:
+            if self.actors.get(g) is not dead:
                 return  # already replaced (the watcher and the health check both saw it die)
-            log.warning("%s market data actor died; starting another after candle %s", symbol,
-                        self.last_seen.get(symbol))
-            self.respawns[symbol] = self.respawns.get(symbol, 0) + 1
-            await self._spawn(symbol)
+            group = self.groups[g]
+            log.warning("market data actor of %s died; starting another after candles %s", group,
+                        {s: self.last_seen.get(s) for s in group})
+            for s in group:
+                self.respawns[s] = self.respawns.get(s, 0) + 1
+            await self._spawn(g)
 
     def _seen(self, symbol: str, status: dict[str, Any]) -> dict[str, Any]:
         t = status.get("last_delivered_open_time")
@@ -284,37 +354,48 @@ class MarketFeed:
         return status
 
     def _actor(self, symbol: str):
-        if symbol not in self.actors:
-            raise MarketDataError(f"no feed for {symbol}; the engine streams {list(self.actors)}")
-        return self.actors[symbol]
+        if symbol not in self.group_of:
+            raise MarketDataError(f"no feed for {symbol}; the engine streams {list(self.group_of)}")
+        return self.actors[self.group_of[symbol]]
 
     async def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for symbol, actor in self.actors.items():
+        for g, actor in list(self.actors.items()):
             try:
-                out[symbol] = self._seen(symbol, await asyncio.wait_for(actor.status.remote(), timeout=5))
+                got = await asyncio.wait_for(actor.statuses.remote(), timeout=5)
+                out.update({s: self._seen(s, st) for s, st in got.items()})
             except Exception as exc:
-                out[symbol] = {"state": "unreachable", "error": f"{type(exc).__name__}: {exc}"[:300]}
-            out[symbol]["respawns"] = self.respawns.get(symbol, 0)
-        return {"feed": self.settings.feed, "symbols": out}
+                out.update({s: {"state": "unreachable", "error": f"{type(exc).__name__}: {exc}"[:300]}
+                            for s in self.groups[g]})
+        for s in out:
+            out[s]["respawns"] = self.respawns.get(s, 0)
+        return {"feed": self.settings.feed, "symbols": {s: out[s] for s in self.group_of if s in out}}
 
     async def pause(self, symbol: str | None = None) -> dict[str, Any]:
-        symbols = [symbol] if symbol else list(self.actors)
-        return {s: await self._actor(s).pause.remote() for s in symbols}
+        symbols = [symbol] if symbol else list(self.group_of)
+        return {s: await self._actor(s).pause.remote(s) for s in symbols}
 
     async def resume(self, symbol: str | None = None) -> dict[str, Any]:
-        symbols = [symbol] if symbol else list(self.actors)
-        return {s: await self._actor(s).resume.remote() for s in symbols}
+        symbols = [symbol] if symbol else list(self.group_of)
+        return {s: await self._actor(s).resume.remote(s) for s in symbols}
 
     async def step(self, symbol: str, n: int = 1) -> dict[str, Any]:
-        return await self._actor(symbol).step.remote(n)
+        return await self._actor(symbol).step.remote(n, 30.0, symbol)
+
+    async def step_all(self, n: int = 1) -> dict[str, Any]:
+        """Every symbol's next ``n`` candles at once (a replay's candle close of every symbol);
+        returns once the graph has processed them."""
+        parts = await asyncio.gather(*(a.step_all.remote(n) for a in self.actors.values()))
+        return {s: st for part in parts for s, st in part.items()}
 
     async def check_health(self) -> None:
         """Restart a dead MarketData actor (Serve calls this every ``health_check_period_s``)."""
-        for symbol, actor in list(self.actors.items()):
+        for g, actor in list(self.actors.items()):
             try:
-                self._seen(symbol, await asyncio.wait_for(actor.status.remote(), timeout=10))
+                got = await asyncio.wait_for(actor.statuses.remote(), timeout=10)
+                for s, st in got.items():
+                    self._seen(s, st)
             except ray.exceptions.RayActorError:
-                await self._replace(symbol, actor)
+                await self._replace(g, actor)
             except asyncio.TimeoutError:
                 pass  # busy, not dead

@@ -8,8 +8,9 @@ Forecast of n rows for one horizon (the staged inference API of ``training.ensem
     meta   = MetaModel.predict(meta_X, h, versions)
     out    = ens.compose(...)                                   # here
 
-At each candle close (:meth:`EnsembleRouter.on_candles`, called by the MarketData actors): the
-FeatureBuilder takes the candle and returns its feature row; the router computes every horizon,
+At each candle close (:meth:`EnsembleRouter.on_candles` / ``on_close``, called by the MarketData
+actors; one batched pass for every symbol of the close, :mod:`deployments.close`): the FeatureBuilder
+shards take the candles and return their feature rows; the router computes every horizon,
 writes ``prediction:{symbol}:{horizon}:{candle_open_time}`` to Redis (expiring when the next
 candle closes), publishes each signal on ``signals:{symbol}``, hands the forecasts to the serving
 log hook, and finally tells the FeatureBuilder the candle is published (ingress replicas switch
@@ -40,13 +41,14 @@ from ray import serve
 
 from configs.settings import load_settings
 from deployments.auth import deployment_secret
+from deployments.close import CandleClose
 from deployments.cache import CacheUnavailable, RedisGateway, make_entry, prediction_key, signal_channel
-from deployments.feed import CandleEvent
 from deployments.hooks import load_serving_log
 from deployments.metrics import EngineMetrics
 from deployments.models import EnsembleCache, fallback_sets
 from deployments.render import describe_models, signal_body
-from deployments.state import FeatureRow, iso_time
+from deployments.sharding import shard_of
+from deployments.state import FeatureRow
 from deployments.tunables import ROUTER_TUNABLES, apply_tunables, replica_identity
 from features.errors import MLEngineError, ModelLoadError, ModelNotFoundError
 from features.indicators import feature_set_hash
@@ -62,12 +64,13 @@ ROUTER_AUTOSCALING: dict[str, Any] = {"min_replicas": 1, "initial_replicas": 1, 
 
 @serve.deployment(name="EnsembleRouter", ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=512,
                   autoscaling_config=ROUTER_AUTOSCALING)
-class EnsembleRouter:
+class EnsembleRouter(CandleClose):
     async def __init__(self, feature_builder, range_predictor, tpsl_classifier, signal_classifier, meta_model,
                        settings_overrides: dict[str, Any] | None = None) -> None:
         self.overrides = dict(settings_overrides or {})
         self.settings = load_settings(**self.overrides)
-        self.fb = feature_builder
+        # One handle per FeatureBuilder shard (a list from deployments.app; a single handle is one shard).
+        self.fbs = list(feature_builder) if isinstance(feature_builder, (list, tuple)) else [feature_builder]
         self.pools = {"range_predictor": range_predictor, "tpsl_classifier": tpsl_classifier,
                       "signal_classifier": signal_classifier, "meta_model": meta_model}
         self.models = EnsembleCache(self.settings)
@@ -158,14 +161,15 @@ class EnsembleRouter:
 
     async def _recompute_latest(self) -> None:
         """After a model switch: fresh forecasts of every symbol's newest candle into the cache."""
-        rows: list[FeatureRow] = await self.fb.latest_rows.remote()
+        parts = await asyncio.gather(*(fb.latest_rows.remote() for fb in self.fbs))
+        rows: list[FeatureRow] = [r for part in parts for r in part]
         ens = self.ensemble
         if not rows or ens is None:
             return
         results = await asyncio.gather(*(self._forecast(ens, rows, h) for h in self.settings.market.horizons))
         forecasts = [f for batch in results for f in batch]
         await self._cache(forecasts, rows, publish=False)
-        await self.fb.refresh.remote(ens.versions)
+        await asyncio.gather(*(fb.refresh.remote(ens.versions) for fb in self.fbs))
 
     def _require(self) -> Ensemble:
         if self.ensemble is None:
@@ -250,73 +254,34 @@ class EnsembleRouter:
         await asyncio.gather(*(one(h, idx) for h, idx in by_horizon.items()))
         return out
 
-    # ---- candle close ----------------------------------------------------------------------
-    async def on_candles(self, event: CandleEvent) -> dict[str, Any]:
-        """A MarketData actor delivers closed candles; see the module docstring for what follows."""
-        res = await self.fb.ingest.remote(event)
-        if res.needs_history:  # a restarted FeatureBuilder: the actor resends its window, then this event
-            return {"symbol": res.symbol, "open_time": None, "accepted": 0, "rejected": [], "published": False,
-                    "needs_history": True}
-        try:
-            self.log.candles_closed(event)  # the outcome resolver's candles
-        except Exception:
-            log.exception("serving log hook failed")
-        summary: dict[str, Any] = {"symbol": res.symbol, "open_time": res.open_time, "accepted": res.accepted,
-                                   "rejected": res.rejected, "published": False, "needs_history": False}
-        if not res.process:
-            return summary
-        error: str | None = None
-        versions: dict[str, str] = {}
-        try:
-            if res.row is None:
-                error = res.reason
-            else:
-                ens = self._require()
-                versions = ens.versions
-                results = await asyncio.gather(*(self._forecast(ens, [res.row], h)
-                                                 for h in self.settings.market.horizons))
-                forecasts = [f for batch in results for f in batch]
-                await self._cache(forecasts, [res.row], publish=True, ttl_s=event.expires_in_s)
-                self.candles += 1
-                for f in forecasts:
-                    self.metrics.precomputed(f.symbol, f.horizon)
-                try:
-                    self.log.candle_closed(forecasts)
-                except Exception:  # the log must not stop the pipeline
-                    log.exception("serving log hook failed")
-        except MLEngineError as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            log.warning("%s candle %s: no forecasts: %s", res.symbol, iso_time(res.open_time), error)
-        finally:
-            summary["published"] = await self.fb.publish.remote(res.symbol, res.open_time, versions, error)
-        summary["error"] = error
-        return summary
+    # ---- candle close: deployments/close.py (CandleClose) ------------------------------------
+    def _ttl(self, ttl_s: float | None) -> float:
+        if self.settings.prediction_ttl_s > 0:
+            return self.settings.prediction_ttl_s
+        return max(1.0, ttl_s) if ttl_s is not None else 300.0
 
     async def _cache(self, forecasts: list[Forecast], rows: Sequence[FeatureRow], *, publish: bool,
-                     ttl_s: float | None = None) -> None:
-        if self.settings.prediction_ttl_s > 0:
-            ttl = self.settings.prediction_ttl_s
-        else:
-            ttl = max(1.0, ttl_s) if ttl_s is not None else 300.0
+                     ttl_s: dict[str, float] | None = None) -> None:
+        """Every forecast's SET (and with ``publish`` its signal's PUBLISH) in one Redis pipeline;
+        ``ttl_s``: per symbol, wall seconds until its next candle closes."""
+        ttl_s = ttl_s or {}
         items, messages = [], []
         now = time.time()
         for f in forecasts:
             d = f.to_dict()
             items.append((prediction_key(f.symbol, f.horizon, f.candle_open_time),
-                          make_entry(d, self.feature_hash, self.secret), ttl))
+                          make_entry(d, self.feature_hash, self.secret), self._ttl(ttl_s.get(f.symbol))))
             if publish:
                 messages.append((signal_channel(f.symbol), json.dumps({**signal_body(d), "published_at": now})))
         try:
-            await self.redis.set_many(items)
-            if messages:
-                await self.redis.publish(messages)
+            await self.redis.set_many(items, messages)
         except CacheUnavailable as exc:
             log.warning("cache down, %d forecasts not cached/published: %s", len(items), exc)
 
     async def newest_candle(self, symbol: str) -> int | None:
         """The newest candle of ``symbol`` the FeatureBuilder holds: where a new MarketData actor
         resumes (None: it holds none, e.g. a fresh deployment)."""
-        snap = await self.fb.snapshot.remote(-1, 0.0)
+        snap = await self.fbs[shard_of(symbol, len(self.fbs))].snapshot.remote(-1, 0.0)
         st = snap.symbols.get(symbol)
         return None if st is None else st.open_time
 

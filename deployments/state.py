@@ -76,15 +76,24 @@ class MarketSnapshot:
         """
         if not self.epoch or new.epoch == self.epoch:
             return new
-        merged = dict(new.symbols)
-        for symbol, old in self.symbols.items():
+        return new.keeping(self.symbols)[0]
+
+    def keeping(self, held: dict[str, SymbolState]) -> tuple["MarketSnapshot", dict[str, SymbolState]]:
+        """This snapshot with, per symbol, ``held``'s state where it is newer (see :meth:`adopt`);
+        and the held states still kept (a reader keeps offering those to the next snapshots of the
+        new incarnation, until it has caught up with each of them)."""
+        merged = dict(self.symbols)
+        kept: dict[str, SymbolState] = {}
+        for symbol, old in held.items():
             cur = merged.get(symbol)
             if old.open_time is None:
                 continue
             if cur is None or cur.open_time is None or cur.open_time < old.open_time or (
                     cur.open_time == old.open_time and not cur.published and old.published):
-                merged[symbol] = old
-        return MarketSnapshot(new.version, merged, new.created_at, new.epoch)
+                merged[symbol] = kept[symbol] = old
+        if not kept:
+            return self, kept
+        return MarketSnapshot(self.version, merged, self.created_at, self.epoch), kept
 
     @classmethod
     def empty(cls, symbols: list[str] | tuple[str, ...] = ()) -> "MarketSnapshot":
