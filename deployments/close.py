@@ -38,6 +38,9 @@ log = logging.getLogger("ray.serve")
 
 CLOSE_BATCH_MAX = 4096      # events in one pass (a close of every symbol, with room for retries)
 CLOSE_BATCH_WAIT_S = 0.01   # how long the first event of a pass waits for the rest of its close
+# One call to a shard: a dead shard's calls wait for its replacement; the pass must not (the other
+# shards' symbols go on, the dead one's are retried by their actors).
+SHARD_CALL_TIMEOUT_S = 5.0
 
 
 class CandleClose:
@@ -74,9 +77,12 @@ class CandleClose:
 
         async def one(shard: int, idx: list[int]) -> None:
             try:
-                res = await self.fbs[shard].ingest_many.remote([events[i] for i in idx])
+                res = await asyncio.wait_for(self.fbs[shard].ingest_many.remote([events[i] for i in idx]),
+                                             SHARD_CALL_TIMEOUT_S)
             except Exception as exc:  # a shard restarting: its events are retried by their actors
-                res = [exc] * len(idx)
+                res = [exc if not isinstance(exc, asyncio.TimeoutError) else
+                       TimeoutError(f"FeatureBuilder shard {shard} did not answer within {SHARD_CALL_TIMEOUT_S} s")
+                       ] * len(idx)
             for i, r in zip(idx, res):
                 out[i] = r
 
@@ -147,7 +153,7 @@ class CandleClose:
             items = [(results[i].symbol, results[i].open_time, versions if i not in errors else {}, errors.get(i))
                      for i in idx]
             try:
-                done = await self.fbs[shard].publish_many.remote(items)
+                done = await asyncio.wait_for(self.fbs[shard].publish_many.remote(items), SHARD_CALL_TIMEOUT_S)
             except Exception as exc:  # a shard died meanwhile: it is re-seeded at the next candle
                 log.warning("shard %d: candles not marked published: %s", shard, exc)
                 done = [False] * len(idx)

@@ -35,6 +35,7 @@ from configs.symbols import real_symbol
 from deployments.binance_feed import BinanceSource
 from deployments.feed import CandleEvent, CandleWindow, FeedClock, ReplaySource
 from deployments.metrics import EngineMetrics
+from deployments.outbox import Outbox
 from features.candles import FIVE_MINUTES_MS
 from features.errors import MarketDataError
 from features.indicators import WARMUP
@@ -43,7 +44,6 @@ log = logging.getLogger("ray.serve")
 
 STALE_INTERVALS = 2     # no candle for this many intervals (feed time): the symbol's feed is stale
 RESTART_MIN_S, RESTART_MAX_S = 1.0, 30.0   # backoff between restarts of a dead feed task
-DELIVERY_TIMEOUT_S = 30.0  # one delivery attempt (the router computes every horizon); then it is retried
 # Running states a stale feed's state replaces (paused, finished and error say more than "stale").
 _STALE_REPLACES = frozenset({"starting", "streaming", "backfilling", "reconnecting"})
 
@@ -74,9 +74,10 @@ class SymbolFeed:
     """
 
     def __init__(self, symbol: str, router, settings: Settings, metrics: EngineMetrics,
-                 resume_after: int | None = None) -> None:
+                 resume_after: int | None = None, outbox: Outbox | None = None) -> None:
         self.symbol = symbol
         self.router = router
+        self.outbox = outbox or Outbox(router)
         self.settings = settings
         self.source = make_source(self.settings, symbol)
         self.delivered = 0
@@ -159,7 +160,7 @@ class SymbolFeed:
         delay = 0.2
         while True:
             try:  # bounded: a router replica that died mid-call must not hold the symbol forever
-                summary = await asyncio.wait_for(self.router.on_candles.remote(event), DELIVERY_TIMEOUT_S)
+                summary = await self.outbox.send(event)
                 if summary["needs_history"] and len(self.window):
                     self.reseeds += 1
                     log.warning("%s: the FeatureBuilder lost its windows; re-seeding it with %d candles",
@@ -251,7 +252,8 @@ class MarketData:
         settings = load_settings(**(settings_overrides or {}))
         metrics = EngineMetrics(use_ray=True)
         hints = resume_after if isinstance(resume_after, dict) else {symbols[0]: resume_after}
-        self.feeds = {s: SymbolFeed(s, router, settings, metrics, hints.get(s)) for s in symbols}
+        outbox = Outbox(router)
+        self.feeds = {s: SymbolFeed(s, router, settings, metrics, hints.get(s), outbox) for s in symbols}
 
     def _feed(self, symbol: str | None) -> SymbolFeed:
         if symbol is None:
