@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from features.labels import BUY, HOLD, SELL
-from training.backtest.calibration import (class_calibration, class_calibration_rows, direction_of, ece_equal_mass,
+from training.backtest.calibration import (class_calibration, class_calibration_rows, direction_from_outcomes, ece_equal_mass,
                                            rank_auc, reliability_equal_mass)
 
 
@@ -28,20 +28,20 @@ def test_rank_auc_and_direction():
     assert rank_auc(np.array([0, 0, 1, 1]), np.array([0.4, 0.3, 0.2, 0.1])) == 0.0
     assert rank_auc(np.array([0, 1]), np.array([0.5, 0.5])) == 0.5
     assert rank_auc(np.array([1, 1]), np.array([0.1, 0.2])) is None
-    # A long's take-profit and a short's stop both say "up"; an expiry says nothing.
-    side = np.array([1, 1, -1, -1, 1])
-    outcome = np.array(["tp", "sl", "tp", "sl", "expiry"], dtype=object)
-    assert list(direction_of(side, outcome)) == [1, -1, -1, 1, 0]
+    # Only the long's take-profit first: up; only the short's: down; both or neither: unknown.
+    lo = np.array(["tp", "sl", "tp", "expiry", "sl"], dtype=object)
+    sh = np.array(["sl", "tp", "tp", "expiry", "sl"], dtype=object)
+    assert list(direction_from_outcomes(lo, sh)) == [1, -1, 0, 0, 0]
 
 
 def test_class_calibration_scores_each_probability_against_its_event():
     trades = pd.DataFrame({"side": [1, 1, -1, -1], "confidence": [0.6, 0.4, 0.7, 0.3],
                            "outcome": ["tp", "sl", "tp", "expiry"], "r": [1.2, -1.1, 1.4, 0.2],
                            "p_tp_long": [0.6, 0.3, 0.2, 0.5], "p_tp_short": [0.2, 0.5, 0.6, 0.3]})
-    c = class_calibration(trades)
+    c = class_calibration(trades, np.array([1, -1, -1, 0]))
     assert (c["probability"], c["event"]) == ("confidence", "take_profit_first")
     assert c["BUY"]["n"] == 2 and c["SELL"]["n"] == 2 and c["BUY"]["rate"] == 0.5
-    assert c["direction_n"] == 3 and c["direction_auc"] == 1.0  # up rows score higher than the down row
+    assert c["direction_n"] == 3 and c["direction_auc"] == 1.0  # the up row scores above the down rows
     # With p_win (P(net R > 0)) the event is a positive net R: the SELL expiry at +0.2 R is a win.
     c = class_calibration(trades.assign(p_win=[0.5, 0.5, 0.5, 0.5]))
     assert (c["probability"], c["event"]) == ("p_win", "net_r_positive") and c["SELL"]["rate"] == 1.0

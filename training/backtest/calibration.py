@@ -8,8 +8,9 @@ So, per class, on out-of-sample rows:
   the curve means something; BUY/SELL confidences crowd into a narrow band where equal-width bins
   would leave most bins empty) and the **ECE** over the same bins: the row-weighted mean of
   ``|observed rate - mean probability|``;
-* **direction AUC** of ``p_tp_long - p_tp_short`` on rows whose direction is known (one side's
-  take-profit was hit first): does the model rank "up" above "down"? 0.5 = no skill.
+* **direction AUC** of ``p_tp_long - p_tp_short`` on rows whose direction is known (with the row's
+  barriers, only the long's or only the short's take-profit came first): does the model rank "up"
+  above "down"? 0.5 = no skill.
 
 Pure numpy (no scikit-learn: the backtest runs without the training extra).
 """
@@ -65,12 +66,15 @@ def rank_auc(label: np.ndarray, score: np.ndarray) -> float | None:
     return _f((ranks[label].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
-def direction_of(side: np.ndarray, outcome: np.ndarray) -> np.ndarray:
-    """+1 (price went the long's way first), -1 (the short's), 0 (unknown: expiry, gap) of resolved trades:
-    a take-profit confirms the trade's side, a stop-loss the opposite one."""
-    side = np.asarray(side, np.int64)
-    outcome = np.asarray(outcome, dtype=object)
-    return np.where(outcome == "tp", side, np.where(outcome == "sl", -side, 0))
+def direction_from_outcomes(outcome_long: np.ndarray, outcome_short: np.ndarray) -> np.ndarray:
+    """+1 when only a long with these barriers reached its take-profit first, -1 when only a short did,
+    else 0 (the definition of the ``tp_long``/``tp_short`` labels that ``p_tp_long``/``p_tp_short``
+    predict). Why not the trade's own outcome: with a take-profit 1.5x the stop, a stop comes first
+    more often than a take-profit even for a random side, so "a BUY was stopped" would count as
+    "down" far more often than chance and bias the AUC below 0.5."""
+    lo = np.asarray(outcome_long, dtype=object) == "tp"
+    sh = np.asarray(outcome_short, dtype=object) == "tp"
+    return np.where(lo & ~sh, 1, np.where(sh & ~lo, -1, 0))
 
 
 def direction_auc(p_tp_long: np.ndarray, p_tp_short: np.ndarray, direction: np.ndarray) -> dict[str, Any]:
@@ -92,9 +96,10 @@ def probability_and_event(trades: pd.DataFrame) -> tuple[str, str, np.ndarray, n
         (trades["outcome"] == "tp").to_numpy()
 
 
-def class_calibration(trades: pd.DataFrame, bins: int = BINS) -> dict[str, Any]:
-    """Per class (BUY, SELL): ECE and the equal-mass reliability curve; and the direction AUC, of a
-    table of resolved trades (simulator columns; ``p_tp_long``/``p_tp_short`` when present)."""
+def class_calibration(trades: pd.DataFrame, direction: np.ndarray | None = None, bins: int = BINS) -> dict[str, Any]:
+    """Per class (BUY, SELL): ECE and the equal-mass reliability curve; and, given each trade's
+    ``direction`` (:func:`direction_from_outcomes`), the direction AUC, of a table of resolved trades
+    (simulator columns; ``p_tp_long``/``p_tp_short`` when present)."""
     if trades.empty:
         return {"probability": None, "event": None, "BUY": None, "SELL": None, "direction_auc": None,
                 "direction_n": 0, "direction_up_share": None}
@@ -107,9 +112,8 @@ def class_calibration(trades: pd.DataFrame, bins: int = BINS) -> dict[str, Any]:
                      "mean_p": _f(p[m].mean()) if m.any() else None,
                      "rate": _f(event[m].mean()) if m.any() else None,
                      "reliability": reliability_equal_mass(p[m], event[m], bins)}
-    if {"p_tp_long", "p_tp_short"} <= set(trades.columns):
-        out.update(direction_auc(trades["p_tp_long"], trades["p_tp_short"],
-                                 direction_of(side, trades["outcome"].to_numpy())))
+    if direction is not None and {"p_tp_long", "p_tp_short"} <= set(trades.columns):
+        out.update(direction_auc(trades["p_tp_long"], trades["p_tp_short"], direction))
     else:
         out.update({"direction_auc": None, "direction_n": 0, "direction_up_share": None})
     return out

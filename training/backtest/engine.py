@@ -14,7 +14,7 @@ import pandas as pd
 
 from configs.strategies import Strategy
 from training.backtest.baselines import buy_and_hold, random_entry_baseline
-from training.backtest.calibration import class_calibration
+from training.backtest.calibration import class_calibration, direction_from_outcomes
 from training.backtest.controls import isolating_baselines
 from training.backtest.metrics import calibration, per_month, summarize
 from training.backtest.portfolio import portfolio_summary
@@ -56,9 +56,26 @@ def run_strategy(name: str, strategy: Strategy, candles: Mapping[str, pd.DataFra
     result["baselines"] = isolating_baselines(strategy, candles, trades, table.eligible, table.volatility,
                                               table.eligible_features, costs, random_seeds, first_seed,
                                               buy_and_hold_pct, result["metrics"]["return_pct_1x"])
-    result["calibration_by_class"] = class_calibration(trades)
+    result["calibration_by_class"] = class_calibration(trades, directions(candles, trades, costs))
     result["portfolio"] = portfolio_summary(candles, trades, start_ms, end_ms, result["metrics"]["sharpe_per_trade"])
     return StrategyRun(name, strategy, trades, result)
+
+
+def directions(candles: Mapping[str, pd.DataFrame], trades: pd.DataFrame, costs: Costs) -> np.ndarray:
+    """Per trade, which way the price went first with its barriers (a long and a short walked from the
+    same signal candle: :func:`training.backtest.calibration.direction_from_outcomes`)."""
+    if trades.empty:
+        return np.zeros(0, np.int64)
+    sig = pd.DataFrame({"open_time": trades["signal_time"].to_numpy(np.int64), "symbol": trades["symbol"].to_numpy(),
+                        "confidence": 0.0, "tp_frac": trades["tp_frac"].to_numpy(np.float64),
+                        "sl_frac": trades["sl_frac"].to_numpy(np.float64),
+                        "horizon": trades["horizon"].to_numpy(np.int64), "_row": np.arange(len(trades))})
+    outcome = {}
+    for side in (1, -1):
+        walked = simulate(candles, sig.assign(side=side), costs, one_position=False)
+        outcome[side] = pd.Series(walked["outcome"].to_numpy(), index=walked["_row"].to_numpy()).reindex(
+            np.arange(len(trades))).to_numpy()
+    return direction_from_outcomes(outcome[1], outcome[-1])
 
 
 def calibration_by_horizon(candles: Mapping[str, pd.DataFrame], table: SignalTable, costs: Costs) -> dict[str, Any]:
@@ -67,8 +84,11 @@ def calibration_by_horizon(candles: Mapping[str, pd.DataFrame], table: SignalTab
     sig = table.signals
     if not len(sig):
         return {}
-    return {str(int(h)): class_calibration(simulate(candles, g, costs, one_position=False))
-            for h, g in sig.groupby("horizon", sort=True)}
+    out = {}
+    for h, g in sig.groupby("horizon", sort=True):
+        resolved = simulate(candles, g, costs, one_position=False)
+        out[str(int(h))] = class_calibration(resolved, directions(candles, resolved, costs))
+    return out
 
 
 def run_strategies(strategies: Mapping[str, Strategy], candles: Mapping[str, pd.DataFrame], table: SignalTable,
