@@ -178,8 +178,7 @@ def main() -> int:
                 row.update(inprocess_pass(n, args.closes, args.models, redis))
                 row["cost_ratio"] = round(row["cpu_ms_per_symbol_horizon"] / row["inprocess_cpu_ms_per_symbol_horizon"], 2)
                 out["sizes"].append(row)
-                if not args.json:
-                    print(f"  {n} symbols done: {row}", file=sys.stderr, flush=True)
+                print(f"  {n} symbols done: {json.dumps(row)}", file=sys.stderr, flush=True)
         finally:
             try:
                 from ray import serve

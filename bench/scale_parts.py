@@ -109,6 +109,8 @@ def inprocess_pass(n: int, closes: int, models: str, redis, history: int = 1100)
     frames = {s: _candles(s) for s in symbols}
     for s in symbols:
         fb.extend(s, frames[s].iloc[:history])
+    arrays = {s: frames[s][["open_time", "open", "high", "low", "close", "volume"]].to_numpy(np.float64)
+              for s in symbols}
     client = redis_lib.Redis(port=redis.port)
     secret, fhash = deployment_secret(settings), feature_set_hash(settings.features)
     walls: list[float] = []
@@ -117,10 +119,10 @@ def inprocess_pass(n: int, closes: int, models: str, redis, history: int = 1100)
         t0 = time.perf_counter()
         feats, closes_, times = [], [], []
         for s in symbols:
-            c = frames[s].iloc[history + k]
-            feats.append(fb.update(s, int(c.open_time), c.open, c.high, c.low, c.close, c.volume))
-            closes_.append(float(c.close))
-            times.append(int(c.open_time))
+            t, o, h, lo, c, v = arrays[s][history + k]
+            feats.append(fb.update(s, int(t), o, h, lo, c, v))
+            closes_.append(float(c))
+            times.append(int(t))
         X = np.vstack(feats)
         pipe = client.pipeline(transaction=False)
         now = time.time()
