@@ -79,3 +79,17 @@ def test_daily_sharpe_interval_brackets_the_point():
     assert point == pytest.approx(daily.mean() / daily.std(ddof=1), abs=1e-6)
     assert ci[0] < point < ci[1] and ci[1] - ci[0] < 0.4
     assert daily_sharpe(np.zeros(10)) == (None, None)
+
+
+def test_seed_claim_variants_loosen_the_definitions():
+    from training.backtest.seed_claim import variants
+
+    c = _candles()
+    sig = pd.DataFrame({"open_time": c.open_time.to_numpy()[:N - 40:5], "symbol": "BTCUSDT", "side": 1,
+                        "confidence": 0.5, "tp_frac": 0.006, "sl_frac": 0.004, "horizon": 36})
+    v = variants({"BTCUSDT": c}, sig, Costs())
+    assert v["signals"] == len(sig) and v["every_signal"]["trades"] == len(sig)  # overlapping: every signal
+    assert v["engine"]["trades"] < len(sig)  # one position: a new trade only after the last exit
+    assert v["engine"]["trades"] == v["no_costs"]["trades"]
+    assert v["no_costs"]["total_r"] > v["engine"]["total_r"]
+    assert v["every_signal_no_costs"]["total_r"] > v["every_signal"]["total_r"]
