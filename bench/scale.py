@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from bench.load_targets import PrivateRedis  # noqa: E402
-from bench.scale_parts import cluster_cpu_s, cluster_memory_gib, inprocess_pass, redis_cpu_s  # noqa: E402
+from bench.scale_parts import cluster_cpu_groups, cluster_memory_gib, inprocess_pass, redis_cpu_s  # noqa: E402
 
 APP = "ml-engine-scale"
 HISTORY = 1100  # candles sent at start (>= the feature warm-up): forecasts from the first close
@@ -126,10 +126,11 @@ def run_graph(n: int, closes: int, models: str, redis: PrivateRedis, workdir: Pa
     sub.start()
     open_time = {s: ot for s, (ot, _) in state.items()}
     latencies: list[float] = []
-    cpu0 = redis0 = 0.0
+    groups0: dict[str, float] = {}
+    redis0 = 0.0
     for k in range(closes + 2):  # two warm-up closes
         if k == 2:
-            cpu0, redis0 = cluster_cpu_s(), redis_cpu_s(redis.proc.pid)
+            groups0, redis0 = cluster_cpu_groups(), redis_cpu_s(redis.proc.pid)
         open_time = {s: ot + FIVE_MINUTES_MS for s, ot in open_time.items()}
         keys_now = [(s, h, open_time[s]) for s in symbols for h in horizons]
         t0 = time.monotonic()
@@ -137,7 +138,9 @@ def run_graph(n: int, closes: int, models: str, redis: PrivateRedis, workdir: Pa
         ready = sub.wait(keys_now, 120)
         if k >= 2:
             latencies.append(ready - t0)
-    cpu = cluster_cpu_s() - cpu0 + redis_cpu_s(redis.proc.pid) - redis0
+    groups = {g: t - groups0.get(g, 0.0) for g, t in cluster_cpu_groups().items()}
+    groups["redis-server"] = redis_cpu_s(redis.proc.pid) - redis0
+    cpu = sum(groups.values())
     rss, pss = cluster_memory_gib()
     sub.stop.set()
     serve.delete(APP)
@@ -146,7 +149,9 @@ def run_graph(n: int, closes: int, models: str, redis: PrivateRedis, workdir: Pa
             "close_to_ready_p50_s": round(statistics.median(latencies), 4),
             "close_to_ready_p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 4),
             "cpu_ms_per_symbol_horizon": round(1000 * cpu / (closes * n * len(horizons)), 3),
-            "rss_gib": round(rss, 3), "pss_gib": round(pss, 3), "startup_s": round(started_s, 1)}
+            "rss_gib": round(rss, 3), "pss_gib": round(pss, 3), "startup_s": round(started_s, 1),
+            "cpu_share": {g: round(t / cpu, 3) for g, t in sorted(groups.items(), key=lambda x: -x[1])
+                          if cpu > 0 and t / cpu >= 0.01}}
 
 
 def main() -> int:
@@ -207,6 +212,9 @@ def print_table(out: dict) -> None:
         print(f"| {r['symbols']} | {r['shards']} | {r['close_to_ready_p50_s']:.3f} | {r['close_to_ready_p99_s']:.3f} "
               f"| {r['cpu_ms_per_symbol_horizon']:.2f} | {r['inprocess_cpu_ms_per_symbol_horizon']:.2f} "
               f"| {r['cost_ratio']:.1f}x | {r['inprocess_s_per_close']:.3f} | {r['rss_gib']:.2f} | {r['pss_gib']:.2f} |")
+    for r in out["sizes"]:
+        share = ", ".join(f"{g} {100 * f:.0f}%" for g, f in r["cpu_share"].items())
+        print(f"{r['symbols']} symbols, where the graph's CPU went: {share}")
 
 
 if __name__ == "__main__":

@@ -44,9 +44,28 @@ def _cluster(procs: dict[int, tuple[int, float, str]]) -> list[int]:
     return out
 
 
-def cluster_cpu_s() -> float:
+def _group(cmd: str) -> str:
+    """What a cluster process is: the deployment of a Serve replica, the actor class, else Ray's own."""
+    if not cmd.startswith("ray::"):
+        return "ray system"
+    title = cmd[5:].split(" ", 1)[0].split(".", 1)[0]
+    if title.startswith("ServeReplica:"):
+        return title.rsplit(":", 1)[-1]
+    return title or "ray system"
+
+
+def cluster_cpu_groups() -> dict[str, float]:
+    """CPU seconds of the cluster's processes by :func:`_group`."""
     procs = _procs()
-    return sum(procs[p][1] for p in _cluster(procs))
+    out: dict[str, float] = {}
+    for pid in _cluster(procs):
+        g = _group(procs[pid][2])
+        out[g] = out.get(g, 0.0) + procs[pid][1]
+    return out
+
+
+def cluster_cpu_s() -> float:
+    return sum(cluster_cpu_groups().values())
 
 
 def redis_cpu_s(pid: int) -> float:
