@@ -169,6 +169,11 @@ def main() -> int:
 
     from deployments.app import start_serve_on_free_port
 
+    stdout = None
+    if args.json:  # Ray's own processes print warnings to this process's stdout: keep it for the object
+        sys.stdout.flush()
+        stdout = os.dup(1)
+        os.dup2(2, 1)
     out: dict = {"sizes": [], "closes": args.closes, "models": args.models, "cpus": os.cpu_count(),
                  "loadavg_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="mle-scale-") as tmp:
@@ -194,8 +199,10 @@ def main() -> int:
             ray.shutdown()
             redis.stop()
     out["loadavg_end"] = os.getloadavg()[0]
-    if args.json:
-        print(json.dumps(out))
+    if stdout is not None:
+        sys.stdout.flush()
+        os.dup2(stdout, 1)
+        print(json.dumps(out), flush=True)
     else:
         print_table(out)
     return 0

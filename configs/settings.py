@@ -222,7 +222,7 @@ class Settings(BaseSettings):
     binance_api_url: str = "https://api.binance.com/api"
     binance_ws_url: str = "wss://stream.binance.com:9443/ws"
     max_data_age_s: float = Field(900.0, gt=0)  # older market data makes the engine answer 503
-    feed_symbols_per_actor: int = Field(25, ge=1, le=1000)  # symbols one MarketData actor (process) streams
+    feed_symbols_per_actor: int = Field(100, ge=1, le=1000)  # symbols one MarketData actor (process) streams
 
     # Prediction and signal logs, outcome resolution, live accuracy (deployments/db, issue 6).
     log_batch_size: int = Field(2000, ge=1, le=100_000)  # rows per INSERT
