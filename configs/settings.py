@@ -221,6 +221,10 @@ class Settings(BaseSettings):
     replay_speed: float = Field(0.0, ge=0)  # 0 = as fast as possible, 1 = real time, N = xN
     binance_api_url: str = "https://api.binance.com/api"
     binance_ws_url: str = "wss://stream.binance.com:9443/ws"
+    # REST request weight per window of the exchange's X-MBX-USED-WEIGHT header (Binance: 6000 a minute
+    # per IP) the feed's backfills may use; the rest is left to downloads and other clients of the IP.
+    binance_weight_budget: int = Field(4800, ge=1, le=1_000_000)
+    binance_streams_per_connection: int = Field(200, ge=1, le=1024)  # kline streams per combined websocket (Binance: <= 1024)
     max_data_age_s: float = Field(900.0, gt=0)  # older market data makes the engine answer 503
     feed_symbols_per_actor: int = Field(100, ge=1, le=1000)  # symbols one MarketData actor (process) streams
 

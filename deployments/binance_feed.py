@@ -7,7 +7,8 @@ then drop the real close as already seen); a slow one would wait for candles lon
 * on the websocket a candle is closed when the kline message says so (``k.x``);
 * over REST a row is closed when a newer row follows it, or when its close time is before the
   exchange's time: the local clock plus the offset measured against ``GET /api/v3/time`` before
-  every catch-up (a lower bound: the server's answer counts from when it reached us). Until one
+  a catch-up, unless measured within the last minute (a lower bound: the server's answer counts
+  from when it reached us). Until one
   measurement succeeds, only the "a newer row follows" rule is trusted.
 
 No Ray in this module; :mod:`deployments.market_data` runs it in an actor.
@@ -25,11 +26,14 @@ import numpy as np
 import pandas as pd
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
+from deployments.binance_hub import bounded
 from deployments.feed import _FIELDS, CandleEvent, EventKind, FeedClock, FeedStatus, _event
 from features.candles import FIVE_MINUTES_MS
 from features.errors import MarketDataError
 
 log = logging.getLogger(__name__)
+
+RESYNC_S = 60.0  # a clock offset measured less than this long ago (local time) is reused by a catch-up
 
 
 def stream_root(ws_url: str) -> str:
@@ -62,6 +66,7 @@ class ExchangeClock:
         self.local = local
         self.offset_ms: float | None = None
         self.round_trip_ms: float | None = None
+        self.synced_at = -float("inf")  # local time of the last measurement
 
     @property
     def synced(self) -> bool:
@@ -72,10 +77,11 @@ class ExchangeClock:
 
     async def sync(self, client, timeout_s: float) -> None:
         t0 = self.local()
-        answer = await asyncio.wait_for(client.get_server_time(), timeout=timeout_s)
+        answer = await bounded(client.get_server_time(), timeout_s)
         t1 = self.local()
         self.offset_ms = float(int(answer["serverTime"])) - t1 * 1000.0
         self.round_trip_ms = (t1 - t0) * 1000.0
+        self.synced_at = t1
 
     def feed_clock(self) -> FeedClock:
         """A feed clock at the exchange's time now (data age is measured on the exchange's clock)."""
@@ -101,14 +107,16 @@ class BinanceSource:
     holes the exchange itself has (a trading halt) are delivered as flagged gaps. ``resume_after``
     makes a restarted source continue after the last candle the graph took.
 
-    The websocket is python-binance's ``BinanceSocketManager.kline_socket`` (which reconnects by
-    itself and reports drops as ``{"e": "error"}`` messages); REST is ``AsyncClient.get_klines``.
+    Stream and REST go through a :class:`deployments.binance_hub.BinanceHub` (``hub``): one combined
+    websocket for many symbols, which reports drops and reconnects as messages in this symbol's
+    queue, and REST paced by the exchange's request-weight headers. A source without a hub makes a
+    private one for each run of :meth:`events`.
     ``wall`` is the local clock (tests run the source with it skewed against the exchange's).
     """
 
     def __init__(self, symbol: str, *, api_url: str, ws_url: str, history: int = 1000, interval: str = "5m",
                  grace_s: float = 10.0, retry_s: float = 1.0, max_retry_s: float = 30.0,
-                 request_timeout_s: float = 15.0, wall: Callable[[], float] = time.time) -> None:
+                 request_timeout_s: float = 15.0, wall: Callable[[], float] = time.time, hub=None) -> None:
         if interval != "5m":
             raise MarketDataError(f"the engine trades 5-minute candles, not {interval!r}")
         self.symbol = symbol
@@ -121,6 +129,7 @@ class BinanceSource:
         self.max_retry_s = max_retry_s
         self.request_timeout_s = request_timeout_s
         self.clock = ExchangeClock(wall)
+        self.hub = hub  # a shared BinanceHub (or its Ray actor's proxy); None: a private one per run
         self._last: int | None = None
         self.status = FeedStatus(symbol, "binance")
 
@@ -129,18 +138,19 @@ class BinanceSource:
         if open_time is not None:
             self._last = int(open_time)
 
-    def _client(self):  # python-binance AsyncClient pointed at ``api_url``
-        from binance import AsyncClient
+    def _private_hub(self):
+        """A hub of this symbol alone (a source run without the MarketFeed's shared hub: tests, tools)."""
+        from deployments.binance_hub import BinanceHub
 
-        from features.download import api_root
-
-        client = AsyncClient()
-        client.API_URL = api_root(self.api_url)
-        return client
+        return BinanceHub([self.symbol], api_url=self.api_url, ws_url=self.ws_url, interval=self.interval,
+                          retry_s=self.retry_s, max_retry_s=self.max_retry_s,
+                          request_timeout_s=self.request_timeout_s)
 
     # ---- REST ------------------------------------------------------------------------------
     async def _sync_clock(self, client) -> float | None:
         """Measure the exchange's time; on failure keep the last offset (None if there never was one)."""
+        if self.clock.synced and self.clock.local() - self.clock.synced_at < RESYNC_S:
+            return self.clock.now_ms()  # measured a moment ago: hundreds of symbols need not ask again
         try:
             await self.clock.sync(client, self.request_timeout_s)
             self.status.clock_offset_ms = round(self.clock.offset_ms or 0.0, 1)
@@ -165,9 +175,9 @@ class BinanceSource:
                 retry=retry_if_exception_type(Exception), before_sleep=note, reraise=True,
                 wait=wait_exponential(multiplier=self.retry_s, min=self.retry_s, max=self.max_retry_s)):
             with attempt:
-                return await asyncio.wait_for(
+                return await bounded(
                     client.get_klines(symbol=self.symbol, interval=self.interval, startTime=start_ms,
-                                      limit=PAGE_LIMIT), timeout=self.request_timeout_s)
+                                      limit=PAGE_LIMIT), self.request_timeout_s)
         raise AssertionError("unreachable: the retry never stops")
 
     async def _fetch_closed(self, client, start_ms: int, exchange_now: float | None) -> pd.DataFrame:
@@ -221,77 +231,69 @@ class BinanceSource:
 
     # ---- stream ----------------------------------------------------------------------------
     async def events(self) -> AsyncIterator[CandleEvent]:
-        from binance import BinanceSocketManager
-
-        client = self._client()
-        delay = self.retry_s
+        private = self.hub is None
+        client = self._private_hub() if private else self.hub
         try:
             ev = await self._catch_up(client, "history" if self._last is None else "backfill")
             if ev is not None:
                 yield ev
-            while True:
-                manager = BinanceSocketManager(client)
-                manager.STREAM_URL = stream_root(self.ws_url)
-                socket = manager.kline_socket(self.symbol, self.interval)
-                try:
-                    async with socket as stream:
-                        self.status.state = "streaming"
-                        # Candles that closed while we were (re)connecting.
-                        ev = await self._catch_up(client, "backfill")
-                        if ev is not None:
-                            yield ev
-                        delay = self.retry_s
-                        async for ev in self._read(client, stream):
-                            yield ev
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # the socket gave up (python-binance stops after 5 retries)
-                    self.status.last_error = f"websocket: {type(exc).__name__}: {exc}"[:300]
-                    log.warning("%s: %s; reconnecting in %.1fs", self.symbol, self.status.last_error, delay)
-                self.status.state = "reconnecting"
-                self.status.reconnects += 1
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.max_retry_s)
+            token, connected = await client.subscribe(self.symbol)
+            self.status.state = "streaming"
+            if connected:  # candles that closed while we were subscribing (else: at the connect notice)
+                ev = await self._catch_up(client, "backfill")
+                if ev is not None:
+                    yield ev
+            async for ev in self._read(client, token):
+                yield ev
         finally:
-            await client.close_connection()
+            if private:
+                await client.close()
 
-    async def _read(self, client, stream) -> AsyncIterator[CandleEvent]:
+    async def _read(self, client, token: int) -> AsyncIterator[CandleEvent]:
         while True:
             # Expect a close every 5 minutes (exchange time); if none arrives by then (+ grace), ask REST.
             due = (self._last or 0) + 2 * FIVE_MINUTES_MS
             wait_s = max(1.0, (due - self.clock.now_ms()) / 1000.0 + self.grace_s)
-            try:
-                msg = await asyncio.wait_for(stream.recv(), timeout=wait_s)
-            except asyncio.TimeoutError:
+            messages = await client.recv(self.symbol, token, wait_s)
+            if not messages:
                 ev = await self._catch_up(client, "backfill")
                 if ev is not None:
                     yield ev
                 continue
-            if not isinstance(msg, dict):
-                continue
-            if msg.get("e") == "error":
-                # The connection dropped; python-binance reconnects by itself. Catch up over REST now,
-                # and again when the next closed candle shows a hole.
-                self.status.state = "reconnecting"
-                self.status.reconnects += 1
-                self.status.last_error = f"websocket: {msg.get('type')}: {msg.get('m')}"[:300]
-                if msg.get("type") in ("BinanceWebsocketUnableToConnect", "BinanceWebsocketQueueOverflow"):
-                    raise MarketDataError(self.status.last_error)
-                ev = await self._catch_up(client, "backfill")
-                if ev is not None:
+            for msg in messages:
+                async for ev in self._handle(client, msg):
                     yield ev
-                continue
-            if msg.get("e") != "kline":
-                continue
-            open_time, row, closed = kline_message_candle(msg)  # closed: the exchange's own flag
+
+    async def _handle(self, client, msg: dict[str, Any]) -> AsyncIterator[CandleEvent]:
+        """One message of this symbol's queue on the hub's combined stream."""
+        kind = msg.get("e")
+        if kind == "error":
+            if msg.get("type") == "superseded":  # a newer consumer of this symbol took over
+                raise MarketDataError(f"{self.symbol}: another consumer subscribed to the stream")
+            # The combined connection dropped; the hub reconnects by itself (with backoff) and says
+            # so. Catching up now as well would double every symbol's REST load on each drop; if the
+            # stream stays down, the timer of _read asks REST when the next candle is due.
+            self.status.state = "reconnecting"
+            self.status.reconnects += 1
+            self.status.last_error = f"websocket: {msg.get('type')}: {msg.get('m')}"[:300]
+            return
+        if kind == "reconnected":  # (re)connected: what closed meanwhile, over REST
             self.status.state = "streaming"
-            if not closed or (self._last is not None and open_time <= self._last):
-                continue  # an update of the open candle, or one we already delivered
-            if self._last is not None and open_time > self._last + FIVE_MINUTES_MS:
-                ev = await self._catch_up(client, "backfill")  # the stream skipped candles
-                if ev is not None:
-                    yield ev
-                if self._last is not None and open_time <= self._last:
-                    continue
-            df = pd.DataFrame([[open_time, *row]], columns=["open_time", *_FIELDS])
-            yield self._emit(df, "live")
+            ev = await self._catch_up(client, "backfill")
+            if ev is not None:
+                yield ev
+            return
+        if kind != "kline":
+            return
+        open_time, row, closed = kline_message_candle(msg)  # closed: the exchange's own flag
+        self.status.state = "streaming"
+        if not closed or (self._last is not None and open_time <= self._last):
+            return  # an update of the open candle, or one we already delivered
+        if self._last is not None and open_time > self._last + FIVE_MINUTES_MS:
+            ev = await self._catch_up(client, "backfill")  # the stream skipped candles
+            if ev is not None:
+                yield ev
+            if self._last is not None and open_time <= self._last:
+                return
+        df = pd.DataFrame([[open_time, *row]], columns=["open_time", *_FIELDS])
+        yield self._emit(df, "live")

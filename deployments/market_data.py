@@ -32,6 +32,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from configs.settings import Settings, load_settings
 from configs.symbols import real_symbol
+from deployments.binance_actor import BinanceHubActor, RemoteHub
 from deployments.binance_feed import BinanceSource
 from deployments.feed import CandleEvent, CandleWindow, FeedClock, ReplaySource
 from deployments.metrics import EngineMetrics
@@ -56,11 +57,12 @@ def replay_file(settings: Settings, symbol: str):
             or settings.sample_dir / f"{source}_5m.parquet")
 
 
-def make_source(settings: Settings, symbol: str) -> ReplaySource | BinanceSource:
-    """The source ``Settings.feed`` names, for one symbol."""
+def make_source(settings: Settings, symbol: str, hub=None) -> ReplaySource | BinanceSource:
+    """The source ``Settings.feed`` names, for one symbol (``hub``: the MarketFeed's Binance hub
+    actor, deployments/binance_actor.py; None: the source makes a private one)."""
     if settings.feed == "binance":
         return BinanceSource(symbol, api_url=settings.binance_api_url, ws_url=settings.binance_ws_url,
-                             history=WARMUP + 12)
+                             history=WARMUP + 12, hub=None if hub is None else RemoteHub(hub))
     return ReplaySource.from_file(symbol, replay_file(settings, symbol), speed=settings.replay_speed,
                                   history=settings.replay_history)
 
@@ -74,12 +76,12 @@ class SymbolFeed:
     """
 
     def __init__(self, symbol: str, router, settings: Settings, metrics: EngineMetrics,
-                 resume_after: int | None = None, outbox: Outbox | None = None) -> None:
+                 resume_after: int | None = None, outbox: Outbox | None = None, hub=None) -> None:
         self.symbol = symbol
         self.router = router
         self.outbox = outbox or Outbox(router)
         self.settings = settings
-        self.source = make_source(self.settings, symbol)
+        self.source = make_source(self.settings, symbol, hub)
         self.delivered = 0
         self.delivery_failures = 0
         self.last_delivery_error: str | None = None
@@ -247,13 +249,13 @@ class MarketData:
     """
 
     def __init__(self, symbols: str | list[str], router, settings_overrides: dict[str, Any] | None = None,
-                 resume_after: int | dict[str, int] | None = None) -> None:
+                 resume_after: int | dict[str, int] | None = None, hub=None) -> None:
         symbols = [symbols] if isinstance(symbols, str) else list(symbols)
         settings = load_settings(**(settings_overrides or {}))
         metrics = EngineMetrics(use_ray=True)
         hints = resume_after if isinstance(resume_after, dict) else {symbols[0]: resume_after}
         outbox = Outbox(router)
-        self.feeds = {s: SymbolFeed(s, router, settings, metrics, hints.get(s), outbox) for s in symbols}
+        self.feeds = {s: SymbolFeed(s, router, settings, metrics, hints.get(s), outbox, hub) for s in symbols}
 
     def _feed(self, symbol: str | None) -> SymbolFeed:
         if symbol is None:
@@ -312,6 +314,11 @@ class MarketFeed:
         self.respawns: dict[str, int] = {}
         self._watchers: dict[int, asyncio.Task] = {}
         self._lock = asyncio.Lock()
+        self.hub = None  # Binance: one hub (combined streams, weight-paced REST) for every symbol
+        if self.settings.feed == "binance":
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+            self.hub = BinanceHubActor.options(scheduling_strategy=here).remote(
+                list(self.settings.market.symbols), self.overrides)
         for g in range(len(self.groups)):
             await self._spawn(g)
 
@@ -322,7 +329,8 @@ class MarketFeed:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         group = self.groups[g]
         hints = {s: self.last_seen[s] for s in group if s in self.last_seen}
-        actor = MarketData.options(scheduling_strategy=here).remote(group, self.router, self.overrides, hints)
+        actor = MarketData.options(scheduling_strategy=here).remote(group, self.router, self.overrides, hints,
+                                                                    self.hub)
         await actor.start.remote()
         self.actors[g] = actor
         self._watchers[g] = asyncio.create_task(self._watch(g, actor))
@@ -371,7 +379,13 @@ class MarketFeed:
                             for s in self.groups[g]})
         for s in out:
             out[s]["respawns"] = self.respawns.get(s, 0)
-        return {"feed": self.settings.feed, "symbols": {s: out[s] for s in self.group_of if s in out}}
+        doc = {"feed": self.settings.feed, "symbols": {s: out[s] for s in self.group_of if s in out}}
+        if self.hub is not None:  # connections, reconnects, REST weight used, waits, 429/418s
+            try:
+                doc["binance"] = await asyncio.wait_for(self.hub.call.remote("status"), timeout=5)
+            except Exception as exc:
+                doc["binance"] = {"state": "unreachable", "error": f"{type(exc).__name__}: {exc}"[:300]}
+        return doc
 
     async def pause(self, symbol: str | None = None) -> dict[str, Any]:
         symbols = [symbol] if symbol else list(self.group_of)

@@ -41,6 +41,9 @@ INTERVAL_MS: dict[str, int] = {
     "12h": 43_200_000, "1d": 86_400_000,
 }
 KLINES_PATH = "/api/v3/klines"
+# Request weight per endpoint (Binance spot API docs); the fake counts it per window like the exchange.
+WEIGHTS: dict[str, int] = {"/api/v3/klines": 2, "/api/v3/time": 1, "/api/v3/ping": 1, "/api/v3/exchangeInfo": 20}
+MAX_COMBINED_STREAMS = 1024  # streams one combined connection may carry
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 500
 
@@ -160,6 +163,14 @@ def _binance_error(status: int, code: int, msg: str) -> web.Response:
     return web.json_response({"code": code, "msg": msg}, status=status)
 
 
+def _limited(status: int, retry_after_s: float, header: str, used: int) -> web.Response:
+    """Binance's 429 (over the weight limit) or 418 (banned for not backing off), with Retry-After."""
+    import math
+
+    return web.json_response(_ERROR_BODIES[status], status=status,
+                             headers={"Retry-After": str(max(1, math.ceil(retry_after_s))), header: str(used)})
+
+
 # --------------------------------------------------------------------------------------------
 # The server
 # --------------------------------------------------------------------------------------------
@@ -181,7 +192,8 @@ class FakeBinance:
 
     def __init__(self, candles: Mapping[str, pd.DataFrame], interval: str = "5m", *,
                  host: str = "127.0.0.1", port: int = 0,
-                 server_time_ms: Callable[[], int] | None = None) -> None:
+                 server_time_ms: Callable[[], int] | None = None, weight_limit: int = 6000,
+                 weight_interval: str = "1M") -> None:
         if interval not in INTERVAL_MS:
             raise ValueError(f"unsupported interval {interval!r}")
         self.interval = interval
@@ -202,8 +214,19 @@ class FakeBinance:
         self._port: int | None = None
         # Kline websocket: open connections per stream name ("btcusdt@kline_5m").
         self._ws_conns: dict[str, list[tuple[web.WebSocketResponse, web.Request]]] = {}
+        self._combined: set[int] = set()  # ids of combined-stream connections (their messages are wrapped)
         self._ws_refuse = False
         self._ws_connects: list[str] = []
+        self._ws_handshakes: list[int] = []  # streams per accepted connection, in order
+        # Request weight per IP and window, as Binance counts it (``X-MBX-USED-WEIGHT-<interval>``).
+        self.weight_limit = int(weight_limit)
+        self.weight_interval = weight_interval
+        self.weight_window_ms = int(weight_interval[:-1]) * {"S": 1000, "M": 60_000}[weight_interval[-1].upper()]
+        self._weight: tuple[int, int] = (-1, 0)  # (window, used)
+        self._blocked_until_ms = 0.0  # after a 429: until Retry-After; a request before then gets 418
+        self.weight_log: list[tuple[int, int]] = []  # (window, used after the request) per counted request
+        self.rate_limited = 0  # 429s answered
+        self.banned = 0        # 418s answered (requests sent while told to wait)
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -290,6 +313,7 @@ class FakeBinance:
             web.get("/api/v3/exchangeInfo", self._exchange_info),
             web.get(KLINES_PATH, self._klines),
             web.get("/ws/{stream}", self._kline_ws),
+            web.get("/stream", self._combined_ws),
         ]
 
     # ---- data ----------------------------------------------------------------------------
@@ -391,13 +415,46 @@ class FakeBinance:
                 request.transport.close()
                 raise asyncio.CancelledError  # nothing more to send on a closed connection
             return self._injected_response(inj)
+        limited = self._count_weight(request.path)
+        if limited is not None:
+            self._record(request, limited.status, at, False)
+            return limited
         try:
             response = await handler(request)
         except web.HTTPException as exc:
             self._record(request, exc.status, at, False)
             raise
         self._record(request, response.status, at, False)
+        if request.path in WEIGHTS:
+            response.headers[self.weight_header] = str(self._weight[1])
         return response
+
+    # ---- request weight ------------------------------------------------------------------
+
+    @property
+    def weight_header(self) -> str:
+        return f"X-MBX-USED-WEIGHT-{self.weight_interval.upper()}"
+
+    def _count_weight(self, path: str) -> web.Response | None:
+        """Add the request's weight to its window; over the limit: 429 with Retry-After until the
+        window ends, and 418 for a request sent before that Retry-After has passed."""
+        weight = WEIGHTS.get(path)
+        if weight is None:
+            return None
+        now = int(self._server_time_ms())
+        window = now // self.weight_window_ms
+        with self._lock:
+            if now < self._blocked_until_ms:
+                self.banned += 1
+                return _limited(418, (self._blocked_until_ms - now) / 1000 * 2, self.weight_header, self._weight[1])
+            used = self._weight[1] if self._weight[0] == window else 0
+            if used + weight > self.weight_limit:
+                self.rate_limited += 1
+                self._blocked_until_ms = (window + 1) * self.weight_window_ms
+                return _limited(429, (self._blocked_until_ms - now) / 1000, self.weight_header, used)
+            self._weight = (window, used + weight)
+            self.weight_log.append(self._weight)
+        return None
 
     @staticmethod
     def _injected_response(inj: Injection) -> web.Response:
@@ -435,11 +492,21 @@ class FakeBinance:
         msg = self.kline_message(symbol, candle, closed)
         return self.run_coroutine(self._broadcast(self.stream_name(symbol), msg)).result(timeout)
 
+    def push_klines(self, candles: Mapping[str, Mapping[str, Any]], closed: bool, timeout: float = 10.0) -> int:
+        """:meth:`push_kline` for many symbols at once (one trip to the server's loop)."""
+        async def push_all() -> int:
+            sent = 0
+            for symbol, candle in candles.items():
+                sent += await self._broadcast(self.stream_name(symbol), self.kline_message(symbol, candle, closed))
+            return sent
+
+        return self.run_coroutine(push_all()).result(timeout)
+
     async def _broadcast(self, stream: str, msg: dict[str, Any]) -> int:
         sent = 0
         for ws, _ in list(self._ws_conns.get(stream, [])):
             if not ws.closed:
-                await ws.send_json(msg)
+                await ws.send_json({"stream": stream, "data": msg} if id(ws) in self._combined else msg)
                 sent += 1
         return sent
 
@@ -448,16 +515,16 @@ class FakeBinance:
         return self.run_coroutine(self._drop(symbol)).result(timeout)
 
     async def _drop(self, symbol: str | None) -> int:
-        dropped = 0
+        dropped: set[int] = set()  # a combined connection carries many streams: cut it once
         for stream, conns in self._ws_conns.items():
             if symbol is not None and stream != self.stream_name(symbol):
                 continue
-            for _, request in list(conns):
-                if request.transport is not None:
+            for ws, request in list(conns):
+                if request.transport is not None and id(ws) not in dropped:
                     request.transport.abort()
-                    dropped += 1
+                    dropped.add(id(ws))
             conns.clear()
-        return dropped
+        return len(dropped)
 
     def refuse_websockets(self, refuse: bool = True) -> None:
         """While true, websocket handshakes get HTTP 503 (the exchange's stream is down)."""
@@ -490,6 +557,7 @@ class FakeBinance:
         await ws.prepare(request)
         with self._lock:
             self._ws_connects.append(stream)
+            self._ws_handshakes.append(1)
         self._ws_conns.setdefault(stream, []).append((ws, request))
         try:
             async for _ in ws:  # clients send nothing that matters (pongs are handled by aiohttp)
@@ -499,6 +567,40 @@ class FakeBinance:
             if (ws, request) in conns:
                 conns.remove((ws, request))
         return ws
+
+    async def _combined_ws(self, request: web.Request) -> web.StreamResponse:
+        """``/stream?streams=a@kline_5m/b@kline_5m``: one connection for many streams; messages are
+        wrapped as ``{"stream": name, "data": message}``, as Binance's combined streams are."""
+        streams = [s for s in request.query.get("streams", "").split("/") if s]
+        if self._ws_refuse:
+            return _binance_error(503, -1008, "Service Unavailable.")
+        if not streams or len(streams) > MAX_COMBINED_STREAMS:
+            return _binance_error(400, -1100, f"streams: 1..{MAX_COMBINED_STREAMS} names")
+        ws = web.WebSocketResponse(heartbeat=None)
+        await ws.prepare(request)
+        with self._lock:
+            self._ws_connects.extend(streams)
+            self._ws_handshakes.append(len(streams))
+        entry = (ws, request)
+        for stream in streams:
+            self._ws_conns.setdefault(stream, []).append(entry)
+        self._combined.add(id(ws))
+        try:
+            async for _ in ws:
+                pass
+        finally:
+            self._combined.discard(id(ws))
+            for stream in streams:
+                conns = self._ws_conns.get(stream, [])
+                if entry in conns:
+                    conns.remove(entry)
+        return ws
+
+    @property
+    def ws_handshakes(self) -> list[int]:
+        """Streams per accepted websocket connection (1 for a ``/ws/<stream>`` one), in order."""
+        with self._lock:
+            return list(self._ws_handshakes)
 
     # ---- handlers ------------------------------------------------------------------------
 

@@ -171,6 +171,9 @@ def test_binance_from_the_environment_beats_the_committed_config_and_sigterm_sto
                 assert time.monotonic() < deadline, f"the exchange's candle {live} never arrived: {btc}"
                 time.sleep(0.5)
             assert btc["source"] == "binance" and btc["clock"] == "exchange" and btc["clock_rate"] == 1.0
+            # Both symbols on one combined websocket of the feed's Binance hub (issue 18).
+            hub = launcher.health()["market"]["feed"]["binance"]
+            assert hub["connections"] == 1 and hub["streams"] == 2 and fake.ws_handshakes[0] == 2, hub
             assert abs(btc["clock_offset_s"]) < 5, btc  # the fake exchange's server time is this host's
             # The exchange's newest closed candle (closed 20 s to 5 min 20 s before the test began), not a replay.
             assert 0 < btc["data_age_wall_s"] < 600, btc
