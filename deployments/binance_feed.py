@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -250,15 +251,19 @@ class BinanceSource:
                 await client.close()
 
     async def _read(self, client, token: int) -> AsyncIterator[CandleEvent]:
+        poll_at = -math.inf  # exchange ms before which a silent stream is not polled over REST again
         while True:
-            # Expect a close every 5 minutes (exchange time); if none arrives by then (+ grace), ask REST.
-            due = (self._last or 0) + 2 * FIVE_MINUTES_MS
-            wait_s = max(1.0, (due - self.clock.now_ms()) / 1000.0 + self.grace_s)
-            messages = await client.recv(self.symbol, token, wait_s)
-            if not messages:
+            # Expect a close every 5 minutes (exchange time); if none arrives by then (+ grace), ask
+            # REST -- whatever else the queue brings (a stream that keeps failing sends notices) --
+            # and, while REST has nothing newer either (a halt), again every ``grace_s``.
+            due = max((self._last or 0) + 2 * FIVE_MINUTES_MS + self.grace_s * 1000.0, poll_at)
+            wait_s = (due - self.clock.now_ms()) / 1000.0
+            messages = await client.recv(self.symbol, token, wait_s) if wait_s > 0 else []
+            if not messages and self.clock.now_ms() >= due:
                 ev = await self._catch_up(client, "backfill")
                 if ev is not None:
                     yield ev
+                poll_at = self.clock.now_ms() + self.grace_s * 1000.0
                 continue
             for msg in messages:
                 async for ev in self._handle(client, msg):

@@ -190,3 +190,67 @@ def test_a_429_stops_every_symbols_backfill_for_retry_after():
     assert not [a for a in after if 0.25 < a < 0.95], after
     assert any(a >= 0.95 for a in after), after
     assert fake.banned == 0 and fake.rate_limited == 0  # only the injected 429
+
+
+def test_a_new_consumer_supersedes_the_old_one_and_an_overflow_asks_for_a_backfill():
+    """A dead MarketData actor's long poll must not eat the candles of its successor; a consumer that
+    stops reading loses nothing silently (its queue says "backfill" instead)."""
+    from deployments.binance_hub import QUEUE_SIZE
+    from tests.conftest import free_port
+
+    async def scenario() -> None:
+        port = free_port()  # nothing listens: the stream keeps reconnecting in the background
+        hub = BinanceHub(["BTCUSDT", "ETHUSDT"], api_url=f"http://127.0.0.1:{port}", ws_url=f"ws://127.0.0.1:{port}/ws",
+                         retry_s=5.0)
+        try:
+            old, connected = await hub.subscribe("BTCUSDT")
+            assert connected is False
+            pending = asyncio.create_task(hub.recv("BTCUSDT", old, 30))
+            new, _ = await hub.subscribe("BTCUSDT")
+            assert (await asyncio.wait_for(pending, 5))[0]["type"] == "superseded"
+            q = hub.stream.queues["ETHUSDT"]
+            for i in range(QUEUE_SIZE + 5):
+                q.put({"e": "kline", "i": i})
+            token, _ = await hub.subscribe("ETHUSDT")
+            got = await hub.recv("ETHUSDT", token, 1)
+            assert got[0]["e"] == "reconnected" and len(got) < QUEUE_SIZE + 5  # dropped, and said so
+            assert [m for m in await hub.recv("BTCUSDT", new, 0.05) if m.get("type") == "superseded"] == []
+        finally:
+            await hub.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.timeout(60)
+def test_while_the_stream_keeps_failing_rest_still_brings_every_candle():
+    """The hub's failing connection sends a notice at every retry; the source's REST poll for a
+    silent stream must fire all the same (a notice is not a candle)."""
+    candles = load_test_candles("BTCUSDT", 1010)
+    t = candles["open_time"].to_numpy(np.int64)
+    now = {"ms": int(t[999]) + FIVE_MINUTES_MS + 1_000}
+    with FakeBinance({"BTCUSDT": candles.iloc[:1000]}, server_time_ms=lambda: now["ms"]) as fake:
+        fake.refuse_websockets()
+        src = BinanceSource("BTCUSDT", api_url=fake.base_url, ws_url=f"ws://127.0.0.1:{fake.port}/ws",
+                            history=1000, retry_s=0.1, max_retry_s=0.2, grace_s=1.0, wall=lambda: now["ms"] / 1000)
+
+        async def scenario() -> list:
+            events: list = []
+
+            async def run() -> None:
+                async for ev in src.events():
+                    events.append(ev)
+
+            task = asyncio.create_task(run())
+            try:
+                await _until(lambda: len(events) == 1, 20, "history")
+                fake.add_candles("BTCUSDT", candles.iloc[1000:1003])
+                now["ms"] = int(t[1002]) + FIVE_MINUTES_MS + 2_000  # 1001 and 1002 are overdue on the stream
+                await _until(lambda: events[-1].last_open_time == int(t[1002]), 20, "REST while the stream is down")
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            return events
+
+        events = asyncio.run(scenario())
+    assert [int(x) for e in events for x in e.open_time] == [int(x) for x in t[:1003]]
+    assert src.status.reconnects >= 1 and src.status.state == "reconnecting"
