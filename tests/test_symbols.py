@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from configs.settings import load_settings
