@@ -154,9 +154,10 @@ class WeightPacer:
         self.in_flight = max(0, self.in_flight - weight)
         reported = used_weight(headers)
         if reported is not None:
-            self.window_ms = reported[1]
+            value, self.window_ms = reported
             window = int(now // self.window_ms)
-            self.used = reported[0] if window != self.window else max(self.used, reported[0])
+            # The highest report of the window wins (answers of concurrent requests come in any order).
+            self.used = value if window != self.window else max(self.used, value)
             self.window = window
         elif status:  # answered without the header: count our own estimate
             window = int(now // self.window_ms)
@@ -373,8 +374,11 @@ class BinanceHub:
         return await self.rest.get_klines(symbol=symbol, interval=interval, startTime=startTime, limit=limit)
 
     async def get_server_time(self) -> dict[str, Any]:
+        t0 = self.local()
         answer = await self.rest.get_server_time()
-        self.offset_ms = float(int(answer["serverTime"])) - self.local() * 1000.0
+        # The pacer's windows: the server's time at the middle of the round trip (the sources keep
+        # their own lower-bound clocks for judging candles closed).
+        self.offset_ms = float(int(answer["serverTime"])) - (t0 + self.local()) * 500.0
         return answer
 
     async def subscribe(self, symbol: str) -> tuple[int, bool]:
