@@ -128,9 +128,11 @@ class FeatureParams(Strict):
 
 
 class LabelParams(Strict):
-    atr_period: int = Field(14, ge=2, le=60)
-    tp_atr_mult: float = Field(0.75, gt=0, le=20)
-    sl_atr_mult: float = Field(0.5, gt=0, le=20)
+    # Barrier distances in units of the horizon's volatility forecast sigma_h (features/barriers.py),
+    # widened together until the stop is at least min_stop_cost_multiple round-trip costs.
+    tp_vol_mult: float = Field(1.2, gt=0, le=20)
+    sl_vol_mult: float = Field(0.8, gt=0, le=20)
+    min_stop_cost_multiple: float = Field(3.0, ge=0, le=100)
 
 
 class XGBParams(Strict):

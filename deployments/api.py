@@ -70,10 +70,23 @@ still short enough to be bridged -- up to {settings.features.max_bridge_candles}
 code, `data_age_s` and `missing_candles`. A short gap is bridged with no-trade candles, so predictions \
 resume with the first candle after it, without a warm-up.
 
-**Every HOLD says why.** Besides those forced codes, a HOLD the models chose carries `model_hold` (the \
-meta-model's most likely class is HOLD) or `low_confidence` (a BUY or SELL whose calibrated confidence is \
-below the floor, `MLE_SIGNAL_MIN_CONFIDENCE`, now {settings.signal_min_confidence:g}); such a HOLD keeps the \
-models' confidence and the would-be long's take-profit and stop-loss. BUY and SELL have `reason` null.
+**Every HOLD says why.** Besides those forced codes, a HOLD the models chose carries `edge_below_costs` \
+(the proposed trade's expected net R after the costs of fee profile `{settings.fee_profile}` is below the \
+floors chosen on out-of-fold data, or the horizon found no edge at all) or `low_confidence` (it clears \
+them, but `p_win` is below `MLE_SIGNAL_MIN_CONFIDENCE`, now {settings.signal_min_confidence:g}); such a \
+HOLD keeps the models' `p_win`, `expected_r` and the would-be long's take-profit and stop-loss. BUY and \
+SELL have `reason` null.
+
+**Reading a signal's economics.** R is profit in units of the stop distance (entry to `stop_loss`): a \
+stop-out is about -1 R. `cost_r` is what the round trip's fees and slippage cost in R (e.g. 0.33: a \
+third of the risk; the stop is never closer than three round-trip costs), `p_win` (= `confidence`) the \
+calibrated probability that the trade ends with net R > 0 after those costs, and `expected_r` the \
+expected net R after them: size a position from `stop_loss` and take the trade only when `expected_r` \
+> 0, which is what BUY/SELL means. For a HOLD these describe the proposal the engine turned down (the \
+larger of `probabilities` BUY/SELL). All of them assume `fee_profile` (configs/fees.yaml; \
+`MLE_FEE_PROFILE`): on another venue or order type, costs and hence `expected_r` differ. \
+`probabilities` are the signal classifier's class probabilities, the primary model whose proposal the \
+meta-model judges; they are not the chance that the trade pays.
 
 **Freshness.** Predictions refer to the newest closed candle (`candle_open_time`, ms UTC). They are \
 computed when it closes, for every symbol and horizon, and cached (Redis \
@@ -171,12 +184,16 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
     async def signals(req: SignalRequest,  # type: ignore[valid-type]
                       kid: str = Depends(authorized),
                       cache_control: Optional[str] = Header(None, description=cache_control_doc)) -> Response:
-        """BUY, SELL or HOLD for the newest closed candle, with the calibrated `confidence`, the
-        probabilities of each class, and the trade: `entry_price` (the close), `take_profit` and `stop_loss`
-        (ATR barriers; SELL uses the short's). Every HOLD carries a `reason` code: `model_hold` or
-        `low_confidence` when the models chose it (with the would-be long's barriers), a forced code with
-        null barriers and confidence 0 when the data is bad or missing. Without `horizon`, the engine's
-        signal horizon (the shortest unless configured)."""
+        """BUY, SELL or HOLD for the newest closed candle, with the trade: `entry_price` (the close),
+        `take_profit` and `stop_loss` (barriers from the horizon's volatility forecast, the stop at least
+        three round-trip costs; SELL uses the short's), and its economics after the costs of `fee_profile`:
+        `p_win` (= `confidence`, the calibrated probability of net R > 0), `expected_r` (expected net R, in
+        units of the stop distance) and `cost_r` (the round trip in the same units). `probabilities` are the
+        signal classifier's (the side it ranks higher is the proposal the meta-model judges). BUY/SELL only
+        when `expected_r` clears the floors chosen on out-of-fold data; otherwise HOLD `edge_below_costs`
+        (or `low_confidence` under `MLE_SIGNAL_MIN_CONFIDENCE`), with the would-be long's barriers; a forced
+        code with null barriers and confidence 0 when the data is bad or missing. Without `horizon`, the
+        engine's signal horizon (the shortest unless configured)."""
         horizon = req.horizon if req.horizon is not None else service.signal_horizon
         return json_bytes(await service.answer("signals", req.symbol, horizon, fresh=no_cache(cache_control),
                                                kid=kid))

@@ -214,6 +214,10 @@ class CacheEntry(BaseModel):
     reason_detail: Optional[str] = None
     pred_high_mean_pct: Optional[float] = Field(default=None, allow_inf_nan=False)
     pred_low_mean_pct: Optional[float] = Field(default=None, allow_inf_nan=False)
+    expected_r: Optional[float] = Field(default=None, allow_inf_nan=False)
+    cost_r: Optional[float] = Field(default=None, allow_inf_nan=False)
+    p_win: Optional[float] = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    fee_profile: Optional[str] = None
     feature_set_hash: str
     sig: str
 

@@ -73,7 +73,8 @@ def forecast_from_dict(d: dict[str, Any]):
     nan = float("nan")
     fields = dict(d)
     for k in ("close", "pred_high_pct", "pred_low_pct", "high_lower", "high_upper", "low_lower", "low_upper",
-              "p_tp_long", "p_tp_short", "confidence", "entry_price", "pred_high_mean_pct", "pred_low_mean_pct"):
+              "p_tp_long", "p_tp_short", "confidence", "entry_price", "pred_high_mean_pct", "pred_low_mean_pct",
+              "expected_r", "cost_r", "p_win"):
         if fields.get(k) is None:
             fields[k] = nan
     fields["signal_probs"] = tuple(nan if p is None else p for p in (d.get("signal_probs") or (None,) * 3))
@@ -215,6 +216,7 @@ class PredictionService:
         f = {"symbol": symbol, "horizon": horizon, "signal_type": "HOLD", "confidence": 0.0, "entry_price": None,
              "take_profit": None, "stop_loss": None, "reason": status_for(exc)[1], "reason_detail": str(exc),
              "signal_probs": None, "p_tp_long": None, "p_tp_short": None, "close": st.close,
+             "expected_r": None, "cost_r": None, "p_win": None, "fee_profile": self.settings.fee_profile,
              "candle_open_time": st.open_time, "model_versions": st.model_versions}
         return finish(body_prefix(signal_body(f)), False, st.data_age_s() or 0.0)
 

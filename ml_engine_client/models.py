@@ -96,14 +96,17 @@ class SignalBody(BaseModel):
     horizon: int
     horizon_minutes: int
     signal_type: SignalType
-    confidence: float = Field(description="calibrated probability that the signal is right (0 for a forced HOLD)")
+    confidence: float = Field(description="calibrated probability that the proposed trade makes money after costs "
+                                          "(equal to `p_win`; 0 for a forced HOLD)")
     entry_price: Optional[float]
     take_profit: Optional[float] = Field(description="for HOLD: the would-be long's take-profit, or null")
     stop_loss: Optional[float]
     reason: Optional[str] = Field(description="why the signal is HOLD, as a code (null exactly for BUY and SELL). "
-                                  "The models' own HOLDs: `model_hold` (the meta-model's most likely class "
-                                  "is HOLD), `low_confidence` (its most likely class is BUY or SELL, but the "
-                                  "calibrated confidence is below the floor `MLE_SIGNAL_MIN_CONFIDENCE`). "
+                                  "The models' own HOLDs: `edge_below_costs` (the proposed trade's expected "
+                                  "net R after costs, or its predicted range in round-trip costs, is below "
+                                  "the floors chosen on out-of-fold data, or the horizon found no edge at "
+                                  "all), `low_confidence` (it clears them, but `p_win` is below the floor "
+                                  "`MLE_SIGNAL_MIN_CONFIDENCE`). "
                                   "Forced HOLDs (confidence 0, no trade): `market_data_gap` (no candle "
                                   "since the last close: an exchange halt or a lost candle), "
                                   "`stale_market_data` (the feed is down), `features_unavailable` (warming up "
@@ -113,6 +116,17 @@ class SignalBody(BaseModel):
     probabilities: Probabilities
     p_tp_long: Optional[float]
     p_tp_short: Optional[float]
+    expected_r: Optional[float] = Field(None, description="expected net R of the proposed trade (the larger of "
+                                        "BUY/SELL in `probabilities`; for a BUY/SELL the signal itself) after "
+                                        "the costs of `fee_profile`: profit in units of the stop distance "
+                                        "(entry to `stop_loss`); null for a forced HOLD")
+    cost_r: Optional[float] = Field(None, description="the round trip's fees and slippage of `fee_profile` in "
+                                    "units of the stop distance (0.25 = a quarter of the risk); null for a "
+                                    "forced HOLD")
+    p_win: Optional[float] = Field(None, description="calibrated probability that the proposed trade ends with "
+                                   "net R > 0 after costs; null for a forced HOLD")
+    fee_profile: Optional[str] = Field(None, description="the fee profile (configs/fees.yaml) whose costs "
+                                       "`expected_r`, `cost_r` and the labels use, e.g. `spot_taker`")
     close: float
     candle_open_time: int
     candle_time: str

@@ -44,18 +44,25 @@ from features.candles import FIVE_MINUTES_MS, load_candles  # noqa: E402
 HISTORY = 1100
 
 
-def _scalar_trade(long: bool, entry: float, tp: float, sl: float, highs, lows, closes, fee: float):
-    """Independent walk of one trade: (outcome, exit price, pnl % after fees, R)."""
-    exit_price, outcome = closes[-1], "expired"
-    for hi, lo in zip(highs, lows):
+def _scalar_trade(long: bool, entry: float, tp: float, sl: float, highs, lows, closes, fee: float,
+                  slip: float = 0.0, borrow_hourly: float = 0.0):
+    """Independent walk of one trade: (outcome, exit price, pnl % after costs, R). Costs as
+    features.costs defines them: slippage against both fills, a fee on each fill, and a spot short's
+    borrow for 1 + ceil(hours held) hours (held = candles to the exit)."""
+    exit_price, outcome, bars = closes[-1], "expired", len(closes)
+    for k, (hi, lo) in enumerate(zip(highs, lows), 1):
         if (lo <= sl) if long else (hi >= sl):
-            exit_price, outcome = sl, "sl"
+            exit_price, outcome, bars = sl, "sl", k
             break
         if (hi >= tp) if long else (lo <= tp):
-            exit_price, outcome = tp, "tp"
+            exit_price, outcome, bars = tp, "tp", k
             break
-    gross = (exit_price - entry) / entry * (1 if long else -1)
-    net = gross - fee * (entry + exit_price) / entry
+    s = 1 if long else -1
+    e_fill, x_fill = entry * (1 + s * slip), exit_price * (1 - s * slip)
+    pnl = s * (x_fill - e_fill) - fee * (e_fill + x_fill)
+    if not long:
+        pnl -= borrow_hourly * (1 + -(-bars * 5 // 60)) * exit_price
+    net = pnl / entry
     return outcome, exit_price, 100 * net, net / (abs(entry - sl) / entry)
 
 
@@ -196,7 +203,7 @@ def main() -> int:
                 break
             time.sleep(1.0)
 
-        fee = settings.fee_rate
+        fee, slip, borrow = settings.fee_rate, settings.slippage_rate, settings.borrow_rate / 8760.0
         live_direct = {"mae": [], "cov": [], "tp": 0, "traded": 0, "r": 0.0}
         for s in symbols:
             df = frames[s]
@@ -247,7 +254,7 @@ def main() -> int:
                     continue
                 w = slice(i + 1, i + h + 1)
                 out = _scalar_trade(r["signal_type"] == "BUY", r["entry_price"], r["take_profit"], r["stop_loss"],
-                                    high[w], low[w], close[w], fee)
+                                    high[w], low[w], close[w], fee, slip, borrow)
                 checks.check(r["outcome"] == out[0] and _close(r["exit_price"], out[1], 1e-12)
                              and _close(r["pnl_percent"], out[2]) and _close(r["r_multiple"], out[3]),
                              f"{s} {t[i]} h={h}: signal {r['outcome']} {r['exit_price']} vs {out[:2]}")

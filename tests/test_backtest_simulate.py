@@ -160,12 +160,15 @@ def test_matches_the_labels_on_real_candles(real_candles):
     """Entered at the next open with barriers re-anchored, the simulator's outcomes agree with the
     training labels (entered at the signal close) wherever the next open equals that close."""
     from configs.settings import LabelParams
-    from features.labels import atr_fraction, barrier_distances, build_labels
+    from features.barriers import barrier_distances
+    from features.costs import Costs, round_trip_cost
+    from features.labels import build_labels, naive_sigma
 
     c = real_candles["ETHUSDT"].iloc[-3000:].reset_index(drop=True)
     h = 18
-    lab = build_labels(c, [h])
-    tp, sl = barrier_distances(atr_fraction(c, LabelParams().atr_period), h)
+    costs = Costs()  # labels and simulator charge the same costs: net R agrees too
+    lab = build_labels(c, [h], costs=costs)
+    tp, sl = barrier_distances(naive_sigma(c, h), LabelParams(), float(round_trip_cost(costs)))
     o, cl = c["open"].to_numpy(), c["close"].to_numpy()
     same = np.zeros(len(c), bool)
     same[:-1] = o[1:] == cl[:-1]
@@ -177,3 +180,4 @@ def test_matches_the_labels_on_real_candles(real_candles):
                              "tp_frac": tp[i], "sl_frac": sl[i], "horizon": h}])
         tr = simulate({"ETHUSDT": c}, sig, NO_COSTS).iloc[0]
         assert code[tr.outcome] == lab[f"outcome_long_{h}"].iloc[i]
+        assert simulate({"ETHUSDT": c}, sig, costs).iloc[0].r == pytest.approx(lab[f"r_long_{h}"].iloc[i], rel=1e-9)

@@ -29,12 +29,15 @@ from deployments.db.resolver import CandleForwarder, OutcomeResolver, start_reso
 from deployments.db.rows import PredictionRow, SignalRow, rows_from_forecast
 from deployments.db.writer import LogWriter
 from features.candles import FIVE_MINUTES_MS
-from features.labels import SL, TP, atr_fraction, barrier_distances, build_labels
+from features.barriers import barrier_distances
+from features.costs import Costs, round_trip_cost
+from features.labels import SL, TP, build_labels, naive_sigma
 from tests.conftest import free_port
 from tests.postgres_util import fresh_database
 
 H = (6, 18, 36, 72)
 FEE = 0.001
+COSTS = Costs(fee_bps=FEE * 1e4, slippage_bps=0.0)  # a fee only, so the scalar walk below stays simple
 OUTCOME = {TP: "tp", SL: "sl", 0: "expired"}
 
 
@@ -63,8 +66,7 @@ def _by_hand_trade(long: bool, entry: float, tp: float, sl: float, highs, lows, 
 def _signal_plan(df: pd.DataFrame, rows: np.ndarray, h: int):
     """BUY/SELL/HOLD in turn, with the training labels' own barriers (so outcomes must equal labels)."""
     close = df["close"].to_numpy()
-    atr = atr_fraction(df, LabelParams().atr_period)
-    tp_d, sl_d = barrier_distances(atr[rows], h)
+    tp_d, sl_d = barrier_distances(naive_sigma(df, h)[rows], LabelParams(), float(round_trip_cost(COSTS)))
     kind = np.array(["BUY", "SELL", "HOLD"], dtype=object)[rows % 3]
     long = kind == "BUY"
     c0 = close[rows]
@@ -77,7 +79,7 @@ def test_pure_resolution_equals_build_labels(real_candles):
     params = LabelParams()
     for symbol, full in real_candles.items():
         df = _gapped(full.iloc[-2000:].reset_index(drop=True), 1500)
-        y = build_labels(df, H, params)
+        y = build_labels(df, H, params, costs=COSTS)
         hist = CandleHistory(capacity=5000)
         hist.extend(df["open_time"], df["high"], df["low"], df["close"])
         t = df["open_time"].to_numpy()
@@ -102,7 +104,7 @@ def test_pure_resolution_equals_build_labels(real_candles):
             assert all(x is None for x in res["low_inside"]) and all(x is None for x in res["inside_interval"])
 
             kind, c0, tp, sl = _signal_plan(df, rows, h)
-            sig = resolve_signals(hist, t[rows], np.full(n, h), kind, c0, tp, sl, FEE)
+            sig = resolve_signals(hist, t[rows], np.full(n, h), kind, c0, tp, sl, COSTS)
             assert set(sig["status"][kind == "HOLD"]) == {"not_traded"}
             traded = (kind != "HOLD") & defined & np.isfinite(tp)
             assert np.array_equal(sig["status"] == "ok", traded)
@@ -111,6 +113,9 @@ def test_pure_resolution_equals_build_labels(real_candles):
                 pick = traded & (kind == side)
                 assert pick.sum() > 50
                 assert list(sig["outcome"][pick]) == [OUTCOME[int(o)] for o in want[pick]], (symbol, h, side)
+                # The live R is the training label's net R (same barriers, same cost function).
+                label_r = y[f"r_{'long' if side == 'BUY' else 'short'}_{h}"].to_numpy()[rows][pick]
+                np.testing.assert_allclose(sig["r_multiple"][pick], label_r, rtol=1e-9)
             for i in np.flatnonzero(traded)[::7]:
                 r = rows[i]
                 want = _by_hand_trade(kind[i] == "BUY", c0[i], tp[i], sl[i], df["high"].to_numpy()[r + 1:r + h + 1],
@@ -133,7 +138,7 @@ def test_pure_resolution_edge_cases(real_candles):
     sig = resolve_signals(hist, np.array([t[10], t[150], t[150], t[150]]), np.full(4, 6),
                           np.array(["BUY", "BUY", "SELL", "BUY"], dtype=object), np.full(4, c),
                           np.array([c * 1.01, c * 0.99, c * 0.99, np.nan]), np.array([c * 0.99, c * 0.98, c * 1.01, 1.0]),
-                          FEE)
+                          COSTS)
     assert list(sig["status"]) == ["no_data", "invalid", "ok", "not_traded"]
     assert np.isnan(sig["pnl_percent"][[0, 1, 3]]).all() and np.isfinite(sig["pnl_percent"][2])
 
@@ -223,7 +228,8 @@ async def _fetch(url: str) -> tuple[pd.DataFrame, pd.DataFrame]:
 def test_resolver_actor_on_a_replayed_day_matches_build_labels(real_candles, ray_cluster):
     import ray
 
-    settings = load_settings(drift_mae_margin=0.25, drift_min_samples=100, drift_window="24h", fee_rate=FEE)
+    settings = load_settings(drift_mae_margin=0.25, drift_min_samples=100, drift_window="24h", fee_rate=FEE,
+                             slippage_rate=0.0, borrow_rate=0.0)
     day = 288
     frames, plans, feeds = {}, [], {}
     forecasts = []

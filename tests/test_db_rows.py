@@ -17,7 +17,8 @@ def _forecast(**kw):
                 pred_low_pct=-0.003, high_lower=0.001, high_upper=0.009, low_lower=-0.008, low_upper=-0.0005,
                 signal_type="BUY", confidence=0.6, entry_price=40_000.0, take_profit=40_160.0, stop_loss=39_880.0,
                 reason=None, model_versions={"range_predictor": "r1", "tpsl_classifier": "t1",
-                                             "signal_classifier": "s1", "meta_model": "m1"})
+                                             "signal_classifier": "s1", "meta_model": "m1"},
+                expected_r=0.12, cost_r=0.3, p_win=0.6, fee_profile="spot_taker")
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -50,5 +51,9 @@ def test_spool_lines_round_trip():
     assert data.count(b"\n") == len(rows)
     back = [decode(line) for line in data.splitlines()]
     assert back == rows and isinstance(back[0], PredictionRow)
+    assert (back[1].expected_r, back[1].cost_r, back[1].p_win, back[1].fee_profile) == (0.12, 0.3, 0.6, "spot_taker")
+    # A line spooled before the economics columns existed still decodes (they are NULL).
+    legacy = decode(encode([rows[1]]).strip()[:-len(b',0.12,0.3,0.6,"spot_taker"]')] + b"]")
+    assert legacy == rows[1]._replace(expected_r=None, cost_r=None, p_win=None, fee_profile=None)
     with pytest.raises(ValueError):
         decode(b'["p","short"]')

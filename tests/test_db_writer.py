@@ -50,7 +50,8 @@ def _forecast(i: int, symbol: str = "BTCUSDT") -> SimpleNamespace:
                            close=close, pred_high_pct=0.004, pred_low_pct=-0.003, high_lower=0.001, high_upper=0.009,
                            low_lower=-0.008, low_upper=-0.0005, signal_type=("BUY", "SELL", "HOLD")[i % 3],
                            confidence=0.61, entry_price=close, take_profit=close * 1.004, stop_loss=close * 0.997,
-                           reason=None, model_versions={"range_predictor": "r1", "meta_model": "m1"})
+                           reason=None, model_versions={"range_predictor": "r1", "meta_model": "m1"},
+                           expected_r=0.001 * i, cost_r=0.25, p_win=0.61, fee_profile="spot_taker")
 
 
 def _query(url: str, sql: str):
@@ -113,6 +114,11 @@ def test_postgres_stopped_mid_stream_loses_nothing(private_pg, tmp_path):
         spread = _query(url, "SELECT min(created_at), max(created_at), min(candle_open_time) "
                              "FROM ml.prediction_logs")[0]
         assert (spread[1] - spread[0]).total_seconds() < 30
+        # The signal's economics are logged with it (migration 0002).
+        econ = _query(url, "SELECT count(*), sum(expected_r), min(cost_r), max(p_win), min(fee_profile) "
+                           "FROM ml.signal_logs")[0]
+        assert econ[0] == n and econ[1] == pytest.approx(0.001 * n * (n - 1) / 2)
+        assert (econ[2], econ[3], econ[4]) == (0.25, 0.61, "spot_taker")
     assert not any(tmp_path.iterdir()), "a fully written spool is removed at close"
 
 

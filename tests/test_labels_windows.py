@@ -9,8 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 from configs.settings import LabelParams
-from features.labels import (EXPIRED, SL, TP, atr_fraction, barrier_distances, build_labels, first_touch,
-                             future_extremes, windows_after)
+from features.barriers import barrier_distances
+from features.costs import Costs, round_trip_cost
+from features.labels import (EXPIRED, SL, TP, build_labels, first_touch, future_extremes, naive_sigma,
+                             windows_after)
 
 H = (6, 18, 36, 72)
 
@@ -28,7 +30,6 @@ def test_windows_after_equals_build_labels(real_candles):
         t = df["open_time"].to_numpy()
         high, low, close = (df[k].to_numpy() for k in ("high", "low", "close"))
         y = build_labels(df, H, params)
-        atr = atr_fraction(df, params.atr_period)
         index = np.arange(len(df))
         for h in H:
             hw, lw, complete = windows_after(t, high, low, index, h)
@@ -39,8 +40,9 @@ def test_windows_after_equals_build_labels(real_candles):
             assert np.array_equal(fut_high[complete], y[f"fut_high_{h}"].to_numpy()[complete])
             assert np.array_equal(fut_low[complete], y[f"fut_low_{h}"].to_numpy()[complete])
 
-            ok = complete & np.isfinite(atr)
-            tp_d, sl_d = barrier_distances(atr[ok], h, params)
+            sigma = naive_sigma(df, h)
+            ok = complete & np.isfinite(sigma)
+            tp_d, sl_d = barrier_distances(sigma[ok], params, float(round_trip_cost(Costs())))
             c0 = close[ok]
             for side, tp_px, sl_px in (("long", c0 * (1 + tp_d), c0 * (1 - sl_d)),
                                        ("short", c0 * (1 - tp_d), c0 * (1 + sl_d))):

@@ -177,6 +177,9 @@ def test_predictions_signals_and_indicators_answer_with_every_field(serving_app)
             elif s["signal_type"] == "SELL":
                 assert s["take_profit"] < s["entry_price"] < s["stop_loss"]
             assert sum(s["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+            # The trade's economics after the fee profile's costs (issue 15).
+            assert s["fee_profile"] == "spot_taker" and 0 < s["cost_r"] <= 1 / 3 + 1e-9 and s["p_win"] == s["confidence"]
+            assert isinstance(s["expected_r"], float) and (s["signal_type"] == "HOLD" or s["expected_r"] > 0)
             s72 = c.post("/signals", json={"symbol": symbol, "horizon": 72}).json()
             assert s72["horizon"] == 72 and set(s72["model_versions"]) == set(s["model_versions"])
             ind = c.get("/indicators", params={"symbol": symbol}).json()
@@ -255,6 +258,8 @@ def test_signals_are_published_on_redis_at_candle_close(serving_app):
                 s = c.post("/signals", json={"symbol": "BTCUSDT", "horizon": h}).json()
                 assert (s["signal_type"], s["confidence"], s["take_profit"]) == (
                     m["signal_type"], m["confidence"], m["take_profit"])
+                econ = ("expected_r", "cost_r", "p_win", "fee_profile")
+                assert [s[k] for k in econ] == [m[k] for k in econ] and m["fee_profile"] == "spot_taker"
     finally:
         pubsub.close()
         serving_app.resume("BTCUSDT")

@@ -53,8 +53,8 @@ def test_env_overrides_and_key_list(clean_env):
 
 def test_unknown_yaml_key_names_the_key(config_copy):
     (config_copy / "features.yaml").write_text((config_copy / "features.yaml").read_text()
-                                              + "  tp_atr_multt: 2.0\n")
-    with pytest.raises(ConfigError, match=r"labels\.tp_atr_multt"):
+                                              + "  tp_vol_multt: 2.0\n")
+    with pytest.raises(ConfigError, match=r"labels\.tp_vol_multt"):
         load_settings()
 
 

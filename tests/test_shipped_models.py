@@ -6,8 +6,9 @@
    checks (horizons, labels, feature list).
 2. ``ensure_models`` installs it into an empty models folder (a verified copy, promoted as one set);
    a shipped set that does not match the code is refused with the reason, and nothing is promoted.
-3. The shipped sample replayed through it gives BUYs and SELLs, and every HOLD says why
-   (``model_hold``, ``low_confidence`` under a confidence floor, ``features_unavailable`` in warm-up).
+3. The shipped sample replayed through it gives BUYs and SELLs where the horizon's policy found an
+   edge after costs (HOLD ``edge_below_costs`` everywhere where it found none), and every HOLD says
+   why (``edge_below_costs``, ``low_confidence`` under a confidence floor, ``features_unavailable``).
 
 In-process (no Ray, no services): a few seconds.
 """
@@ -103,29 +104,38 @@ def _replay(settings, horizon: int) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("horizon", [6, 72])
-def test_the_sample_through_the_shipped_models_gives_trades_and_every_hold_a_reason(horizon):
+def test_the_sample_through_the_shipped_models_gives_trades_or_an_honest_no_trade(horizon):
+    """Where the horizon's policy (chosen on out-of-fold data) found an edge, the sample gives BUYs and
+    SELLs, each with a positive expected net R; where it found none, every defined row is HOLD
+    ``edge_below_costs``. Every HOLD says why either way."""
     c = _replay(SETTINGS, horizon)
+    policy = Ensemble.load(SHIPPED_MODELS, SETTINGS).models["meta_model"].documents[f"policy_h{horizon}"]
     kinds = Counter(c["signal_type"].tolist())
     reasons = Counter(c["reason"].tolist())
-    print(f"h{horizon}: {dict(kinds)}; reasons {dict(reasons)}")
-    assert kinds["BUY"] > 0 and kinds["SELL"] > 0, kinds
+    print(f"h{horizon}: {dict(kinds)}; reasons {dict(reasons)}; policy trades: {policy['trade']}")
     hold = c["signal_type"] == "HOLD"
     assert all(r in HOLD_REASONS for r in c["reason"][hold]), reasons
     assert all(d for d in c["reason_detail"][hold])
     assert all(r is None for r in c["reason"][~hold]) and all(d is None for d in c["reason_detail"][~hold])
-    assert reasons["model_hold"] > 0 and reasons["features_unavailable"] > 0  # the sample's warm-up
-    # A model HOLD is a defined forecast (range, confidence, the would-be long's TP/SL); a forced one is not.
+    assert reasons["edge_below_costs"] > 0 and reasons["features_unavailable"] > 0  # the sample's warm-up
+    # A model HOLD is a defined forecast (range, p_win, expected R, the would-be long's TP/SL); a forced one is not.
     model_hold = np.isin(c["reason"], MODEL_HOLD_REASONS)
-    assert np.isfinite(c["pred_high_pct"][model_hold]).all() and np.isfinite(c["take_profit"][model_hold]).all()
+    for k in ("pred_high_pct", "take_profit", "p_win", "expected_r", "cost_r"):
+        assert np.isfinite(c[k][model_hold]).all(), k
     forced = np.isin(c["reason"], FORCED_HOLD_REASONS)
     assert np.isnan(c["take_profit"][forced]).all() and (c["confidence"][forced] == 0).all()
-
-    # With a confidence floor at the median BUY/SELL confidence, the weaker half become low_confidence HOLDs.
+    assert set(c["fee_profile"]) == {SETTINGS.fee_profile}
+    if not policy["trade"]:
+        assert kinds["BUY"] == kinds["SELL"] == 0 and set(c["reason"][~forced]) == {"edge_below_costs"}
+        return
+    assert kinds["BUY"] + kinds["SELL"] > 0, kinds
     trades = ~hold
+    assert (c["expected_r"][trades] > policy["min_expected_r"]).all() and (c["expected_r"][trades] > 0).all()
+    # With a confidence floor at the median BUY/SELL p_win, the weaker half become low_confidence HOLDs.
     floor = float(np.median(c["confidence"][trades]))
     f = _replay(SETTINGS.model_copy(update={"signal_min_confidence": floor}), horizon)
     low = f["reason"] == "low_confidence"
-    assert low.sum() > 0 and (f["signal_type"][low] == "HOLD").all() and (f["confidence"][low] < floor).all()
+    assert (f["signal_type"][low] == "HOLD").all() and (f["confidence"][low] < floor).all()
     assert np.array_equal(low, trades & (c["confidence"] < floor))
     assert all(f"below the confidence floor {floor:g}" in d for d in f["reason_detail"][low])
     kept = f["signal_type"] != "HOLD"

@@ -92,10 +92,14 @@ def test_registry_round_trip(trained, candle_slices):
     fc = ens.forecast(feats, list(data.symbol[:50]), data.close[:50], data.open_time[:50], 18)
     # Every row is defined: BUY/SELL carry no reason, a HOLD the models chose says so (never a forced code).
     assert len(fc) == 50 and all((f.reason is None) == (f.signal_type != "HOLD") for f in fc)
-    assert all(f.reason in (None, "model_hold") for f in fc)
+    assert all(f.reason in (None, "edge_below_costs") for f in fc)
+    k = settings.labels.min_stop_cost_multiple
     for f in fc:
         assert f.high_lower <= f.pred_high_pct <= f.high_upper and f.low_lower <= f.pred_low_pct <= f.low_upper
         assert f.signal_type in ("BUY", "SELL", "HOLD") and 0 <= f.confidence <= 1
+        # The trade's economics: p_win is the confidence, costs are at most 1/k R, expected R is net of them.
+        assert f.p_win == f.confidence and 0 < f.cost_r <= 1 / k + 1e-9 and f.fee_profile == settings.fee_profile
+        assert math.isfinite(f.expected_r) and (f.signal_type == "HOLD" or f.expected_r > 0)
         assert abs(sum(f.signal_probs) - 1) < 1e-5 and f.model_versions == ens.versions
         json.dumps(f.to_dict(), allow_nan=False)
 
@@ -307,8 +311,28 @@ def test_meta_model_trained_only_on_out_of_fold_predictions(candle_slices):
         calib = job.predict_rows
         assert len(calib) and not set(seen) & set(calib)
         assert (mt[seen] + embargo * FIVE_MIN < mt[calib].min()).all()
-    # The calibrator is JSON, stored beside the meta boosters.
-    assert all(doc["method"] in ("isotonic", "identity") for doc in res.documents["meta_model"].values())
+    # Meta-labelling: the target is "the proposed side's net R > 0", fit with uniqueness weights.
+    from training.meta_label import proposal_targets
+    from training.transforms import proposed_side
+
+    sig_oof = np.full((len(data), 3), np.nan)
+    for job, out in zip(wf_jobs, wf_out):
+        if job.spec.horizon == h and job.spec.target == "signal":
+            sig_oof[job.predict_rows] = out.predictions
+    lab = {c: data.labels[c].to_numpy()[oof] for c in data.labels.columns}
+    win, _, _ = proposal_targets(lab, proposed_side(sig_oof[oof]), h)
+    meta_targets = eng.calls[1][3]
+    assert all(job.weight == f"meta_{job.spec.horizon}:weight" and job.spec.kind == "binary" for job in meta_jobs)
+    side_col = meta_columns().index("side")
+    np.testing.assert_array_equal(meta_mats[f"meta_{h}"][:, side_col], proposed_side(sig_oof[oof]))
+    assert len(meta_targets) == len(meta_jobs) and np.isfinite(win).sum() > 100
+    # The calibrators and trade policies are JSON, stored beside the meta boosters.
+    docs = res.documents["meta_model"]
+    assert all(docs[f"calibration_h{x}"]["method"] in ("isotonic", "identity") for x in settings.market.horizons)
+    for x in settings.market.horizons:
+        pol = docs[f"policy_h{x}"]
+        assert isinstance(pol["trade"], bool) and "first half" in pol["chosen_on"]
+        assert pol["win_gross_r"] > 0 > pol["loss_gross_r"]
 
 
 # ---- ensemble behaviour ---------------------------------------------------------------------------------
@@ -327,7 +351,7 @@ def test_ensemble_holds_with_reason_on_bad_rows(trained, candle_slices):
     assert fc[0].signal_type == "HOLD" and fc[0].confidence == 0 and fc[0].reason == "features_unavailable"
     assert "features undefined" in fc[0].reason_detail
     assert math.isnan(fc[0].pred_high_pct) and fc[0].take_profit is None
-    assert fc[1].reason in (None, "model_hold") and math.isfinite(fc[1].pred_high_pct)
+    assert fc[1].reason in (None, "edge_below_costs") and math.isfinite(fc[1].pred_high_pct)
     assert (fc[1].take_profit is not None) and (fc[1].reason is None) == (fc[1].signal_type != "HOLD")
     # A symbol the models do not know is forecast with the default symbol_id (configs.symbols.model_symbol).
     assert fc[2].symbol == "DOGEUSDT" and math.isfinite(fc[2].pred_high_pct) and fc[2].reason != "unknown_symbol"
@@ -343,6 +367,23 @@ def test_ensemble_holds_with_reason_on_bad_rows(trained, candle_slices):
     assert json.dumps([f.to_dict() for f in staged]) == json.dumps([f.to_dict() for f in fc])
 
 
+def _trading(ens, min_expected_r=None):
+    """The ensemble with a trading policy at every horizon (the few-round test models rarely find an
+    edge after costs, so their own policies mostly abstain): payoffs W = 3, L = -1 and the floor
+    ``min_expected_r[h]`` (default: -10, every proposal trades)."""
+    import dataclasses
+
+    from training.ensemble import Ensemble
+
+    meta = ens.models["meta_model"]
+    docs = dict(meta.documents)
+    for h in ens.horizons:
+        docs[f"policy_h{h}"] = {**docs[f"policy_h{h}"], "trade": True,
+                                "min_expected_r": (min_expected_r or {}).get(h, -10.0),
+                                "min_range_cost_ratio": 0.0, "win_gross_r": 3.0, "loss_gross_r": -1.0}
+    return Ensemble({**ens.models, "meta_model": dataclasses.replace(meta, documents=docs)}, ens.settings)
+
+
 def test_forecast_columns_equal_the_forecast_objects(trained, candle_slices):
     """Backtests read columns (``Ensemble.forecast_columns``), serving reads Forecast objects: one
     definition, so the two must agree on every field, defined rows and every kind of HOLD alike."""
@@ -350,7 +391,6 @@ def test_forecast_columns_equal_the_forecast_objects(trained, candle_slices):
     from training.backtest.signals import forecast_frame, forecasts_to_frame
     from training.ensemble import Ensemble
 
-    ens = Ensemble.load(trained, get_settings())
     data = _prepared(candle_slices)
     n = min(3000, len(data.close))
     feats = data.X[:n, :-1].astype(np.float64)
@@ -359,6 +399,11 @@ def test_forecast_columns_equal_the_forecast_objects(trained, candle_slices):
     symbols[11] = "DOGEUSDT"
     closes = data.close[:n].copy()
     closes[12], closes[13] = np.nan, -1.0
+    # A policy that trades the half of the proposals with the higher expected net R.
+    every = _trading(Ensemble.load(trained, get_settings()))
+    median = {h: float(np.nanmedian(every.forecast_columns(feats, symbols, closes, data.open_time[:n],
+                                                           h)["expected_r"])) for h in every.horizons}
+    ens = _trading(every, median)
     for h in (6, 72):
         objects = forecasts_to_frame(ens.forecast(feats, symbols, closes, data.open_time[:n], h))
         columns = forecast_frame(ens, feats, symbols, closes, data.open_time[:n], h)
@@ -373,6 +418,17 @@ def test_forecast_columns_equal_the_forecast_objects(trained, candle_slices):
     floor = float((levels[len(levels) // 2 - 1] + levels[len(levels) // 2]) / 2) if len(levels) > 1 \
         else float(np.nextafter(levels[0], 1.0))
     floored = Ensemble(ens.models, get_settings().model_copy(update={"signal_min_confidence": floor}))
+    # A policy that finds no edge holds every proposal with edge_below_costs.
+    plain_models = Ensemble.load(trained, get_settings())
+    docs = {**plain_models.models["meta_model"].documents, "policy_h72": {"trade": False, "win_gross_r": 1.0,
+                                                                          "loss_gross_r": -1.0}}
+    import dataclasses
+
+    silent = Ensemble({**plain_models.models, "meta_model": dataclasses.replace(
+        plain_models.models["meta_model"], documents=docs)}, get_settings())
+    quiet = silent.forecast_columns(feats, symbols, closes, data.open_time[:n], 72)
+    defined = np.isfinite(quiet["p_win"])
+    assert defined.sum() > 100 and set(quiet["reason"][defined]) == {"edge_below_costs"}
     for h in (6, 72):
         objects = floored.forecast(feats, symbols, closes, data.open_time[:n], h)
         columns = floored.forecast_columns(feats, symbols, closes, data.open_time[:n], h)
@@ -382,7 +438,7 @@ def test_forecast_columns_equal_the_forecast_objects(trained, candle_slices):
         pd.testing.assert_frame_equal(forecast_frame(floored, feats, symbols, closes, data.open_time[:n], h),
                                       forecasts_to_frame(objects))
         assert all((f.reason is None) == (f.signal_type != "HOLD") for f in objects)
-        assert {f.reason for f in objects} >= {"model_hold", "features_unavailable", "market_data_invalid"}
+        assert {f.reason for f in objects} >= {"edge_below_costs", "features_unavailable", "market_data_invalid"}
     assert any(f.reason == "low_confidence" for h in (6, 72)
                for f in floored.forecast(feats, symbols, closes, data.open_time[:n], h))
 
@@ -419,6 +475,9 @@ def test_evaluate_cli_json(trained, candle_slices):
             assert lo < hi and lo - 0.2 < r[k] < hi + 0.2, (k, lo, r[k], hi)
         assert r["pinball_high"] > 0 and r["har_pinball_low"] > 0
         assert {"ece_buy", "ece_sell", "reliability_buy", "reliability_sell", "direction_auc", "direction_n"} <= set(r)
+        # The served signal on these rows: trades, share abstained, expected vs realised net R.
+        assert isinstance(r["trades"], int) and 0 <= r["abstained_share"] <= 1 and 0 <= r["p_win_ece"] <= 1
+        assert (r["trades"] == 0) == (r["mean_expected_r"] is None) == (r["mean_realised_r"] is None)
         for s in ("high", "low"):  # the gain is on the rows both forecasts cover (HAR needs a week's history)
             lo, hi = r[f"r2_mean_gain_{s}_ci"]
             assert lo < hi

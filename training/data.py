@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -23,11 +23,14 @@ import numpy as np
 import pandas as pd
 
 from configs.settings import Settings
+from features.barriers import barrier_inputs, barrier_sigma, fit_barrier_model
 from features.build import build_features
 from features.candles import FIVE_MINUTES_MS, load_candles
+from features.costs import Costs
 from features.errors import ConfigError
 from features.indicators import feature_names
 from features.labels import build_labels
+from features.volatility import har_target
 from training.transforms import model_columns
 
 _SYMBOL = re.compile(r"^[A-Z0-9]+$")
@@ -75,13 +78,15 @@ class Prepared:
     symbol: np.ndarray            # str per row
     close: np.ndarray             # float64
     symbols: tuple[str, ...]      # symbol code order
+    barrier_models: dict[str, dict] = field(default_factory=dict)  # {str(h): features.barriers model}
 
     def __len__(self) -> int:
         return len(self.open_time)
 
     def take(self, rows: np.ndarray) -> "Prepared":
         return Prepared(self.X[rows], self.columns, self.feature_names, self.labels.iloc[rows].reset_index(drop=True),
-                        self.open_time[rows], self.symbol[rows], self.close[rows], self.symbols)
+                        self.open_time[rows], self.symbol[rows], self.close[rows], self.symbols,
+                        self.barrier_models)
 
     def data_range(self) -> dict[str, str]:
         def iso(ms: int) -> str:
@@ -100,30 +105,40 @@ def to_ms(when: str | None) -> int | None:
 
 
 def prepare(candles: Mapping[str, pd.DataFrame], settings: Settings, symbols: Sequence[str] | None = None,
-            start_ms: int | None = None, end_ms: int | None = None) -> Prepared:
+            start_ms: int | None = None, end_ms: int | None = None,
+            barrier_models: Mapping[str, dict] | None = None) -> Prepared:
     """Features, labels and the symbol column for every symbol, concatenated and time-sorted.
 
     ``end_ms``: candles opening at or after it are dropped before features and labels are computed
     (labels near the end become NaN instead of peeking). ``start_ms``: rows before it are dropped
     after the features are computed (earlier candles only warm the indicators up).
     ``symbols`` fixes the symbol code order (a trained model's list); default from the settings.
+    ``barrier_models``: the trade labels' volatility models (a trained set's, for evaluation); None
+    fits them here (:func:`fit_barrier_models`). Costs: the settings' fee profile.
     """
     order = tuple(symbols) if symbols is not None else symbol_order(list(candles), settings)
     codes = {s: i for i, s in enumerate(order)}
     names = feature_names(settings.features)
     horizons = settings.market.horizons
-    parts_X, parts_lab, parts_t, parts_sym, parts_close = [], [], [], [], []
+    per: dict[str, tuple[pd.DataFrame, np.ndarray, np.ndarray]] = {}
     for symbol, df in candles.items():
         if end_ms is not None:
             df = df[df["open_time"] < end_ms]
-        feats = build_features(df, settings.features)
-        labels = build_labels(df, horizons, settings.labels)
-        keep = np.isfinite(feats.to_numpy()).all(axis=1)
+        feats = build_features(df, settings.features).to_numpy()
+        keep = np.isfinite(feats).all(axis=1)
         if start_ms is not None:
             keep &= df["open_time"].to_numpy() >= start_ms
+        per[symbol] = (df, feats, keep)
+    if barrier_models is None:
+        barrier_models = fit_barrier_models(per, names, horizons, settings.models.min_train_fraction)
+    costs = Costs.from_settings(settings)
+    parts_X, parts_lab, parts_t, parts_sym, parts_close = [], [], [], [], []
+    for symbol, (df, feats, keep) in per.items():
+        sigma = {h: barrier_sigma(barrier_models[str(h)], feats, names) for h in horizons}
+        labels = build_labels(df, horizons, settings.labels, sigma, costs)
         n = int(keep.sum())
         code = codes.get(symbol, np.nan)
-        parts_X.append(np.hstack([feats.to_numpy()[keep], np.full((n, 1), code)]).astype(np.float32))
+        parts_X.append(np.hstack([feats[keep], np.full((n, 1), code)]).astype(np.float32))
         parts_lab.append(labels[keep].reset_index(drop=True))
         parts_t.append(df["open_time"].to_numpy(np.int64)[keep])
         parts_sym.append(np.full(n, symbol, dtype=object))
@@ -135,7 +150,29 @@ def prepare(candles: Mapping[str, pd.DataFrame], settings: Settings, symbols: Se
     return Prepared(X=np.vstack(parts_X)[order_rows], columns=model_columns(names), feature_names=tuple(names),
                     labels=pd.concat(parts_lab, ignore_index=True).iloc[order_rows].reset_index(drop=True),
                     open_time=t[order_rows], symbol=sym[order_rows],
-                    close=np.concatenate(parts_close)[order_rows], symbols=order)
+                    close=np.concatenate(parts_close)[order_rows], symbols=order,
+                    barrier_models={k: dict(v) for k, v in barrier_models.items()})
+
+
+def fit_barrier_models(per: Mapping[str, tuple[pd.DataFrame, np.ndarray, np.ndarray]], names: Sequence[str],
+                       horizons: Sequence[int], min_train_fraction: float) -> dict[str, dict]:
+    """The barrier volatility model of every horizon (``features.barriers``), one for all symbols (log
+    volatilities are scale-free), fitted on the rows whose target window ``t+1 .. t+h`` ends before
+    the first walk-forward test block (the first ``min_train_fraction`` of the timeline): no test
+    row's label depends on a coefficient fitted on its own or later candles."""
+    times = np.unique(np.concatenate([df["open_time"].to_numpy(np.int64)[keep] for df, _, keep in per.values()]))
+    cutoff = times[min(len(times) - 1, int(len(times) * min_train_fraction))]
+    out: dict[str, dict] = {}
+    for h in horizons:
+        xs, ys = [], []
+        for df, feats, keep in per.values():
+            t = df["open_time"].to_numpy(np.int64)
+            rows = keep & (t + int(h) * FIVE_MINUTES_MS < cutoff)
+            y = har_target(t, *(df[k].to_numpy(np.float64) for k in ("high", "low", "close")), int(h))
+            xs.append(barrier_inputs(feats[rows], names))
+            ys.append(y[rows])
+        out[str(h)] = fit_barrier_model(np.vstack(xs), np.concatenate(ys))
+    return out
 
 
 # ---- purged, embargoed walk-forward ------------------------------------------------------------------

@@ -15,26 +15,33 @@ Raw stage outputs (columns, see ``training.transforms``):
   mean forecasts (NaN for a model set trained without mean boosters), fractions of close;
 - ``tpsl_classifier`` (n, 2): P(take-profit before stop-loss) long, short;
 - ``signal_classifier`` (n, 3): P(SELL), P(HOLD), P(BUY);
-- ``meta_model`` (n, 4): final P(SELL), P(HOLD), P(BUY) and the calibrated confidence of the argmax.
+- ``meta_model`` (n, 2): P(net R > 0 | the proposal), raw and calibrated (``p_win``). Meta-labelling:
+  the primary rule (``training.transforms.proposed_side``) proposes the side the signal classifier
+  ranks higher; the meta-model says whether acting on it pays after costs.
 
 Rows whose features are undefined (warm-up, a long data gap) or whose close is missing become
 HOLD with confidence 0, a ``reason`` code (``FORCED_HOLD_REASONS``) and a ``reason_detail`` for
 people; their range fields are NaN (serving answers 503 for them); a symbol the models do not know
 takes a default ``symbol_id`` (``configs.symbols.model_symbol``). Nothing
-is guessed. A HOLD the models chose carries a code too (``MODEL_HOLD_REASONS``: ``model_hold``,
+is guessed. A HOLD the models chose carries a code too (``MODEL_HOLD_REASONS``: ``edge_below_costs``,
 ``low_confidence``), so every HOLD says why; only BUY and SELL have ``reason`` None.
 
-Entry, take-profit and stop-loss: entry is the close; TP/SL are the ATR barriers of
-:func:`features.labels.barrier_distances` (``atr_14`` feature column, the same barriers the TP/SL
-classifier was trained on, so ``p_tp_long``/``p_tp_short`` are the probabilities of exactly those
-prices being hit first). BUY uses the long barriers, SELL the short ones; HOLD reports the would-be
-long's barriers (entry = close), or ``None`` when the row is undefined.
+The trade decision: ``expected_r = p_win x W + (1 - p_win) x L - cost_r`` (``training.transforms.
+expected_net_r``; W, L the mean gross R of winning / losing proposals, ``cost_r`` the round trip of
+the fee profile in units of the stop). BUY/SELL only where the horizon's policy (``policy_h``, chosen
+on out-of-fold rows, ``training.meta_label``) trades and ``expected_r`` and the predicted range in
+costs clear its floors; otherwise HOLD ``edge_below_costs``.
+
+Entry, take-profit and stop-loss: entry is the close; TP/SL are :func:`features.barriers.barrier_distances`
+of the horizon's volatility forecast (``features.barriers.barrier_sigma`` on the feature row, with the
+coefficients the labels were made with, saved in the models' metadata), so ``p_tp_long``/``p_tp_short``
+and ``p_win`` are about exactly those prices. BUY uses the long barriers, SELL the short ones; HOLD
+reports the would-be long's barriers (entry = close), or ``None`` when the row is undefined.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+import dataclasses
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -42,12 +49,18 @@ import numpy as np
 
 from configs.settings import Settings
 from configs.symbols import model_symbol
+from features.barriers import barrier_distances, barrier_sigma
+from features.costs import Costs, round_trip_cost
 from features.errors import ModelLoadError, PredictionError
 from features.indicators import feature_names, feature_set_hash
-from features.labels import SIGNAL_CLASSES, barrier_distances
+from training.forecast import FORCED_HOLD_REASONS, HOLD_REASONS, MODEL_HOLD_REASONS, Forecast
 from training.registry import MODEL_NAMES, LoadedModel, ModelRegistry
 from training.transforms import (META_OUTPUTS, RANGE_OUTPUTS, SIGNAL_OUTPUTS, TPSL_OUTPUTS, VOL_FEATURE,
-                                 apply_calibration, meta_columns, meta_matrix, model_columns, range_output)
+                                 apply_calibration, expected_net_r, meta_columns, meta_matrix, model_columns,
+                                 proposed_side, range_cost_ratio, range_output)
+
+__all__ = ["BASE_MODELS", "Ensemble", "FORCED_HOLD_REASONS", "Forecast", "HOLD_REASONS", "MODEL_HOLD_REASONS",
+           "MODEL_TARGETS", "OUTPUT_COLUMNS", "booster_name"]
 
 BASE_MODELS: tuple[str, ...] = ("range_predictor", "tpsl_classifier", "signal_classifier")
 OUTPUT_COLUMNS: dict[str, tuple[str, ...]] = {"range_predictor": RANGE_OUTPUTS, "tpsl_classifier": TPSL_OUTPUTS,
@@ -59,71 +72,11 @@ def booster_name(target: str, horizon: int, symbol: str | None = None) -> str:
     return f"{target}_h{horizon}" + (f"__{symbol}" if symbol else "")
 
 
-# The boosters behind each model's stage output, in output order.
-# Why a forecast is HOLD (the ``reason`` field; None for a BUY or SELL). Forced HOLDs have no
-# forecast (NaN ranges, confidence 0, no trade); the serving layer adds ``market_data_gap`` and
-# ``stale_market_data`` for requests while no candle arrives:
-#   features_unavailable    features undefined (warm-up, a long data gap)
-#   unknown_symbol          kept for clients; no longer produced: a symbol the models were not trained on
-#                           takes a default symbol_id (configs.symbols.model_symbol, docs/models.md)
-#   market_data_invalid     the close is missing or not positive
-#   model_output_undefined  the models gave no finite output
-FORCED_HOLD_REASONS: tuple[str, ...] = ("features_unavailable", "unknown_symbol", "market_data_invalid",
-                                        "model_output_undefined")
-# HOLDs the models chose (the forecast is defined: ranges, probabilities, the would-be long's TP/SL):
-#   model_hold      the meta-model's most likely class is HOLD
-#   low_confidence  its most likely class is BUY or SELL, but the calibrated confidence is below
-#                   ``Settings.signal_min_confidence`` (MLE_SIGNAL_MIN_CONFIDENCE)
-MODEL_HOLD_REASONS: tuple[str, ...] = ("model_hold", "low_confidence")
-HOLD_REASONS: tuple[str, ...] = FORCED_HOLD_REASONS + MODEL_HOLD_REASONS
-
 _FORCED = frozenset(FORCED_HOLD_REASONS)
 
 MODEL_TARGETS: dict[str, tuple[str, ...]] = {"range_predictor": ("high", "low"),
                                              "tpsl_classifier": ("tp_long", "tp_short"),
                                              "signal_classifier": ("signal",), "meta_model": ("meta",)}
-
-
-@dataclass(frozen=True)
-class Forecast:
-    """One prediction for one symbol, candle and horizon (JSON-ready via :meth:`to_dict`)."""
-
-    symbol: str
-    horizon: int
-    candle_open_time: int
-    close: float
-    pred_high_pct: float
-    pred_low_pct: float
-    high_lower: float
-    high_upper: float
-    low_lower: float
-    low_upper: float
-    p_tp_long: float
-    p_tp_short: float
-    signal_probs: tuple[float, float, float]
-    signal_type: str
-    confidence: float
-    entry_price: float
-    take_profit: float | None
-    stop_loss: float | None
-    reason: str | None = None
-    model_versions: dict[str, str] = field(default_factory=dict)
-    reason_detail: str | None = None
-    # Mean forecasts (squared-error boosters): the point forecast R² rewards. The median
-    # (``pred_*_pct``) is what MAE rewards and what a trader's "typical" move is; NaN when the model
-    # set has no mean boosters.
-    pred_high_mean_pct: float = float("nan")
-    pred_low_mean_pct: float = float("nan")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types; NaN becomes ``None`` (JSON has no NaN)."""
-        d = asdict(self)
-        d["signal_probs"] = list(self.signal_probs)
-        for k, v in d.items():
-            if isinstance(v, float) and not math.isfinite(v):
-                d[k] = None
-        d["signal_probs"] = [None if not math.isfinite(p) else p for p in self.signal_probs]
-        return d
 
 
 class Ensemble:
@@ -143,7 +96,13 @@ class Ensemble:
         self.columns: tuple[str, ...] = model_columns(self.feature_names)
         self._symbol_code = {s: float(i) for i, s in enumerate(self.symbols)}
         self._vol_index = self.feature_names.index(VOL_FEATURE)
-        self._calibration = {h: self.models["meta_model"].documents[f"calibration_h{h}"] for h in self.horizons}
+        meta_docs = self.models["meta_model"].documents
+        self._calibration = {h: meta_docs[f"calibration_h{h}"] for h in self.horizons}
+        self._policy = {h: meta_docs[f"policy_h{h}"] for h in self.horizons}
+        self.barrier_models: dict[str, dict] = dict(meta["barrier_models"])
+        self._barriers = {h: self.barrier_models[str(h)] for h in self.horizons}
+        self.costs = Costs.from_settings(settings)
+        self.round_trip_cost = float(round_trip_cost(self.costs))
 
     @classmethod
     def load(cls, models_dir: Path, settings: Settings) -> "Ensemble":
@@ -168,11 +127,22 @@ class Ensemble:
             if labels != self.settings.labels.model_dump():
                 raise ModelLoadError(f"{name} {self.versions[name]} was trained with label parameters {labels}, "
                                      f"settings say {self.settings.labels.model_dump()}; retrain")
+            costs = dataclasses.asdict(Costs.from_settings(self.settings))
+            if meta.get("costs") != costs:
+                raise ModelLoadError(f"{name} {self.versions[name]}: its labels charged the costs {meta.get('costs')}, "
+                                     f"settings say {costs} (fee_profile); retrain with this profile")
+            if meta.get("barrier_models") != ref.get("barrier_models") or not ref.get("barrier_models"):
+                raise ModelLoadError(f"{name} {self.versions[name]}: barrier models missing or differ from "
+                                     "range_predictor's; promote versions trained together")
             expected = {booster_name(t, h, s) for t in MODEL_TARGETS[name] for h in ref["horizons"]
                         for s in (ref["symbols"] if ref["per_symbol"] else [None])}
             missing = expected - set(self.models[name].boosters)
             if missing:
                 raise ModelLoadError(f"{name} {self.versions[name]}: boosters missing: {sorted(missing)}")
+        docs = {f"{k}_h{h}" for k in ("calibration", "policy") for h in ref["horizons"]}
+        if docs - set(self.models["meta_model"].documents):
+            raise ModelLoadError(f"meta_model {self.versions['meta_model']}: documents missing: "
+                                 f"{sorted(docs - set(self.models['meta_model'].documents))}; retrain")
         base = self.metadata["meta_model"].get("base_versions", {})
         actual = {m: self.versions[m] for m in BASE_MODELS}
         if base != actual:
@@ -237,16 +207,23 @@ class Ensemble:
         if model_name == "signal_classifier":
             return self._predict(model_name, "signal", horizon, X, 3)
         if model_name == "meta_model":
-            probs = self._predict(model_name, "meta", horizon, X, 3)
-            raw_conf = probs.max(axis=1) if len(probs) else np.empty(0)
-            conf = np.clip(apply_calibration(self._calibration[horizon], raw_conf), 0.0, 1.0)
-            return np.hstack([probs, conf[:, None]])
+            raw = self._predict(model_name, "meta", horizon, X, 1)
+            p_win = np.clip(apply_calibration(self._calibration[horizon], raw[:, 0]), 0.0, 1.0)
+            return np.hstack([raw, p_win[:, None]])
         raise PredictionError(f"unknown model {model_name!r}; one of {MODEL_NAMES}")
 
+    def barriers(self, features: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+        """TP and SL distances (fractions of close) of each feature row: the labels' barriers."""
+        sigma = barrier_sigma(self._barriers[horizon], np.asarray(features, dtype=np.float64), self.feature_names)
+        return barrier_distances(sigma, self.settings.labels, self.round_trip_cost)
+
     def meta_input(self, X: np.ndarray, base_outputs: Mapping[str, np.ndarray], horizon: int) -> np.ndarray:
-        """The meta-model's input: base outputs (range in volatility units), regime features, symbol."""
+        """The meta-model's input: base outputs (range in volatility units), regime features, symbol,
+        the proposal (side, cost in R, range in costs)."""
         self._check_horizon(horizon)
-        return meta_matrix(np.asarray(X, dtype=np.float64), self.columns, base_outputs, horizon)
+        X = np.asarray(X, dtype=np.float64)
+        _, sl_d = self.barriers(X[:, :-1], horizon)
+        return meta_matrix(X, self.columns, base_outputs, horizon, sl_d, self.round_trip_cost)
 
     def predict_arrays(self, features: np.ndarray, symbols: Sequence[str], horizon: int) -> dict[str, np.ndarray]:
         """Every stage in-process: ``{model_name: raw output}`` for n rows."""
@@ -275,18 +252,18 @@ class Ensemble:
         for name in (*BASE_MODELS, "meta_model"):
             if name not in outputs or len(outputs[name]) != n:
                 raise PredictionError(f"compose needs {name} outputs for all {n} rows")
-        rng, tpsl, meta = (np.asarray(outputs[m], dtype=np.float64)
-                           for m in ("range_predictor", "tpsl_classifier", "meta_model"))
+        rng, tpsl, sig_out, meta = (np.asarray(outputs[m], dtype=np.float64) for m in
+                                    ("range_predictor", "tpsl_classifier", "signal_classifier", "meta_model"))
         symbols = np.asarray([str(s) for s in symbols], dtype=object)
         times = np.asarray(candle_open_times, dtype=np.int64)
-        atr = features[:, self._vol_index] if n else np.empty(0)
-        tp_d, sl_d = barrier_distances(atr, horizon, self.settings.labels)
+        tp_d, sl_d = self.barriers(features, horizon) if n else (np.empty(0), np.empty(0))
 
         # Why a row has no forecast, in order of precedence (the first that applies is reported).
         missing = (~np.isfinite(features)).sum(axis=1) if n else np.zeros(0, dtype=np.int64)
         with np.errstate(invalid="ignore"):
             good_close = np.isfinite(closes) & (closes > 0)
-        good_output = np.isfinite(rng[:, :len(RANGE_OUTPUTS)]).all(axis=1) & np.isfinite(meta).all(axis=1)
+        good_output = (np.isfinite(rng[:, :len(RANGE_OUTPUTS)]).all(axis=1) & np.isfinite(meta).all(axis=1)
+                       & np.isfinite(sig_out).all(axis=1) & np.isfinite(sl_d) & (sl_d > 0))
         reason = np.full(n, None, dtype=object)
         detail = np.full(n, None, dtype=object)
         for i in np.flatnonzero(~good_output):
@@ -302,11 +279,16 @@ class Ensemble:
         def defined(values: np.ndarray) -> np.ndarray:
             return np.where(ok, values, np.nan)
 
-        probs = np.where(ok[:, None], meta[:, :3], np.nan)
-        k = np.argmax(np.where(ok[:, None], meta[:, :3], 0.0), axis=1) if n else np.zeros(0, dtype=np.int64)
-        signal = np.where(ok, np.asarray(SIGNAL_CLASSES, dtype=object)[k], "HOLD").astype(object)
-        confidence = np.where(ok, meta[:, 3], 0.0)
-        self._model_holds(ok, signal, confidence, reason, detail)
+        side = proposed_side(sig_out) if n else np.empty(0)
+        p_win = defined(meta[:, 1])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cost_r = defined(self.round_trip_cost / sl_d)
+            expected = defined(expected_net_r(p_win, cost_r, self._policy[horizon]))
+            ratio = range_cost_ratio(rng, self.round_trip_cost)
+        signal = np.where(side > 0, "BUY", "SELL").astype(object)
+        signal[~ok] = "HOLD"
+        confidence = np.where(ok, meta[:, 1], 0.0)
+        self._model_holds(ok, signal, p_win, expected, ratio, self._policy[horizon], reason, detail)
         short = signal == "SELL"  # BUY, or HOLD reporting the would-be long, takes the long barriers
         with np.errstate(invalid="ignore"):
             tp = np.where(short, closes * (1 - tp_d), closes * (1 + tp_d))
@@ -317,27 +299,37 @@ class Ensemble:
             "high_lower": defined(rng[:, 0]), "high_upper": defined(rng[:, 2]),
             "low_lower": defined(rng[:, 3]), "low_upper": defined(rng[:, 5]),
             "p_tp_long": defined(tpsl[:, 0]), "p_tp_short": defined(tpsl[:, 1]),
-            "signal_probs": probs, "signal_type": signal,
+            "signal_probs": np.where(ok[:, None], sig_out, np.nan), "signal_type": signal,
             "confidence": confidence, "entry_price": closes,
             "take_profit": defined(tp), "stop_loss": defined(sl), "reason": reason, "reason_detail": detail,
             "pred_high_mean_pct": defined(rng[:, 6]), "pred_low_mean_pct": defined(rng[:, 7]),
+            "expected_r": expected, "cost_r": cost_r, "p_win": p_win,
+            "fee_profile": np.full(n, self.costs.profile, dtype=object),
         }
 
-    def _model_holds(self, ok: np.ndarray, signal: np.ndarray, confidence: np.ndarray, reason: np.ndarray,
-                     detail: np.ndarray) -> None:
-        """The reasons of the HOLDs the models chose (in place): ``model_hold`` where the meta-model's
-        most likely class is HOLD; ``low_confidence`` where it is BUY or SELL below the confidence floor
-        (the signal becomes HOLD; its confidence stays the model's, so a client sees how far below)."""
+    def _model_holds(self, ok: np.ndarray, signal: np.ndarray, p_win: np.ndarray, expected: np.ndarray,
+                     ratio: np.ndarray, policy: Mapping[str, Any], reason: np.ndarray, detail: np.ndarray) -> None:
+        """The HOLDs the models chose (in place): ``edge_below_costs`` where the horizon's policy does
+        not trade this proposal (no edge found at the horizon, expected net R or predicted range in
+        costs below its floors); ``low_confidence`` where it does but ``p_win`` is below the operator's
+        floor. The signal becomes HOLD; ``confidence``/``p_win``/``expected_r`` stay the model's, so a
+        client sees how far below."""
         floor = float(self.settings.signal_min_confidence)
-        held = ok & (signal == "HOLD")
-        weak = ok & (signal != "HOLD") & (confidence < floor)
-        reason[held], detail[held] = "model_hold", "the meta-model's most likely class is HOLD"
-        if weak.any():
-            for side in ("BUY", "SELL"):
-                rows = weak & (signal == side)
-                reason[rows] = "low_confidence"
-                detail[rows] = f"{side} below the confidence floor {floor:g} (MLE_SIGNAL_MIN_CONFIDENCE)"
-            signal[weak] = "HOLD"
+        if not policy.get("trade"):
+            takes = np.zeros(len(ok), dtype=bool)
+            why = "no positive expected net R was found at this horizon on out-of-fold data"
+        else:
+            min_er, min_ratio = float(policy["min_expected_r"]), float(policy["min_range_cost_ratio"])
+            with np.errstate(invalid="ignore"):
+                takes = (expected > min_er) & (ratio >= min_ratio)
+            why = (f"expected net R <= {min_er:g} or predicted range < {min_ratio:.2f} round-trip costs "
+                   f"({self.costs.profile})")
+        edge = ok & ~takes
+        weak = ok & takes & (p_win < floor)
+        reason[edge], detail[edge] = "edge_below_costs", why
+        reason[weak] = "low_confidence"
+        detail[weak] = f"p_win below the confidence floor {floor:g} (MLE_SIGNAL_MIN_CONFIDENCE)"
+        signal[edge | weak] = "HOLD"
 
     def compose(self, features: np.ndarray, symbols: Sequence[str], closes: Sequence[float],
                 candle_open_times: Sequence[int], horizon: int,
@@ -357,7 +349,9 @@ class Ensemble:
                 lists["p_tp_short"][i], tuple(lists["signal_probs"][i]), lists["signal_type"][i],
                 lists["confidence"][i], lists["entry_price"][i], lists["take_profit"][i] if ok else None,
                 lists["stop_loss"][i] if ok else None, lists["reason"][i], dict(versions),
-                lists["reason_detail"][i], lists["pred_high_mean_pct"][i], lists["pred_low_mean_pct"][i]))
+                lists["reason_detail"][i], lists["pred_high_mean_pct"][i], lists["pred_low_mean_pct"][i],
+                lists["expected_r"][i], lists["cost_r"][i], lists["p_win"][i],
+                lists["fee_profile"][i]))
         return forecasts
 
     def forecast(self, features: np.ndarray, symbols: Sequence[str], closes: Sequence[float],

@@ -28,9 +28,10 @@ from training.data import Prepared, load_histories, parse_candle_args, prepare, 
 from training.ensemble import Ensemble
 from training.extras import require
 from training.har_baseline import HAR_DOCUMENT, fit_har_baseline, har_baseline_predictions
-from training.metrics import (BASELINE_VOL_FEATURE, baseline_predictions, har_metrics, range_metrics,
+from training.metrics import (BASELINE_VOL_FEATURE, baseline_predictions, ece, har_metrics, range_metrics,
                               reliability_curve, signal_metrics, tpsl_metrics)
 from training.progress import log, progress, setup_logging
+from training.transforms import meta_class_probs, proposed_side
 from training.uncertainty import coverage_by_group, decile_codes, r2_gain, range_intervals
 
 HAR_KEYS = tuple(f"har_{m}_{s}" for m in ("mae", "r2", "pinball", "coverage") for s in ("high", "low"))
@@ -44,6 +45,34 @@ def predictions(ensemble: Ensemble, data: Prepared, horizon: int) -> dict[str, n
     """Every stage's output for the prepared rows (features without the symbol code column)."""
     features = data.X[:, :-1].astype(np.float64)
     return ensemble.predict_arrays(features, list(data.symbol), horizon)
+
+
+def trade_metrics(ensemble: Ensemble, data: Prepared, out: Mapping[str, np.ndarray], r: np.ndarray,
+                  h: int) -> dict[str, Any]:
+    """What the served signal does on these rows, every row a candidate (overlapping; the backtest
+    adds the one-position rule and entry at the next open): ``trades`` (BUY/SELL rows),
+    ``abstained_share``, ``mean_expected_r`` (the signal's ``expected_r``) vs ``mean_realised_r``
+    (the label's net R of the side taken, after the same costs), ``p_win_ece`` over all proposals."""
+    features = data.X[r, :-1].astype(np.float64)
+    cols = ensemble.compose_columns(features, list(data.symbol[r]), data.close[r], data.open_time[r], h,
+                                    {k: v[r] for k, v in out.items()})
+    lab = data.labels
+    sig = cols["signal_type"]
+    realised = np.where(sig == "BUY", lab[f"r_long_{h}"].to_numpy()[r],
+                        np.where(sig == "SELL", lab[f"r_short_{h}"].to_numpy()[r], np.nan))
+    side = proposed_side(out["signal_classifier"][r])
+    won = np.where(side > 0, lab[f"r_long_{h}"].to_numpy()[r] > 0, lab[f"r_short_{h}"].to_numpy()[r] > 0)
+    traded = (sig != "HOLD") & np.isfinite(realised)
+    defined = np.isfinite(cols["p_win"])
+    n = int(traded.sum())
+
+    def mean(x: np.ndarray) -> float | None:
+        return round(float(x.mean()), 6) if len(x) else None
+
+    return {"trades": n, "abstained_share": mean(1.0 - traded[defined]) if defined.any() else None,
+            "mean_expected_r": mean(cols["expected_r"][traded]), "mean_realised_r": mean(realised[traded]),
+            "total_realised_r": round(float(realised[traded].sum()), 4),
+            "p_win_ece": ece(cols["p_win"][defined], won[defined].astype(float)) if defined.any() else None}
 
 
 def training_end_ms(range_meta: Mapping[str, Any]) -> int:
@@ -103,7 +132,8 @@ def evaluate(ensemble: Ensemble, candles: Mapping[str, pd.DataFrame], settings: 
     rows: list[dict[str, Any]] = []
     with progress(len(candles) * len(ensemble.horizons), "evaluate") as bar:
         for symbol, df in candles.items():
-            data = prepare({symbol: df}, settings, symbols=ensemble.symbols, start_ms=start_ms)
+            data = prepare({symbol: df}, settings, symbols=ensemble.symbols, start_ms=start_ms,
+                           barrier_models=ensemble.barrier_models)
             if len(data) == 0:
                 bar.update(len(ensemble.horizons))
                 continue
@@ -129,11 +159,16 @@ def evaluate(ensemble: Ensemble, candles: Mapping[str, pd.DataFrame], settings: 
                 row.update({k: v for k, v in tpsl_metrics(lab[f"tp_long_{h}"].to_numpy()[r],
                                                           lab[f"tp_short_{h}"].to_numpy()[r],
                                                           out["tpsl_classifier"][r]).items()})
-                meta = out["meta_model"][r]
                 y_sig = lab[f"signal_{h}"].to_numpy()[r]
-                row.update(signal_metrics(y_sig, meta[:, :3], meta[:, 3], prefix="signal"))
+                side = proposed_side(out["signal_classifier"][r])
+                p_win = out["meta_model"][r, 1]
+                meta = meta_class_probs(side, p_win)
+                row.update(signal_metrics(y_sig, meta, p_win, prefix="signal"))
+                row.update(trade_metrics(ensemble, data, out, r, h))
                 tpsl = out["tpsl_classifier"][r]  # issue 15 point 5: per-class ECE, direction AUC
-                row.update(class_calibration_rows(y_sig, meta[:, 0], meta[:, 2], lab[f"tp_long_{h}"].to_numpy()[r],
+                # Per class: p_win of the rows proposing that side (the meta-model says nothing of the other).
+                row.update(class_calibration_rows(y_sig, np.where(side < 0, p_win, np.nan),
+                                                  np.where(side > 0, p_win, np.nan), lab[f"tp_long_{h}"].to_numpy()[r],
                                                   lab[f"tp_short_{h}"].to_numpy()[r], tpsl[:, 0], tpsl[:, 1]))
                 cls = signal_metrics(y_sig, out["signal_classifier"][r], prefix="classifier")
                 row.update({k: v for k, v in cls.items() if k != "confidence_ece"})
@@ -143,9 +178,10 @@ def evaluate(ensemble: Ensemble, candles: Mapping[str, pd.DataFrame], settings: 
                            overlaps_training=bool(len(t) and t.min() <= train_end))
                 rows.append(row)
                 if keep is not None:
-                    correct = (meta[:, :3].argmax(axis=1) == y_sig).astype(float)
+                    correct = np.where(side > 0, lab[f"r_long_{h}"].to_numpy()[r] > 0,
+                                       lab[f"r_short_{h}"].to_numpy()[r] > 0).astype(float)
                     keep[(symbol, int(h))] = {"t": t, "y_high": y_high[r], "y_low": y_low[r],
-                                              "pred": out["range_predictor"][r], "conf": meta[:, 3],
+                                              "pred": out["range_predictor"][r], "conf": p_win,
                                               "correct": correct, "row": row}
                 bar.update(1)
     return rows

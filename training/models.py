@@ -62,7 +62,8 @@ def base_specs(settings: Settings, symbols: Sequence[str]) -> list[TargetSpec]:
 
 def meta_specs(settings: Settings, symbols: Sequence[str]) -> list[TargetSpec]:
     per = list(symbols) if settings.models.per_symbol else [None]
-    return [TargetSpec("meta_model", "meta", h, "multiclass", f"signal_{h}", s)
+    """The meta-labelling boosters: P(net R > 0 | the primary's proposal), binary (``training.meta_label``)."""
+    return [TargetSpec("meta_model", "meta", h, "binary", f"signal_{h}", s)
             for h in settings.market.horizons for s in per]
 
 
@@ -105,12 +106,14 @@ class FitOutcome:
 
 
 def fit_booster(params: dict, rounds: int, X_fit: np.ndarray, y_fit: np.ndarray, X_val: np.ndarray | None = None,
-                y_val: np.ndarray | None = None, early_stopping: int | None = None) -> tuple[xgb.Booster, int]:
-    """Train one booster; with a validation set, stop early on it and keep only the best rounds."""
-    dfit = xgb.QuantileDMatrix(X_fit, label=y_fit, max_bin=params.get("max_bin", 256))
+                y_val: np.ndarray | None = None, early_stopping: int | None = None, w_fit: np.ndarray | None = None,
+                w_val: np.ndarray | None = None) -> tuple[xgb.Booster, int]:
+    """Train one booster (optionally with sample weights); with a validation set, stop early on it and
+    keep only the best rounds."""
+    dfit = xgb.QuantileDMatrix(X_fit, label=y_fit, weight=w_fit, max_bin=params.get("max_bin", 256))
     evals = []
     if X_val is not None and len(X_val) and early_stopping:
-        dval = xgb.QuantileDMatrix(X_val, label=y_val, ref=dfit)
+        dval = xgb.QuantileDMatrix(X_val, label=y_val, weight=w_val, ref=dfit)
         evals = [(dval, "val")]
     booster = xgb.train(params, dfit, num_boost_round=rounds, evals=evals,
                         early_stopping_rounds=early_stopping if evals else None, verbose_eval=False)

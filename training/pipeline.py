@@ -17,6 +17,7 @@ Steps:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,12 +27,15 @@ import numpy as np
 
 from configs.settings import ModelConfig, Settings
 from training.data import Fold, Prepared, split_tail, subsample_stride, walk_forward_splits
-from training.metrics import (BASELINE_VOL_FEATURE, baseline_predictions, ece, fit_baselines, fit_isotonic,
+from features.costs import Costs, round_trip_cost
+from training.meta_label import choose_policy, gross_payoffs, policy_figures, proposal_targets, uniqueness_weights
+from training.metrics import (BASELINE_VOL_FEATURE, auc, baseline_predictions, ece, fit_baselines, fit_isotonic,
                               range_metrics, reliability_curve, signal_metrics, tpsl_metrics)
 from training.models import FitOutcome, TargetSpec, base_specs, fit_booster, meta_specs, predict_raw, \
     target_values, xgb_params
 from training.progress import log, progress
-from training.transforms import VOL_FEATURE, apply_calibration, meta_matrix, range_output
+from training.transforms import (VOL_FEATURE, apply_calibration, meta_matrix, proposed_side, range_cost_ratio,
+                                 range_output)
 
 
 @dataclass(frozen=True)
@@ -47,17 +51,25 @@ class FitJob:
     predict_rows: np.ndarray
     rounds: int
     early_stopping: int | None
+    weight: str | None = None  # key of the sample weights in the targets mapping (meta-model: uniqueness)
 
 
-def run_fit_job(job: FitJob, X: np.ndarray, y: np.ndarray, cfg: ModelConfig, nthread: int) -> FitOutcome:
+def job_weights(job: FitJob, targets: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    return None if job.weight is None else targets[job.weight]
+
+
+def run_fit_job(job: FitJob, X: np.ndarray, y: np.ndarray, cfg: ModelConfig, nthread: int,
+                weights: np.ndarray | None = None) -> FitOutcome:
     """Fit one booster (rows with an undefined target are skipped) and predict ``predict_rows``."""
     fit = job.fit_rows[np.isfinite(y[job.fit_rows])]
     val = job.val_rows[np.isfinite(y[job.val_rows])]
     if len(fit) == 0:
         raise ValueError(f"{job.key}: no training rows with a defined target")
+    w_fit = None if weights is None else weights[fit]
+    w_val = None if weights is None else weights[val]
     booster, kept = fit_booster(xgb_params(job.spec, cfg, nthread), job.rounds, X[fit], y[fit],
                                 X[val] if len(val) else None, y[val] if len(val) else None,
-                                job.early_stopping if len(val) else None)
+                                job.early_stopping if len(val) else None, w_fit, w_val)
     preds = predict_raw(booster, X[job.predict_rows], job.spec.width) if len(job.predict_rows) else None
     return FitOutcome(job.key, bytes(booster.save_raw("ubj")), kept, preds)
 
@@ -95,7 +107,8 @@ class PlainEngine:
     def fit_many(self, jobs: Sequence[FitJob], matrices: Mapping[str, np.ndarray],
                  targets: Mapping[str, np.ndarray], cfg: ModelConfig, desc: str) -> list[FitOutcome]:
         def one(job: FitJob) -> FitOutcome:
-            return run_fit_job(job, matrices[job.matrix], targets[job.target], cfg, self.nthread)
+            return run_fit_job(job, matrices[job.matrix], targets[job.target], cfg, self.nthread,
+                               job_weights(job, targets))
 
         with progress(len(jobs), desc) as bar:
             if self.parallel == 1:
@@ -180,6 +193,53 @@ def _metric_rows(data: Prepared, rows: np.ndarray, outputs: Mapping[str, np.ndar
     return out
 
 
+def _calibrate_meta(raw_meta: Mapping[tuple[str, int], np.ndarray], prop: Mapping[int, Mapping[str, np.ndarray]],
+                    mt: np.ndarray, head: np.ndarray, calib: np.ndarray, embargo: int,
+                    horizons: Sequence[int]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Calibrators and trade policies of the meta-model, from the calibration block it never fitted.
+
+    The block is split in time (c1 | embargo | c2). Honest figures: a calibrator fit on c1, a policy
+    chosen on c1 (thresholds, ``training.meta_label.choose_policy``), both scored on c2. Shipped: the
+    calibrator refit on the whole block and the policy chosen on c1 (``policy_h``), with payoffs
+    (mean gross R of winners / losers) from the meta-model's training rows.
+    """
+    docs: dict[str, dict[str, Any]] = {}
+    metrics: dict[str, Any] = {}
+    c1, c2 = split_tail(mt, calib, 0.5, embargo)
+    for h in horizons:
+        pr = prop[h]
+        p_raw = raw_meta[("meta", h)][:, 0]
+        y = pr["win"]
+
+        def ok(rows: np.ndarray) -> np.ndarray:
+            return rows[np.isfinite(y[rows]) & np.isfinite(p_raw[rows])]
+
+        a, b, c = ok(c1), ok(c2), ok(calib)
+        payoffs = gross_payoffs(y[head], pr["net_r"][head], pr["cost_r"][head], pr["weight"][head])
+        holdout_cal = fit_isotonic(p_raw[a], y[a])
+        p1 = apply_calibration(holdout_cal, p_raw[a])
+        policy = choose_policy(p1, pr["cost_r"][a], pr["ratio"][a], pr["net_r"][a], pr["weight"][a], payoffs)
+        p2 = apply_calibration(holdout_cal, p_raw[b])
+        docs[f"calibration_h{h}"] = fit_isotonic(p_raw[c], y[c])
+        docs[f"policy_h{h}"] = {**policy, "chosen_on": "first half of the meta-model's calibration block "
+                                "(out-of-fold rows it never fitted), calibrator fitted on the same half"}
+        holdout = policy_figures(policy, p2, pr["cost_r"][b], pr["ratio"][b], pr["net_r"][b], pr["weight"][b])
+        per_h: dict[str, Any] = {"calibration_rows": int(len(c)), "holdout_rows": int(len(b)),
+                                 "base_rate": float(y[b].mean()) if len(b) else None,
+                                 "ece_raw": ece(p_raw[b], y[b]), "ece_calibrated": ece(p2, y[b]),
+                                 "auc": auc(y[b], p2) if len(np.unique(y[b])) == 2 else None,
+                                 "reliability": reliability_curve(p2, y[b]), "policy": policy,
+                                 "holdout_policy": holdout}
+        metrics[str(h)] = per_h
+        log.info("meta h=%d: win rate %.3f, ECE raw %.4f -> calibrated %.4f on %d held-out rows; policy %s; "
+                 "held out: %d trades, expected %.3f R vs realised %.3f R", h, per_h["base_rate"] or 0,
+                 per_h["ece_raw"], per_h["ece_calibrated"], len(b),
+                 "abstain" if not policy["trade"] else
+                 f"E[R] > {policy['min_expected_r']}, range/cost >= {policy['min_range_cost_ratio']:.2f}",
+                 holdout["trades"], holdout["mean_expected_r"] or 0, holdout["mean_realised_r"] or 0)
+    return docs, metrics
+
+
 def train(data: Prepared, settings: Settings, engine: Engine) -> TrainOutput:
     """Walk-forward, stack, calibrate and refit; see the module docstring."""
     cfg = settings.models
@@ -234,7 +294,7 @@ def train(data: Prepared, settings: Settings, engine: Engine) -> TrainOutput:
     oof_rows = np.sort(np.concatenate([f.test for f in folds]))
     wf_rows = [r for h in horizons for r in _metric_rows(data, oof_rows, oof[h], h, base_pred[h], cfg.quantiles)]
 
-    # 2. meta-model on out-of-fold predictions only
+    # 2. meta-model on out-of-fold predictions only (meta-labelling, training.meta_label)
     t0 = time.perf_counter()
     mt = data.open_time[oof_rows]
     pos = np.arange(len(oof_rows))
@@ -242,44 +302,34 @@ def train(data: Prepared, settings: Settings, engine: Engine) -> TrainOutput:
     head, calib = split_tail(mt, pos, cfg.calibration_fraction, embargo)
     mfit, mval = split_tail(mt, head, cfg.validation_fraction, embargo)
     mfit = subsample_stride(mt, mfit, cfg.max_train_rows)
-    meta_X = {f"meta_{h}": meta_matrix(X[oof_rows].astype(np.float64), data.columns,
-                                       {m: oof[h][m][oof_rows] for m in oof[h]}, h) for h in horizons}
-    meta_y = {f"meta_{h}": lab[f"signal_{h}"].to_numpy(np.float64)[oof_rows] for h in horizons}
+    cost = float(round_trip_cost(Costs.from_settings(settings)))
+    oof_lab = {c: lab[c].to_numpy(np.float64)[oof_rows] for c in lab.columns}
+    meta_X: dict[str, np.ndarray] = {}
+    meta_y: dict[str, np.ndarray] = {}
+    prop: dict[int, dict[str, np.ndarray]] = {}
+    for h in horizons:
+        base_h = {m: oof[h][m][oof_rows] for m in oof[h]}
+        sl_frac = oof_lab[f"sl_frac_{h}"]
+        meta_X[f"meta_{h}"] = meta_matrix(X[oof_rows].astype(np.float64), data.columns, base_h, h, sl_frac, cost)
+        side = proposed_side(base_h["signal_classifier"])
+        win, net_r, bars = proposal_targets(oof_lab, side, h)
+        weight = uniqueness_weights(mt, msym, bars)
+        # Fit weights: uniqueness rescaled to mean 1 (min_child_weight keeps its meaning).
+        meta_y[f"meta_{h}"] = win
+        meta_y[f"meta_{h}:weight"] = weight / max(float(weight[weight > 0].mean()) if (weight > 0).any() else 1.0,
+                                                  1e-12)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            prop[h] = {"win": win, "net_r": net_r, "weight": weight, "cost_r": cost / sl_frac,
+                       "ratio": range_cost_ratio(base_h["range_predictor"], cost)}
     mspecs = meta_specs(settings, data.symbols)
     mjobs = [FitJob(f"meta/{s.name}", s, f"meta_{s.horizon}", f"meta_{s.horizon}", _rows_for(s, mfit, msym),
                     _rows_for(s, mval, msym), _rows_for(s, calib, msym), cfg.num_boost_round,
-                    cfg.early_stopping_rounds) for s in mspecs]
+                    cfg.early_stopping_rounds, f"meta_{s.horizon}:weight") for s in mspecs]
     moutcomes = engine.fit_many(mjobs, meta_X, meta_y, cfg, "meta-model")
     raw_meta = _assemble(mjobs, moutcomes, len(oof_rows))
     timings["fit_meta"] = time.perf_counter() - t0
 
-    calibrations: dict[str, dict[str, Any]] = {}
-    meta_metrics: dict[str, Any] = {}
-    c1, c2 = split_tail(mt, calib, 0.5, embargo)
-    for h in horizons:
-        probs = raw_meta[("meta", h)]
-        y = meta_y[f"meta_{h}"]
-        conf = probs.max(axis=1)
-        correct = (probs.argmax(axis=1) == y).astype(float)
-
-        def ok(rows: np.ndarray) -> np.ndarray:
-            return rows[np.isfinite(y[rows]) & np.isfinite(conf[rows])]
-
-        a, b, c = ok(c1), ok(c2), ok(calib)
-        holdout_cal = fit_isotonic(conf[a], correct[a])
-        conf_b = apply_calibration(holdout_cal, conf[b])
-        calibrations[f"calibration_h{h}"] = fit_isotonic(conf[c], correct[c])
-        per_h: dict[str, Any] = {"calibration_rows": int(len(c)), "holdout_rows": int(len(b)),
-                                 "ece_raw": ece(conf[b], correct[b]), "ece_calibrated": ece(conf_b, correct[b]),
-                                 "reliability": reliability_curve(conf_b, correct[b])}
-        per_h.update(signal_metrics(y[b], probs[b], conf_b, prefix="meta"))
-        sig_b = oof[h]["signal_classifier"][oof_rows][b]
-        per_h.update({k: v for k, v in signal_metrics(y[b], sig_b, prefix="classifier").items()
-                      if k != "confidence_ece"})
-        meta_metrics[str(h)] = per_h
-        log.info("meta h=%d: accuracy %.3f (classifier %.3f), ECE raw %.4f -> calibrated %.4f on %d held-out rows",
-                 h, per_h["meta_accuracy"] or 0, per_h["classifier_accuracy"] or 0, per_h["ece_raw"],
-                 per_h["ece_calibrated"], len(b))
+    calibrations, meta_metrics = _calibrate_meta(raw_meta, prop, mt, head, calib, embargo, horizons)
 
     # 3. final refit of the base models on all rows
     t0 = time.perf_counter()
@@ -334,7 +384,10 @@ def train(data: Prepared, settings: Settings, engine: Engine) -> TrainOutput:
         rounds_by_model.setdefault(job.spec.model, {})[job.spec.name] = res.best_iteration
     for job, res in zip(mjobs, moutcomes):
         rounds_by_model.setdefault("meta_model", {})[job.spec.name] = res.best_iteration
+    costs = dataclasses.asdict(Costs.from_settings(settings))  # what the labels charged (the ensemble checks)
     for m, md in metadata.items():
         md["walk_forward"] = walk_forward
         md["rounds"] = rounds_by_model.get(m, {})
+        md["barrier_models"] = data.barrier_models  # the labels' barriers: serving recomputes them
+        md["costs"] = costs
     return TrainOutput(boosters, {"meta_model": calibrations}, metadata, folds, oof_rows, timings)

@@ -31,7 +31,7 @@ import numpy as np
 from configs.settings import ModelConfig
 from features.errors import ConfigError
 from training.models import FitOutcome, fit_booster, xgb_params
-from training.pipeline import FitJob, run_fit_job
+from training.pipeline import FitJob, job_weights, run_fit_job
 from training.progress import log, progress
 
 # Worker processes inherit this: passive OpenMP waiting (see training/__init__.py).
@@ -41,7 +41,7 @@ _RUNTIME_ENV = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "RAY_USAGE_STATS_ENAB
 def _fit_chunk(jobs: Sequence[FitJob], X: np.ndarray, targets: Mapping[str, np.ndarray], cfg: ModelConfig,
                nthread: int) -> list[FitOutcome]:
     """A Ray task: several fits on the shared (zero-copy) matrix, in order."""
-    return [run_fit_job(job, X, targets[job.target], cfg, nthread) for job in jobs]
+    return [run_fit_job(job, X, targets[job.target], cfg, nthread, job_weights(job, targets)) for job in jobs]
 
 
 def _cost(job: FitJob) -> float:
@@ -161,7 +161,8 @@ class RayEngine:
         pending: dict[Any, list[int]] = {}
         for matrix, idx in by_matrix.items():
             sub = [jobs[i] for i in idx]
-            tref = ray.put({k: targets[k] for k in {j.target for j in sub}})
+            keys = {j.target for j in sub} | {j.weight for j in sub if j.weight is not None}
+            tref = ray.put({k: targets[k] for k in keys})
             for group in chunk_jobs(sub, n_chunks):
                 ref = task.remote([sub[g] for g in group], xrefs[matrix], tref, cfg, nthread)
                 pending[ref] = [idx[g] for g in group]

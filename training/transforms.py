@@ -33,8 +33,13 @@ RANGE_OUTPUTS: tuple[str, ...] = ("high_lower", "high_median", "high_upper", "lo
 RANGE_MEAN_OUTPUTS: tuple[str, ...] = ("high_mean", "low_mean")
 TPSL_OUTPUTS: tuple[str, ...] = ("p_tp_long", "p_tp_short")
 SIGNAL_OUTPUTS: tuple[str, ...] = ("p_sell", "p_hold", "p_buy")
-# The meta-model's stage output: class probabilities then the calibrated confidence of the argmax.
-META_OUTPUTS: tuple[str, ...] = ("p_sell", "p_hold", "p_buy", "confidence")
+# The meta-model's stage output (meta-labelling): its raw probability that the primary's proposed
+# trade makes net R > 0 after costs, then that probability calibrated (``p_win``).
+META_OUTPUTS: tuple[str, ...] = ("p_win_raw", "p_win")
+# Inputs the meta-model sees beside the base outputs: the proposed side (+1 BUY / -1 SELL), the
+# round-trip cost in units of the stop (``cost_r``) and the predicted range (median high - median
+# low) in round-trip costs.
+PROPOSAL_FEATURES: tuple[str, ...] = ("side", "cost_r", "range_cost_ratio")
 
 
 def model_columns(feature_names: Sequence[str]) -> tuple[str, ...]:
@@ -45,7 +50,28 @@ def model_columns(feature_names: Sequence[str]) -> tuple[str, ...]:
 def meta_columns() -> tuple[str, ...]:
     """Column names of the meta-model's input matrix (see :func:`meta_matrix`)."""
     scaled = tuple(f"{c}_scaled" for c in RANGE_OUTPUTS)
-    return (*scaled, *TPSL_OUTPUTS, *SIGNAL_OUTPUTS, *REGIME_FEATURES, SYMBOL_COLUMN)
+    return (*scaled, *TPSL_OUTPUTS, *SIGNAL_OUTPUTS, *REGIME_FEATURES, SYMBOL_COLUMN, *PROPOSAL_FEATURES)
+
+
+def proposed_side(signal_output: np.ndarray) -> np.ndarray:
+    """The primary rule of the meta-labelling: the side the signal classifier ranks higher,
+    +1 (BUY) where P(BUY) >= P(SELL), else -1 (SELL). It always proposes; the meta-model decides."""
+    p = np.asarray(signal_output, dtype=np.float64)
+    return np.where(p[:, 2] >= p[:, 0], 1.0, -1.0)
+
+
+def meta_class_probs(side: np.ndarray, p_win: np.ndarray) -> np.ndarray:
+    """(n, 3) SELL/HOLD/BUY scores of the meta-labelled call: the proposed side gets ``p_win``, HOLD
+    ``1 - p_win``, the other side 0 (for accuracy / F1 against the 3-class label)."""
+    side = np.asarray(side)
+    p = np.asarray(p_win, dtype=np.float64)
+    return np.column_stack([np.where(side < 0, p, 0.0), 1.0 - p, np.where(side > 0, p, 0.0)])
+
+
+def range_cost_ratio(range_output_: np.ndarray, round_trip_cost: float) -> np.ndarray:
+    """The predicted range (median high minus median low, fractions of close) in round-trip costs."""
+    r = np.asarray(range_output_, dtype=np.float64)
+    return (r[:, 1] - r[:, 4]) / max(float(round_trip_cost), 1e-12)
 
 
 def range_scale(atr_fraction: np.ndarray, horizon: int) -> np.ndarray:
@@ -54,11 +80,13 @@ def range_scale(atr_fraction: np.ndarray, horizon: int) -> np.ndarray:
 
 
 def meta_matrix(X: np.ndarray, columns: Sequence[str], base_outputs: Mapping[str, np.ndarray],
-                horizon: int) -> np.ndarray:
-    """The meta-model's input: base outputs (range in volatility units) + regime features + symbol.
+                horizon: int, sl_frac: np.ndarray, round_trip_cost: float) -> np.ndarray:
+    """The meta-model's input: base outputs (range in volatility units) + regime features + symbol +
+    the proposal (side, cost in R, range in costs).
 
     ``X`` is the base-model input (columns ``columns``); ``base_outputs`` holds the raw outputs of
-    ``range_predictor`` (n, 6), ``tpsl_classifier`` (n, 2) and ``signal_classifier`` (n, 3).
+    ``range_predictor`` (n, 6+), ``tpsl_classifier`` (n, 2) and ``signal_classifier`` (n, 3);
+    ``sl_frac`` the stop distance of each row's barriers (``features.barriers``).
     """
     index = {c: i for i, c in enumerate(columns)}
     scale = range_scale(X[:, index[VOL_FEATURE]], horizon)
@@ -67,7 +95,21 @@ def meta_matrix(X: np.ndarray, columns: Sequence[str], base_outputs: Mapping[str
     parts = [rng, np.asarray(base_outputs["tpsl_classifier"], dtype=np.float64),
              np.asarray(base_outputs["signal_classifier"], dtype=np.float64),
              X[:, [index[c] for c in REGIME_FEATURES]], X[:, [index[SYMBOL_COLUMN]]]]
-    return np.hstack(parts)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cost_r = float(round_trip_cost) / np.asarray(sl_frac, dtype=np.float64)
+    proposal = np.column_stack([proposed_side(base_outputs["signal_classifier"]), cost_r,
+                                range_cost_ratio(base_outputs["range_predictor"], round_trip_cost)])
+    return np.hstack([*parts, proposal])
+
+
+def expected_net_r(p_win: np.ndarray, cost_r: np.ndarray, policy: Mapping[str, object]) -> np.ndarray:
+    """Expected net R of a proposal: ``p x W + (1 - p) x L - cost_r``, with ``W``/``L`` the mean
+    gross R (net R + cost_r) of winning / losing proposals of the meta-model's training rows
+    (``policy['win_gross_r']``/``['loss_gross_r']``) and ``cost_r`` this row's round trip in R."""
+    p = np.asarray(p_win, dtype=np.float64)
+    w = float(policy["win_gross_r"])  # type: ignore[arg-type]
+    l_ = float(policy["loss_gross_r"])  # type: ignore[arg-type]
+    return p * w + (1.0 - p) * l_ - np.asarray(cost_r, dtype=np.float64)
 
 
 def apply_calibration(calibration: Mapping[str, object], p: np.ndarray) -> np.ndarray:

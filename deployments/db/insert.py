@@ -23,7 +23,8 @@ _PG_TYPES = {"id": "uuid", "symbol": "text", "horizon": "int4", "candle_open_tim
              "predicted_low": "float8", "high_lower": "float8", "high_upper": "float8", "low_lower": "float8",
              "low_upper": "float8", "created_ms": "int8", "signal_type": "text", "confidence": "float8",
              "entry_price": "float8", "take_profit": "float8", "stop_loss": "float8",
-             "model_versions": "text", "reason": "text"}
+             "model_versions": "text", "reason": "text", "expected_r": "float8", "cost_r": "float8",
+             "p_win": "float8", "fee_profile": "text"}
 
 
 def _insert_sql(table: str, columns: Sequence[str]) -> str:

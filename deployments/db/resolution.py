@@ -9,7 +9,8 @@ makes the training labels — so a live outcome can never disagree with a traini
   training's ``mae_high`` and ``mae_low``);
 - signals: the trade enters at the forecast candle's close; candles t+1 … t+h are walked with the
   signal's own take-profit and stop-loss (a candle touching both is a stop); the exit is the
-  barrier price, or the close of candle t+h on expiry.
+  barrier price, or the close of candle t+h on expiry; pnl and R charge the fee profile's costs
+  exactly as the labels do (:func:`trade_result`).
 
 Statuses: ``ok``; ``gap`` (the window crosses missing candles — ``build_labels`` gives NaN there too,
 so nothing is guessed); ``no_data`` (the forecast candle is older than the history the resolver
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from features.candles import FIVE_MINUTES_MS
+from features.costs import Costs, holding_hours, net_return
 from features.labels import EXPIRED, SL, TP, first_touch, future_extremes, windows_after
 
 OUTCOME_NAMES = {TP: "tp", SL: "sl", EXPIRED: "expired"}
@@ -154,17 +156,20 @@ def _inside(actual: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndar
 
 
 def trade_result(long: np.ndarray, entry: np.ndarray, exit_price: np.ndarray, stop_loss: np.ndarray,
-                 fee_rate: float) -> tuple[np.ndarray, np.ndarray]:
-    """``(pnl_percent, r_multiple)`` of trades, after a fee of ``fee_rate`` of notional on entry and exit.
+                 costs: Costs, bars: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(pnl_percent, r_multiple)`` of trades after the fee profile's costs (fees and slippage on both
+    fills, borrow of spot shorts for the hours a trade of ``bars`` candles is charged).
 
-    R is the net result in units of the initial risk ``|entry - stop| / entry``, so a stop-out costs
-    a little more than -1 R (the fees) and cumulative R compares strategies of any barrier width.
+    The same cost function as the training labels (``features.labels.trade_r`` →
+    :func:`features.costs.net_return`): a resolved live signal's R equals its label's ``r_long_h`` /
+    ``r_short_h``. R is the net result in units of the initial risk ``|entry - stop| / entry``, so a
+    stop-out costs a little more than -1 R (the costs) and cumulative R compares barrier widths.
     """
     entry = np.asarray(entry, np.float64)
     exit_price = np.asarray(exit_price, np.float64)
-    move = exit_price / entry - 1.0
-    gross = np.where(long, move, -move)
-    net = gross - fee_rate * (1.0 + exit_price / entry)
+    side = np.where(long, 1, -1)
+    hours = holding_hours(np.nan_to_num(np.asarray(bars, np.float64), nan=0.0).astype(np.int64))
+    net = net_return(side, entry, exit_price, costs, hours)
     risk = np.abs(entry - np.asarray(stop_loss, np.float64)) / entry
     with np.errstate(divide="ignore", invalid="ignore"):
         r = np.where(risk > 0, net / risk, np.nan)
@@ -173,8 +178,9 @@ def trade_result(long: np.ndarray, entry: np.ndarray, exit_price: np.ndarray, st
 
 def resolve_signals(history: CandleHistory, candle_open_time: np.ndarray, horizon: np.ndarray,
                     signal_type: np.ndarray, entry_price: np.ndarray, take_profit: np.ndarray,
-                    stop_loss: np.ndarray, fee_rate: float, gap_grace_candles: int = 0) -> dict[str, np.ndarray]:
-    """Outcome (``tp``/``sl``/``expired``), exit price and bar, pnl % after fees and R of due signals."""
+                    stop_loss: np.ndarray, costs: Costs, gap_grace_candles: int = 0) -> dict[str, np.ndarray]:
+    """Outcome (``tp``/``sl``/``expired``), exit price and bar, pnl % after the fee profile's costs and R
+    of due signals."""
     cot = np.asarray(candle_open_time, np.int64)
     horizon = np.asarray(horizon, np.int64)
     sig = np.asarray(signal_type, dtype=object)
@@ -202,7 +208,8 @@ def resolve_signals(history: CandleHistory, candle_open_time: np.ndarray, horizo
             out["status"][rows] = "ok"
     out["status"][~traded] = "not_traded"
     out["status"][traded & ~sane] = "invalid"
-    pnl, r = trade_result(long, entry, out["exit_price"], sl, fee_rate)
+    bars = np.array([np.nan if b is None else b for b in out["exit_bar"]], dtype=np.float64)
+    pnl, r = trade_result(long, entry, out["exit_price"], sl, costs, bars)
     ok = out["status"] == "ok"
     out["pnl_percent"] = np.where(ok, pnl, np.nan)
     out["r_multiple"] = np.where(ok, r, np.nan)

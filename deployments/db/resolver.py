@@ -34,6 +34,7 @@ from deployments.db.live_metrics import (Baseline, fetch_live_metrics, latest_ve
 from deployments.db.migrate import apply_migrations
 from deployments.db.resolution import CandleHistory, resolve_predictions, resolve_signals
 from deployments.db.rows import RANGE_MODEL, SIGNAL_MODEL
+from features.costs import Costs
 from deployments.db.insert import UNAVAILABLE, _close_quietly
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ class OutcomeResolver:
                  history_candles: int = 14 * 288, gap_grace_candles: int = 36,
                  metrics_interval_s: float = 1.0, sweep_interval_s: float | None = None) -> None:
         self.settings = settings
+        self.costs = Costs.from_settings(settings)  # the fee profile labels and backtest charge too
         # Rows are resolved when a candle arrives; a row written after its last due candle arrived
         # (the writer batches, a spool replays after an outage, a replay ends) would wait for the
         # next candle. A sweep every ``sweep_interval_s`` resolves those too (None: candles only).
@@ -283,7 +285,7 @@ class OutcomeResolver:
                 return done
             res = resolve_signals(hist, _col(rows, "candle_open_time", np.int64), _col(rows, "horizon", np.int64),
                                   _col(rows, "signal_type", object), _col(rows, "entry_price"),
-                                  _col(rows, "take_profit"), _col(rows, "stop_loss"), self.settings.fee_rate,
+                                  _col(rows, "take_profit"), _col(rows, "stop_loss"), self.costs,
                                   gap_grace_candles=self.gap_grace_candles)
             ready = np.flatnonzero(res["status"] != "pending")
             if len(ready):

@@ -43,6 +43,10 @@ class ForecastLike(Protocol):
     stop_loss: float | None
     reason: str | None
     model_versions: dict[str, str]
+    expected_r: float
+    cost_r: float
+    p_win: float
+    fee_profile: str | None
 
 
 class PredictionRow(NamedTuple):
@@ -81,10 +85,16 @@ class SignalRow(NamedTuple):
     model_versions: str
     reason: str | None
     created_ms: int
+    # The trade's economics (migration 0002); None in rows spooled before it (decoded as such).
+    expected_r: float | None = None
+    cost_r: float | None = None
+    p_win: float | None = None
+    fee_profile: str | None = None
 
 
 PREDICTION_COLUMNS = PredictionRow._fields
 SIGNAL_COLUMNS = SignalRow._fields
+_SIGNAL_LEGACY_LEN = len(SIGNAL_COLUMNS) - 4  # spool lines written before expected_r … fee_profile
 
 
 def resolve_after(candle_open_time: int, horizon: int) -> int:
@@ -155,8 +165,14 @@ def rows_from_forecast(f: ForecastLike, created_ms: int | None = None) -> list[P
     rows.append(SignalRow(_signal_id(f.symbol, h, cot, vkey), f.symbol, h, cot, due, str(f.signal_type),
                           float(f.confidence), _finite(f.entry_price), _finite(f.take_profit),
                           _finite(f.stop_loss), versions.get(SIGNAL_MODEL, vkey), vjson, f.reason,
-                          created_ms))
+                          created_ms, *_economics(f)))
     return rows
+
+
+def _economics(f: Any) -> tuple[float | None, float | None, float | None, str | None]:
+    """``expected_r``, ``cost_r``, ``p_win``, ``fee_profile`` (None for a forecast-like without them)."""
+    return (_finite(getattr(f, "expected_r", None)), _finite(getattr(f, "cost_r", None)),
+            _finite(getattr(f, "p_win", None)), getattr(f, "fee_profile", None))
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
@@ -176,6 +192,6 @@ def decode(line: bytes) -> PredictionRow | SignalRow:
     kind, *values = json.loads(line)
     if kind == PREDICTION and len(values) == len(PREDICTION_COLUMNS):
         return PredictionRow(*values)
-    if kind == SIGNAL and len(values) == len(SIGNAL_COLUMNS):
+    if kind == SIGNAL and len(values) in (len(SIGNAL_COLUMNS), _SIGNAL_LEGACY_LEN):
         return SignalRow(*values)
     raise ValueError(f"not a log row: {line[:80]!r}")

@@ -42,8 +42,9 @@ def resolver_name(settings: Settings) -> str:
     """One resolver per database and resolution settings: an engine pointed at another database, or
     redeployed with other fees, drift rules or model registry, gets its own (the actor is detached
     and keeps the settings it was started with)."""
-    key = "|".join(str(x) for x in (settings.database_url.get_secret_value(), settings.models_dir, settings.fee_rate,
-                                    settings.drift_mae_margin, settings.drift_min_samples, settings.drift_window))
+    key = "|".join(str(x) for x in (settings.database_url.get_secret_value(), settings.models_dir,
+                                    settings.fee_profile, settings.fee_rate, settings.slippage_rate,
+                                    settings.borrow_rate, settings.drift_mae_margin, settings.drift_min_samples, settings.drift_window))
     return f"{ACTOR_NAME}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
