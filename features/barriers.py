@@ -77,7 +77,11 @@ def barrier_sigma(model: Mapping[str, Any], features: np.ndarray, names: Sequenc
     if list(model["inputs"]) != list(BARRIER_INPUTS):
         raise ValueError("barrier model inputs differ from this code's definition; retrain")
     X = barrier_inputs(features, names)
-    mu = float(model["intercept"]) + X @ np.asarray(model["coef"], dtype=np.float64)
+    # Column by column, not ``X @ coef``: a BLAS product may sum in another order for 1 row than for
+    # many, and a signal must not depend on whether it was computed alone (serving) or in a batch.
+    mu = np.full(len(X), float(model["intercept"]))
+    for j, c in enumerate(model["coef"]):
+        mu = mu + X[:, j] * float(c)
     return np.sqrt(np.exp(mu + 0.5 * float(model["resid_var"])))
 
 

@@ -193,7 +193,7 @@ def _forecasts(symbol: str, df: pd.DataFrame, rows: np.ndarray) -> tuple[list[Si
 
 def _expected(df: pd.DataFrame, plan: pd.DataFrame) -> pd.DataFrame:
     """Direct computation from build_labels (and a scalar trade walk) for every planned forecast."""
-    y = build_labels(df, H)
+    y = build_labels(df, H, costs=COSTS)  # the plan's barriers: the same cost floor
     high, low, close = (df[k].to_numpy() for k in ("high", "low", "close"))
     exp = plan.copy()
     exp["actual_high"] = [y[f"fut_high_{h}"].iloc[r] for h, r in zip(plan["horizon"], plan["row"])]
