@@ -38,7 +38,8 @@ RESYNC_S = 60.0  # a clock offset measured less than this long ago (local time) 
 
 
 def stream_root(ws_url: str) -> str:
-    """python-binance appends ``ws/<stream>`` to its stream root; accept the root or ``.../ws``."""
+    """The stream root of ``binance_ws_url`` (the root or its ``.../ws`` spelling): combined streams
+    live at ``<root>stream?streams=...`` (deployments/binance_hub.py), single ones at ``<root>ws/<stream>``."""
     url = ws_url.strip().rstrip("/")
     if url.endswith("/ws"):
         url = url[: -len("/ws")]
