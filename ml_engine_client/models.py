@@ -110,8 +110,9 @@ class SignalBody(BaseModel):
                                   "Forced HOLDs (confidence 0, no trade): `market_data_gap` (no candle "
                                   "since the last close: an exchange halt or a lost candle), "
                                   "`stale_market_data` (the feed is down), `features_unavailable` (warming up "
-                                  "after a long gap), `unknown_symbol`, `market_data_invalid`, "
-                                  "`model_output_undefined`")
+                                  "after a long gap), `market_data_invalid`, `model_output_undefined` "
+                                  "(`unknown_symbol` is no longer produced: a symbol the models were not "
+                                  "trained on takes a default `symbol_id`, docs/models.md)")
     reason_detail: Optional[str] = Field(None, description="the same for people: what is missing and since when")
     probabilities: Probabilities
     p_tp_long: Optional[float]
