@@ -333,6 +333,14 @@ def test_meta_model_trained_only_on_out_of_fold_predictions(candle_slices):
         pol = docs[f"policy_h{x}"]
         assert isinstance(pol["trade"], bool) and "first half" in pol["chosen_on"]
         assert pol["win_gross_r"] > 0 > pol["loss_gross_r"]
+    # The interval calibration is fit on the same out-of-fold predictions, nothing in-sample.
+    from training.transforms import INTERVAL_DOCUMENT, fit_interval_calibration
+
+    labels = data.labels
+    refit = fit_interval_calibration(range_output(raw["high"], raw["low"], atr, h)[oof],
+                                     labels[f"fut_high_{h}"].to_numpy()[oof], labels[f"fut_low_{h}"].to_numpy()[oof],
+                                     data.symbol[oof], settings.models.quantiles)
+    assert res.documents["range_predictor"][INTERVAL_DOCUMENT][str(h)] == refit
 
 
 # ---- ensemble behaviour ---------------------------------------------------------------------------------
@@ -508,6 +516,42 @@ def test_har_baseline_is_saved_with_the_range_predictor_as_json(trained, candle_
             np.testing.assert_allclose(d["har"]["coef"], r["har"]["coef"], rtol=1e-12)
             np.testing.assert_allclose(d["high"]["q"], r["high"]["q"], rtol=1e-12)
             assert d["low"]["q"][0] < d["low"]["q"][1] < d["low"]["q"][2] < 0 < d["high"]["q"][2]
+
+
+def test_served_interval_is_the_calibrated_one(trained, candle_slices):
+    """The range predictor's set carries interval_calibration.json; forecasts (and evaluate) serve the
+    10/90% bounds moved by it, the medians and the meta-model's input stay the raw stage output; a
+    set without the document serves the raw bounds."""
+    from configs.settings import get_settings
+    from training.ensemble import Ensemble
+    from training.evaluate import predictions
+    from training.transforms import INTERVAL_DOCUMENT, apply_interval_calibration
+
+    ens = Ensemble.load(trained, get_settings())
+    doc = ens.models["range_predictor"].documents[INTERVAL_DOCUMENT]
+    assert set(doc) == {str(h) for h in ens.horizons}
+    data = _prepared(candle_slices)
+    rows = np.flatnonzero(np.isfinite(data.X).all(axis=1))[:300]
+    feats, syms = data.X[rows, :-1].astype(np.float64), list(data.symbol[rows])
+    for h in ens.horizons:
+        raw = ens.predict_stage("range_predictor", ens.model_input(feats, syms), h)
+        expected = apply_interval_calibration(doc[str(h)], raw, syms)
+        cols = ens.forecast_columns(feats, syms, data.close[rows], data.open_time[rows], h)
+        np.testing.assert_allclose(cols["high_lower"], expected[:, 0], rtol=1e-12)
+        np.testing.assert_allclose(cols["low_upper"], expected[:, 5], rtol=1e-12)
+        np.testing.assert_allclose(cols["pred_high_pct"], raw[:, 1], rtol=1e-12)
+        assert not np.allclose(expected[:, [0, 2, 3, 5]], raw[:, [0, 2, 3, 5]])
+    sub = type(data)(X=data.X[rows], columns=data.columns, feature_names=data.feature_names,
+                     labels=data.labels.iloc[rows].reset_index(drop=True), open_time=data.open_time[rows],
+                     symbol=data.symbol[rows], close=data.close[rows], symbols=data.symbols)
+    np.testing.assert_allclose(predictions(ens, sub, 6)["range_predictor"],
+                               apply_interval_calibration(doc["6"], ens.predict_stage(
+                                   "range_predictor", ens.model_input(feats, syms), 6), syms), rtol=1e-12)
+    del ens.models["range_predictor"].documents[INTERVAL_DOCUMENT]
+    bare = Ensemble(ens.models, get_settings())  # a set saved before the calibration existed
+    cols = bare.forecast_columns(feats, syms, data.close[rows], data.open_time[rows], 6)
+    raw = bare.predict_stage("range_predictor", bare.model_input(feats, syms), 6)
+    np.testing.assert_allclose(cols["high_lower"], raw[:, 0], rtol=1e-12)
 
 
 def test_mean_forecast_beside_the_quantiles(trained, candle_slices):

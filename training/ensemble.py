@@ -55,9 +55,10 @@ from features.errors import ModelLoadError, PredictionError
 from features.indicators import feature_names, feature_set_hash
 from training.forecast import FORCED_HOLD_REASONS, HOLD_REASONS, MODEL_HOLD_REASONS, Forecast
 from training.registry import MODEL_NAMES, LoadedModel, ModelRegistry
-from training.transforms import (META_OUTPUTS, RANGE_OUTPUTS, SIGNAL_OUTPUTS, TPSL_OUTPUTS, VOL_FEATURE,
-                                 apply_calibration, expected_net_r, meta_columns, meta_matrix, model_columns,
-                                 proposed_side, range_cost_ratio, range_output)
+from training.transforms import (INTERVAL_DOCUMENT, META_OUTPUTS, RANGE_OUTPUTS, SIGNAL_OUTPUTS, TPSL_OUTPUTS,
+                                 VOL_FEATURE, apply_calibration, apply_interval_calibration, expected_net_r,
+                                 meta_columns, meta_matrix, model_columns, proposed_side, range_cost_ratio,
+                                 range_output)
 
 __all__ = ["BASE_MODELS", "Ensemble", "FORCED_HOLD_REASONS", "Forecast", "HOLD_REASONS", "MODEL_HOLD_REASONS",
            "MODEL_TARGETS", "OUTPUT_COLUMNS", "booster_name"]
@@ -103,6 +104,8 @@ class Ensemble:
         self._barriers = {h: self.barrier_models[str(h)] for h in self.horizons}
         self.costs = Costs.from_settings(settings)
         self.round_trip_cost = float(round_trip_cost(self.costs))
+        # None for a set trained before the interval calibration existed: its intervals are served raw
+        self._intervals = self.models["range_predictor"].documents.get(INTERVAL_DOCUMENT)
 
     @classmethod
     def load(cls, models_dir: Path, settings: Settings) -> "Ensemble":
@@ -217,6 +220,13 @@ class Ensemble:
         sigma = barrier_sigma(self._barriers[horizon], np.asarray(features, dtype=np.float64), self.feature_names)
         return barrier_distances(sigma, self.settings.labels, self.round_trip_cost)
 
+    def served_range(self, rng: np.ndarray, symbols: Sequence[str], horizon: int) -> np.ndarray:
+        """The range predictor's stage output as served: its 10/90% bounds calibrated per decile of the
+        predicted median (``interval_calibration``, fitted on the walk-forward's out-of-fold rows;
+        ``training.transforms``). The stage output itself stays raw: the meta-model was trained on it."""
+        doc = (self._intervals or {}).get(str(int(horizon)))
+        return apply_interval_calibration(doc, np.asarray(rng, dtype=np.float64), symbols)
+
     def meta_input(self, X: np.ndarray, base_outputs: Mapping[str, np.ndarray], horizon: int) -> np.ndarray:
         """The meta-model's input: base outputs (range in volatility units), regime features, symbol,
         the proposal (side, cost in R, range in costs)."""
@@ -252,9 +262,10 @@ class Ensemble:
         for name in (*BASE_MODELS, "meta_model"):
             if name not in outputs or len(outputs[name]) != n:
                 raise PredictionError(f"compose needs {name} outputs for all {n} rows")
-        rng, tpsl, sig_out, meta = (np.asarray(outputs[m], dtype=np.float64) for m in
-                                    ("range_predictor", "tpsl_classifier", "signal_classifier", "meta_model"))
+        raw_rng, tpsl, sig_out, meta = (np.asarray(outputs[m], dtype=np.float64) for m in
+                                        ("range_predictor", "tpsl_classifier", "signal_classifier", "meta_model"))
         symbols = np.asarray([str(s) for s in symbols], dtype=object)
+        rng = self.served_range(raw_rng, symbols, horizon)  # medians and means unchanged
         times = np.asarray(candle_open_times, dtype=np.int64)
         tp_d, sl_d = self.barriers(features, horizon) if n else (np.empty(0), np.empty(0))
 

@@ -44,7 +44,10 @@ def _iso(ms: int) -> str:
 def predictions(ensemble: Ensemble, data: Prepared, horizon: int) -> dict[str, np.ndarray]:
     """Every stage's output for the prepared rows (features without the symbol code column)."""
     features = data.X[:, :-1].astype(np.float64)
-    return ensemble.predict_arrays(features, list(data.symbol), horizon)
+    out = ensemble.predict_arrays(features, list(data.symbol), horizon)
+    # score the interval the API serves (calibrated per decile), not the raw stage output
+    out["range_predictor"] = ensemble.served_range(out["range_predictor"], data.symbol, horizon)
+    return out
 
 
 def trade_metrics(ensemble: Ensemble, data: Prepared, out: Mapping[str, np.ndarray], r: np.ndarray,

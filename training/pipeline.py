@@ -13,6 +13,9 @@ Steps:
    it and calibrates its confidence (isotonic). ECE is measured on the second half of that block
    with a calibrator fit on the first half only;
 3. final refit of every base booster on all rows (rounds: median of the folds' early-stopped rounds).
+The range predictor's interval calibration (``training.transforms.fit_interval_calibration``) is fit
+on the OOF rows of step 1; the walk-forward metrics are of the raw intervals (the calibrated ones
+would be scored on the rows they were fit on).
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from training.metrics import (BASELINE_VOL_FEATURE, auc, baseline_predictions, e
 from training.models import FitOutcome, TargetSpec, base_specs, fit_booster, meta_specs, predict_raw, \
     target_values, xgb_params
 from training.progress import log, progress
-from training.transforms import (VOL_FEATURE, apply_calibration, meta_matrix, proposed_side, range_cost_ratio,
-                                 range_output)
+from training.transforms import (INTERVAL_DOCUMENT, VOL_FEATURE, apply_calibration, fit_interval_calibration,
+                                 meta_matrix, proposed_side, range_cost_ratio, range_output)
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,10 @@ def train(data: Prepared, settings: Settings, engine: Engine) -> TrainOutput:
             for row in _metric_rows(data, fold.test, oof[h], h, base_pred[h], cfg.quantiles):
                 fold_rows.append({"fold": fold.index, **row})
     oof_rows = np.sort(np.concatenate([f.test for f in folds]))
+    intervals = {str(h): fit_interval_calibration(oof[h]["range_predictor"][oof_rows],
+                                                  lab[f"fut_high_{h}"].to_numpy()[oof_rows],
+                                                  lab[f"fut_low_{h}"].to_numpy()[oof_rows], data.symbol[oof_rows],
+                                                  cfg.quantiles) for h in horizons}
     wf_rows = [r for h in horizons for r in _metric_rows(data, oof_rows, oof[h], h, base_pred[h], cfg.quantiles)]
 
     # 2. meta-model on out-of-fold predictions only (meta-labelling, training.meta_label)
@@ -390,4 +397,5 @@ def train(data: Prepared, settings: Settings, engine: Engine) -> TrainOutput:
         md["rounds"] = rounds_by_model.get(m, {})
         md["barrier_models"] = data.barrier_models  # the labels' barriers: serving recomputes them
         md["costs"] = costs
-    return TrainOutput(boosters, {"meta_model": calibrations}, metadata, folds, oof_rows, timings)
+    return TrainOutput(boosters, {"meta_model": calibrations, "range_predictor": {INTERVAL_DOCUMENT: intervals}},
+                       metadata, folds, oof_rows, timings)
