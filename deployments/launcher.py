@@ -206,9 +206,9 @@ def deploy_config(config) -> None:
     client.deploy_apps(config, _blocking=False)
 
 
-def stop_serve(timeout_s: float = SERVE_SHUTDOWN_S) -> None:
+def stop_serve(timeout_s: float = SERVE_SHUTDOWN_S) -> bool:
     """``serve.shutdown()`` (replicas drain and flush their logs) for at most ``timeout_s``: the head's
-    session is stopped after it either way."""
+    session is stopped after it either way. False when it did not finish in time."""
     from ray import serve
 
     t = threading.Thread(target=serve.shutdown, daemon=True)
@@ -216,6 +216,7 @@ def stop_serve(timeout_s: float = SERVE_SHUTDOWN_S) -> None:
     t.join(timeout_s)
     if t.is_alive():
         _say(f"serve shutdown took over {timeout_s:g} s: stopping the Ray head regardless")
+    return not t.is_alive()
 
 
 def wait_until_serving(base_url: str, key: str, symbols: list[str], timeout: float = 300) -> dict:
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     key = settings.api_keys[0].get_secret_value()
     config = render_config(args.config, settings, env)  # a broken config fails before anything starts
 
-    head = None
+    head, requested, driver_clean = None, False, True
     try:
         if not args.no_train:
             ensure_models(settings)
@@ -340,24 +341,36 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1.0)
     except _Stop:
         _say("stopping")
+        requested = True
     finally:
-        if head is not None:
-            _shutdown(head)
+        driver_clean = _shutdown(head) if head is not None else True
         if ours:
             shutil.rmtree(ours, ignore_errors=True)  # HAProxy's files of this run (fast_ingress_env)
+    if not driver_clean and requested:
+        # The stop asked for is done (the head's session is gone), but this driver is still attached
+        # to the dead cluster with serve.shutdown() running in a thread: Python's own exit would run
+        # Ray's exit hooks against it, which ended the process with status 1 on a loaded machine.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
-def _shutdown(head: RayHead) -> None:
+def _shutdown(head: RayHead) -> bool:
+    """Serve, then the driver, then the head's session. False when Serve's shutdown overran and the
+    driver was left attached (``ray.shutdown()`` would race the thread still shutting Serve down)."""
     import ray
 
     t0 = time.monotonic()
+    clean = True
     if ray.is_initialized():
-        stop_serve()
-        ray.shutdown()
+        clean = stop_serve()
+        if clean:
+            ray.shutdown()
     killed = head.stop()
     _say(f"stopped the Ray head it started in {time.monotonic() - t0:.1f} s"
          f"{f' ({killed} processes needed SIGKILL)' if killed else ''}; bye")
+    return clean
 
 
 if __name__ == "__main__":

@@ -265,7 +265,10 @@ def test_schedule_survives_a_crash_of_its_actor(ray_cluster, tmp_path):
         return later if len(later) >= 2 else []
 
     later = _wait_for(rounds_of_the_new_actor, 60, "two rounds of the restarted actor")
-    assert float(later[1].split()[1]) - float(later[0].split()[1]) >= 0.9  # on the schedule, not in a burst
+    # On the schedule, not in a burst (a burst fires the due rounds back to back, ~0 s apart). The times
+    # are written by each round's own process once Python has started, which jitters by a few tenths
+    # of a second on a loaded machine (0.84 s was seen for a 1 s period).
+    assert float(later[1].split()[1]) - float(later[0].split()[1]) >= 0.5
     assert all(int(ln.split()[0]) in (first_pid, status["pid"]) for ln in _lines(runs))
     ray.kill(actor, no_restart=True)
 
