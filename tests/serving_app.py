@@ -119,12 +119,13 @@ class ServingApp:
         return self.feed().step.remote(symbol, n).result(timeout_s=120)
 
     def wait_for_candle(self, key: str, symbol: str, open_time: int, timeout: float = 30.0) -> None:
-        """Until the ingress serves ``open_time`` for ``symbol`` (it learns of candles by long-poll)."""
+        """Until the ingress serves ``open_time`` (or a newer candle: a running replay moves on) for
+        ``symbol`` (it learns of candles by long-poll)."""
         deadline = time.monotonic() + timeout
         with self.client(key) as c:
             while time.monotonic() < deadline:
                 r = c.get("/indicators", params={"symbol": symbol})
-                if r.status_code == 200 and r.json()["candle_open_time"] == open_time:
+                if r.status_code == 200 and r.json()["candle_open_time"] >= open_time:
                     return
                 time.sleep(0.05)
         raise TimeoutError(f"the ingress did not switch {symbol} to candle {open_time}")
