@@ -43,7 +43,7 @@ from training.backtest.signals import signal_table  # noqa: E402
 from training.backtest.simulate import Costs, simulate  # noqa: E402
 from training.backtest.strategy import select_signals  # noqa: E402
 from training.data import load_histories, parse_candle_args  # noqa: E402
-from training.ensemble import Ensemble  # noqa: E402
+from inference.ensemble import Ensemble  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 SAMPLE = ROOT / "data" / "sample"

@@ -2,7 +2,7 @@
 
 It runs the very code the Serve ingress runs (``deployments.api.create_app`` around
 ``deployments.service.PredictionService``: auth, the Redis rate limit, the caches, rendering),
-but forecasts with an in-process ``training.ensemble.Ensemble`` instead of the model graph, and
+but forecasts with an in-process ``inference.ensemble.Ensemble`` instead of the model graph, and
 its market state is the shipped sample's newest candle (built with the same FeatureBuilder code).
 At start it writes every symbol x horizon forecast to Redis, as the candle-close step does, so
 "cached" means the same thing in both apps. What remains different is exactly what Serve adds.
@@ -38,7 +38,7 @@ from deployments.render import describe_models  # noqa: E402
 from deployments.service import PredictionService  # noqa: E402
 from deployments.state import FeatureRow  # noqa: E402
 from features.candles import FIVE_MINUTES_MS, load_candles  # noqa: E402
-from training.ensemble import Ensemble  # noqa: E402
+from inference.ensemble import Ensemble  # noqa: E402
 
 
 class LocalBackend:

@@ -39,7 +39,7 @@ class FixedBackend:
     """Answers the one miss each app has (the first request); every other request is a cache hit."""
 
     async def forecast(self, rows, horizon):
-        from training.ensemble import Forecast
+        from inference.forecast import Forecast
 
         r = rows[0]
         return [Forecast(r.symbol, horizon, r.open_time, r.close, 0.004, -0.003, 0.001, 0.008, -0.007, -0.001,

@@ -201,7 +201,7 @@ def main() -> None:
 # ---- 3. a cached request with and without the log hook -----------------------------------------------
 def _models(settings, tmp: Path) -> Path:
     """The configured model set if it loads, else a tiny one trained on the shipped sample."""
-    from training.ensemble import Ensemble
+    from inference.ensemble import Ensemble
 
     try:
         Ensemble.load(settings.models_dir, settings)
@@ -231,7 +231,7 @@ def cached_request(settings, url: str, tmp: Path, n: int, rounds: int) -> None:
     from deployments.metrics import EngineMetrics
     from deployments.service import PredictionService
     from features.candles import FIVE_MINUTES_MS, load_candles
-    from training.ensemble import Ensemble
+    from inference.ensemble import Ensemble
 
     tmp.mkdir(parents=True, exist_ok=True)
     key = secrets.token_urlsafe(24)

@@ -115,7 +115,7 @@ def inprocess_pass(n: int, closes: int, models: str, redis, history: int = 1100)
     from deployments.render import signal_body
     from features.builder import FeatureBuilder
     from features.indicators import feature_set_hash
-    from training.ensemble import Ensemble
+    from inference.ensemble import Ensemble
 
     real = ["BTCUSDT", "ETHUSDT"][:min(2, n)]
     settings = load_settings(models_dir=models, market={"symbols": real, "synthetic_symbols": n - len(real)})

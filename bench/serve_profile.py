@@ -27,7 +27,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 import numpy as np  # noqa: E402
 
-BASE = ("range_predictor", "tpsl_classifier", "signal_classifier")
+from inference.layout import BASE_MODELS  # noqa: E402
 
 
 async def profile(models: str, port: int, key: str, calls: int) -> list[tuple[str, float]]:
@@ -36,7 +36,7 @@ async def profile(models: str, port: int, key: str, calls: int) -> list[tuple[st
 
     from configs.settings import load_settings
     from deployments.models import POOL_NAMES
-    from training.ensemble import Ensemble
+    from inference.ensemble import Ensemble
 
     fb = serve.get_deployment_handle("FeatureBuilder", app_name="ml-engine")
     router = serve.get_deployment_handle("EnsembleRouter", app_name="ml-engine")
@@ -62,8 +62,8 @@ async def profile(models: str, port: int, key: str, calls: int) -> list[tuple[st
         ens.forecast(feats, symbols, closes, times, 6)
 
     async def base_outputs():
-        out = await asyncio.gather(*(pools[m].predict.remote(X, 6, ens.versions) for m in BASE))
-        return dict(zip(BASE, out))
+        out = await asyncio.gather(*(pools[m].predict.remote(X, 6, ens.versions) for m in BASE_MODELS))
+        return dict(zip(BASE_MODELS, out))
 
     async def fan():
         outs = await base_outputs()

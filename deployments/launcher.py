@@ -41,7 +41,7 @@ from deployments.ray_head import RayHead, free_port, port_open  # noqa: F401  (R
 SERVE_CONFIG = PROJECT_DIR / "serve_config.yaml"
 # The committed model set trained on the full history (make shipped-models rebuilds it; docs/models.md).
 SHIPPED_MODELS = PROJECT_DIR / "data" / "models"
-CURRENT_SET_FILE = "current_set.json"  # training.registry.CURRENT_SET_FILE (not imported here: it loads xgboost)
+CURRENT_SET_FILE = "current_set.json"  # inference.registry.CURRENT_SET_FILE (not imported here: it loads xgboost)
 # Serve's fast ingress (issue 12): HAProxy in front, replicas answering it directly. Both are read
 # when Ray's processes start; an operator's own value (0) wins.
 FAST_INGRESS = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
@@ -57,7 +57,7 @@ def shipped_set_problem(settings: Settings, shipped: Path = SHIPPED_MODELS) -> s
     code, or None when it can: it must exist, pass every checksum and the feature-set hash, and load as
     one consistent ensemble under these settings (horizons, labels, feature list)."""
     from features.errors import ModelLoadError, ModelNotFoundError
-    from training.ensemble import Ensemble
+    from inference.ensemble import Ensemble
 
     if not (shipped / CURRENT_SET_FILE).is_file():
         return f"no shipped model set in {shipped}"
@@ -73,7 +73,7 @@ def install_shipped_models(settings: Settings, shipped: Path = SHIPPED_MODELS) -
     every checksum and the feature-set hash again on the copy). Returns None when installed, else why
     not (nothing is promoted then). Each version is copied into a hidden folder and renamed into place,
     so an interrupted copy never looks like a model version."""
-    from training.registry import ModelRegistry
+    from inference.registry import ModelRegistry
 
     problem = shipped_set_problem(settings, shipped)
     if problem is not None:
@@ -101,7 +101,7 @@ def ensure_models(settings: Settings, shipped: Path = SHIPPED_MODELS) -> None:
     full history), else -- when that is missing or does not match the code -- a default set trained
     on the shipped 30-day sample (a weak one: say so)."""
     from features.errors import ModelLoadError, ModelNotFoundError
-    from training.registry import MODEL_NAMES, ModelRegistry
+    from inference.registry import MODEL_NAMES, ModelRegistry
 
     registry = ModelRegistry(settings.models_dir)
     try:

@@ -25,8 +25,8 @@ from configs.settings import Settings, load_settings
 from deployments.tunables import POOL_TUNABLES, apply_tunables, replica_identity
 from features.errors import ModelLoadError, ModelNotFoundError
 from features.indicators import feature_set_hash
-from training.ensemble import Ensemble
-from training.registry import MODEL_NAMES, ModelRegistry
+from inference.ensemble import Ensemble
+from inference.registry import MODEL_NAMES, ModelRegistry
 
 log = logging.getLogger("ray.serve")
 
@@ -140,7 +140,7 @@ class ModelPool:
                 "batch_wait_s": self._batched._get_batch_wait_timeout_s(), **replica_identity()}
 
     async def predict(self, X: np.ndarray, horizon: int, versions: dict[str, str]) -> np.ndarray:
-        """This model's raw stage output for the rows of ``X`` (see training.ensemble)."""
+        """This model's raw stage output for the rows of ``X`` (see inference.ensemble)."""
         out = await self._batched((X, int(horizon), version_key(versions)))
         if isinstance(out, Exception):  # a failed group is returned, not raised, by the batch
             raise out

@@ -131,7 +131,7 @@ def indicators_body(symbol: str, open_time: int, close: float, names: tuple[str,
 
 def describe_models(ens: Any, loaded_at: float | None, error: str | None) -> dict[str, Any]:
     """What GET /models/status shows: per model its version, training range, walk-forward metrics."""
-    from training.registry import MODEL_NAMES
+    from inference.registry import MODEL_NAMES
 
     models: dict[str, Any] = {}
     if ens is not None:

@@ -1,6 +1,6 @@
 """The EnsembleRouter: composes the model pools into forecasts, and does the candle-close work.
 
-Forecast of n rows for one horizon (the staged inference API of ``training.ensemble``)::
+Forecast of n rows for one horizon (the staged inference API of ``inference.ensemble``)::
 
     X      = ens.model_input(features, symbols)                 # here
     base   = gather(RangePredictor, TPSLClassifier, SignalClassifier).predict(X, h, versions)
@@ -52,8 +52,10 @@ from deployments.state import FeatureRow
 from deployments.tunables import ROUTER_TUNABLES, apply_tunables, replica_identity
 from features.errors import MLEngineError, ModelLoadError, ModelNotFoundError
 from features.indicators import feature_set_hash
-from training.ensemble import BASE_MODELS, Ensemble, Forecast
-from training.registry import MODEL_NAMES, check_name
+from inference.ensemble import Ensemble
+from inference.forecast import Forecast
+from inference.layout import BASE_MODELS, MODEL_NAMES
+from inference.registry import check_name
 
 log = logging.getLogger("ray.serve")
 

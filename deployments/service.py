@@ -67,8 +67,8 @@ class Backend(Protocol):
 
 
 def forecast_from_dict(d: dict[str, Any]):
-    """A ``training.ensemble.Forecast`` from its ``to_dict()`` (None -> NaN), for the log hook."""
-    from training.ensemble import Forecast
+    """A ``inference.ensemble.Forecast`` from its ``to_dict()`` (None -> NaN), for the log hook."""
+    from inference.forecast import Forecast
 
     nan = float("nan")
     fields = dict(d)

@@ -33,7 +33,7 @@ shutdown() {
 ensure_models() {
   # A head without models would deploy a graph that can only answer 503: fail early and say why,
   # unless asked to train the shipped 30-day sample (like `make serve` does on a fresh checkout).
-  if python -m training.registry list >/dev/null 2>&1 \
+  if python -m inference.registry list >/dev/null 2>&1 \
       && [[ -n "$(find "${MLE_MODELS_DIR:-/app/models}" -name current -print -quit 2>/dev/null)" ]]; then
     return 0
   fi

@@ -110,7 +110,7 @@ def main() -> int:
     from tests.conftest import free_port
     from tests.postgres_util import PrivatePostgres
     from tests.serving_app import PrivateRedis, train_small_models
-    from training.ensemble import Ensemble
+    from inference.ensemble import Ensemble
 
     settings = load_settings()
     symbols = list(settings.market.symbols)

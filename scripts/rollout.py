@@ -49,7 +49,7 @@ import yaml
 
 from deployments.auth import write_api_keys_file
 from scripts.loadgen import LoadResult, run_load
-from training.registry import MODEL_NAMES, ModelRegistry
+from inference.registry import MODEL_NAMES, ModelRegistry
 
 PHASES = ("steady", "model_version", "tunables", "replicas_up", "replicas_down", "settle")
 # What the tunables phase sets through user_config (deployments/tunables.py): no replica may restart.

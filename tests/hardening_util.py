@@ -40,7 +40,7 @@ def redis_server(tmp_path_factory):
 
 def forecast_for(row, horizon: int, versions: dict[str, str] = VERSIONS, shift: float = 0.0):
     """A plausible Forecast of ``row`` (``shift`` moves the predicted range, to tell answers apart)."""
-    from training.ensemble import Forecast
+    from inference.forecast import Forecast
 
     close = float(row.close)
     return Forecast(row.symbol, horizon, int(row.open_time), close, 0.004 + shift, -0.003 + shift, 0.001, 0.008,

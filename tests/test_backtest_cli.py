@@ -77,7 +77,7 @@ def test_batch_signals_equal_per_row_forecasts(registry):
     from features.build import build_features
     from features.candles import load_candles
     from training.backtest.signals import forecasts_to_frame
-    from training.ensemble import Ensemble
+    from inference.ensemble import Ensemble
 
     ens = Ensemble.load(registry, get_settings())
     c = load_candles(FILES[0]).iloc[-1200:].reset_index(drop=True)

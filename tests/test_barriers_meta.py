@@ -13,7 +13,7 @@ from features.candles import FIVE_MINUTES_MS
 from features.indicators import feature_names
 from features.volatility import har_target
 from training.meta_label import choose_policy, policy_takes, proposal_targets, uniqueness_weights
-from training.transforms import expected_net_r, proposed_side
+from inference.transforms import expected_net_r, proposed_side
 
 NAMES = feature_names()
 

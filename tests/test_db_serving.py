@@ -103,7 +103,7 @@ def _wait_resolved(url: str, want: int, timeout: float = 120.0) -> list[dict]:
 
 def test_engine_logs_every_forecast_once_and_resolves_it_against_the_market(outcomes_app):
     from features import build_features
-    from training.ensemble import Ensemble
+    from inference.ensemble import Ensemble
 
     settings = load_settings()
     assert settings.serving_log == "deployments.db.serving_log:make_serving_log"  # the engine's default

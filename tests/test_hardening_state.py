@@ -31,7 +31,7 @@ from tests.hardening_util import (VERSIONS, StubBackend, acall, call, error_of, 
                                   redis_server)  # noqa: F401 (a fixture)
 from tests.postgres_util import wait_for
 from tests.test_serving import _new_model_set
-from training.registry import CURRENT_FILE, MODEL_NAMES, ModelRegistry
+from inference.registry import CURRENT_FILE, MODEL_NAMES, ModelRegistry
 
 
 # ---- point 5: poisoned or stale cache entries -------------------------------------------------
@@ -101,7 +101,7 @@ def test_the_cache_entry_schema_is_the_forecast_plus_its_provenance():
     import dataclasses
 
     from deployments.cache import CacheEntry
-    from training.ensemble import Forecast
+    from inference.forecast import Forecast
 
     assert set(CacheEntry.model_fields) == {f.name for f in dataclasses.fields(Forecast)} | {"feature_set_hash",
                                                                                              "sig"}

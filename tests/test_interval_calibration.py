@@ -1,4 +1,4 @@
-"""Interval calibration per decile of the predicted median (training.transforms): pure functions."""
+"""Interval calibration per decile of the predicted median (inference.transforms): pure functions."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from training.transforms import POOLED, apply_interval_calibration, fit_interval_calibration
+from inference.transforms import POOLED, apply_interval_calibration, fit_interval_calibration
 
 
 def _rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -20,9 +20,9 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-LOCAL = {"features", "training", "deployments", "configs", "ml_engine_client", "scripts", "bench", "tests"}
+LOCAL = {"features", "inference", "training", "deployments", "configs", "ml_engine_client", "scripts", "bench", "tests"}
 # Which declared sets a folder's imports may come from. Serving code gets the base install only.
-ALLOWED = {"features": ("base",), "configs": ("base",), "deployments": ("base",), "ml_engine_client": ("base",),
+ALLOWED = {"features": ("base",), "configs": ("base",), "inference": ("base",), "deployments": ("base",), "ml_engine_client": ("base",),
            "training": ("base", "train", "report"), "scripts": ("base", "train", "dev"),
            "bench": ("base", "train", "dev"), "tests": ("base", "train", "report", "dev")}
 

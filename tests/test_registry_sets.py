@@ -1,4 +1,4 @@
-"""``python -m training.registry promote-set <version>``: the four models move in one atomic step.
+"""``python -m inference.registry promote-set <version>``: the four models move in one atomic step.
 
 Unit tests on a registry of small fake versions (bytes stand in for boosters: promotion verifies
 checksums and the feature-set hash, it does not build boosters).
@@ -12,8 +12,8 @@ import os
 import pytest
 
 from features.errors import ModelNotFoundError
-from training import registry_cli
-from training.registry import CURRENT_FILE, CURRENT_SET_FILE, MODEL_NAMES, ModelRegistry
+from inference import registry_cli
+from inference.registry import CURRENT_FILE, CURRENT_SET_FILE, MODEL_NAMES, ModelRegistry
 
 
 def _registry(tmp_path, versions=("v1", "v2"), promote_first=True) -> ModelRegistry:

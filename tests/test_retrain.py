@@ -18,7 +18,7 @@ import pytest
 
 from features.candles import FIVE_MINUTES_MS, load_candles
 from training import retrain
-from training.registry import MODEL_NAMES, ModelRegistry
+from inference.registry import MODEL_NAMES, ModelRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {s: ROOT / "data" / "sample" / f"{s}_5m.parquet" for s in ("BTCUSDT", "ETHUSDT")}

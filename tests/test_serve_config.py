@@ -87,7 +87,7 @@ def _effective(dep: dict, code: dict, key: str):
 
 
 def test_model_versions_are_a_user_config_of_the_router(app):
-    from training.registry import MODEL_NAMES
+    from inference.registry import MODEL_NAMES
 
     router = next(d for d in app["deployments"] if d["name"] == "EnsembleRouter")
     versions = router["user_config"]["model_versions"]

@@ -190,7 +190,7 @@ def test_predictions_signals_and_indicators_answer_with_every_field(serving_app)
 
 
 def test_models_status_reports_versions_training_range_and_metrics(serving_app):
-    from training.registry import MODEL_NAMES, ModelRegistry
+    from inference.registry import MODEL_NAMES, ModelRegistry
 
     registry = ModelRegistry(serving_app.models_dir)
     with serving_app.client(serving_app.new_key()) as c:
@@ -344,7 +344,7 @@ def test_served_features_and_predictions_equal_the_batch_path(serving_app):
     """The candle the engine serves, recomputed offline: build_features + Ensemble.forecast."""
     from configs.settings import load_settings
     from features import build_features, load_candles
-    from training.ensemble import Ensemble
+    from inference.ensemble import Ensemble
 
     key = serving_app.new_key()
     settings = load_settings()
@@ -392,7 +392,7 @@ def test_served_features_and_predictions_equal_the_batch_path(serving_app):
 
 def _new_model_set(models_dir: Path) -> dict[str, str]:
     """Re-save the current models as a new version of each (same boosters) without promoting."""
-    from training.registry import MODEL_NAMES, ModelRegistry, new_version
+    from inference.registry import MODEL_NAMES, ModelRegistry, new_version
 
     registry = ModelRegistry(models_dir)
     version = new_version()
@@ -406,7 +406,7 @@ def _new_model_set(models_dir: Path) -> dict[str, str]:
 
 
 def test_new_model_version_is_picked_up_without_restart_or_failed_requests(serving_app):
-    from training.registry import MODEL_NAMES, ModelRegistry
+    from inference.registry import MODEL_NAMES, ModelRegistry
 
     key = serving_app.new_key()
     registry = ModelRegistry(serving_app.models_dir)

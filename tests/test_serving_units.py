@@ -232,7 +232,7 @@ def test_no_model_and_a_failing_graph_are_503_never_500():
 
 def test_undefined_features_give_503_for_predictions_and_hold_with_a_reason_for_signals():
     from configs.settings import load_settings as ls
-    from training.ensemble import Forecast
+    from inference.forecast import Forecast
 
     nan = float("nan")
 

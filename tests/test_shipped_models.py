@@ -26,8 +26,9 @@ import pytest
 from configs.settings import get_settings
 from deployments.launcher import SHIPPED_MODELS, ensure_models, install_shipped_models, shipped_set_problem
 from features.indicators import feature_set_hash
-from training.ensemble import FORCED_HOLD_REASONS, HOLD_REASONS, MODEL_HOLD_REASONS, Ensemble
-from training.registry import CURRENT_SET_FILE, MODEL_NAMES, ModelRegistry
+from inference.ensemble import Ensemble
+from inference.forecast import FORCED_HOLD_REASONS, HOLD_REASONS, MODEL_HOLD_REASONS
+from inference.registry import CURRENT_SET_FILE, MODEL_NAMES, ModelRegistry
 
 SETTINGS = get_settings()
 

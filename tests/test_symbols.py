@@ -125,7 +125,8 @@ def test_a_symbol_the_models_do_not_know_is_forecast_with_the_default_symbol_id(
     forecast with its synthetic source's id, or the model's first symbol's (configs.symbols)."""
     from configs.settings import get_settings
     from deployments.launcher import SHIPPED_MODELS
-    from training.ensemble import FORCED_HOLD_REASONS, Ensemble
+    from inference.ensemble import Ensemble
+    from inference.forecast import FORCED_HOLD_REASONS
 
     ens = Ensemble.load(SHIPPED_MODELS, get_settings())
     eth = load_candles(SAMPLE_DATA / "ETHUSDT_5m.parquet").iloc[-(WARMUP + 20):]

@@ -62,8 +62,8 @@ def _prepared(candle_slices, settings=None):
 def test_registry_round_trip(trained, candle_slices):
     from configs.settings import get_settings
     from features.indicators import feature_set_hash
-    from training.ensemble import Ensemble
-    from training.registry import MODEL_NAMES, ModelRegistry, sha256_bytes
+    from inference.ensemble import Ensemble
+    from inference.registry import MODEL_NAMES, ModelRegistry, sha256_bytes
 
     reg = ModelRegistry(trained)
     assert reg.models() == sorted(MODEL_NAMES)
@@ -106,7 +106,7 @@ def test_registry_round_trip(trained, candle_slices):
 
 def test_tampered_file_refused(registry_copy):
     from features.errors import ModelLoadError
-    from training.registry import ModelRegistry
+    from inference.registry import ModelRegistry
 
     reg = ModelRegistry(registry_copy)
     version = reg.current("range_predictor")
@@ -133,8 +133,8 @@ def test_tampered_file_refused(registry_copy):
 def test_feature_hash_mismatch_refused(trained):
     from configs.settings import FeatureParams, load_settings
     from features.errors import ModelLoadError
-    from training.ensemble import Ensemble
-    from training.registry import ModelRegistry
+    from inference.ensemble import Ensemble
+    from inference.registry import ModelRegistry
 
     with pytest.raises(ModelLoadError, match="feature set"):
         ModelRegistry(trained, feature_hash="0123456789abcdef").load("meta_model")
@@ -145,7 +145,7 @@ def test_feature_hash_mismatch_refused(trained):
 
 def test_promote_and_rollback(registry_copy, capsys):
     from features.errors import ModelNotFoundError
-    from training.registry import ModelRegistry, main
+    from inference.registry import ModelRegistry, main
 
     reg = ModelRegistry(registry_copy)
     old = reg.current("signal_classifier")
@@ -177,8 +177,8 @@ def test_ensemble_refuses_mixed_versions(registry_copy):
     """The meta-model was stacked on specific base versions; a mixed set is refused."""
     from configs.settings import get_settings
     from features.errors import ModelLoadError
-    from training.ensemble import Ensemble
-    from training.registry import ModelRegistry
+    from inference.ensemble import Ensemble
+    from inference.registry import ModelRegistry
 
     reg = ModelRegistry(registry_copy)
     loaded = reg.load("range_predictor")
@@ -191,8 +191,8 @@ def test_ensemble_refuses_mixed_versions(registry_copy):
 def test_missing_model_errors(tmp_path, registry_copy):
     from configs.settings import get_settings
     from features.errors import ModelNotFoundError
-    from training.ensemble import Ensemble
-    from training.registry import ModelRegistry
+    from inference.ensemble import Ensemble
+    from inference.registry import ModelRegistry
 
     reg = ModelRegistry(tmp_path / "empty")
     assert reg.models() == []
@@ -260,7 +260,7 @@ def test_meta_model_trained_only_on_out_of_fold_predictions(candle_slices):
     predictions (never the final in-sample models'), and calibration rows are unseen by it."""
     from configs.settings import get_settings
     from training.pipeline import PlainEngine, train
-    from training.transforms import meta_columns
+    from inference.transforms import meta_columns
     from training.train import with_overrides
 
     class Recording(PlainEngine):
@@ -291,7 +291,7 @@ def test_meta_model_trained_only_on_out_of_fold_predictions(candle_slices):
         assert M.shape == (len(oof), len(meta_columns()))  # one meta row per OOF row, nothing else
     # The range inputs of the meta-model are exactly the fold models' test predictions.
     h = settings.market.horizons[0]
-    from training.transforms import range_output, range_scale
+    from inference.transforms import range_output, range_scale
 
     raw = {}
     for job, out in zip(wf_jobs, wf_out):
@@ -313,7 +313,7 @@ def test_meta_model_trained_only_on_out_of_fold_predictions(candle_slices):
         assert (mt[seen] + embargo * FIVE_MIN < mt[calib].min()).all()
     # Meta-labelling: the target is "the proposed side's net R > 0", fit with uniqueness weights.
     from training.meta_label import proposal_targets
-    from training.transforms import proposed_side
+    from inference.transforms import proposed_side
 
     sig_oof = np.full((len(data), 3), np.nan)
     for job, out in zip(wf_jobs, wf_out):
@@ -334,7 +334,7 @@ def test_meta_model_trained_only_on_out_of_fold_predictions(candle_slices):
         assert isinstance(pol["trade"], bool) and "first half" in pol["chosen_on"]
         assert pol["win_gross_r"] > 0 > pol["loss_gross_r"]
     # The interval calibration is fit on the same out-of-fold predictions, nothing in-sample.
-    from training.transforms import INTERVAL_DOCUMENT, fit_interval_calibration
+    from inference.transforms import INTERVAL_DOCUMENT, fit_interval_calibration
 
     labels = data.labels
     refit = fit_interval_calibration(range_output(raw["high"], raw["low"], atr, h)[oof],
@@ -346,7 +346,7 @@ def test_meta_model_trained_only_on_out_of_fold_predictions(candle_slices):
 # ---- ensemble behaviour ---------------------------------------------------------------------------------
 def test_ensemble_holds_with_reason_on_bad_rows(trained, candle_slices):
     from configs.settings import get_settings
-    from training.ensemble import Ensemble
+    from inference.ensemble import Ensemble
 
     ens = Ensemble.load(trained, get_settings())
     data = _prepared(candle_slices)
@@ -381,7 +381,7 @@ def _trading(ens, min_expected_r=None):
     ``min_expected_r[h]`` (default: -10, every proposal trades)."""
     import dataclasses
 
-    from training.ensemble import Ensemble
+    from inference.ensemble import Ensemble
 
     meta = ens.models["meta_model"]
     docs = dict(meta.documents)
@@ -397,7 +397,7 @@ def test_forecast_columns_equal_the_forecast_objects(trained, candle_slices):
     definition, so the two must agree on every field, defined rows and every kind of HOLD alike."""
     from configs.settings import get_settings
     from training.backtest.signals import forecast_frame, forecasts_to_frame
-    from training.ensemble import Ensemble
+    from inference.ensemble import Ensemble
 
     data = _prepared(candle_slices)
     n = min(3000, len(data.close))
@@ -500,7 +500,7 @@ def test_har_baseline_is_saved_with_the_range_predictor_as_json(trained, candle_
     from configs.settings import get_settings
     from features.candles import load_candles
     from training.har_baseline import HAR_DOCUMENT, fit_har_baseline
-    from training.registry import ModelRegistry
+    from inference.registry import ModelRegistry
     from features.indicators import feature_set_hash
 
     settings = get_settings()
@@ -523,9 +523,9 @@ def test_served_interval_is_the_calibrated_one(trained, candle_slices):
     10/90% bounds moved by it, the medians and the meta-model's input stay the raw stage output; a
     set without the document serves the raw bounds."""
     from configs.settings import get_settings
-    from training.ensemble import Ensemble
+    from inference.ensemble import Ensemble
     from training.evaluate import predictions
-    from training.transforms import INTERVAL_DOCUMENT, apply_interval_calibration
+    from inference.transforms import INTERVAL_DOCUMENT, apply_interval_calibration
 
     ens = Ensemble.load(trained, get_settings())
     doc = ens.models["range_predictor"].documents[INTERVAL_DOCUMENT]
@@ -558,7 +558,7 @@ def test_mean_forecast_beside_the_quantiles(trained, candle_slices):
     """The range predictor has squared-error mean boosters; their forecasts reach Forecast and the
     evaluate JSON; a model set without them (trained before they existed) still serves, mean = NaN."""
     from configs.settings import get_settings
-    from training.ensemble import Ensemble
+    from inference.ensemble import Ensemble
 
     ens = Ensemble.load(trained, get_settings())
     data = _prepared(candle_slices)
@@ -587,9 +587,9 @@ def test_mean_forecast_beside_the_quantiles(trained, candle_slices):
 def test_per_symbol_models_route_rows_by_symbol(candle_slices, tmp_path):
     """models.per_symbol trains one booster per symbol; the ensemble sends each row to its symbol's."""
     from configs.settings import get_settings
-    from training.ensemble import Ensemble
+    from inference.ensemble import Ensemble
     from training.pipeline import PlainEngine, train
-    from training.registry import ModelRegistry
+    from inference.registry import ModelRegistry
     from training.train import save_models, with_overrides
 
     base = get_settings()

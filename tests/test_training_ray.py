@@ -48,10 +48,10 @@ def _rel_close(a: float | None, b: float | None, tol: float = 0.01) -> bool:
 def test_ray_job_submit_matches_plain_path(ray_cluster, slice_files, tmp_path, monkeypatch):
     from configs.settings import load_settings
     from training.data import load_histories, prepare, to_ms
-    from training.ensemble import Ensemble
+    from inference.ensemble import Ensemble
     from training.evaluate import evaluate
     from training.pipeline import PlainEngine, train
-    from training.registry import ModelRegistry
+    from inference.registry import ModelRegistry
     from training.train import save_models
 
     for k, v in ENV.items():

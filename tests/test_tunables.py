@@ -105,7 +105,7 @@ def test_the_ingress_limits_by_the_new_rate_at_once():
 def test_router_and_ingress_reconfigure_apply_their_tunables():
     from deployments.ingress import ApiIngress
     from deployments.router import EnsembleRouter
-    from training.registry import MODEL_NAMES
+    from inference.registry import MODEL_NAMES
 
     router = object.__new__(EnsembleRouter.func_or_class)
     router.overrides = {"model_poll_s": 2.0}

@@ -31,7 +31,7 @@ from features.errors import ConfigError
 from features.indicators import feature_names
 from features.labels import build_labels
 from features.volatility import har_target
-from training.transforms import model_columns
+from inference.transforms import model_columns
 
 _SYMBOL = re.compile(r"^[A-Z0-9]+$")
 

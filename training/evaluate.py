@@ -25,13 +25,13 @@ from configs.settings import Settings, get_settings
 from features.errors import MLEngineError
 from training.backtest.calibration import class_calibration_rows
 from training.data import Prepared, load_histories, parse_candle_args, prepare, to_ms
-from training.ensemble import Ensemble
+from inference.ensemble import Ensemble
 from training.extras import require
 from training.har_baseline import HAR_DOCUMENT, fit_har_baseline, har_baseline_predictions
 from training.metrics import (BASELINE_VOL_FEATURE, baseline_predictions, ece, har_metrics, range_metrics,
                               reliability_curve, signal_metrics, tpsl_metrics)
 from training.progress import log, progress, setup_logging
-from training.transforms import meta_class_probs, proposed_side
+from inference.transforms import meta_class_probs, proposed_side
 from training.uncertainty import coverage_by_group, decile_codes, r2_gain, range_intervals
 
 HAR_KEYS = tuple(f"har_{m}_{s}" for m in ("mae", "r2", "pinball", "coverage") for s in ("high", "low"))

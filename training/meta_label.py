@@ -1,6 +1,6 @@
 """Meta-labelling (López de Prado): targets, overlap weights and the trade policy. Pure numpy.
 
-A primary rule proposes a side (``training.transforms.proposed_side``: the side the signal
+A primary rule proposes a side (``inference.transforms.proposed_side``: the side the signal
 classifier ranks higher); the meta-model predicts ``P(net R > 0 | this proposal)``. This module
 defines, once, what the meta-model learns and when a calibrated probability becomes a trade:
 
@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from features.candles import FIVE_MINUTES_MS
-from training.transforms import expected_net_r
+from inference.transforms import expected_net_r
 
 # Candidate thresholds. Expected net R floor (in R) and range/cost floor (quantiles of the block).
 MIN_EXPECTED_R_GRID: tuple[float, ...] = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)

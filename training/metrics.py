@@ -85,7 +85,7 @@ def reliability_curve(confidence: np.ndarray, correct: np.ndarray, bins: int = 1
 
 
 def fit_isotonic(confidence: np.ndarray, correct: np.ndarray) -> dict[str, Any]:
-    """An isotonic calibrator as JSON knots (``training.transforms.apply_calibration`` applies it)."""
+    """An isotonic calibrator as JSON knots (``inference.transforms.apply_calibration`` applies it)."""
     if len(confidence) < 50 or len(np.unique(correct)) < 2:
         return {"method": "identity", "rows": int(len(confidence))}
     iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(confidence, correct.astype(float))
@@ -137,7 +137,7 @@ def range_metrics(y_high: np.ndarray, y_low: np.ndarray, pred: np.ndarray,
         out[f"vol_mae_{name}"] = _f(mae(yy, baselines[f"vol_{name}"][ok]))
         out[f"coverage_{name}"] = _f(coverage(yy, pred[ok, lo], pred[ok, hi]))
         out[f"pinball_{name}"] = _f(pinball(yy, pred[ok, lo:hi + 1], quantiles))
-        mean_col = 6 if name == "high" else 7  # the mean forecast (training.transforms.RANGE_MEAN_OUTPUTS)
+        mean_col = 6 if name == "high" else 7  # the mean forecast (inference.transforms.RANGE_MEAN_OUTPUTS)
         has_mean = pred.shape[1] > mean_col and np.isfinite(pred[ok, mean_col]).all() and ok.any()
         out[f"r2_mean_{name}"] = _f(r2(yy, pred[ok, mean_col])) if has_mean else None
         out[f"mae_mean_{name}"] = _f(mae(yy, pred[ok, mean_col])) if has_mean else None

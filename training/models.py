@@ -1,7 +1,7 @@
 """The model definitions: which boosters exist, their objectives and targets, and how one is fit.
 
 Model code only fits and predicts; it never loads candles, splits data or writes files (that is
-``training/data.py`` and ``training/registry.py``). A *target* is one booster: the range predictor
+``training/data.py`` and ``inference/registry.py``). A *target* is one booster: the range predictor
 has two per horizon (future high, future low; each a multi-quantile regression), the TP/SL
 classifier two (long, short), the signal classifier and the meta-model one each (3 classes).
 """
@@ -17,8 +17,8 @@ import xgboost as xgb
 
 from configs.settings import ModelConfig, Settings
 from features.labels import SIGNAL_CLASSES
-from training.ensemble import booster_name
-from training.transforms import range_scale
+from inference.layout import BASE_MODELS, META_MODEL, MODELS, booster_name
+from inference.transforms import range_scale
 
 SEED = 20240601
 
@@ -45,26 +45,19 @@ class TargetSpec:
 
 
 def base_specs(settings: Settings, symbols: Sequence[str]) -> list[TargetSpec]:
-    """Every base booster, per horizon (and per symbol when ``models.per_symbol``)."""
-    per = list(symbols) if settings.models.per_symbol else [None]
-    specs: list[TargetSpec] = []
-    for h in settings.market.horizons:
-        for s in per:
-            specs += [TargetSpec("range_predictor", "high", h, "quantile", f"fut_high_{h}", s),
-                      TargetSpec("range_predictor", "low", h, "quantile", f"fut_low_{h}", s),
-                      TargetSpec("range_predictor", "high_mean", h, "mean", f"fut_high_{h}", s),
-                      TargetSpec("range_predictor", "low_mean", h, "mean", f"fut_low_{h}", s),
-                      TargetSpec("tpsl_classifier", "tp_long", h, "binary", f"tp_long_{h}", s),
-                      TargetSpec("tpsl_classifier", "tp_short", h, "binary", f"tp_short_{h}", s),
-                      TargetSpec("signal_classifier", "signal", h, "multiclass", f"signal_{h}", s)]
-    return specs
+    """Every base booster of ``inference.layout.MODELS``, per horizon (and per symbol when ``models.per_symbol``)."""
+    return _specs(settings, symbols, BASE_MODELS)
 
 
 def meta_specs(settings: Settings, symbols: Sequence[str]) -> list[TargetSpec]:
-    per = list(symbols) if settings.models.per_symbol else [None]
     """The meta-labelling boosters: P(net R > 0 | the primary's proposal), binary (``training.meta_label``)."""
-    return [TargetSpec("meta_model", "meta", h, "binary", f"signal_{h}", s)
-            for h in settings.market.horizons for s in per]
+    return _specs(settings, symbols, (META_MODEL,))
+
+
+def _specs(settings: Settings, symbols: Sequence[str], models: Sequence[str]) -> list[TargetSpec]:
+    per = list(symbols) if settings.models.per_symbol else [None]
+    return [TargetSpec(m, b.target, h, b.kind, f"{b.label}_{h}", s)
+            for h in settings.market.horizons for s in per for m in models for b in MODELS[m]]
 
 
 def xgb_params(spec: TargetSpec, cfg: ModelConfig, nthread: int) -> dict:
@@ -86,8 +79,8 @@ def xgb_params(spec: TargetSpec, cfg: ModelConfig, nthread: int) -> dict:
 def target_values(spec: TargetSpec, labels: pd.DataFrame, atr_fraction: np.ndarray) -> np.ndarray:
     """The booster's training target for every row (NaN where the label is undefined).
 
-    Range targets are divided by the volatility unit (see ``training.transforms.range_scale``);
-    predictions are multiplied back by ``training.transforms.range_output``.
+    Range targets are divided by the volatility unit (see ``inference.transforms.range_scale``);
+    predictions are multiplied back by ``inference.transforms.range_output``.
     """
     y = labels[spec.label].to_numpy(np.float64)
     if spec.kind in ("quantile", "mean"):

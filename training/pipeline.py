@@ -13,7 +13,7 @@ Steps:
    it and calibrates its confidence (isotonic). ECE is measured on the second half of that block
    with a calibrator fit on the first half only;
 3. final refit of every base booster on all rows (rounds: median of the folds' early-stopped rounds).
-The range predictor's interval calibration (``training.transforms.fit_interval_calibration``) is fit
+The range predictor's interval calibration (``inference.transforms.fit_interval_calibration``) is fit
 on the OOF rows of step 1; the walk-forward metrics are of the raw intervals (the calibrated ones
 would be scored on the rows they were fit on).
 """
@@ -37,8 +37,9 @@ from training.metrics import (BASELINE_VOL_FEATURE, auc, baseline_predictions, e
 from training.models import FitOutcome, TargetSpec, base_specs, fit_booster, meta_specs, predict_raw, \
     target_values, xgb_params
 from training.progress import log, progress
-from training.transforms import (INTERVAL_DOCUMENT, VOL_FEATURE, apply_calibration, fit_interval_calibration,
-                                 meta_matrix, proposed_side, range_cost_ratio, range_output)
+from inference.layout import BASE_MODELS, MODEL_NAMES, MODELS
+from inference.transforms import (INTERVAL_DOCUMENT, VOL_FEATURE, apply_calibration, fit_interval_calibration,
+                                 meta_matrix, proposed_side, range_cost_ratio, stage_output)
 
 
 @dataclass(frozen=True)
@@ -168,11 +169,10 @@ def _assemble(jobs: Sequence[FitJob], outcomes: Sequence[FitOutcome], n: int) ->
 
 
 def model_outputs(raw: Mapping[tuple[str, int], np.ndarray], atr: np.ndarray, horizon: int) -> dict[str, np.ndarray]:
-    """Base models' stage outputs from raw booster outputs (same post-processing as the Ensemble)."""
-    return {"range_predictor": range_output(raw[("high", horizon)], raw[("low", horizon)], atr, horizon,
-                                            raw.get(("high_mean", horizon)), raw.get(("low_mean", horizon))),
-            "tpsl_classifier": np.hstack([raw[("tp_long", horizon)], raw[("tp_short", horizon)]]),
-            "signal_classifier": raw[("signal", horizon)]}
+    """Base models' stage outputs from raw booster outputs keyed (target, horizon): the serving
+    ensemble's own post-processing (``inference.transforms.stage_output``)."""
+    return {m: stage_output(m, {b.target: raw.get((b.target, horizon)) for b in MODELS[m]}, atr, horizon)
+            for m in BASE_MODELS}
 
 
 def _metric_rows(data: Prepared, rows: np.ndarray, outputs: Mapping[str, np.ndarray], horizon: int,
@@ -352,8 +352,7 @@ def train(data: Prepared, settings: Settings, engine: Engine) -> TrainOutput:
                                                 rv[data.symbol == symbol]) for h in horizons}
                  for symbol in data.symbols}
 
-    boosters: dict[str, dict[str, bytes]] = {m: {} for m in ("range_predictor", "tpsl_classifier",
-                                                             "signal_classifier", "meta_model")}
+    boosters: dict[str, dict[str, bytes]] = {m: {} for m in MODEL_NAMES}
     for job, res in zip(final_jobs, final):
         boosters[job.spec.model][job.spec.name] = res.booster
     for job, res in zip(mjobs, moutcomes):

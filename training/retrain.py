@@ -49,10 +49,10 @@ from features.download import candle_path, download_klines
 from features.errors import MLEngineError, ModelLoadError, ModelNotFoundError
 from features.indicators import feature_set_hash
 from training.data import load_histories, parse_candle_args, prepare, walk_forward_splits
-from training.ensemble import Ensemble
+from inference.ensemble import Ensemble
 from training.evaluate import evaluate
 from training.progress import log, setup_logging
-from training.registry import MODEL_NAMES, ModelRegistry
+from inference.registry import MODEL_NAMES, ModelRegistry
 from training.train import parser as train_parser
 from training.train import run as train_run
 from training.train import with_overrides

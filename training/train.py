@@ -29,10 +29,10 @@ from training.data import load_histories, parse_candle_args, prepare, to_ms
 from training.har_baseline import HAR_DOCUMENT, fit_har_baseline
 from training.pipeline import Engine, PlainEngine, TrainOutput, train
 from training.progress import log, setup_logging
-from training.registry import MODEL_NAMES, ModelRegistry, new_version
-from training.transforms import REGIME_FEATURES, meta_columns
+from inference.layout import BASE_MODELS, MODEL_NAMES
+from inference.registry import ModelRegistry, new_version
+from inference.transforms import REGIME_FEATURES, meta_columns
 
-BASE = ("range_predictor", "tpsl_classifier", "signal_classifier")
 
 
 def code_commit() -> str:
@@ -77,7 +77,7 @@ def save_models(out: TrainOutput, registry: ModelRegistry, settings: Settings, d
     for name in MODEL_NAMES:
         meta = {**common, **out.metadata[name]}
         if name == "meta_model":
-            meta.update(base_versions={m: version for m in BASE}, meta_columns=list(meta_columns()),
+            meta.update(base_versions={m: version for m in BASE_MODELS}, meta_columns=list(meta_columns()),
                         regime_features=list(REGIME_FEATURES))
         registry.save(name, version, out.boosters[name], meta, out.documents.get(name), promote=False)
     if promote:

@@ -88,7 +88,7 @@ def _col(rows: Sequence[asyncpg.Record], key: str, dtype: Any = np.float64) -> n
 def registry_baselines(settings: Settings) -> Callable[[str], Mapping[tuple[str, int], Baseline]]:
     """Walk-forward baselines read from the model registry's metadata of each range-predictor version."""
     def load(version: str) -> Mapping[tuple[str, int], Baseline]:
-        from training.registry import ModelRegistry  # inference-side module: no training code on import
+        from inference.registry import ModelRegistry  # inference-side module: no training code on import
 
         return walk_forward_baseline(ModelRegistry(settings.models_dir).metadata(RANGE_MODEL, version))
     return load

@@ -1,4 +1,4 @@
-"""Log rows: what one :class:`training.ensemble.Forecast` becomes in ``ml.prediction_logs`` / ``ml.signal_logs``.
+"""Log rows: what one :class:`inference.ensemble.Forecast` becomes in ``ml.prediction_logs`` / ``ml.signal_logs``.
 
 Pure (no I/O). Ids are deterministic UUIDs (uuid5 of symbol, horizon, candle and model versions):
 the same forecast logged twice — at candle close and again by a request that served it from the
@@ -24,7 +24,7 @@ RANGE_MODEL, SIGNAL_MODEL = "range_predictor", "meta_model"
 
 
 class ForecastLike(Protocol):
-    """The fields of ``training.ensemble.Forecast`` that are logged (the inference contract)."""
+    """The fields of ``inference.ensemble.Forecast`` that are logged (the inference contract)."""
 
     symbol: str
     horizon: int

@@ -5,7 +5,7 @@
         [--slippage-bps 2] --json \\
         [--report reports/bt] [--walk-forward]
 
-Signals come from ``training.ensemble.Ensemble.forecast`` (the code serving runs). Without
+Signals come from ``inference.ensemble.Ensemble.forecast`` (the code serving runs). Without
 ``--strategy`` every strategy of ``configs/strategies.yaml`` is run on the same forecasts. The
 JSON says whether the period is out of sample for the models (their training data end is read
 from their metadata); a warning goes to stderr when it is not.
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> tuple[dic
             config["walk_forward_dir"] = str(work)
             out_of_sample = True  # check_unseen has verified every row
         else:
-            from training.ensemble import Ensemble
+            from inference.ensemble import Ensemble
 
             ensemble = Ensemble.load(models_dir, settings)
             unknown = sorted(set(candles) - set(ensemble.symbols))

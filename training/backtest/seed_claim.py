@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from training.backtest.cli import backtest_costs
     from training.backtest.signals import signal_table
     from training.data import load_histories, parse_candle_args, to_ms
-    from training.ensemble import Ensemble
+    from inference.ensemble import Ensemble
 
     p = argparse.ArgumentParser(prog="python -m training.backtest.seed_claim", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", required=True)

@@ -25,7 +25,7 @@ FORECAST_BATCH = 131_072  # rows per Ensemble.forecast call: bounded memory, a p
 
 
 class Forecaster(Protocol):
-    """What the backtest needs of a model set: ``training.ensemble.Ensemble`` satisfies it."""
+    """What the backtest needs of a model set: ``inference.ensemble.Ensemble`` satisfies it."""
 
     horizons: tuple[int, ...]
     symbols: tuple[str, ...]

@@ -151,7 +151,7 @@ def plain_engine_fit(candle_specs: Sequence[str], settings: Any, work_dir: Path,
     ``--end <period cut>`` on the same candle files (``training.data.prepare`` cuts the candles before
     labels are computed) — into ``work_dir/period_<k>``, loads the result with the serving
     ``Ensemble`` and checks from its metadata that it saw nothing at or after the cut."""
-    from training.ensemble import Ensemble
+    from inference.ensemble import Ensemble
     from training.train import parser as train_parser
     from training.train import run as train_run
 

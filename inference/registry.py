@@ -50,8 +50,8 @@ from typing import Any, Mapping
 import xgboost as xgb
 
 from features.errors import ModelLoadError, ModelNotFoundError
+from inference.layout import MODEL_NAMES
 
-MODEL_NAMES: tuple[str, ...] = ("range_predictor", "tpsl_classifier", "signal_classifier", "meta_model")
 METADATA_FILE = "metadata.json"
 CURRENT_FILE = "current"
 CURRENT_SET_FILE = "current_set.json"
@@ -167,7 +167,7 @@ class ModelRegistry:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
-            raise ModelNotFoundError(f"{path} is unreadable ({exc}); promote a set: python -m training.registry "
+            raise ModelNotFoundError(f"{path} is unreadable ({exc}); promote a set: python -m inference.registry "
                                      "promote-set <version>") from None
         versions = doc.get("versions") if isinstance(doc, dict) else None
         if not isinstance(versions, dict) or set(versions) != set(MODEL_NAMES):
@@ -203,7 +203,7 @@ class ModelRegistry:
         except FileNotFoundError:
             self.versions(model)  # raises a clear error when the model does not exist at all
             raise ModelNotFoundError(f"model {model!r} in {self.root} has no current version; "
-                                     f"promote a set: python -m training.registry promote-set <version>") from None
+                                     f"promote a set: python -m inference.registry promote-set <version>") from None
         check_name(f"model {model!r}: current points to a version whose", version)
         if not version or not (self.root / model / version / METADATA_FILE).exists():
             raise ModelNotFoundError(f"model {model!r}: current points to {version!r}, which does not exist")
@@ -378,10 +378,10 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot serialise {type(obj).__name__} in model metadata")
 
 
-# ---- command line (training/registry_cli.py) ------------------------------------------------------
+# ---- command line (inference/registry_cli.py) ------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    """``python -m training.registry``: list, promote, promote-set (training/registry_cli.py)."""
-    from training.registry_cli import main as cli_main
+    """``python -m inference.registry``: list, promote, promote-set (inference/registry_cli.py)."""
+    from inference.registry_cli import main as cli_main
 
     return cli_main(argv)
 

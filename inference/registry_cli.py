@@ -1,7 +1,7 @@
-"""``python -m training.registry``: list model versions, promote a set (or one model), roll back.
+"""``python -m inference.registry``: list model versions, promote a set (or one model), roll back.
 
 ``promote-set <version>`` is how operators move the served models: all four of a version in one
-atomic step (training/registry.py explains the set pointer); rolling back is the same command with
+atomic step (inference/registry.py explains the set pointer); rolling back is the same command with
 an older version. ``promote <model> <version>`` moves one model and stays for special cases.
 """
 
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from features.errors import ModelLoadError, ModelNotFoundError
-from training.registry import MODEL_NAMES, ModelRegistry
+from inference.registry import MODEL_NAMES, ModelRegistry
 
 
 def _list(registry: ModelRegistry, as_json: bool) -> int:
@@ -54,7 +54,7 @@ def _served(registry: ModelRegistry) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.registry", description="List and promote model versions.")
+    parser = argparse.ArgumentParser(prog="python -m inference.registry", description="List and promote model versions.")
     parser.add_argument("--root", type=Path, default=None, help="registry folder (default: Settings.models_dir)")
     sub = parser.add_subparsers(dest="command", required=True)
     p_list = sub.add_parser("list", help="every model version; * marks the current one")

@@ -1,5 +1,5 @@
 """What the engine answers: the :class:`Forecast` of one symbol, candle and horizon, and the codes
-of why a forecast is HOLD. Kept apart from the inference code (``training.ensemble``, which
+of why a forecast is HOLD. Kept apart from the inference code (``inference.ensemble``, which
 re-exports them) so the serving layer and the logs can name the contract without the models.
 """
 

@@ -1,6 +1,6 @@
 """Small pure functions shared by training and inference (numpy only).
 
-Why a module of its own: the inference path (``training/ensemble.py``) must not import training
+Why a module of its own: the inference path (``inference/ensemble.py``) must not import training
 code, yet it has to undo exactly the target scaling the trainer applied and build exactly the
 meta-model input the trainer built. Keeping those definitions here, in one place, makes a silent
 train/serve mismatch impossible.
@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from inference.layout import MODELS, RANGE_OUTPUTS, SIGNAL_OUTPUTS, TPSL_OUTPUTS
 
 # The model input is the feature vector plus one column: the symbol's index in the model's symbol
 # list (one model for all symbols; the features are scale-free, the symbol lets trees specialise).
@@ -26,16 +28,6 @@ VOL_FLOOR = 1e-4  # ATR/close below 0.01% only happens on frozen markets; keeps 
 REGIME_FEATURES: tuple[str, ...] = ("atr_14", "rv_288", "vol_ratio", "adx_14", "range_pos_288", "volume_z_288",
                                     "h1_ret_24")
 
-# Column order of each base model's raw output (``Ensemble.predict_stage``).
-RANGE_OUTPUTS: tuple[str, ...] = ("high_lower", "high_median", "high_upper", "low_lower", "low_median", "low_upper")
-# The range predictor's stage output also carries the mean forecasts (squared-error boosters; NaN
-# for a model set trained without them). The meta-model sees only RANGE_OUTPUTS.
-RANGE_MEAN_OUTPUTS: tuple[str, ...] = ("high_mean", "low_mean")
-TPSL_OUTPUTS: tuple[str, ...] = ("p_tp_long", "p_tp_short")
-SIGNAL_OUTPUTS: tuple[str, ...] = ("p_sell", "p_hold", "p_buy")
-# The meta-model's stage output (meta-labelling): its raw probability that the primary's proposed
-# trade makes net R > 0 after costs, then that probability calibrated (``p_win``).
-META_OUTPUTS: tuple[str, ...] = ("p_win_raw", "p_win")
 # Inputs the meta-model sees beside the base outputs: the proposed side (+1 BUY / -1 SELL), the
 # round-trip cost in units of the stop (``cost_r``) and the predicted range (median high - median
 # low) in round-trip costs.
@@ -150,6 +142,30 @@ def range_output(raw_high: np.ndarray, raw_low: np.ndarray, atr_fraction: np.nda
     means = [np.full((len(scale), 1), np.nan) if m is None else np.asarray(m, dtype=np.float64).reshape(-1, 1) * scale
              for m in (raw_high_mean, raw_low_mean)]
     return np.hstack([high, low, *means])
+
+
+def stage_output(model: str, raw: Mapping[str, np.ndarray | None], atr_fraction: np.ndarray, horizon: int,
+                 calibration: Mapping[str, object] | None = None) -> np.ndarray:
+    """One model's stage output (``inference.layout.OUTPUT_COLUMNS``) from its boosters' raw outputs.
+
+    ``raw`` maps each booster target of ``inference.layout.MODELS[model]`` to its (n, width) raw
+    prediction (None for a missing optional booster). The meta-model's output is its raw P(win) and
+    that probability through ``calibration``. Training's out-of-fold predictions and the serving
+    ensemble both call this, so the post-processing cannot differ between them.
+    """
+    missing = [b.target for b in MODELS[model] if not b.optional and raw.get(b.target) is None]
+    if missing:
+        raise ValueError(f"{model}: raw outputs missing for {missing}")
+    if model == "range_predictor":
+        return range_output(raw["high"], raw["low"], atr_fraction, horizon, raw.get("high_mean"), raw.get("low_mean"))
+    if model == "meta_model":
+        if calibration is None:
+            raise ValueError("the meta-model's stage output needs its calibration")
+        p_raw = np.asarray(raw["meta"], dtype=np.float64).reshape(-1, 1)
+        p_win = np.clip(apply_calibration(calibration, p_raw[:, 0]), 0.0, 1.0)
+        return np.hstack([p_raw, p_win[:, None]])
+    return np.hstack([np.asarray(raw[b.target], dtype=np.float64).reshape(len(atr_fraction), b.width)
+                      for b in MODELS[model]])
 
 
 # ---- interval calibration per volatility decile (split conformal on out-of-fold rows) -------------------

@@ -10,13 +10,13 @@ no pandas. It is split into stages so serving can run each model in its own repl
     meta   = ens.predict_stage("meta_model", meta_X, h)             # probs + calibrated confidence
     out    = ens.compose(features, symbols, closes, open_times, h, {**base, "meta_model": meta})
 
-Raw stage outputs (columns, see ``training.transforms``):
+Raw stage outputs (columns, see ``inference.transforms``):
 - ``range_predictor`` (n, 8): high 10%/50%/90% quantiles, low 10%/50%/90%, then the high and low
   mean forecasts (NaN for a model set trained without mean boosters), fractions of close;
 - ``tpsl_classifier`` (n, 2): P(take-profit before stop-loss) long, short;
 - ``signal_classifier`` (n, 3): P(SELL), P(HOLD), P(BUY);
 - ``meta_model`` (n, 2): P(net R > 0 | the proposal), raw and calibrated (``p_win``). Meta-labelling:
-  the primary rule (``training.transforms.proposed_side``) proposes the side the signal classifier
+  the primary rule (``inference.transforms.proposed_side``) proposes the side the signal classifier
   ranks higher; the meta-model says whether acting on it pays after costs.
 
 Rows whose features are undefined (warm-up, a long data gap) or whose close is missing become
@@ -26,7 +26,7 @@ takes a default ``symbol_id`` (``configs.symbols.model_symbol``). Nothing
 is guessed. A HOLD the models chose carries a code too (``MODEL_HOLD_REASONS``: ``edge_below_costs``,
 ``low_confidence``), so every HOLD says why; only BUY and SELL have ``reason`` None.
 
-The trade decision: ``expected_r = p_win x W + (1 - p_win) x L - cost_r`` (``training.transforms.
+The trade decision: ``expected_r = p_win x W + (1 - p_win) x L - cost_r`` (``inference.transforms.
 expected_net_r``; W, L the mean gross R of winning / losing proposals, ``cost_r`` the round trip of
 the fee profile in units of the stop). BUY/SELL only where the horizon's policy (``policy_h``, chosen
 on out-of-fold rows, ``training.meta_label``) trades and ``expected_r`` and the predicted range in
@@ -53,31 +53,17 @@ from features.barriers import barrier_distances, barrier_sigma
 from features.costs import Costs, round_trip_cost
 from features.errors import ModelLoadError, PredictionError
 from features.indicators import feature_names, feature_set_hash
-from training.forecast import FORCED_HOLD_REASONS, HOLD_REASONS, MODEL_HOLD_REASONS, Forecast
-from training.registry import MODEL_NAMES, LoadedModel, ModelRegistry
-from training.transforms import (INTERVAL_DOCUMENT, META_OUTPUTS, RANGE_OUTPUTS, SIGNAL_OUTPUTS, TPSL_OUTPUTS,
-                                 VOL_FEATURE, apply_calibration, apply_interval_calibration, expected_net_r,
-                                 meta_columns, meta_matrix, model_columns, proposed_side, range_cost_ratio,
-                                 range_output)
+from inference.forecast import FORCED_HOLD_REASONS, Forecast
+from inference.layout import (BASE_MODELS, META_MODEL, MODEL_NAMES, MODELS, RANGE_OUTPUTS, BoosterLayout,
+                              booster_name, expected_boosters)
+from inference.registry import LoadedModel, ModelRegistry
+from inference.transforms import (INTERVAL_DOCUMENT, VOL_FEATURE, apply_interval_calibration, expected_net_r,
+                                  meta_columns, meta_matrix, model_columns, proposed_side, range_cost_ratio,
+                                  stage_output)
 
-__all__ = ["BASE_MODELS", "Ensemble", "FORCED_HOLD_REASONS", "Forecast", "HOLD_REASONS", "MODEL_HOLD_REASONS",
-           "MODEL_TARGETS", "OUTPUT_COLUMNS", "booster_name"]
-
-BASE_MODELS: tuple[str, ...] = ("range_predictor", "tpsl_classifier", "signal_classifier")
-OUTPUT_COLUMNS: dict[str, tuple[str, ...]] = {"range_predictor": RANGE_OUTPUTS, "tpsl_classifier": TPSL_OUTPUTS,
-                                              "signal_classifier": SIGNAL_OUTPUTS, "meta_model": META_OUTPUTS}
-
-
-def booster_name(target: str, horizon: int, symbol: str | None = None) -> str:
-    """File stem of one booster: ``high_h6``, ``tp_long_h18``, ``meta_h72`` (``..__BTCUSDT`` per symbol)."""
-    return f"{target}_h{horizon}" + (f"__{symbol}" if symbol else "")
-
+__all__ = ["Ensemble"]
 
 _FORCED = frozenset(FORCED_HOLD_REASONS)
-
-MODEL_TARGETS: dict[str, tuple[str, ...]] = {"range_predictor": ("high", "low"),
-                                             "tpsl_classifier": ("tp_long", "tp_short"),
-                                             "signal_classifier": ("signal",), "meta_model": ("meta",)}
 
 
 class Ensemble:
@@ -137,8 +123,7 @@ class Ensemble:
             if meta.get("barrier_models") != ref.get("barrier_models") or not ref.get("barrier_models"):
                 raise ModelLoadError(f"{name} {self.versions[name]}: barrier models missing or differ from "
                                      "range_predictor's; promote versions trained together")
-            expected = {booster_name(t, h, s) for t in MODEL_TARGETS[name] for h in ref["horizons"]
-                        for s in (ref["symbols"] if ref["per_symbol"] else [None])}
+            expected = expected_boosters(name, ref["horizons"], ref["symbols"], ref["per_symbol"])
             missing = expected - set(self.models[name].boosters)
             if missing:
                 raise ModelLoadError(f"{name} {self.versions[name]}: boosters missing: {sorted(missing)}")
@@ -174,15 +159,16 @@ class Ensemble:
             raise PredictionError(f"horizon {horizon} is not one of the model's horizons {list(self.horizons)}")
         return int(horizon)
 
-    def _predict(self, model: str, target: str, horizon: int, X: np.ndarray, width: int,
-                 optional: bool = False) -> np.ndarray:
-        """One booster's output as (n, width), routed by symbol when models are per symbol
-        (``optional``: NaN when the model set has no such booster, e.g. mean boosters of older sets)."""
+    def _predict(self, model: str, booster: BoosterLayout, horizon: int, X: np.ndarray) -> np.ndarray | None:
+        """One booster's output as (n, width), routed by symbol when models are per symbol; None for
+        an optional booster the model set lacks (e.g. mean boosters of older sets)."""
         boosters = self.models[model].boosters
-        n = len(X)
+        n, width = len(X), booster.width
+        if booster.optional and booster_name(booster.target, horizon, self.symbols[0] if self.per_symbol
+                                             else None) not in boosters:
+            return None
         out = np.full((n, width), np.nan)
-        if n == 0 or (optional and booster_name(target, horizon, self.symbols[0] if self.per_symbol else None)
-                      not in boosters):
+        if n == 0:
             return out
         if not self.per_symbol:
             groups = [(None, np.ones(n, dtype=bool))]
@@ -192,28 +178,18 @@ class Ensemble:
         for symbol, rows in groups:
             if not rows.any():
                 continue
-            pred = boosters[booster_name(target, horizon, symbol)].inplace_predict(X[rows])
+            pred = boosters[booster_name(booster.target, horizon, symbol)].inplace_predict(X[rows])
             out[rows] = np.asarray(pred, dtype=np.float64).reshape(int(rows.sum()), width)
         return out
 
     def predict_stage(self, model_name: str, X: np.ndarray, horizon: int) -> np.ndarray:
-        """Raw outputs of one model for n rows (see the module docstring for the columns)."""
+        """Raw outputs of one model for n rows (columns: ``inference.layout.OUTPUT_COLUMNS``)."""
         horizon = self._check_horizon(horizon)
+        if model_name not in MODELS:
+            raise PredictionError(f"unknown model {model_name!r}; one of {MODEL_NAMES}")
         X = np.asarray(X, dtype=np.float64)
-        if model_name == "range_predictor":
-            return range_output(self._predict(model_name, "high", horizon, X, 3),
-                                self._predict(model_name, "low", horizon, X, 3), X[:, self._vol_index], horizon,
-                                self._predict(model_name, "high_mean", horizon, X, 1, optional=True),
-                                self._predict(model_name, "low_mean", horizon, X, 1, optional=True))
-        if model_name == "tpsl_classifier":
-            return np.hstack([self._predict(model_name, t, horizon, X, 1) for t in ("tp_long", "tp_short")])
-        if model_name == "signal_classifier":
-            return self._predict(model_name, "signal", horizon, X, 3)
-        if model_name == "meta_model":
-            raw = self._predict(model_name, "meta", horizon, X, 1)
-            p_win = np.clip(apply_calibration(self._calibration[horizon], raw[:, 0]), 0.0, 1.0)
-            return np.hstack([raw, p_win[:, None]])
-        raise PredictionError(f"unknown model {model_name!r}; one of {MODEL_NAMES}")
+        raw = {b.target: self._predict(model_name, b, horizon, X) for b in MODELS[model_name]}
+        return stage_output(model_name, raw, X[:, self._vol_index], horizon, self._calibration[horizon])
 
     def barriers(self, features: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
         """TP and SL distances (fractions of close) of each feature row: the labels' barriers."""
@@ -223,7 +199,7 @@ class Ensemble:
     def served_range(self, rng: np.ndarray, symbols: Sequence[str], horizon: int) -> np.ndarray:
         """The range predictor's stage output as served: its 10/90% bounds calibrated per decile of the
         predicted median (``interval_calibration``, fitted on the walk-forward's out-of-fold rows;
-        ``training.transforms``). The stage output itself stays raw: the meta-model was trained on it."""
+        ``inference.transforms``). The stage output itself stays raw: the meta-model was trained on it."""
         doc = (self._intervals or {}).get(str(int(horizon)))
         return apply_interval_calibration(doc, np.asarray(rng, dtype=np.float64), symbols)
 
@@ -239,7 +215,7 @@ class Ensemble:
         """Every stage in-process: ``{model_name: raw output}`` for n rows."""
         X = self.model_input(features, symbols)
         outputs = {m: self.predict_stage(m, X, horizon) for m in BASE_MODELS}
-        outputs["meta_model"] = self.predict_stage("meta_model", self.meta_input(X, outputs, horizon), horizon)
+        outputs[META_MODEL] = self.predict_stage(META_MODEL, self.meta_input(X, outputs, horizon), horizon)
         return outputs
 
     def compose_columns(self, features: np.ndarray, symbols: Sequence[str], closes: Sequence[float],
@@ -259,11 +235,11 @@ class Ensemble:
         n = len(features)
         if not (len(symbols) == len(closes) == len(candle_open_times) == n):
             raise PredictionError("features, symbols, closes and candle_open_times differ in length")
-        for name in (*BASE_MODELS, "meta_model"):
+        for name in MODEL_NAMES:
             if name not in outputs or len(outputs[name]) != n:
                 raise PredictionError(f"compose needs {name} outputs for all {n} rows")
         raw_rng, tpsl, sig_out, meta = (np.asarray(outputs[m], dtype=np.float64) for m in
-                                        ("range_predictor", "tpsl_classifier", "signal_classifier", "meta_model"))
+                                        MODEL_NAMES)
         symbols = np.asarray([str(s) for s in symbols], dtype=object)
         rng = self.served_range(raw_rng, symbols, horizon)  # medians and means unchanged
         times = np.asarray(candle_open_times, dtype=np.int64)
