@@ -6,7 +6,8 @@ import json
 
 import numpy as np
 
-from inference.transforms import POOLED, apply_interval_calibration, fit_interval_calibration
+from inference.transforms import POOLED, apply_interval_calibration
+from training.intervals import fit_interval_calibration
 
 
 def _rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -334,7 +334,8 @@ def test_meta_model_trained_only_on_out_of_fold_predictions(candle_slices):
         assert isinstance(pol["trade"], bool) and "first half" in pol["chosen_on"]
         assert pol["win_gross_r"] > 0 > pol["loss_gross_r"]
     # The interval calibration is fit on the same out-of-fold predictions, nothing in-sample.
-    from inference.transforms import INTERVAL_DOCUMENT, fit_interval_calibration
+    from inference.transforms import INTERVAL_DOCUMENT
+    from training.intervals import fit_interval_calibration
 
     labels = data.labels
     refit = fit_interval_calibration(range_output(raw["high"], raw["low"], atr, h)[oof],

@@ -13,7 +13,7 @@ Steps:
    it and calibrates its confidence (isotonic). ECE is measured on the second half of that block
    with a calibrator fit on the first half only;
 3. final refit of every base booster on all rows (rounds: median of the folds' early-stopped rounds).
-The range predictor's interval calibration (``inference.transforms.fit_interval_calibration``) is fit
+The range predictor's interval calibration (``training.intervals.fit_interval_calibration``) is fit
 on the OOF rows of step 1; the walk-forward metrics are of the raw intervals (the calibrated ones
 would be scored on the rows they were fit on).
 """
@@ -29,17 +29,18 @@ from typing import Any, Mapping, Protocol, Sequence
 import numpy as np
 
 from configs.settings import ModelConfig, Settings
-from training.data import Fold, Prepared, split_tail, subsample_stride, walk_forward_splits
 from features.costs import Costs, round_trip_cost
+from inference.layout import BASE_MODELS, MODEL_NAMES, MODELS
+from inference.transforms import (INTERVAL_DOCUMENT, VOL_FEATURE, apply_calibration, meta_matrix, proposed_side,
+                                  range_cost_ratio, stage_output)
+from training.data import Fold, Prepared, split_tail, subsample_stride, walk_forward_splits
+from training.intervals import fit_interval_calibration
 from training.meta_label import choose_policy, gross_payoffs, policy_figures, proposal_targets, uniqueness_weights
 from training.metrics import (BASELINE_VOL_FEATURE, auc, baseline_predictions, ece, fit_baselines, fit_isotonic,
                               range_metrics, reliability_curve, signal_metrics, tpsl_metrics)
 from training.models import FitOutcome, TargetSpec, base_specs, fit_booster, meta_specs, predict_raw, \
     target_values, xgb_params
 from training.progress import log, progress
-from inference.layout import BASE_MODELS, MODEL_NAMES, MODELS
-from inference.transforms import (INTERVAL_DOCUMENT, VOL_FEATURE, apply_calibration, fit_interval_calibration,
-                                 meta_matrix, proposed_side, range_cost_ratio, stage_output)
 
 
 @dataclass(frozen=True)
