@@ -2,7 +2,9 @@
 
 Settings selects one by name (``fee_profile``) and takes its ``fee_rate``, ``slippage_rate`` and
 ``borrow_rate`` from it unless those are set explicitly; ``features.costs.Costs.from_settings``
-turns the result into the costs every consumer charges. A typo in the file or an unknown profile
+turns the result into the costs every consumer charges (and ``features.costs.profile_costs`` one
+profile as the file defines it). This module imports nothing from ``features``: configs is the
+bottom layer. A typo in the file or an unknown profile
 name is a :class:`ConfigError` at start-up, never a silent default.
 """
 
@@ -79,15 +81,3 @@ def resolve_costs(data: dict, config_dir: str | Path | None) -> dict:
     filled = {"fee_rate": p.fee_bps / 1e4, "slippage_rate": p.slippage_bps / 1e4,
               "borrow_rate": p.borrow_rate_annual or 0.0}
     return {**data, **{k: v for k, v in filled.items() if data.get(k) is None}}
-
-
-def profile_costs(name: str, config_dir: str | Path | None = None):
-    """The :class:`features.costs.Costs` of profile ``name`` as the file defines it (no Settings overrides)."""
-    from features.costs import Costs
-
-    profiles = load_fee_profiles(config_dir)
-    if name not in profiles:
-        raise ValueError(f"unknown fee profile {name!r}; {FEES_FILE} has {', '.join(profiles)}")
-    p = profiles[name]
-    return Costs(fee_bps=p.fee_bps, slippage_bps=p.slippage_bps, borrow_rate_annual=p.borrow_rate_annual or 0.0,
-                 profile=name)

@@ -23,6 +23,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from configs.errors import ConfigError
+from configs.fees import resolve_costs
 from configs.symbols import is_synthetic, synthetic_names
 
 
@@ -283,8 +285,6 @@ class Settings(BaseSettings):
         explicit values (keyword, MLE_*, .env) win over the profile's."""
         if not isinstance(data, dict):
             return data
-        from configs.fees import resolve_costs
-
         return resolve_costs(data, data.get("config_dir") or os.environ.get("MLE_CONFIG_DIR"))
 
     @field_validator("api_keys", mode="before")
@@ -427,10 +427,6 @@ def _describe(exc: ValidationError) -> str:
 
 def load_settings(**overrides: Any) -> Settings:
     """Build :class:`Settings`, turning validation errors into a :class:`ConfigError` naming keys."""
-    # Imported here: ``features`` imports this module for its parameter types, so a module-level
-    # import back into ``features`` would be circular.
-    from features.errors import ConfigError
-
     try:
         return Settings(**overrides)
     except ValidationError as exc:

@@ -4,7 +4,9 @@ A strategy is declarative — which horizon's signals it trades, a confidence fl
 filters — so there is no code per strategy, and what a strategy *is* can be read (and reviewed)
 in one YAML file. Unknown keys, unknown feature names and horizons the engine does not predict are
 refused at load time with a :class:`ConfigError` naming the key: a typo must never silently turn
-a filter off and make a strategy look better or worse than it is.
+a filter off and make a strategy look better or worse than it is. The feature-name check needs the
+feature set (``features``, a layer above configs), so it runs in
+``training.backtest.strategy.load_strategies``, the loader every caller uses.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from configs.settings import Settings, _describe
+from configs.errors import ConfigError
+from configs.settings import Settings, _describe, get_settings
 
 STRATEGIES_FILE = "strategies.yaml"
 
@@ -83,26 +86,18 @@ class StrategyFile(_Strict):
         return v
 
 
-def _check_against_engine(strategies: dict[str, Strategy], settings: Settings) -> None:
-    from features.errors import ConfigError
-    from features.indicators import feature_names
-
-    known = set(feature_names(settings.features))
+def _check_horizons(strategies: dict[str, Strategy], settings: Settings) -> None:
     for name, s in strategies.items():
         if s.horizon not in settings.market.horizons:
             raise ConfigError(f"invalid strategies: strategies.{name}.horizon: {s.horizon} is not one of the "
                               f"predicted horizons {settings.market.horizons}")
-        for i, f in enumerate(s.filters):
-            if f.feature not in known:
-                raise ConfigError(f"invalid strategies: strategies.{name}.filters.{i}.feature: unknown feature "
-                                  f"{f.feature!r}")
 
 
-def load_strategies(path: str | Path | None = None, settings: Settings | None = None) -> dict[str, Strategy]:
-    """Read and validate the strategy file (default: ``<config_dir>/strategies.yaml``)."""
-    from configs.settings import get_settings
-    from features.errors import ConfigError
-
+def read_strategies(path: str | Path | None = None, settings: Settings | None = None) -> dict[str, Strategy]:
+    """Read and validate the strategy file (default: ``<config_dir>/strategies.yaml``) against what
+    configs knows: the schema and the predicted horizons. The feature names of the filters are
+    checked one layer up, where the feature set is defined
+    (``training.backtest.strategy.load_strategies``, what every caller uses)."""
     settings = settings or get_settings()
     p = Path(path) if path is not None else Path(settings.config_dir) / STRATEGIES_FILE
     try:
@@ -115,5 +110,5 @@ def load_strategies(path: str | Path | None = None, settings: Settings | None = 
         parsed = StrategyFile.model_validate(raw if raw is not None else {})
     except ValidationError as exc:
         raise ConfigError(_describe(exc).replace("invalid configuration", f"invalid strategies ({p.name})")) from None
-    _check_against_engine(parsed.strategies, settings)
+    _check_horizons(parsed.strategies, settings)
     return parsed.strategies

@@ -29,7 +29,7 @@ from configs.settings import load_settings
 from deployments.feature_builder import FeatureBuilderDeployment
 from deployments.ingress import ApiIngress
 from deployments.market_data import MarketFeed
-from features.errors import ConfigError
+from configs.errors import ConfigError
 from deployments.models import POOL_NAMES, ModelPool
 from deployments.router import EnsembleRouter
 from deployments.sharding import shard_count, shard_name

@@ -35,7 +35,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from deployments.cache import CacheUnavailable, RedisGateway
-from features.errors import ConfigError
+from configs.errors import ConfigError
 
 KEY_ID_CHARS = 16
 

@@ -30,7 +30,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from deployments.binance_hub import bounded
 from deployments.feed import _FIELDS, CandleEvent, EventKind, FeedClock, FeedStatus, _event
 from features.candles import FIVE_MINUTES_MS
-from features.errors import MarketDataError
+from configs.errors import MarketDataError
 
 log = logging.getLogger(__name__)
 

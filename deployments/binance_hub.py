@@ -38,7 +38,7 @@ from typing import Any
 
 import aiohttp
 
-from features.errors import MarketDataError
+from configs.errors import MarketDataError
 
 log = logging.getLogger(__name__)
 

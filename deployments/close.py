@@ -32,7 +32,7 @@ from ray import serve
 from deployments.feed import CandleEvent
 from deployments.sharding import shard_of
 from deployments.state import iso_time
-from features.errors import MLEngineError
+from configs.errors import MLEngineError
 
 log = logging.getLogger("ray.serve")
 

@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from features.errors import (CandleDataError, ConfigError, FeatureError, MarketDataError, MLEngineError,
+from configs.errors import (CandleDataError, ConfigError, FeatureError, MarketDataError, MLEngineError,
                              ModelLoadError, ModelNotFoundError, PredictionError)
 from ml_engine_client.models import ErrorBody  # the client parses error answers with the same class
 

@@ -30,7 +30,7 @@ from deployments.feed import CandleEvent
 from deployments.sharding import assign, shard_count, shard_name
 from deployments.state import FeatureRow, MarketSnapshot, SymbolState
 from features.builder import FeatureBuilder
-from features.errors import CandleDataError, MLEngineError
+from configs.errors import CandleDataError, MLEngineError
 from features.indicators import WARMUP
 
 log = logging.getLogger("ray.serve")

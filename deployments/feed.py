@@ -25,7 +25,7 @@ import pandas as pd
 
 from configs.symbols import is_synthetic
 from features.candles import FIVE_MINUTES_MS, load_candles
-from features.errors import MarketDataError
+from configs.errors import MarketDataError
 from features.synthetic import synthetic_candles
 
 log = logging.getLogger(__name__)

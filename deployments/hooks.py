@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, Sequence
 
 from configs.settings import Settings
-from features.errors import ConfigError
+from configs.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

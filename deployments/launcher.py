@@ -56,7 +56,7 @@ def shipped_set_problem(settings: Settings, shipped: Path = SHIPPED_MODELS) -> s
     """Why the committed model set (``data/models``, ``make shipped-models``) cannot be served by this
     code, or None when it can: it must exist, pass every checksum and the feature-set hash, and load as
     one consistent ensemble under these settings (horizons, labels, feature list)."""
-    from features.errors import ModelLoadError, ModelNotFoundError
+    from configs.errors import ModelLoadError, ModelNotFoundError
     from inference.ensemble import Ensemble
 
     if not (shipped / CURRENT_SET_FILE).is_file():
@@ -100,7 +100,7 @@ def ensure_models(settings: Settings, shipped: Path = SHIPPED_MODELS) -> None:
     """Make sure the registry has a current set: the one there, else the shipped set (trained on the
     full history), else -- when that is missing or does not match the code -- a default set trained
     on the shipped 30-day sample (a weak one: say so)."""
-    from features.errors import ModelLoadError, ModelNotFoundError
+    from configs.errors import ModelLoadError, ModelNotFoundError
     from inference.registry import MODEL_NAMES, ModelRegistry
 
     registry = ModelRegistry(settings.models_dir)

@@ -38,7 +38,7 @@ from deployments.feed import CandleEvent, CandleWindow, FeedClock, ReplaySource
 from deployments.metrics import EngineMetrics
 from deployments.outbox import Outbox
 from features.candles import FIVE_MINUTES_MS
-from features.errors import MarketDataError
+from configs.errors import MarketDataError
 from features.indicators import WARMUP
 
 log = logging.getLogger("ray.serve")

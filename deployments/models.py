@@ -23,7 +23,7 @@ from ray import serve
 
 from configs.settings import Settings, load_settings
 from deployments.tunables import POOL_TUNABLES, apply_tunables, replica_identity
-from features.errors import ModelLoadError, ModelNotFoundError
+from configs.errors import ModelLoadError, ModelNotFoundError
 from features.indicators import feature_set_hash
 from inference.ensemble import Ensemble
 from inference.registry import MODEL_NAMES, ModelRegistry

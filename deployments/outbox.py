@@ -10,7 +10,7 @@ import asyncio
 from typing import Any
 
 from deployments.feed import CandleEvent
-from features.errors import MarketDataError
+from configs.errors import MarketDataError
 
 DELIVERY_TIMEOUT_S = 30.0  # one delivery attempt (the router computes every horizon); then it is retried
 

@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from deployments.state import iso_time
-from features.errors import FeatureError
+from configs.errors import FeatureError
 from features.indicators import FEATURE_GROUPS, feature_group
 
 GROUP_TITLES = {

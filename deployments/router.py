@@ -50,7 +50,7 @@ from deployments.render import describe_models, signal_body
 from deployments.sharding import shard_of
 from deployments.state import FeatureRow
 from deployments.tunables import ROUTER_TUNABLES, apply_tunables, replica_identity
-from features.errors import MLEngineError, ModelLoadError, ModelNotFoundError
+from configs.errors import MLEngineError, ModelLoadError, ModelNotFoundError
 from features.indicators import feature_set_hash
 from inference.ensemble import Ensemble
 from inference.forecast import Forecast

@@ -48,7 +48,7 @@ from deployments.metrics import EngineMetrics
 from deployments.render import body_prefix, finish, indicators_body, prediction_body, signal_body
 from deployments.state import FeatureRow, MarketSnapshot, SymbolState, iso_time
 from features.candles import FIVE_MINUTES_MS
-from features.errors import FeatureError, MarketDataError, MLEngineError, PredictionError
+from configs.errors import FeatureError, MarketDataError, MLEngineError, PredictionError
 from features.indicators import feature_names, feature_set_hash
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import numpy as np
 
 from configs.settings import FeatureParams
 from features.candles import FIVE_MINUTES_MS
-from features.errors import CandleDataError, FeatureError
+from configs.errors import CandleDataError, FeatureError
 from features.indicators import WARMUP, compute_features, feature_names
 
 _FIELDS = ("open", "high", "low", "close", "volume")

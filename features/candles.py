@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from features.errors import CandleDataError
+from configs.errors import CandleDataError
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,14 @@ Model of a trade of ``side`` (+1 long, -1 short) from ``entry`` to ``exit`` (pri
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # configs imports nothing from here; avoid the import at run time for the hot path
+from configs.fees import FEES_FILE, load_fee_profiles
+
+if TYPE_CHECKING:  # the hot path needs no Settings at run time (configs imports nothing from here)
     from configs.settings import Settings
 
 HOUR_MS = 3_600_000
@@ -63,6 +66,17 @@ class Costs:
         (each the selected ``fee_profile``'s value unless set explicitly)."""
         return cls(fee_bps=round(settings.fee_rate * 1e4, 9), slippage_bps=round(settings.slippage_rate * 1e4, 9),
                    borrow_rate_annual=settings.borrow_rate, profile=settings.fee_profile)
+
+
+def profile_costs(name: str, config_dir: str | Path | None = None) -> Costs:
+    """The :class:`Costs` of fee profile ``name`` as ``configs/fees.yaml`` defines it (no Settings
+    overrides): the backtest's ``--fee-profile`` compares venues with it."""
+    profiles = load_fee_profiles(config_dir)
+    if name not in profiles:
+        raise ValueError(f"unknown fee profile {name!r}; {FEES_FILE} has {', '.join(profiles)}")
+    p = profiles[name]
+    return Costs(fee_bps=p.fee_bps, slippage_bps=p.slippage_bps, borrow_rate_annual=p.borrow_rate_annual or 0.0,
+                 profile=name)
 
 
 def borrow_hours(entry_ms: np.ndarray | int, exit_ms: np.ndarray | int) -> np.ndarray:

@@ -45,7 +45,7 @@ from binance.exceptions import BinanceAPIException, BinanceRequestException
 from tqdm import tqdm
 
 from features.candles import validate_candles
-from features.errors import CandleDataError, ConfigError, MarketDataError, MLEngineError
+from configs.errors import CandleDataError, ConfigError, MarketDataError, MLEngineError
 
 log = logging.getLogger("features.download")  # not __main__ under -m
 

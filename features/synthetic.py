@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from configs.symbols import SYNTHETIC_LAG, parse_synthetic
-from features.errors import MarketDataError
+from configs.errors import MarketDataError
 
 PRICE_COLUMNS = ("open", "high", "low", "close", "quote_volume")  # quote volume is volume x price
 

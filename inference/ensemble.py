@@ -51,7 +51,7 @@ from configs.settings import Settings
 from configs.symbols import model_symbol
 from features.barriers import barrier_distances, barrier_sigma
 from features.costs import Costs, round_trip_cost
-from features.errors import ModelLoadError, PredictionError
+from configs.errors import ModelLoadError, PredictionError
 from features.indicators import feature_names, feature_set_hash
 from inference.forecast import FORCED_HOLD_REASONS, Forecast
 from inference.layout import (BASE_MODELS, META_MODEL, MODEL_NAMES, MODELS, RANGE_OUTPUTS, BoosterLayout,

@@ -49,7 +49,7 @@ from typing import Any, Mapping
 
 import xgboost as xgb
 
-from features.errors import ModelLoadError, ModelNotFoundError
+from configs.errors import ModelLoadError, ModelNotFoundError
 from inference.layout import MODEL_NAMES
 
 METADATA_FILE = "metadata.json"

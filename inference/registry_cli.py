@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from features.errors import ModelLoadError, ModelNotFoundError
+from configs.errors import ModelLoadError, ModelNotFoundError
 from inference.registry import MODEL_NAMES, ModelRegistry
 
 

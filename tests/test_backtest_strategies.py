@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from configs.settings import CONFIG_DIR, load_settings
-from configs.strategies import load_strategies
+from training.backtest.strategy import load_strategies
 from features.candles import FIVE_MINUTES_MS
-from features.errors import ConfigError
+from configs.errors import ConfigError
 from training.backtest.baselines import buy_and_hold, random_entry_baseline, random_signals, random_trades
 from training.backtest.metrics import calibration, max_drawdown, per_month, summarize
 from training.backtest.simulate import Costs, simulate

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from configs.strategies import load_strategies
+from training.backtest.strategy import load_strategies
 from features import FEATURE_NAMES
 from features.build import build_features
 from features.candles import FIVE_MINUTES_MS

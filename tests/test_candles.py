@@ -8,7 +8,7 @@ import pytest
 
 from features.candles import (FIVE_MINUTES_MS, ONE_MINUTE_MS, gap_report, load_candles, resample, segment_ids,
                               validate_candles)
-from features.errors import CandleDataError, MLEngineError
+from configs.errors import CandleDataError, MLEngineError
 
 from tests.conftest import SAMPLE_DATA
 

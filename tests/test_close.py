@@ -19,7 +19,7 @@ from deployments.hooks import NullServingLog
 from deployments.metrics import EngineMetrics
 from deployments.sharding import assign
 from features.candles import load_candles
-from features.errors import ModelNotFoundError
+from configs.errors import ModelNotFoundError
 from tests.conftest import SAMPLE_DATA
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT", "SYN001BTCUSDT", "SYN001ETHUSDT"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from configs.settings import load_settings
-from features.errors import ConfigError
+from configs.errors import ConfigError
 from tests.hardening_util import KEY, call, make_app
 
 FRONTEND = "http://localhost:3000"

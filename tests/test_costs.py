@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from configs.fees import load_fee_profiles, profile_costs
+from configs.fees import load_fee_profiles
 from configs.settings import load_settings
 from features.candles import FIVE_MINUTES_MS
-from features.costs import Costs, borrow_hours, holding_hours, net_return, round_trip_cost
-from features.errors import ConfigError
+from features.costs import Costs, borrow_hours, holding_hours, net_return, profile_costs, round_trip_cost
+from configs.errors import ConfigError
 from training.backtest.cli import backtest_costs, parse_args
 from training.backtest.simulate import simulate
 

@@ -24,7 +24,7 @@ from features.download import (
     BASE_URL_ENV, PAGE_LIMIT, RetryPolicy, api_root, download_klines, main, make_client,
     parse_time_ms,
 )
-from features.errors import ConfigError, MarketDataError
+from configs.errors import ConfigError, MarketDataError
 from tests.fake_binance import REPO_ROOT, FakeBinance, load_test_candles
 
 STEP = 5 * 60 * 1000

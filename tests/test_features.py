@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from configs.settings import FeatureParams
 from features import FEATURE_NAMES, WARMUP, FeatureBuilder, build_features, feature_set_hash
 from features.candles import FIVE_MINUTES_MS, bridge_gaps, segment_ids
-from features.errors import CandleDataError, FeatureError
+from configs.errors import CandleDataError, FeatureError
 from features.indicators import FEATURE_GROUPS, feature_group
 
 RTOL, ATOL = 1e-9, 1e-12

@@ -22,7 +22,7 @@ from deployments.auth import ApiKeys, new_api_key
 from deployments.cache import RedisGateway
 from deployments.guard import MetricsAccess
 from deployments.metrics import NodeMetricsExport
-from features.errors import ConfigError
+from configs.errors import ConfigError
 from tests.conftest import free_port
 from tests.hardening_report import record
 from tests.hardening_util import (KEY, OTHER_KEY, StubBackend, acall, error_of, make_app,

@@ -24,7 +24,7 @@ from deployments.api import DatabaseProbe
 from deployments.cache import RedisGateway, make_entry
 from deployments.db.serving_log import log_status
 from deployments.db.writer import LogWriter
-from features.errors import ModelNotFoundError
+from configs.errors import ModelNotFoundError
 from tests.conftest import free_port
 from tests.hardening_report import record
 from tests.hardening_util import (VERSIONS, StubBackend, acall, call, error_of, forecast_for, make_app,

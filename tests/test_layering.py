@@ -1,6 +1,8 @@
-"""The package layering (issue 16): serving never imports training code, and the serving contract
+"""The package layering (issue 16): serving never imports training code, the serving contract
 (``inference``) imports neither training, the deployments, Ray nor pandas, so a model pool loads only
-what inference needs. Checked on the source (every import, function-local ones included)."""
+what inference needs, and ``configs`` (settings and the error hierarchy) is the bottom layer that
+imports no other project package. Checked on the source (every import, function-local ones
+included)."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ def _imported_modules(folder: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("folder, forbidden", [
+    ("configs", ("features", "training", "deployments", "inference", "scripts", "tests")),
     ("deployments", ("training",)),
     ("inference", ("training", "deployments", "ray", "pandas", "scripts", "tests")),
     ("features", ("training", "deployments", "inference", "scripts", "tests")),

@@ -9,7 +9,7 @@ import numpy as np
 
 from deployments.feed import CandleEvent, FeedClock
 from deployments.outbox import Outbox
-from features.errors import MarketDataError
+from configs.errors import MarketDataError
 
 
 class _Call:

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from features.errors import ModelNotFoundError
+from configs.errors import ModelNotFoundError
 from inference import registry_cli
 from inference.registry import CURRENT_FILE, CURRENT_SET_FILE, MODEL_NAMES, ModelRegistry
 

@@ -131,7 +131,7 @@ def test_the_documented_serve_run_line_builds_the_graph(tmp_path):
     from ray.serve.scripts import convert_args_to_dict
 
     from deployments import app as app_module
-    from features.errors import ConfigError
+    from configs.errors import ConfigError
 
     text = (ROOT / "docs" / "operations.md").read_text()
     line = next(line for line in text.splitlines() if "serve run --address" in line) + " " + next(

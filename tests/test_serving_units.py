@@ -19,7 +19,7 @@ from deployments.cache import CacheUnavailable, RedisGateway
 from deployments.errors import StaleMarketData, status_for
 from deployments.feed import CandleEvent, FeedClock, find_gaps
 from features.candles import FIVE_MINUTES_MS
-from features.errors import (ConfigError, FeatureError, MarketDataError, ModelLoadError, ModelNotFoundError,
+from configs.errors import (ConfigError, FeatureError, MarketDataError, ModelLoadError, ModelNotFoundError,
                              PredictionError)
 from features.indicators import WARMUP
 from tests.conftest import free_port

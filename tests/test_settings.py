@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from configs.settings import CONFIG_DIR, YAML_FILES, load_settings
-from features.errors import ConfigError
+from configs.errors import ConfigError
 
 
 @pytest.fixture

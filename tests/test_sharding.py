@@ -12,7 +12,7 @@ import pytest
 
 from deployments.sharding import ShardedMarket, assign, shard_count, shard_name, shard_of
 from deployments.state import MarketSnapshot, SymbolState
-from features.errors import CandleDataError
+from configs.errors import CandleDataError
 from tests.conftest import ROOT
 
 SYMBOLS = [f"SYN{i:03d}BTCUSDT" for i in range(1, 201)]

@@ -15,7 +15,7 @@ from configs.symbols import (SYNTHETIC_LAG, model_symbol, parse_synthetic, real_
                              synthetic_names)
 from features.build import build_features
 from features.candles import FIVE_MINUTES_MS, load_candles
-from features.errors import ConfigError, MarketDataError
+from configs.errors import ConfigError, MarketDataError
 from features.indicators import WARMUP, feature_group, feature_names
 from features.synthetic import synthetic_candles
 from tests.conftest import SAMPLE_DATA

@@ -105,7 +105,7 @@ def test_registry_round_trip(trained, candle_slices):
 
 
 def test_tampered_file_refused(registry_copy):
-    from features.errors import ModelLoadError
+    from configs.errors import ModelLoadError
     from inference.registry import ModelRegistry
 
     reg = ModelRegistry(registry_copy)
@@ -132,7 +132,7 @@ def test_tampered_file_refused(registry_copy):
 
 def test_feature_hash_mismatch_refused(trained):
     from configs.settings import FeatureParams, load_settings
-    from features.errors import ModelLoadError
+    from configs.errors import ModelLoadError
     from inference.ensemble import Ensemble
     from inference.registry import ModelRegistry
 
@@ -144,7 +144,7 @@ def test_feature_hash_mismatch_refused(trained):
 
 
 def test_promote_and_rollback(registry_copy, capsys):
-    from features.errors import ModelNotFoundError
+    from configs.errors import ModelNotFoundError
     from inference.registry import ModelRegistry, main
 
     reg = ModelRegistry(registry_copy)
@@ -176,7 +176,7 @@ def test_promote_and_rollback(registry_copy, capsys):
 def test_ensemble_refuses_mixed_versions(registry_copy):
     """The meta-model was stacked on specific base versions; a mixed set is refused."""
     from configs.settings import get_settings
-    from features.errors import ModelLoadError
+    from configs.errors import ModelLoadError
     from inference.ensemble import Ensemble
     from inference.registry import ModelRegistry
 
@@ -190,7 +190,7 @@ def test_ensemble_refuses_mixed_versions(registry_copy):
 
 def test_missing_model_errors(tmp_path, registry_copy):
     from configs.settings import get_settings
-    from features.errors import ModelNotFoundError
+    from configs.errors import ModelNotFoundError
     from inference.ensemble import Ensemble
     from inference.registry import ModelRegistry
 

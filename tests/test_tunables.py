@@ -17,7 +17,7 @@ import yaml
 
 from configs.settings import load_settings
 from deployments.tunables import INGRESS_TUNABLES, POOL_TUNABLES, ROUTER_TUNABLES, apply_tunables
-from features.errors import ConfigError
+from configs.errors import ConfigError
 from tests.hardening_util import call, error_of, make_app
 
 pytestmark = pytest.mark.timeout(300)

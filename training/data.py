@@ -27,7 +27,7 @@ from features.barriers import barrier_inputs, barrier_sigma, fit_barrier_model
 from features.build import build_features
 from features.candles import FIVE_MINUTES_MS, load_candles
 from features.costs import Costs
-from features.errors import ConfigError
+from configs.errors import ConfigError
 from features.indicators import feature_names
 from features.labels import build_labels
 from features.volatility import har_target

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from configs.settings import Settings, get_settings
-from features.errors import MLEngineError
+from configs.errors import MLEngineError
 from training.backtest.calibration import class_calibration_rows
 from training.data import Prepared, load_histories, parse_candle_args, prepare, to_ms
 from inference.ensemble import Ensemble

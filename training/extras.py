@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from features.errors import ConfigError
+from configs.errors import ConfigError
 
 
 def require(module: str, extra: str, what: str) -> None:

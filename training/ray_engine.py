@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from configs.settings import ModelConfig
-from features.errors import ConfigError
+from configs.errors import ConfigError
 from training.models import FitOutcome, fit_booster, xgb_params
 from training.pipeline import FitJob, job_weights, run_fit_job
 from training.progress import log, progress

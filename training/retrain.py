@@ -46,7 +46,7 @@ import pandas as pd
 from configs.settings import Settings, get_settings, load_settings
 from features.candles import FIVE_MINUTES_MS
 from features.download import candle_path, download_klines
-from features.errors import MLEngineError, ModelLoadError, ModelNotFoundError
+from configs.errors import MLEngineError, ModelLoadError, ModelNotFoundError
 from features.indicators import feature_set_hash
 from training.data import load_histories, parse_candle_args, prepare, walk_forward_splits
 from inference.ensemble import Ensemble

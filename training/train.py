@@ -23,7 +23,7 @@ from typing import Any
 import xgboost as xgb
 
 from configs.settings import Settings, get_settings
-from features.errors import MLEngineError
+from configs.errors import MLEngineError
 from features.indicators import feature_set_hash
 from training.data import load_histories, parse_candle_args, prepare, to_ms
 from training.har_baseline import HAR_DOCUMENT, fit_har_baseline

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import asyncpg
 
-from features.errors import MLEngineError
+from configs.errors import MLEngineError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SCHEMA = "ml"

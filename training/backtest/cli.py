@@ -24,12 +24,13 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from configs.fees import profile_costs
+from features.costs import profile_costs
 from configs.settings import Settings, load_settings
-from configs.strategies import Strategy, load_strategies
+from configs.strategies import Strategy
+from training.backtest.strategy import load_strategies
 from features.build import build_features
 from features.candles import FIVE_MINUTES_MS
-from features.errors import ConfigError, MLEngineError
+from configs.errors import ConfigError, MLEngineError
 from training.backtest.engine import run_strategies
 from training.backtest.signals import count_rows_to_forecast, signal_table
 from training.backtest.simulate import Costs

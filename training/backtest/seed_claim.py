@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from configs.settings import load_settings
-from configs.strategies import load_strategies
+from training.backtest.strategy import load_strategies
 from features.build import build_features
 from features.costs import Costs
 from training.backtest.simulate import simulate

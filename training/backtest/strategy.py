@@ -1,13 +1,34 @@
-"""Apply a declarative :class:`configs.strategies.Strategy` to a signal table (pure, vectorised)."""
+"""Load the declarative :class:`configs.strategies.Strategy` set and apply one to a signal table
+(pure, vectorised)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from configs.strategies import Strategy
+from configs.errors import ConfigError
+from configs.settings import Settings, get_settings
+from configs.strategies import Strategy, read_strategies
+from features.indicators import feature_names
 
 _SIDE = {"BUY": 1, "SELL": -1}
+
+
+def load_strategies(path: str | Path | None = None, settings: Settings | None = None) -> dict[str, Strategy]:
+    """The strategy file (default: ``<config_dir>/strategies.yaml``) validated against the engine:
+    ``configs.strategies.read_strategies``' schema and horizon checks, then every filter's feature
+    must be one the feature set computes (a typo would otherwise silently pass every row)."""
+    settings = settings or get_settings()
+    strategies = read_strategies(path, settings)
+    known = set(feature_names(settings.features))
+    for name, s in strategies.items():
+        for i, f in enumerate(s.filters):
+            if f.feature not in known:
+                raise ConfigError(f"invalid strategies: strategies.{name}.filters.{i}.feature: unknown feature "
+                                  f"{f.feature!r}")
+    return strategies
 
 
 def select_signals(signals: pd.DataFrame, strategy: Strategy) -> pd.DataFrame:

@@ -1,7 +1,8 @@
 """The engine's error hierarchy.
 
-It lives in the lowest layer (``features``) because every other package — training, deployments,
-scripts — raises or maps these errors, and ``features`` must never import from those layers.
+It lives in the lowest layer (``configs``, which imports no other project package) because every
+package — configs itself, features, inference, training, deployments, scripts — raises or maps
+these errors, and a lower layer must never import from a higher one.
 The HTTP layer maps each class to a status code (see ``deployments.errors``).
 """
 
