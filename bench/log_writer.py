@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 from configs.settings import load_settings  # noqa: E402
 from deployments.db.migrate import apply_migrations  # noqa: E402
 from deployments.db.rows import rows_from_forecast  # noqa: E402
-from deployments.db.writer import LogWriter, insert_rows  # noqa: E402
+from deployments.db.insert import insert_rows  # noqa: E402
+from deployments.db.writer import LogWriter  # noqa: E402
 
 HORIZONS = (6, 18, 36, 72)
 SYMBOLS = ("BTCUSDT", "ETHUSDT")

@@ -1,7 +1,7 @@
 """Trading costs: one definition of what entering and leaving a position costs (issue 15).
 
 The backtest (training/backtest/simulate.py), the labels (features/labels.py) and live outcome
-resolution (deployments/db/resolution.py) all call these functions with the same :class:`Costs`
+resolution (deployments/db/outcomes.py) all call these functions with the same :class:`Costs`
 (built from Settings by :meth:`Costs.from_settings`, i.e. from the fee profile of configs/fees.yaml),
 so a label, a backtested trade and a resolved live signal charge exactly the same costs.
 

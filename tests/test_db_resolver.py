@@ -24,8 +24,9 @@ import pytest
 
 from configs.settings import LabelParams, load_settings
 from deployments.db.live_metrics import Baseline, walk_forward_baseline
-from deployments.db.resolution import CandleHistory, resolve_predictions, resolve_signals
-from deployments.db.resolver import CandleForwarder, OutcomeResolver, start_resolver
+from deployments.db.forwarder import CandleForwarder
+from deployments.db.outcomes import CandleHistory, resolve_predictions, resolve_signals
+from deployments.db.resolver import OutcomeResolver, start_resolver
 from deployments.db.rows import PredictionRow, SignalRow, rows_from_forecast
 from deployments.db.writer import LogWriter
 from features.candles import FIVE_MINUTES_MS

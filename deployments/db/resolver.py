@@ -1,6 +1,7 @@
 """The outcome resolver: at each candle close, score the logged forecasts that have come due.
 
-I/O edge around :mod:`deployments.db.resolution` (pure) and :mod:`deployments.db.live_metrics`.
+I/O edge around :mod:`deployments.db.outcomes` (pure scoring), :mod:`deployments.db.due_rows` (its SQL)
+and :mod:`deployments.db.live_metrics`.
 :class:`OutcomeResolver` holds a bounded candle history per symbol, fed by the engine's market
 feed (``add_candles`` once with the warm-up history, then ``on_candle_close`` per closed candle);
 each close it selects that symbol's unresolved rows whose window has ended (partial ``*_due``
@@ -20,135 +21,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import secrets
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import asyncpg
-import numpy as np
 
 from configs.settings import Settings, scrub
-from deployments.db.live_metrics import (Baseline, fetch_live_metrics, latest_version, summarize,
-                                         walk_forward_baseline)
+from deployments.db.due_rows import resolve_due_predictions, resolve_due_signals
+from deployments.db.insert import UNAVAILABLE, _close_quietly
+from deployments.db.live_gauges import LiveGauges, registry_baselines
+from deployments.db.live_metrics import Baseline, fetch_live_metrics, latest_version, summarize
 from deployments.db.migrate import apply_migrations
-from deployments.db.resolution import CandleHistory, resolve_predictions, resolve_signals
+from deployments.db.outcomes import CandleHistory
 from deployments.db.rows import RANGE_MODEL, SIGNAL_MODEL
 from features.costs import Costs
-from deployments.db.insert import UNAVAILABLE, _close_quietly
 
 log = logging.getLogger(__name__)
 
 ACTOR_NAME = "outcome_resolver"
-BATCH = 20_000  # rows fetched per query; a backlog is worked through in several
-
-_DUE_PREDICTIONS = """
-SELECT id, horizon, candle_open_time, predicted_high, predicted_low, high_lower, high_upper, low_lower, low_upper
-FROM ml.prediction_logs
-WHERE resolved_at IS NULL AND symbol = $1 AND resolve_after <= $2
-ORDER BY resolve_after LIMIT $3"""
-
-_DUE_SIGNALS = """
-SELECT id, horizon, candle_open_time, signal_type, entry_price, take_profit, stop_loss
-FROM ml.signal_logs
-WHERE resolved_at IS NULL AND symbol = $1 AND resolve_after <= $2
-ORDER BY resolve_after LIMIT $3"""
-
-_UPDATE_PREDICTIONS = """
-UPDATE ml.prediction_logs AS p
-SET actual_high = u.actual_high, actual_low = u.actual_low, mae = u.mae, high_inside = u.high_inside,
-    low_inside = u.low_inside, inside_interval = u.inside_interval, resolve_status = u.status, resolved_at = now()
-FROM unnest($1::uuid[], $2::float8[], $3::float8[], $4::float8[], $5::bool[], $6::bool[], $7::bool[], $8::text[])
-     AS u(id, actual_high, actual_low, mae, high_inside, low_inside, inside_interval, status)
-WHERE p.id = u.id AND p.resolved_at IS NULL"""
-
-_UPDATE_SIGNALS = """
-UPDATE ml.signal_logs AS s
-SET outcome = u.outcome, exit_price = u.exit_price, exit_bar = u.exit_bar, pnl_percent = u.pnl_percent,
-    r_multiple = u.r_multiple, resolve_status = u.status, resolved_at = now()
-FROM unnest($1::uuid[], $2::text[], $3::float8[], $4::int2[], $5::float8[], $6::float8[], $7::text[])
-     AS u(id, outcome, exit_price, exit_bar, pnl_percent, r_multiple, status)
-WHERE s.id = u.id AND s.resolved_at IS NULL"""
-
-
-def _nullable(values: np.ndarray) -> list[Any]:
-    """NaN -> NULL (a gap has no actual range; it is not zero)."""
-    out = []
-    for v in values.tolist():
-        out.append(None if isinstance(v, float) and not math.isfinite(v) else v)
-    return out
-
-
-def _col(rows: Sequence[asyncpg.Record], key: str, dtype: Any = np.float64) -> np.ndarray:
-    if dtype is object:
-        return np.array([r[key] for r in rows], dtype=object)
-    return np.array([np.nan if r[key] is None else r[key] for r in rows], dtype=dtype)
-
-
-def registry_baselines(settings: Settings) -> Callable[[str], Mapping[tuple[str, int], Baseline]]:
-    """Walk-forward baselines read from the model registry's metadata of each range-predictor version."""
-    def load(version: str) -> Mapping[tuple[str, int], Baseline]:
-        from inference.registry import ModelRegistry  # inference-side module: no training code on import
-
-        return walk_forward_baseline(ModelRegistry(settings.models_dir).metadata(RANGE_MODEL, version))
-    return load
-
-
-class LiveGauges:
-    """The live figures as Prometheus gauges, recorded with Ray's metrics (exported ``ray_``-prefixed by
-    each node's agent; the API's ``/metrics`` serves them under their own names). What each one is
-    exactly: :mod:`deployments.metric_defs` (docs/metrics.md), per window (24h, 7d, all), of the
-    version serving now: ``ml_interval_coverage_ratio`` and ``ml_signal_hit_ratio``, with the seed's
-    ``ml_model_accuracy`` set to their 24 h values; ``ml_model_drift``, ``ml_model_live_mae_ratio``,
-    ``ml_model_mae_vs_walk_forward_ratio``, ``ml_signal_cumulative_r``.
-    """
-
-    def __init__(self) -> None:
-        from deployments.metric_defs import BY_NAME
-        from deployments.metrics import EngineMetrics, make_metric
-
-        self.engine = EngineMetrics(use_ray=True)
-        gauge = {name: make_metric(BY_NAME[name], use_ray=True) for name in (
-            "ml_interval_coverage_ratio", "ml_signal_hit_ratio", "ml_model_drift", "ml_model_live_mae_ratio",
-            "ml_model_mae_vs_walk_forward_ratio", "ml_signal_cumulative_r")}
-        self.coverage, self.hit = gauge["ml_interval_coverage_ratio"], gauge["ml_signal_hit_ratio"]
-        self.drift, self.mae = gauge["ml_model_drift"], gauge["ml_model_live_mae_ratio"]
-        self.ratio, self.cum_r = gauge["ml_model_mae_vs_walk_forward_ratio"], gauge["ml_signal_cumulative_r"]
-
-    @classmethod
-    def create(cls) -> "LiveGauges | None":
-        try:
-            import ray
-
-            return cls() if ray.is_initialized() else None
-        except Exception as exc:  # metrics are a view; resolution goes on without them
-            log.warning("resolver: live gauges unavailable: %s", exc)
-            return None
-
-    def export(self, metrics: Mapping[str, Any]) -> None:
-        current = metrics["current"]
-        models = metrics["models"]
-        rv, sv = current.get(RANGE_MODEL), current.get(SIGNAL_MODEL)
-        if rv in models[RANGE_MODEL]:
-            entry = models[RANGE_MODEL][rv]
-            if entry["24h"]["interval_coverage"] is not None:
-                self.engine.model_accuracy(RANGE_MODEL, entry["24h"]["interval_coverage"])
-            self.drift.set(1.0 if entry["drift"]["flag"] else 0.0, {"model_name": RANGE_MODEL})
-            for w in ("24h", "7d", "all"):
-                tags = {"model_name": RANGE_MODEL, "window": w}
-                for gauge, key in ((self.coverage, "interval_coverage"), (self.mae, "mae"), (self.ratio, "mae_ratio")):
-                    if entry[w][key] is not None:
-                        gauge.set(entry[w][key], tags)
-        if sv in models[SIGNAL_MODEL]:
-            entry = models[SIGNAL_MODEL][sv]
-            if entry["24h"]["hit_rate"] is not None:
-                self.engine.model_accuracy(SIGNAL_MODEL, entry["24h"]["hit_rate"])
-            for w in ("24h", "7d", "all"):
-                tags = {"model_name": SIGNAL_MODEL, "window": w}
-                if entry[w]["hit_rate"] is not None:
-                    self.hit.set(entry[w]["hit_rate"], tags)
-                self.cum_r.set(entry[w]["cumulative_r"], tags)
-
 
 class OutcomeResolver:
     """Resolves due predictions and signals at each candle close and keeps live metrics."""
@@ -237,6 +128,7 @@ class OutcomeResolver:
         """Resolve every due row of ``symbol`` (all symbols if None); PostgreSQL down -> zeros."""
         counts = {"predictions": 0, "signals": 0}
         symbols = [symbol] if symbol is not None else list(self.histories)
+        opts = {"gap_grace_candles": self.gap_grace_candles, "timeout": self.settings.db_timeout_s}
         async with self._lock:
             conn = await self._connection()
             if conn is None:
@@ -246,56 +138,14 @@ class OutcomeResolver:
                     hist = self.histories.get(sym)
                     if hist is None or hist.last_open_time is None:
                         continue
-                    counts["predictions"] += await self._resolve_predictions(conn, sym, hist)
-                    counts["signals"] += await self._resolve_signals(conn, sym, hist)
+                    counts["predictions"] += await resolve_due_predictions(conn, sym, hist, **opts)
+                    counts["signals"] += await resolve_due_signals(conn, sym, hist, self.costs, **opts)
             except UNAVAILABLE as exc:
                 await self._drop_connection(exc)
         for k, v in counts.items():
             self.resolved[k] += v
         self.last_resolve_at = time.time()
         return counts
-
-    async def _resolve_predictions(self, conn: asyncpg.Connection, symbol: str, hist: CandleHistory) -> int:
-        done = 0
-        timeout = self.settings.db_timeout_s
-        while True:
-            rows = await conn.fetch(_DUE_PREDICTIONS, symbol, hist.last_open_time, BATCH, timeout=timeout)
-            if not rows:
-                return done
-            res = resolve_predictions(hist, _col(rows, "candle_open_time", np.int64), _col(rows, "horizon", np.int64),
-                                      *(_col(rows, k) for k in ("predicted_high", "predicted_low", "high_lower",
-                                                                 "high_upper", "low_lower", "low_upper")),
-                                      gap_grace_candles=self.gap_grace_candles)
-            ready = np.flatnonzero(res["status"] != "pending")
-            if len(ready):
-                await conn.execute(_UPDATE_PREDICTIONS, [rows[i]["id"] for i in ready],
-                                   *(_nullable(res[k][ready]) for k in ("actual_high", "actual_low", "mae")),
-                                   *(list(res[k][ready]) for k in ("high_inside", "low_inside", "inside_interval",
-                                                                   "status")), timeout=timeout)
-            done += len(ready)
-            if len(rows) < BATCH or not len(ready):
-                return done
-
-    async def _resolve_signals(self, conn: asyncpg.Connection, symbol: str, hist: CandleHistory) -> int:
-        done = 0
-        timeout = self.settings.db_timeout_s
-        while True:
-            rows = await conn.fetch(_DUE_SIGNALS, symbol, hist.last_open_time, BATCH, timeout=timeout)
-            if not rows:
-                return done
-            res = resolve_signals(hist, _col(rows, "candle_open_time", np.int64), _col(rows, "horizon", np.int64),
-                                  _col(rows, "signal_type", object), _col(rows, "entry_price"),
-                                  _col(rows, "take_profit"), _col(rows, "stop_loss"), self.costs,
-                                  gap_grace_candles=self.gap_grace_candles)
-            ready = np.flatnonzero(res["status"] != "pending")
-            if len(ready):
-                await conn.execute(_UPDATE_SIGNALS, [rows[i]["id"] for i in ready], list(res["outcome"][ready]),
-                                   _nullable(res["exit_price"][ready]), list(res["exit_bar"][ready]),
-                                   _nullable(res["pnl_percent"][ready]), _nullable(res["r_multiple"][ready]),
-                                   list(res["status"][ready]), timeout=timeout)
-            done += len(ready)
-            if len(rows) < BATCH or not len(ready):
-                return done
 
     # ---- live metrics --------------------------------------------------------------------------
     async def refresh_metrics(self, force: bool = False) -> dict[str, Any]:
@@ -415,75 +265,3 @@ def start_resolver(settings: Settings, *, name: str = ACTOR_NAME, namespace: str
     if detached:
         options["lifetime"] = "detached"
     return actor.options(**options).remote(settings, **kwargs)
-
-
-class CandleForwarder:
-    """The feed's side: hands closed candles to the resolver actor in order, never blocking the feed.
-
-    An async Ray actor may run calls out of submission order, and a candle that overtakes its
-    predecessor would make the resolver see a hole. So one call is in flight at a time: ``push``
-    only queues (O(1)), and a background task sends everything queued for a symbol in one
-    ``on_candles`` call, awaits it, then sends the next — a fast replay is batched, not reordered.
-
-    It also keeps the last ``keep`` candles it sent: a resolver that restarted (empty history; its
-    reply carries a new ``instance``) gets them again, so rows logged before the restart can still be resolved.
-    A failed call is retried. Memory is bounded by ``keep`` per symbol.
-    """
-
-    def __init__(self, get_resolver: Callable[[], Any], keep: int = 14 * 288, retry_s: float = 1.0) -> None:
-        self.get_resolver = get_resolver  # returns the actor handle; called again after a failed call
-        self.actor: Any = None
-        self.keep = keep
-        self.retry_s = retry_s
-        self._queued: dict[str, list[tuple[int, float, float, float]]] = {}
-        self._sent: dict[str, list[tuple[int, float, float, float]]] = {}
-        self._instance: dict[str, str] = {}
-        self._task: asyncio.Task | None = None
-        self.sent = 0
-        self.failures = 0
-        self.last_error: str | None = None
-
-    def push(self, symbol: str, open_time: int, high: float, low: float, close: float) -> None:
-        q = self._queued.setdefault(symbol, [])
-        q.append((int(open_time), float(high), float(low), float(close)))
-        if len(q) > self.keep:
-            del q[: len(q) - self.keep]
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._send())
-
-    async def _send(self) -> None:
-        while any(self._queued.values()):
-            for symbol in list(self._queued):
-                batch = self._queued[symbol]
-                if not batch:
-                    continue
-                self._queued[symbol] = []
-                sent = self._sent.setdefault(symbol, [])
-                try:
-                    reply = await self._call(symbol, batch)
-                    known = self._instance.get(symbol)
-                    if known is not None and reply["instance"] != known and sent:  # the resolver restarted
-                        reply = await self._call(symbol, (sent + batch)[-self.keep:])
-                    self._instance[symbol] = reply["instance"]
-                except Exception as exc:  # resolver unreachable for now: keep the candles, retry
-                    self.actor = None  # look it up (or start it) again
-                    self.failures += 1
-                    self.last_error = f"{type(exc).__name__}: {exc}"
-                    log.warning("candle forwarder: resolver call failed (%s); retrying", self.last_error)
-                    self._queued[symbol] = (batch + self._queued[symbol])[-self.keep:]
-                    await asyncio.sleep(self.retry_s)
-                    continue
-                sent.extend(batch)
-                del sent[: max(0, len(sent) - self.keep)]
-                self.sent += len(batch)
-
-    async def _call(self, symbol: str, candles: list[tuple[int, float, float, float]]) -> dict[str, int]:
-        t, h, lo, c = (list(x) for x in zip(*candles))
-        if self.actor is None:
-            self.actor = self.get_resolver()
-        return await self.actor.on_candles.remote(symbol, t, h, lo, c)
-
-    async def drain(self) -> None:
-        """Wait until every pushed candle has been handed over (tests, shutdown)."""
-        while self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)

@@ -24,7 +24,8 @@ import time
 from typing import Any, Sequence
 
 from configs.settings import Settings
-from deployments.db.resolver import ACTOR_NAME, CandleForwarder, start_resolver
+from deployments.db.forwarder import CandleForwarder
+from deployments.db.resolver import ACTOR_NAME, start_resolver
 from deployments.db.writer import LogWriter
 
 log = logging.getLogger(__name__)

@@ -37,11 +37,11 @@ import time
 from pathlib import Path
 
 from deployments.db.rows import PredictionRow, SignalRow, decode
+from deployments.db.spool_files import orphans, pending_on_disk, seg_name, seg_numbers
 
 log = logging.getLogger(__name__)
 
 SEGMENT_BYTES = 16 << 20
-_SEG_PREFIX, _SEG_SUFFIX = "seg-", ".log"
 
 
 class SpoolBusy(RuntimeError):
@@ -59,20 +59,6 @@ class SpoolWriteError(RuntimeError):
     @property
     def disk_full(self) -> bool:
         return self.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def _seg_name(n: int) -> str:
-    return f"{_SEG_PREFIX}{n:08d}{_SEG_SUFFIX}"
-
-
-def _seg_numbers(directory: Path) -> list[int]:
-    out = []
-    for p in directory.glob(f"{_SEG_PREFIX}*{_SEG_SUFFIX}"):
-        try:
-            out.append(int(p.name[len(_SEG_PREFIX):-len(_SEG_SUFFIX)]))
-        except ValueError:
-            continue
-    return sorted(out)
 
 
 class Spool:
@@ -111,8 +97,8 @@ class Spool:
             os.close(fd)
             raise SpoolBusy(str(self.directory)) from None
         self._lock_fd = fd
-        segs = _seg_numbers(self.directory)
-        self._sizes = {n: (self.directory / _seg_name(n)).stat().st_size for n in segs}
+        segs = seg_numbers(self.directory)
+        self._sizes = {n: (self.directory / seg_name(n)).stat().st_size for n in segs}
         self._pos = self._load_position(segs)
         if self.appendable:
             # Always a fresh segment: the last one may end in a torn line from a crash, and
@@ -156,21 +142,10 @@ class Spool:
         self.others_pending = total
         return total
 
-    @staticmethod
-    def pending_on_disk(directory: Path) -> int:
-        """Unconfirmed bytes of a spool directory, read from disk (any process, no lock taken)."""
-        try:
-            sizes = {n: (directory / _seg_name(n)).stat().st_size for n in _seg_numbers(directory)}
-            try:
-                seg, off = (int(x) for x in (directory / "position").read_text().split())
-            except (FileNotFoundError, ValueError):
-                seg, off = (min(sizes), 0) if sizes else (0, 0)
-        except OSError:
-            return 0
-        return max(0, sum(size for n, size in sizes.items() if n >= seg) - (off if seg in sizes else 0))
+    pending_on_disk = staticmethod(pending_on_disk)  # unconfirmed bytes of any spool directory, from disk
 
     def _open_active(self) -> None:
-        path = self.directory / _seg_name(self._active)
+        path = self.directory / seg_name(self._active)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._sizes[self._active] = os.fstat(self._fd).st_size
 
@@ -292,7 +267,7 @@ class Spool:
             if end < 0:
                 if sealed and off + len(buf) >= size:  # torn tail of a dead writer's segment
                     self.torn_lines += 1
-                    log.warning("spool %s: skipping a torn last line in %s", self.directory, _seg_name(seg))
+                    log.warning("spool %s: skipping a torn last line in %s", self.directory, seg_name(seg))
                     off = size
                     continue
                 if len(buf) >= chunk_bytes:
@@ -315,7 +290,7 @@ class Spool:
         if self._read_seg != seg:
             if self._read_file is not None:
                 self._read_file.close()
-            self._read_file = open(self.directory / _seg_name(seg), "rb")
+            self._read_file = open(self.directory / seg_name(seg), "rb")
             self._read_seg = seg
         return self._read_file
 
@@ -340,7 +315,7 @@ class Spool:
             if self._read_seg == n and self._read_file is not None:
                 self._read_file.close()
                 self._read_file, self._read_seg = None, -1
-            (self.directory / _seg_name(n)).unlink(missing_ok=True)
+            (self.directory / seg_name(n)).unlink(missing_ok=True)
 
     def reject(self, lines: list[bytes], reason: str) -> None:
         """Keep lines PostgreSQL (or the decoder) refused, with why, for a human to inspect (and
@@ -362,39 +337,6 @@ class Spool:
             raise SpoolWriteError("rejected.log not written", exc) from None
         self.rejected_lines += len(lines)
         log.error("spool %s: %d line(s) rejected (%s), kept in rejected.log", self.directory, len(lines), reason)
-
-
-def node_pending_bytes(root: Path) -> int:
-    """Bytes not yet confirmed in PostgreSQL in every spool under ``root`` (all writers of this node,
-    the router's included, dead ones' too), from their segment sizes and saved read positions."""
-    total = 0
-    try:
-        for d in root.iterdir():
-            total += Spool.pending_on_disk(d)
-    except OSError:
-        pass
-    return total
-
-
-def orphans(root: Path, own: Path) -> list[Path]:
-    """Spool directories under ``root`` whose owner has died (their flock is free), oldest first."""
-    if not root.exists():
-        return []
-    found = []
-    for d in root.iterdir():
-        if not d.is_dir() or d == own or not (d / "lock").exists():
-            continue
-        fd = os.open(d / "lock", os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue
-        else:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            found.append(d)
-        finally:
-            os.close(fd)
-    return sorted(found, key=lambda d: d.stat().st_mtime)
 
 
 def adopt_orphans(root: Path, own: Path, max_bytes: int) -> list[Spool]:
