@@ -106,7 +106,31 @@ redirects to this page's interactive form, `/docs`."""
 def create_app(service: PredictionService, *, database_health: Callable[[], Awaitable[dict[str, Any]]],
                metrics_text: Callable[[], Awaitable[str]], serving_log: ServingLog | None = None,
                title: str = "ML Engine", metrics_access: MetricsAccess | None = None) -> FastAPI:
+    """The engine's FastAPI app: the guard and CORS, then the routes in the order OpenAPI lists them."""
     settings = service.settings
+    Symbol, PredictionRequest, SignalRequest = request_models(service)
+    app = FastAPI(title=title, version="1.0.0",
+                  description=api_description(settings, service.symbols, service.horizons))
+    install_error_handlers(app, service.symbols, service.horizons)
+    authorized = key_check(service)
+    app.add_middleware(RequestGuard, routes_of=app, key_check=authorized, keys=service.keys,
+                       failures=service.auth_failures, max_body_bytes=settings.max_body_bytes,
+                       metrics=metrics_access or MetricsAccess(settings.metrics_networks))
+    if settings.cors_origins:  # added last: outermost, so a preflight never meets the guard's 401
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
+                           allow_credentials=settings.cors_allow_credentials, allow_methods=["GET", "POST"],
+                           allow_headers=[API_KEY_HEADER, "Content-Type", "Cache-Control"],
+                           expose_headers=["Retry-After"], max_age=600)
+    _prediction_routes(app, service, authorized, PredictionRequest, SignalRequest)
+    _status_routes(app, service, authorized, Symbol, serving_log)
+    _health_routes(app, service, authorized, database_health, serving_log)
+    _metrics_route(app, metrics_text)
+    return app
+
+
+def request_models(service: PredictionService) -> tuple[Any, type, type]:
+    """``(Symbol, PredictionRequest, SignalRequest)`` built from the settings: OpenAPI lists the
+    supported symbols and horizons as enums, and anything else is a 422 naming them."""
     symbols, horizons = service.symbols, service.horizons
     Symbol = Literal[tuple(symbols)]  # type: ignore[valid-type]
     Horizon = Literal[tuple(horizons)]  # type: ignore[valid-type]
@@ -120,9 +144,11 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
         symbol=(Symbol, Field(description="exchange symbol", examples=[symbols[0]])),
         horizon=(Optional[Horizon], Field(None, description=f"horizon in 5-minute candles (default "
                                                             f"{service.signal_horizon})")))
+    return Symbol, PredictionRequest, SignalRequest
 
-    app = FastAPI(title=title, version="1.0.0", description=api_description(settings, symbols, horizons))
-    install_error_handlers(app, symbols, horizons)
+
+def key_check(service: PredictionService) -> Callable[..., Awaitable[str]]:
+    """The dependency that identifies the key (the guard usually has already) and rate-limits it."""
     key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
                               description="one of the keys in MLE_API_KEYS")
 
@@ -138,32 +164,32 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
                            headers={"Retry-After": retry_after_header(wait)}, retry_after_s=round(wait, 3))
         return kid
 
-    auth_errors = openapi_errors(401, 413, 422, 429, 503)
-    app.add_middleware(RequestGuard, routes_of=app, key_check=authorized, keys=service.keys,
-                       failures=service.auth_failures, max_body_bytes=settings.max_body_bytes,
-                       metrics=metrics_access or MetricsAccess(settings.metrics_networks))
+    return authorized
 
-    if settings.cors_origins:  # added last: outermost, so a preflight never meets the guard's 401
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
-                           allow_credentials=settings.cors_allow_credentials, allow_methods=["GET", "POST"],
-                           allow_headers=[API_KEY_HEADER, "Content-Type", "Cache-Control"],
-                           expose_headers=["Retry-After"], max_age=600)
 
-    def json_bytes(body: bytes) -> Response:
-        return Response(content=body, media_type="application/json")
+def json_bytes(body: bytes) -> Response:
+    """A pre-rendered answer as it is: FastAPI neither re-validates nor re-serialises it."""
+    return Response(content=body, media_type="application/json")
 
-    def no_cache(value: Optional[str]) -> bool:
-        return bool(value) and "no-cache" in value.lower()
 
-    cache_control_doc = ("`no-cache` computes the answer now through the model graph instead of reading the cache "
-                         "(and refreshes the cache)")
+def no_cache(value: Optional[str]) -> bool:
+    return bool(value) and "no-cache" in value.lower()
 
+
+AUTH_ERRORS = openapi_errors(401, 413, 422, 429, 503)
+CACHE_CONTROL_DOC = ("`no-cache` computes the answer now through the model graph instead of reading the cache "
+                     "(and refreshes the cache)")
+
+
+def _prediction_routes(app: FastAPI, service: PredictionService, authorized: Callable[..., Awaitable[str]],
+                       PredictionRequest: type, SignalRequest: type) -> None:
+    """``POST /predictions`` and ``POST /signals``."""
     @app.post("/predictions", operation_id="get_prediction",
-              response_model=PredictionResponse, responses=auth_errors, tags=["predictions"],
+              response_model=PredictionResponse, responses=AUTH_ERRORS, tags=["predictions"],
               summary="Predicted high and low over the horizon, with the 10-90% interval")
     async def predictions(req: PredictionRequest,  # type: ignore[valid-type]
                           kid: str = Depends(authorized),
-                          cache_control: Optional[str] = Header(None, description=cache_control_doc)) -> Response:
+                          cache_control: Optional[str] = Header(None, description=CACHE_CONTROL_DOC)) -> Response:
         """The median predicted highest and lowest price over the next `horizon` candles, as prices and
         percent of the last close, with the 10%-90% interval of each (`interval.coverage` = 0.8), for the
         newest closed candle. 503 `features_unavailable` when the candle's features are undefined (warm-up,
@@ -179,11 +205,11 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
                                                fresh=no_cache(cache_control), kid=kid))
 
     @app.post("/signals", operation_id="get_signal",
-              response_model=SignalResponse, responses=auth_errors, tags=["predictions"],
+              response_model=SignalResponse, responses=AUTH_ERRORS, tags=["predictions"],
               summary="BUY/SELL/HOLD with confidence, entry, take-profit and stop-loss")
     async def signals(req: SignalRequest,  # type: ignore[valid-type]
                       kid: str = Depends(authorized),
-                      cache_control: Optional[str] = Header(None, description=cache_control_doc)) -> Response:
+                      cache_control: Optional[str] = Header(None, description=CACHE_CONTROL_DOC)) -> Response:
         """BUY, SELL or HOLD for the newest closed candle, with the trade: `entry_price` (the close),
         `take_profit` and `stop_loss` (barriers from the horizon's volatility forecast, the stop at least
         three round-trip costs; SELL uses the short's), and its economics after the costs of `fee_profile`:
@@ -198,8 +224,12 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
         return json_bytes(await service.answer("signals", req.symbol, horizon, fresh=no_cache(cache_control),
                                                kid=kid))
 
+
+def _status_routes(app: FastAPI, service: PredictionService, authorized: Callable[..., Awaitable[str]],
+                   Symbol: Any, serving_log: ServingLog | None) -> None:
+    """``GET /indicators`` and ``GET /models/status``."""
     @app.get("/indicators", operation_id="get_indicators",
-             response_model=IndicatorsResponse, responses=auth_errors, tags=["market"],
+             response_model=IndicatorsResponse, responses=AUTH_ERRORS, tags=["market"],
              summary="The latest indicator values (the model's features), by group")
     async def indicators(symbol: Symbol = Query(description="exchange symbol"),  # type: ignore[valid-type]
                          kid: str = Depends(authorized)) -> dict[str, Any]:
@@ -224,6 +254,10 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
                 status = {**status, "live": {"status": "unknown", "error": f"{type(exc).__name__}: {exc}"[:300]}}
         return status
 
+
+def _health_routes(app: FastAPI, service: PredictionService, authorized: Callable[..., Awaitable[str]],
+                   database_health: Callable[[], Awaitable[dict[str, Any]]], serving_log: ServingLog | None) -> None:
+    """``GET /`` (to the docs), ``/health``, ``/health/ready`` and ``/health/detailed``."""
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:
         """A browser opening the engine's address lands on the interactive API docs."""
@@ -263,6 +297,9 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
                 database = {**database, "log": {"status": "unknown", "error": scrub(f"{type(exc).__name__}: {exc}")}}
         return await service.health_detailed(database)
 
+
+def _metrics_route(app: FastAPI, metrics_text: Callable[[], Awaitable[str]]) -> None:
+    """``GET /metrics`` (the guard decides who may read it)."""
     @app.get("/metrics", operation_id="get_metrics",
              tags=["operations"], summary="Prometheus metrics of the engine (no key needed)",
              response_class=Response,
@@ -280,8 +317,6 @@ def create_app(service: PredictionService, *, database_health: Callable[[], Awai
         except MetricsUnavailable as exc:
             raise ApiError(503, "metrics_unavailable", str(exc), headers={"Retry-After": "5"}) from None
         return Response(content=text, media_type="text/plain; version=0.0.4")
-
-    return app
 
 
 class DatabaseProbe:

@@ -28,7 +28,7 @@ from configs.precedence import below_environment
 from configs.settings import load_settings
 from deployments.feature_builder import FeatureBuilderDeployment
 from deployments.ingress import ApiIngress
-from deployments.market_data import MarketFeed
+from deployments.market_feed import MarketFeed
 from configs.errors import ConfigError
 from deployments.models import POOL_NAMES, ModelPool
 from deployments.router import EnsembleRouter

@@ -17,7 +17,8 @@ import pytest
 
 from configs.symbols import synthetic_names
 from deployments.binance_feed import BinanceSource
-from deployments.binance_hub import BinanceHub, WeightPacer, retry_after_s, used_weight
+from deployments.binance_hub import BinanceHub
+from deployments.binance_rest import WeightPacer, retry_after_s, used_weight
 from features.candles import FIVE_MINUTES_MS
 from features.synthetic import synthetic_candles
 from tests.fake_binance import FakeBinance, load_test_candles
