@@ -208,13 +208,13 @@ def _models(settings, tmp: Path) -> Path:
         Ensemble.load(settings.models_dir, settings)
         return settings.models_dir
     except Exception:
-        from training.train import main as train_main
+        from training.engines import PlainEngine
+        from training.train import train, with_overrides
 
         out = tmp / "models"
-        files = [str(settings.sample_dir / f"{s}_5m.parquet") for s in SYMBOLS]
         print(f"(no loadable model set in {settings.models_dir}: training a tiny one on the sample)")
-        if train_main(["--candles", *files, "--out", str(out), "--rounds", "2", "--folds", "2", "--nthread", "1"]):
-            raise RuntimeError("training the benchmark models failed")
+        train(with_overrides(settings, rounds=2, folds=2), {s: settings.sample_dir / f"{s}_5m.parquet" for s in SYMBOLS},
+              PlainEngine(nthread=1), out=out)
         return out
 
 

@@ -131,13 +131,14 @@ def main() -> int:
                 print(f"no loadable model set in {settings.models_dir}: training a 2-round one on the sample")
                 models_dir = train_small_models(tmp / "models")
             else:  # what make serve does: the shipped sample, the configured training parameters
-                from training.train import main as train_main
+                from configs.settings import get_settings
+                from training.engines import PlainEngine
+                from training.train import train
 
                 print(f"no loadable model set in {settings.models_dir}: training one on the sample (as make serve)")
                 models_dir = tmp / "models"
-                sample = [str(settings.sample_dir / f"{s}_5m.parquet") for s in symbols]
-                if train_main(["--candles", *sample, "--out", str(models_dir)]):
-                    raise RuntimeError("training failed")
+                train(get_settings(), {s: settings.sample_dir / f"{s}_5m.parquet" for s in symbols}, PlainEngine(),
+                      out=models_dir)
         ens = Ensemble.load(models_dir, settings)
         files, frames = {}, {}
         for s in symbols:

@@ -147,11 +147,12 @@ def _serve_running() -> bool:
 
 def train_small_models(out: Path) -> Path:
     """A complete model set on the shipped sample, two rounds per booster (seconds, not minutes)."""
-    from training.train import main as train_main
+    from configs.settings import get_settings
+    from training.engines import PlainEngine
+    from training.train import train, with_overrides
 
-    files = [str(SAMPLE_DATA / f"{s}_5m.parquet") for s in SYMBOLS]
-    rc = train_main(["--candles", *files, "--out", str(out), "--rounds", "2", "--folds", "2", "--nthread", "1"])
-    assert rc == 0, "training the test models failed"
+    train(with_overrides(get_settings(), rounds=2, folds=2), {s: SAMPLE_DATA / f"{s}_5m.parquet" for s in SYMBOLS},
+          PlainEngine(nthread=1), out=out)
     return out
 
 

@@ -18,15 +18,18 @@ from training.backtest.cli import main
 
 FILES = [str(SAMPLE_DATA / f"{s}_5m.parquet") for s in ("BTCUSDT", "ETHUSDT")]
 TRAIN_END = "2025-11-10"
-FAST = ["--rounds", "2", "--folds", "2", "--nthread", "1"]
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> Path:
-    from training.train import main as train_main
+    from configs.settings import get_settings
+    from training.data import parse_candle_args
+    from training.engines import PlainEngine
+    from training.train import train, with_overrides
 
     out = tmp_path_factory.mktemp("bt_models")
-    assert train_main(["--candles", *FILES, "--out", str(out), "--end", TRAIN_END, *FAST]) == 0
+    train(with_overrides(get_settings(), rounds=2, folds=2), parse_candle_args(FILES), PlainEngine(nthread=1), out=out,
+          end=TRAIN_END)
     return out
 
 

@@ -45,12 +45,14 @@ def _ms(iso: str) -> int:
 @pytest.fixture(scope="module")
 def champion_registry(tmp_path_factory, sample) -> Path:
     """A champion trained on the sample up to CHAMPION_END (weak on purpose: one boosting round)."""
-    from training.train import main as train_main
+    from configs.settings import get_settings
+    from training.engines import PlainEngine
+    from training.train import train, with_overrides
 
     out = tmp_path_factory.mktemp("champion") / "models"
-    rc = train_main(["--candles", *[f"{s}={p}" for s, p in sample.items()], "--out", str(out),
-                     "--end", CHAMPION_END, "--rounds", "1", "--folds", "2", "--nthread", "1"])
-    assert rc == 0
+    trained = train(with_overrides(get_settings(), rounds=1, folds=2), sample, PlainEngine(nthread=1), out=out,
+                    end=CHAMPION_END)
+    assert ModelRegistry(out).current_versions() == {m: trained.version for m in MODEL_NAMES}
     return out
 
 

@@ -259,8 +259,9 @@ def test_meta_model_trained_only_on_out_of_fold_predictions(candle_slices):
     """Record every fit: the meta-model's rows are all out-of-fold, its inputs are the fold models'
     predictions (never the final in-sample models'), and calibration rows are unseen by it."""
     from configs.settings import get_settings
-    from training.pipeline import PlainEngine, train
     from inference.transforms import meta_columns
+    from training.engines import PlainEngine
+    from training.pipeline import fit_models
     from training.train import with_overrides
 
     class Recording(PlainEngine):
@@ -280,7 +281,7 @@ def test_meta_model_trained_only_on_out_of_fold_predictions(candle_slices):
                               rounds=5, folds=2)
     data = _prepared(candle_slices, settings)
     eng = Recording()
-    res = train(data, settings, eng)
+    res = fit_models(data, settings, eng)
     (wf_desc, wf_jobs, _, wf_out), (meta_desc, meta_jobs, meta_mats, _), (final_desc, final_jobs, _, _) = eng.calls
     assert (wf_desc, meta_desc, final_desc) == ("walk-forward", "meta-model", "final refit")
     oof = res.oof_rows
@@ -589,15 +590,16 @@ def test_per_symbol_models_route_rows_by_symbol(candle_slices, tmp_path):
     """models.per_symbol trains one booster per symbol; the ensemble sends each row to its symbol's."""
     from configs.settings import get_settings
     from inference.ensemble import Ensemble
-    from training.pipeline import PlainEngine, train
     from inference.registry import ModelRegistry
+    from training.engines import PlainEngine
+    from training.pipeline import fit_models
     from training.train import save_models, with_overrides
 
     base = get_settings()
     settings = with_overrides(base.model_copy(update={"market": base.market.model_copy(update={"horizons": [6]})}),
                               rounds=3, folds=2, per_symbol=True)
     data = _prepared(candle_slices, settings)
-    out = train(data, settings, PlainEngine(nthread=1))
+    out = fit_models(data, settings, PlainEngine(nthread=1))
     assert set(out.boosters["range_predictor"]) == {f"{t}_h6__{s}" for t in ("high", "low", "high_mean", "low_mean")
                                                         for s in SYMBOLS}
     save_models(out, ModelRegistry(tmp_path), settings, {

@@ -47,12 +47,11 @@ def _rel_close(a: float | None, b: float | None, tol: float = 0.01) -> bool:
 
 def test_ray_job_submit_matches_plain_path(ray_cluster, slice_files, tmp_path, monkeypatch):
     from configs.settings import load_settings
-    from training.data import load_histories, prepare, to_ms
     from inference.ensemble import Ensemble
+    from training.data import load_histories, to_ms
+    from training.engines import PlainEngine
     from training.evaluate import evaluate
-    from training.pipeline import PlainEngine, train
-    from inference.registry import ModelRegistry
-    from training.train import save_models
+    from training.train import train
 
     for k, v in ENV.items():
         monkeypatch.setenv(k, v)
@@ -91,15 +90,12 @@ def test_ray_job_submit_matches_plain_path(ray_cluster, slice_files, tmp_path, m
     assert set(ray_ens.versions.values()) == {summary["version"]}
     assert all(m["engine"] == "ray" for m in ray_ens.metadata.values())
 
-    # 2. The plain path on the same rows.
-    data = prepare(hist, settings, end_ms=cut_ms)
-    assert len(data) == summary["rows"]
-    out = train(data, settings, PlainEngine(nthread=1))
+    # 2. The plain path on the same rows, through the same entry point as the command line.
     plain_dir = tmp_path / "plain_models"
-    save_models(out, ModelRegistry(plain_dir), settings, {
-        "data_range": data.data_range(), "symbols": list(data.symbols), "horizons": settings.market.horizons,
-        "per_symbol": False, "feature_names": list(data.feature_names), "model_columns": list(data.columns)}, "plain")
+    plain = train(settings, slice_files, PlainEngine(nthread=1), out=plain_dir, end=end)
+    assert plain.rows == summary["rows"] and plain.engine == "plain"
     plain_ens = Ensemble.load(plain_dir, settings)
+    assert set(plain_ens.versions.values()) == {plain.version}
 
     # 3. Same out-of-sample figures: walk-forward (Ray tasks vs in-process) ...
     checked = 0

@@ -1,8 +1,9 @@
 """The training pipeline, identical for both engines: walk-forward, stacking, calibration, refit.
 
-An *engine* only decides where fits run (``PlainEngine``: in this process; ``RayEngine``: Ray tasks
-and a Ray Train ``XGBoostTrainer``). Jobs, data, targets and the post-processing are defined here
-once, so both engines produce the same models from the same rows.
+An *engine* (``training.engines``) only decides where fits run (``PlainEngine``: in this process;
+``RayEngine``: Ray tasks and a Ray Train ``XGBoostTrainer``). Jobs, data, targets and the
+post-processing are defined here once, so both engines produce the same models from the same rows.
+:func:`fit_models` runs the steps; ``training.train.train`` saves what it returns as one version.
 
 Steps:
 1. walk-forward (``training.data.walk_forward_splits``): every base booster is fit on each fold's
@@ -21,10 +22,9 @@ would be scored on the rows they were fit on).
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -34,105 +34,33 @@ from inference.layout import BASE_MODELS, MODEL_NAMES, MODELS
 from inference.transforms import (INTERVAL_DOCUMENT, VOL_FEATURE, apply_calibration, meta_matrix, proposed_side,
                                   range_cost_ratio, stage_output)
 from training.data import Fold, Prepared, split_tail, subsample_stride, walk_forward_splits
+from training.engines import Engine, FitJob
 from training.intervals import fit_interval_calibration
 from training.meta_label import choose_policy, gross_payoffs, policy_figures, proposal_targets, uniqueness_weights
 from training.metrics import (BASELINE_VOL_FEATURE, auc, baseline_predictions, ece, fit_baselines, fit_isotonic,
                               range_metrics, reliability_curve, signal_metrics, tpsl_metrics)
-from training.models import FitOutcome, TargetSpec, base_specs, fit_booster, meta_specs, predict_raw, \
-    target_values, xgb_params
-from training.progress import log, progress
+from training.models import FitOutcome, TargetSpec, base_specs, meta_specs, target_values
+from training.progress import log
 
 
 @dataclass(frozen=True)
-class FitJob:
-    """One booster fit: which rows of which matrix, which target, how many rounds, what to predict."""
+class Rows:
+    """The prepared rows and what every step reads from them (volatility columns, horizons, embargo)."""
 
-    key: str
-    spec: TargetSpec
-    matrix: str
-    target: str
-    fit_rows: np.ndarray
-    val_rows: np.ndarray
-    predict_rows: np.ndarray
-    rounds: int
-    early_stopping: int | None
-    weight: str | None = None  # key of the sample weights in the targets mapping (meta-model: uniqueness)
+    data: Prepared
+    cfg: ModelConfig
+    horizons: list[int]
+    embargo: int  # the longest horizon: no label of a fit row reaches into the rows after the gap
+    atr: np.ndarray  # the target-scaling volatility feature (inference.transforms.VOL_FEATURE)
+    rv: np.ndarray  # the naive baselines' volatility feature
 
-
-def job_weights(job: FitJob, targets: Mapping[str, np.ndarray]) -> np.ndarray | None:
-    return None if job.weight is None else targets[job.weight]
-
-
-def run_fit_job(job: FitJob, X: np.ndarray, y: np.ndarray, cfg: ModelConfig, nthread: int,
-                weights: np.ndarray | None = None) -> FitOutcome:
-    """Fit one booster (rows with an undefined target are skipped) and predict ``predict_rows``."""
-    fit = job.fit_rows[np.isfinite(y[job.fit_rows])]
-    val = job.val_rows[np.isfinite(y[job.val_rows])]
-    if len(fit) == 0:
-        raise ValueError(f"{job.key}: no training rows with a defined target")
-    w_fit = None if weights is None else weights[fit]
-    w_val = None if weights is None else weights[val]
-    booster, kept = fit_booster(xgb_params(job.spec, cfg, nthread), job.rounds, X[fit], y[fit],
-                                X[val] if len(val) else None, y[val] if len(val) else None,
-                                job.early_stopping if len(val) else None, w_fit, w_val)
-    preds = predict_raw(booster, X[job.predict_rows], job.spec.width) if len(job.predict_rows) else None
-    return FitOutcome(job.key, bytes(booster.save_raw("ubj")), kept, preds)
-
-
-class Engine(Protocol):
-    name: str
-    timings: dict[str, float]
-
-    def fit_many(self, jobs: Sequence[FitJob], matrices: Mapping[str, np.ndarray],
-                 targets: Mapping[str, np.ndarray], cfg: ModelConfig, desc: str) -> list[FitOutcome]: ...
-
-    def fit_final(self, jobs: Sequence[FitJob], matrices: Mapping[str, np.ndarray],
-                  targets: Mapping[str, np.ndarray], cfg: ModelConfig, desc: str) -> list[FitOutcome]: ...
-
-
-class PlainEngine:
-    """Every fit in this process: independent fits run concurrently on a thread pool.
-
-    XGBoost releases the GIL while it trains, so ``cpu_count`` single-threaded fits side by side
-    use the cores better than one fit at a time with ``cpu_count`` threads (measured on 2 cores:
-    XGBoost's per-node thread synchronisation wastes much of the second core on 80k-row fits, and
-    more so when other processes compete for it). ``nthread`` sets threads per fit; the pool then
-    runs ``cpu_count // nthread`` fits at once. Results do not depend on the pool (each fit is
-    deterministic and single-threaded by default, like the Ray engine's tasks).
-    """
-
-    name = "plain"
-
-    def __init__(self, nthread: int | None = None, parallel: int | None = None) -> None:
-        cpus = os.cpu_count() or 1
-        self.nthread = max(1, nthread or 1)
-        self.parallel = max(1, parallel or cpus // self.nthread)
-        self.timings: dict[str, float] = {}
-
-    def fit_many(self, jobs: Sequence[FitJob], matrices: Mapping[str, np.ndarray],
-                 targets: Mapping[str, np.ndarray], cfg: ModelConfig, desc: str) -> list[FitOutcome]:
-        def one(job: FitJob) -> FitOutcome:
-            return run_fit_job(job, matrices[job.matrix], targets[job.target], cfg, self.nthread,
-                               job_weights(job, targets))
-
-        with progress(len(jobs), desc) as bar:
-            if self.parallel == 1:
-                out = []
-                for job in jobs:
-                    out.append(one(job))
-                    bar.update(1)
-                return out
-            from concurrent.futures import ThreadPoolExecutor, as_completed
-
-            results: list[FitOutcome | None] = [None] * len(jobs)
-            with ThreadPoolExecutor(self.parallel, thread_name_prefix="fit") as pool:
-                futures = {pool.submit(one, job): i for i, job in enumerate(jobs)}
-                for fut in as_completed(futures):
-                    results[futures[fut]] = fut.result()
-                    bar.update(1)
-            return [r for r in results if r is not None]
-
-    fit_final = fit_many
+    @classmethod
+    def of(cls, data: Prepared, settings: Settings) -> "Rows":
+        horizons = list(settings.market.horizons)
+        X = data.X
+        return cls(data, settings.models, horizons, max(horizons),
+                   X[:, data.columns.index(VOL_FEATURE)].astype(np.float64),
+                   X[:, data.columns.index(BASELINE_VOL_FEATURE)].astype(np.float64))
 
 
 @dataclass
@@ -244,25 +172,34 @@ def _calibrate_meta(raw_meta: Mapping[tuple[str, int], np.ndarray], prop: Mappin
     return docs, metrics
 
 
-def train(data: Prepared, settings: Settings, engine: Engine) -> TrainOutput:
-    """Walk-forward, stack, calibrate and refit; see the module docstring."""
-    cfg = settings.models
-    horizons = list(settings.market.horizons)
-    embargo = max(horizons)
-    n = len(data)
-    X = data.X
-    vol_col = data.columns.index(VOL_FEATURE)
-    atr = X[:, vol_col].astype(np.float64)
-    rv = X[:, data.columns.index(BASELINE_VOL_FEATURE)].astype(np.float64)
-    timings: dict[str, float] = {}
+@dataclass
+class WalkForward:
+    """Step 1's result: the fold fits, their out-of-fold stage outputs per horizon and the scores."""
 
-    specs = base_specs(settings, data.symbols)
-    targets = {spec.name: target_values(spec, data.labels, atr) for spec in specs}
-    folds = walk_forward_splits(data.open_time, cfg.walk_forward_folds, embargo, cfg.min_train_fraction,
-                                cfg.validation_fraction)
+    jobs: list[FitJob]
+    outcomes: list[FitOutcome]
+    oof: dict[int, dict[str, np.ndarray]]  # horizon -> model -> stage output over all rows (NaN off-test)
+    oof_rows: np.ndarray  # every fold's test rows, time-sorted
+    fold_rows: list[dict[str, Any]]  # metrics per fold, symbol and horizon
+    wf_rows: list[dict[str, Any]]  # metrics over all out-of-fold rows per symbol and horizon
+    intervals: dict[str, Any]  # the range predictor's interval calibration per horizon
 
-    # 1. walk-forward
-    t0 = time.perf_counter()
+
+@dataclass
+class MetaFit:
+    """Step 2's result: the meta-model fits on out-of-fold rows and the split of those rows."""
+
+    jobs: list[FitJob]
+    outcomes: list[FitOutcome]
+    calibrations: dict[str, dict[str, Any]]  # calibration_h*, policy_h* documents
+    metrics: dict[str, Any]  # calibration-holdout figures per horizon
+    rows: dict[str, int]  # fit / val / calibration row counts
+
+
+def _walk_forward(r: Rows, specs: Sequence[TargetSpec], targets: Mapping[str, np.ndarray], folds: Sequence[Fold],
+                  engine: Engine) -> WalkForward:
+    """Fit every base booster on each fold, predict the fold's test rows, score them."""
+    data, cfg = r.data, r.cfg
     jobs: list[FitJob] = []
     for fold in folds:
         fit = subsample_stride(data.open_time, fold.fit, cfg.max_train_rows)
@@ -272,26 +209,30 @@ def train(data: Prepared, settings: Settings, engine: Engine) -> TrainOutput:
                                _rows_for(spec, fit, data.symbol), _rows_for(spec, val, data.symbol),
                                _rows_for(spec, fold.test, data.symbol), cfg.num_boost_round,
                                cfg.early_stopping_rounds))
-    log.info("walk-forward: %d folds x %d boosters on %d rows (embargo %d candles)", len(folds), len(specs), n,
-             embargo)
-    outcomes = engine.fit_many(jobs, {"base": X}, targets, cfg, "walk-forward")
-    timings["fit_walk_forward"] = time.perf_counter() - t0
-    final_rounds = _median_rounds(outcomes, jobs)
-    raw_oof = _assemble(jobs, outcomes, n)
-    oof = {h: model_outputs(raw_oof, atr, h) for h in horizons}
+    log.info("walk-forward: %d folds x %d boosters on %d rows (embargo %d candles)", len(folds), len(specs),
+             len(data), r.embargo)
+    outcomes = engine.fit_many(jobs, {"base": data.X}, targets, cfg, "walk-forward")
+    raw_oof = _assemble(jobs, outcomes, len(data))
+    oof = {h: model_outputs(raw_oof, r.atr, h) for h in r.horizons}
+    fold_rows, wf_rows, oof_rows, intervals = _walk_forward_scores(r, folds, oof)
+    return WalkForward(jobs, outcomes, oof, oof_rows, fold_rows, wf_rows, intervals)
 
-    # Walk-forward metrics: naive baselines are fit on each fold's fit rows, scored on its test rows.
-    lab = data.labels
+
+def _walk_forward_scores(r: Rows, folds: Sequence[Fold], oof: Mapping[int, Mapping[str, np.ndarray]]
+                         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], np.ndarray, dict[str, Any]]:
+    """Walk-forward metrics (naive baselines fit on each fold's fit rows, scored on its test rows)
+    and the interval calibration fit on the out-of-fold rows."""
+    data, cfg, lab, n = r.data, r.cfg, r.data.labels, len(r.data)
     fold_rows: list[dict[str, Any]] = []
     base_pred = {h: {k: np.full(n, np.nan) for k in ("mean_high", "vol_high", "mean_low", "vol_low")}
-                 for h in horizons}
+                 for h in r.horizons}
     for fold in folds:
-        for h in horizons:
+        for h in r.horizons:
             for symbol in data.symbols:
                 fr = fold.fit[data.symbol[fold.fit] == symbol]
                 tr = fold.test[data.symbol[fold.test] == symbol]
-                b = fit_baselines(lab[f"fut_high_{h}"].to_numpy()[fr], lab[f"fut_low_{h}"].to_numpy()[fr], rv[fr])
-                for k, v in baseline_predictions(b, rv[tr]).items():
+                b = fit_baselines(lab[f"fut_high_{h}"].to_numpy()[fr], lab[f"fut_low_{h}"].to_numpy()[fr], r.rv[fr])
+                for k, v in baseline_predictions(b, r.rv[tr]).items():
                     base_pred[h][k][tr] = v
             for row in _metric_rows(data, fold.test, oof[h], h, base_pred[h], cfg.quantiles):
                 fold_rows.append({"fold": fold.index, **row})
@@ -299,26 +240,26 @@ def train(data: Prepared, settings: Settings, engine: Engine) -> TrainOutput:
     intervals = {str(h): fit_interval_calibration(oof[h]["range_predictor"][oof_rows],
                                                   lab[f"fut_high_{h}"].to_numpy()[oof_rows],
                                                   lab[f"fut_low_{h}"].to_numpy()[oof_rows], data.symbol[oof_rows],
-                                                  cfg.quantiles) for h in horizons}
-    wf_rows = [r for h in horizons for r in _metric_rows(data, oof_rows, oof[h], h, base_pred[h], cfg.quantiles)]
+                                                  cfg.quantiles) for h in r.horizons}
+    wf_rows = [row for h in r.horizons
+               for row in _metric_rows(data, oof_rows, oof[h], h, base_pred[h], cfg.quantiles)]
+    return fold_rows, wf_rows, oof_rows, intervals
 
-    # 2. meta-model on out-of-fold predictions only (meta-labelling, training.meta_label)
-    t0 = time.perf_counter()
-    mt = data.open_time[oof_rows]
-    pos = np.arange(len(oof_rows))
+
+def _meta_inputs(r: Rows, wf: WalkForward, mt: np.ndarray, cost: float
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[int, dict[str, np.ndarray]]]:
+    """The meta-model's matrices, targets (+ uniqueness weights) and the proposals' figures per
+    horizon, all over the out-of-fold rows (meta-labelling, ``training.meta_label``)."""
+    data, oof_rows = r.data, wf.oof_rows
     msym = data.symbol[oof_rows]
-    head, calib = split_tail(mt, pos, cfg.calibration_fraction, embargo)
-    mfit, mval = split_tail(mt, head, cfg.validation_fraction, embargo)
-    mfit = subsample_stride(mt, mfit, cfg.max_train_rows)
-    cost = float(round_trip_cost(Costs.from_settings(settings)))
-    oof_lab = {c: lab[c].to_numpy(np.float64)[oof_rows] for c in lab.columns}
+    oof_lab = {c: data.labels[c].to_numpy(np.float64)[oof_rows] for c in data.labels.columns}
     meta_X: dict[str, np.ndarray] = {}
     meta_y: dict[str, np.ndarray] = {}
     prop: dict[int, dict[str, np.ndarray]] = {}
-    for h in horizons:
-        base_h = {m: oof[h][m][oof_rows] for m in oof[h]}
+    for h in r.horizons:
+        base_h = {m: wf.oof[h][m][oof_rows] for m in wf.oof[h]}
         sl_frac = oof_lab[f"sl_frac_{h}"]
-        meta_X[f"meta_{h}"] = meta_matrix(X[oof_rows].astype(np.float64), data.columns, base_h, h, sl_frac, cost)
+        meta_X[f"meta_{h}"] = meta_matrix(data.X[oof_rows].astype(np.float64), data.columns, base_h, h, sl_frac, cost)
         side = proposed_side(base_h["signal_classifier"])
         win, net_r, bars = proposal_targets(oof_lab, side, h)
         weight = uniqueness_weights(mt, msym, bars)
@@ -329,73 +270,122 @@ def train(data: Prepared, settings: Settings, engine: Engine) -> TrainOutput:
         with np.errstate(divide="ignore", invalid="ignore"):
             prop[h] = {"win": win, "net_r": net_r, "weight": weight, "cost_r": cost / sl_frac,
                        "ratio": range_cost_ratio(base_h["range_predictor"], cost)}
-    mspecs = meta_specs(settings, data.symbols)
-    mjobs = [FitJob(f"meta/{s.name}", s, f"meta_{s.horizon}", f"meta_{s.horizon}", _rows_for(s, mfit, msym),
-                    _rows_for(s, mval, msym), _rows_for(s, calib, msym), cfg.num_boost_round,
-                    cfg.early_stopping_rounds, f"meta_{s.horizon}:weight") for s in mspecs]
-    moutcomes = engine.fit_many(mjobs, meta_X, meta_y, cfg, "meta-model")
-    raw_meta = _assemble(mjobs, moutcomes, len(oof_rows))
-    timings["fit_meta"] = time.perf_counter() - t0
+    return meta_X, meta_y, prop
 
-    calibrations, meta_metrics = _calibrate_meta(raw_meta, prop, mt, head, calib, embargo, horizons)
 
-    # 3. final refit of the base models on all rows
-    t0 = time.perf_counter()
-    all_rows = subsample_stride(data.open_time, np.arange(n), cfg.max_train_rows)
+def _meta_model(r: Rows, wf: WalkForward, settings: Settings, engine: Engine) -> MetaFit:
+    """Fit the meta-model on the older out-of-fold rows (early-stopped on their tail), then calibrate
+    it on the newest block it never saw (after an embargo)."""
+    cfg, oof_rows = r.cfg, wf.oof_rows
+    mt = r.data.open_time[oof_rows]
+    msym = r.data.symbol[oof_rows]
+    head, calib = split_tail(mt, np.arange(len(oof_rows)), cfg.calibration_fraction, r.embargo)
+    mfit, mval = split_tail(mt, head, cfg.validation_fraction, r.embargo)
+    mfit = subsample_stride(mt, mfit, cfg.max_train_rows)
+    cost = float(round_trip_cost(Costs.from_settings(settings)))
+    meta_X, meta_y, prop = _meta_inputs(r, wf, mt, cost)
+    jobs = [FitJob(f"meta/{s.name}", s, f"meta_{s.horizon}", f"meta_{s.horizon}", _rows_for(s, mfit, msym),
+                   _rows_for(s, mval, msym), _rows_for(s, calib, msym), cfg.num_boost_round,
+                   cfg.early_stopping_rounds, f"meta_{s.horizon}:weight") for s in meta_specs(settings, r.data.symbols)]
+    outcomes = engine.fit_many(jobs, meta_X, meta_y, cfg, "meta-model")
+    raw_meta = _assemble(jobs, outcomes, len(oof_rows))
+    calibrations, metrics = _calibrate_meta(raw_meta, prop, mt, head, calib, r.embargo, r.horizons)
+    return MetaFit(jobs, outcomes, calibrations, metrics,
+                   {"fit": int(len(mfit)), "val": int(len(mval)), "calibration": int(len(calib))})
+
+
+def _final_refit(r: Rows, specs: Sequence[TargetSpec], targets: Mapping[str, np.ndarray],
+                 final_rounds: Mapping[str, int], engine: Engine) -> tuple[list[FitJob], list[FitOutcome]]:
+    """Refit every base booster on all rows with the folds' median early-stopped rounds."""
+    data = r.data
+    all_rows = subsample_stride(data.open_time, np.arange(len(data)), r.cfg.max_train_rows)
     empty = np.empty(0, dtype=np.int64)
-    final_jobs = [FitJob(f"final/{s.name}", s, "base", s.name, _rows_for(s, all_rows, data.symbol), empty, empty,
-                         final_rounds[s.name], None) for s in specs]
-    final = engine.fit_final(final_jobs, {"base": X}, targets, cfg, "final refit")
-    timings["fit_final"] = time.perf_counter() - t0
+    jobs = [FitJob(f"final/{s.name}", s, "base", s.name, _rows_for(s, all_rows, data.symbol), empty, empty,
+                   final_rounds[s.name], None) for s in specs]
+    return jobs, engine.fit_final(jobs, {"base": data.X}, targets, r.cfg, "final refit")
 
-    baselines = {symbol: {str(h): fit_baselines(lab[f"fut_high_{h}"].to_numpy()[data.symbol == symbol],
-                                                lab[f"fut_low_{h}"].to_numpy()[data.symbol == symbol],
-                                                rv[data.symbol == symbol]) for h in horizons}
-                 for symbol in data.symbols}
 
-    boosters: dict[str, dict[str, bytes]] = {m: {} for m in MODEL_NAMES}
-    for job, res in zip(final_jobs, final):
-        boosters[job.spec.model][job.spec.name] = res.booster
-    for job, res in zip(mjobs, moutcomes):
-        boosters["meta_model"][job.spec.name] = res.booster
-
+def _walk_forward_info(r: Rows, folds: Sequence[Fold]) -> dict[str, Any]:
+    """The folds' row counts and time bounds (every model's metadata carries them)."""
+    t = r.data.open_time
     fold_info = [{"fold": f.index, "fit_rows": int(len(f.fit)), "val_rows": int(len(f.val)),
                   "test_rows": int(len(f.test)),
-                  "fit_end": int(data.open_time[f.fit].max()) if len(f.fit) else None,
-                  "val_start": int(data.open_time[f.val].min()) if len(f.val) else None,
-                  "val_end": int(data.open_time[f.val].max()) if len(f.val) else None,
-                  "test_start": int(data.open_time[f.test].min()), "test_end": int(data.open_time[f.test].max())}
+                  "fit_end": int(t[f.fit].max()) if len(f.fit) else None,
+                  "val_start": int(t[f.val].min()) if len(f.val) else None,
+                  "val_end": int(t[f.val].max()) if len(f.val) else None,
+                  "test_start": int(t[f.test].min()), "test_end": int(t[f.test].max())}
                  for f in folds]
-    walk_forward = {"folds": fold_info, "embargo_candles": embargo, "scheme": "expanding, purged, embargoed",
-                    "max_train_rows": cfg.max_train_rows}
+    return {"folds": fold_info, "embargo_candles": r.embargo, "scheme": "expanding, purged, embargoed",
+            "max_train_rows": r.cfg.max_train_rows}
 
-    def by_model(prefixes: tuple[str, ...], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        keep = ("symbol", "horizon", "n", "fold")
-        return [{k: v for k, v in r.items() if k in keep or k.startswith(prefixes)} for r in rows]
 
-    range_prefixes = ("r2_", "mae_", "mean_mae_", "vol_mae_", "coverage_", "pinball_")
+def _by_model(prefixes: tuple[str, ...], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keep = ("symbol", "horizon", "n", "fold")
+    return [{k: v for k, v in row.items() if k in keep or k.startswith(prefixes)} for row in rows]
+
+
+_RANGE_PREFIXES = ("r2_", "mae_", "mean_mae_", "vol_mae_", "coverage_", "pinball_")
+
+
+def _metadata(r: Rows, settings: Settings, folds: Sequence[Fold], wf: WalkForward, meta: MetaFit,
+              final_jobs: Sequence[FitJob], final: Sequence[FitOutcome]) -> dict[str, dict[str, Any]]:
+    """Per-model metadata: the walk-forward figures by model, the baselines, rounds, barriers, costs."""
+    data, lab = r.data, r.data.labels
+    baselines = {symbol: {str(h): fit_baselines(lab[f"fut_high_{h}"].to_numpy()[data.symbol == symbol],
+                                                lab[f"fut_low_{h}"].to_numpy()[data.symbol == symbol],
+                                                r.rv[data.symbol == symbol]) for h in r.horizons}
+                 for symbol in data.symbols}
     metadata = {
-        "range_predictor": {"quantiles": list(cfg.quantiles), "target_scaling": f"{VOL_FEATURE} x sqrt(h)",
+        "range_predictor": {"quantiles": list(r.cfg.quantiles), "target_scaling": f"{VOL_FEATURE} x sqrt(h)",
                             "baselines": baselines, "baseline_vol_feature": BASELINE_VOL_FEATURE,
-                            "metrics": {"walk_forward": by_model(range_prefixes, wf_rows),
-                                        "folds": by_model(range_prefixes, fold_rows)}},
-        "tpsl_classifier": {"metrics": {"walk_forward": by_model(("tpsl_",), wf_rows),
-                                        "folds": by_model(("tpsl_",), fold_rows)}},
-        "signal_classifier": {"metrics": {"walk_forward": by_model(("classifier_",), wf_rows),
-                                          "folds": by_model(("classifier_",), fold_rows)}},
-        "meta_model": {"metrics": {"calibration_holdout": meta_metrics},
-                       "meta_rows": {"fit": int(len(mfit)), "val": int(len(mval)), "calibration": int(len(calib))}},
+                            "metrics": {"walk_forward": _by_model(_RANGE_PREFIXES, wf.wf_rows),
+                                        "folds": _by_model(_RANGE_PREFIXES, wf.fold_rows)}},
+        "tpsl_classifier": {"metrics": {"walk_forward": _by_model(("tpsl_",), wf.wf_rows),
+                                        "folds": _by_model(("tpsl_",), wf.fold_rows)}},
+        "signal_classifier": {"metrics": {"walk_forward": _by_model(("classifier_",), wf.wf_rows),
+                                          "folds": _by_model(("classifier_",), wf.fold_rows)}},
+        "meta_model": {"metrics": {"calibration_holdout": meta.metrics}, "meta_rows": meta.rows},
     }
     rounds_by_model: dict[str, dict[str, int]] = {}
     for job, res in zip(final_jobs, final):
         rounds_by_model.setdefault(job.spec.model, {})[job.spec.name] = res.best_iteration
-    for job, res in zip(mjobs, moutcomes):
+    for job, res in zip(meta.jobs, meta.outcomes):
         rounds_by_model.setdefault("meta_model", {})[job.spec.name] = res.best_iteration
+    walk_forward = _walk_forward_info(r, folds)
     costs = dataclasses.asdict(Costs.from_settings(settings))  # what the labels charged (the ensemble checks)
     for m, md in metadata.items():
         md["walk_forward"] = walk_forward
         md["rounds"] = rounds_by_model.get(m, {})
         md["barrier_models"] = data.barrier_models  # the labels' barriers: serving recomputes them
         md["costs"] = costs
-    return TrainOutput(boosters, {"meta_model": calibrations, "range_predictor": {INTERVAL_DOCUMENT: intervals}},
-                       metadata, folds, oof_rows, timings)
+    return metadata
+
+
+def fit_models(data: Prepared, settings: Settings, engine: Engine) -> TrainOutput:
+    """Walk-forward, stack, calibrate and refit; see the module docstring."""
+    r = Rows.of(data, settings)
+    cfg = r.cfg
+    timings: dict[str, float] = {}
+    specs = base_specs(settings, data.symbols)
+    targets = {spec.name: target_values(spec, data.labels, r.atr) for spec in specs}
+    folds = walk_forward_splits(data.open_time, cfg.walk_forward_folds, r.embargo, cfg.min_train_fraction,
+                                cfg.validation_fraction)
+
+    t0 = time.perf_counter()
+    wf = _walk_forward(r, specs, targets, folds, engine)  # 1.
+    timings["fit_walk_forward"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    meta = _meta_model(r, wf, settings, engine)  # 2. on out-of-fold predictions only
+    timings["fit_meta"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    final_jobs, final = _final_refit(r, specs, targets, _median_rounds(wf.outcomes, wf.jobs), engine)  # 3.
+    timings["fit_final"] = time.perf_counter() - t0
+
+    boosters: dict[str, dict[str, bytes]] = {m: {} for m in MODEL_NAMES}
+    for job, res in zip(final_jobs, final):
+        boosters[job.spec.model][job.spec.name] = res.booster
+    for job, res in zip(meta.jobs, meta.outcomes):
+        boosters["meta_model"][job.spec.name] = res.booster
+    documents = {"meta_model": meta.calibrations, "range_predictor": {INTERVAL_DOCUMENT: wf.intervals}}
+    return TrainOutput(boosters, documents, _metadata(r, settings, folds, wf, meta, final_jobs, final), list(folds),
+                       wf.oof_rows, timings)

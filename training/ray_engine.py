@@ -12,7 +12,7 @@
   trainer run per booster would pay Ray Train's ~10 s start-up 20 times.
 
 Nothing here changes what is learnt: jobs, rows, parameters and post-processing come from
-``training.pipeline``; only where the fits run differs.
+``training.pipeline`` (the jobs: ``training.engines``); only where the fits run differs.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 from configs.settings import ModelConfig
 from configs.errors import ConfigError
 from training.models import FitOutcome, fit_booster, xgb_params
-from training.pipeline import FitJob, job_weights, run_fit_job
+from training.engines import FitJob, job_weights, run_fit_job
 from training.progress import log, progress
 
 # Worker processes inherit this: passive OpenMP waiting (see training/__init__.py).

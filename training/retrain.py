@@ -53,9 +53,7 @@ from inference.ensemble import Ensemble
 from training.evaluate import evaluate
 from training.progress import log, setup_logging
 from inference.registry import MODEL_NAMES, ModelRegistry
-from training.train import parser as train_parser
-from training.train import run as train_run
-from training.train import with_overrides
+from training.train import train, training_engine, with_overrides
 
 DAY_MS = 86_400_000
 # The figures the gate reads: two losses (lower is better) and the final signal's accuracy.
@@ -275,16 +273,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # 3. challenger: candles before the window only (labels never cross it), saved, not promoted
     t0 = time.perf_counter()
-    targv = ["--candles", *[f"{s}={p}" for s, p in paths.items()], "--out", str(models_dir),
-             "--end", _iso(start), "--no-promote", "--engine", args.engine]
-    for flag, value in (("--rounds", args.rounds), ("--folds", args.folds), ("--max-rows", args.max_rows),
-                        ("--address", args.address), ("--nthread", args.nthread)):
-        if value is not None:
-            targv += [flag, str(value)]
-    summary = train_run(train_parser().parse_args(targv))
-    challenger_version = {name: summary["version"] for name in MODEL_NAMES}
+    with training_engine(args.engine, nthread=args.nthread, address=args.address) as engine:
+        trained = train(settings, paths, engine, out=models_dir, end=_iso(start), promote=False)
+    challenger_version = {name: trained.version for name in MODEL_NAMES}
     timings["train_challenger"] = time.perf_counter() - t0
-    record["challenger"] = {"versions": challenger_version, "trained_until": _iso(start), "train_rows": summary["rows"]}
+    record["challenger"] = {"versions": challenger_version, "trained_until": _iso(start), "train_rows": trained.rows}
 
     # 4. score both on the unseen window
     t0 = time.perf_counter()

@@ -7,6 +7,10 @@ The plain engine (default) fits everything in this process; ``--engine ray`` fan
 fits out as Ray tasks and refits the final boosters in one ``ray.train.xgboost.XGBoostTrainer`` run
 (see ``training/ray_engine.py``). Both call the same pipeline (``training/pipeline.py``) on the same
 prepared rows (``training/data.py``), so they produce equivalent models.
+
+In code, call :func:`train` (``train(settings, candles, engine) -> TrainedVersion``): the command
+line, retraining, the walk-forward backtest and the tests all train through it, so none of them
+rebuilds this command's argument list.
 """
 
 from __future__ import annotations
@@ -16,23 +20,26 @@ import json
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
+import pandas as pd
 import xgboost as xgb
 
 from configs.settings import Settings, get_settings
-from configs.errors import MLEngineError
+from configs.errors import ConfigError, MLEngineError
 from features.indicators import feature_set_hash
-from training.data import load_histories, parse_candle_args, prepare, to_ms
+from training.data import Prepared, load_histories, parse_candle_args, prepare, to_ms
 from training.har_baseline import HAR_DOCUMENT, fit_har_baseline
-from training.pipeline import Engine, PlainEngine, TrainOutput, train
+from training.engines import Engine, PlainEngine
+from training.pipeline import TrainOutput, fit_models
 from training.progress import log, setup_logging
 from inference.layout import BASE_MODELS, MODEL_NAMES
 from inference.registry import ModelRegistry, new_version
 from inference.transforms import REGIME_FEATURES, meta_columns
-
 
 
 def code_commit() -> str:
@@ -85,63 +92,106 @@ def save_models(out: TrainOutput, registry: ModelRegistry, settings: Settings, d
     return version
 
 
-def make_engine(args: argparse.Namespace) -> Engine:
-    if args.engine == "plain":
-        return PlainEngine(args.nthread)
-    from training.ray_engine import RayEngine
+@contextmanager
+def training_engine(kind: str = "plain", *, nthread: int | None = None, address: str | None = None,
+                    num_workers: int = 1, storage_path: str | None = None) -> Iterator[Engine]:
+    """The engine that runs the fits, closed afterwards (a Ray cluster it started, never one it joined).
 
-    return RayEngine(address=args.address, num_workers=args.num_workers, storage_path=args.storage_path)
+    ``plain``: this process, ``nthread`` XGBoost threads per fit; ``ray``: Ray tasks and one
+    ``XGBoostTrainer`` with ``num_workers`` workers (``address``, ``storage_path``: see the flags).
+    """
+    if kind == "plain":
+        engine: Engine = PlainEngine(nthread)
+    elif kind == "ray":
+        from training.ray_engine import RayEngine  # Ray only when asked for
 
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    settings = with_overrides(get_settings(), args.rounds, args.folds, args.max_rows,
-                              True if args.per_symbol else None)
-    out_dir = Path(args.out) if args.out else settings.models_dir
-    t_start = time.perf_counter()
-    engine = make_engine(args)
+        engine = RayEngine(address=address, num_workers=num_workers, storage_path=storage_path)
+    else:
+        raise ConfigError(f"unknown training engine {kind!r} (plain or ray)")
     try:
-        return _run(args, settings, out_dir, engine, t_start)
+        yield engine
     finally:
-        if hasattr(engine, "close"):
-            engine.close()  # a Ray cluster this process started (never one it joined)
+        close = getattr(engine, "close", None)
+        if close is not None:
+            close()
 
 
-def _run(args: argparse.Namespace, settings: Settings, out_dir: Path, engine: Engine, t_start: float) -> dict[str, Any]:
-    timings: dict[str, float] = {}
-    timings.update(engine.timings)  # cluster start for Ray
+@dataclass(frozen=True)
+class TrainedVersion:
+    """What :func:`train` saved: the version id shared by the four models, and the run's figures."""
+
+    version: str
+    out: Path  # the registry folder
+    engine: str
+    rows: int  # prepared training rows (all symbols)
+    timings: dict[str, float]
+    walk_forward: list[dict[str, Any]]  # the range predictor's walk-forward rows
+    meta: dict[str, Any]  # the meta-model's calibration-holdout figures per horizon (no reliability curve)
+
+    def summary(self) -> dict[str, Any]:
+        """The ``--json`` line of ``python -m training.train`` (and data/models/train.json)."""
+        return {"version": self.version, "out": str(self.out), "engine": self.engine, "rows": self.rows,
+                "timings": {k: round(v, 3) for k, v in self.timings.items()}, "walk_forward": self.walk_forward,
+                "meta": self.meta}
+
+
+def train(settings: Settings, candles: Mapping[str, str | Path], engine: Engine, *, out: str | Path | None = None,
+          start: str | None = None, end: str | None = None, promote: bool = True) -> TrainedVersion:
+    """Train the four models on ``candles`` (symbol -> ``SYMBOL_5m.parquet``) with ``engine`` and save
+    them as one version in the registry ``out`` (default ``settings.models_dir``).
+
+    ``start``/``end`` (UTC dates): rows before ``start`` are dropped after the feature warm-up, and
+    only candles opening before ``end`` are used, so no label crosses it. ``promote=False`` saves the
+    version without making it current (a challenger). The model parameters are ``settings.models``
+    (:func:`with_overrides` for the command line's). Deterministic: the same settings and candles give
+    the same boosters with either engine's fits.
+    """
+    t_start = time.perf_counter()
+    timings: dict[str, float] = dict(engine.timings)  # cluster start for Ray
+    paths = {symbol: Path(path) for symbol, path in candles.items()}
+    out_dir = Path(out) if out else settings.models_dir
 
     t0 = time.perf_counter()
-    paths = parse_candle_args(args.candles)
     histories = load_histories(paths)
-    data = prepare(histories, settings, start_ms=to_ms(args.start), end_ms=to_ms(args.end))
+    data = prepare(histories, settings, start_ms=to_ms(start), end_ms=to_ms(end))
     timings["data_prepare"] = time.perf_counter() - t0
     log.info("prepared %d rows, %d symbols (%s), %s .. %s", len(data), len(data.symbols), ", ".join(data.symbols),
              data.data_range()["start"], data.data_range()["end"])
 
-    result = train(data, settings, engine)
+    result = fit_models(data, settings, engine)
     timings.update(result.timings)
     t0 = time.perf_counter()
-    result.documents.setdefault("range_predictor", {})[HAR_DOCUMENT] = har_documents(
-        histories, settings, to_ms(args.end))
+    result.documents.setdefault("range_predictor", {})[HAR_DOCUMENT] = har_documents(histories, settings, to_ms(end))
     timings["har_baseline"] = time.perf_counter() - t0
     timings.update(engine.timings)  # Ray: cluster start, object store / ray.data loading, checkpoint
 
     t0 = time.perf_counter()
-    per_symbol_range = {s: prepare_range(data, s) for s in data.symbols}
-    data_info = {"data_range": data.data_range(), "data_by_symbol": per_symbol_range,
+    data_info = {"data_range": data.data_range(), "data_by_symbol": {s: prepare_range(data, s) for s in data.symbols},
                  "candle_files": {s: str(p) for s, p in paths.items()}, "symbols": list(data.symbols),
                  "horizons": list(settings.market.horizons), "per_symbol": settings.models.per_symbol,
                  "feature_names": list(data.feature_names), "model_columns": list(data.columns),
-                 "train_end": args.end, "train_start": args.start}
+                 "train_end": end, "train_start": start}
     registry = ModelRegistry(out_dir, feature_set_hash(settings.features))
-    version = save_models(result, registry, settings, data_info, engine.name, promote=not args.no_promote)
+    version = save_models(result, registry, settings, data_info, engine.name, promote=promote)
     timings["save"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
-    summary = {"version": version, "out": str(out_dir), "engine": engine.name, "rows": len(data),
-               "timings": {k: round(v, 3) for k, v in timings.items()},
-               "walk_forward": result.metadata["range_predictor"]["metrics"]["walk_forward"],
-               "meta": {h: {k: v for k, v in m.items() if k != "reliability"}
-                        for h, m in result.metadata["meta_model"]["metrics"]["calibration_holdout"].items()}}
+    meta = {h: {k: v for k, v in m.items() if k != "reliability"}
+            for h, m in result.metadata["meta_model"]["metrics"]["calibration_holdout"].items()}
+    return TrainedVersion(version, out_dir, engine.name, len(data), timings,
+                          result.metadata["range_predictor"]["metrics"]["walk_forward"], meta)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line: its flags mapped onto :func:`train`; returns the ``--json`` summary."""
+    t_start = time.perf_counter()
+    settings = with_overrides(get_settings(), args.rounds, args.folds, args.max_rows,
+                              True if args.per_symbol else None)
+    with training_engine(args.engine, nthread=args.nthread, address=args.address, num_workers=args.num_workers,
+                         storage_path=args.storage_path) as engine:
+        trained = train(settings, parse_candle_args(args.candles), engine, out=args.out, start=args.start,
+                        end=args.end, promote=not args.no_promote)
+    summary = trained.summary()
+    summary["timings"]["total"] = round(time.perf_counter() - t_start, 3)  # the engine's start included
     return summary
 
 
@@ -158,10 +208,9 @@ def har_documents(histories: dict, settings: Settings, end_ms: int | None) -> di
     return out
 
 
-def prepare_range(data, symbol: str) -> dict[str, Any]:
+def prepare_range(data: Prepared, symbol: str) -> dict[str, Any]:
+    """First and last training candle and the row count of one symbol (its models' ``data_by_symbol``)."""
     rows = data.symbol == symbol
-    import pandas as pd
-
     t = data.open_time[rows]
     return {"start": pd.Timestamp(int(t.min()), unit="ms", tz="UTC").isoformat(),
             "end": pd.Timestamp(int(t.max()), unit="ms", tz="UTC").isoformat(), "rows": int(rows.sum())}

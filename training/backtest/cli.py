@@ -131,9 +131,8 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> tuple[dic
             embargo = max(settings.market.horizons)
             periods = make_periods(start_ms, end_ms or last, pd.DateOffset(months=args.wf_months), embargo)
             work = args.wf_dir or Path(tempfile.mkdtemp(prefix="mle-walkforward-"))
-            train_args = [*(["--rounds", str(args.wf_rounds)] if args.wf_rounds else []),
-                          *(["--folds", str(args.wf_folds)] if args.wf_folds else [])]
-            fit = plain_engine_fit(args.candles, settings, work, train_args)
+            fit = plain_engine_fit(parse_candle_args(args.candles), settings, work, rounds=args.wf_rounds or None,
+                                   folds=args.wf_folds or None)
             table, wf_info = walk_forward_table(candles, features, fit, periods, horizons, embargo,
                                                 feature_columns, bar, strategies)
             config["walk_forward_dir"] = str(work)

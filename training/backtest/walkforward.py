@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from configs.settings import Settings
 from features.candles import FIVE_MINUTES_MS
 from training.backtest.signals import Forecaster, SignalTable, signal_table
 
@@ -145,21 +146,23 @@ def trained_until(metadata: Mapping[str, Mapping[str, Any]]) -> int | None:
     return max(ends) if ends else None
 
 
-def plain_engine_fit(candle_specs: Sequence[str], settings: Any, work_dir: Path,
-                     train_args: Sequence[str] = ()) -> Fit:
-    """A ``Fit`` that runs the training engineer's plain engine — ``python -m training.train`` with
-    ``--end <period cut>`` on the same candle files (``training.data.prepare`` cuts the candles before
-    labels are computed) — into ``work_dir/period_<k>``, loads the result with the serving
-    ``Ensemble`` and checks from its metadata that it saw nothing at or after the cut."""
+def plain_engine_fit(candles: Mapping[str, Path], settings: Settings, work_dir: Path, *, rounds: int | None = None,
+                     folds: int | None = None) -> Fit:
+    """A ``Fit`` that trains with the plain engine (``training.train.train`` with ``end=<period cut>``
+    on the candle files ``candles``, symbol -> path; ``training.data.prepare`` cuts the candles before
+    labels are computed) into ``work_dir/period_<k>``, with ``rounds``/``folds`` overriding the model
+    section, loads the result with the serving ``Ensemble`` and checks from its metadata that it saw
+    nothing at or after the cut."""
     from inference.ensemble import Ensemble
-    from training.train import parser as train_parser
-    from training.train import run as train_run
+    from training.train import train, training_engine, with_overrides
 
-    def fit(train: Mapping[str, pd.DataFrame], period: Period) -> Forecaster:
+    train_settings = with_overrides(settings, rounds=rounds, folds=folds)
+
+    def fit(train_candles: Mapping[str, pd.DataFrame], period: Period) -> Forecaster:
         out = Path(work_dir) / f"period_{period.index}"
         cut = pd.Timestamp(period.train_end_ms, unit="ms", tz="UTC").isoformat()
-        train_run(train_parser().parse_args(["--candles", *candle_specs, "--end", cut, "--out", str(out),
-                                             "--engine", "plain", *train_args]))
+        with training_engine("plain") as engine:
+            train(train_settings, candles, engine, out=out, end=cut)
         ens = Ensemble.load(out, settings)
         last = trained_until(ens.metadata)
         if last is None or last >= period.train_end_ms:
