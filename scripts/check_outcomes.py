@@ -107,10 +107,10 @@ def main() -> int:
     from deployments.app import deploy, start_serve
     from features import build_features
     from features.labels import build_labels
-    from tests.conftest import free_port
-    from tests.postgres_util import PrivatePostgres
-    from tests.serving_app import PrivateRedis, train_small_models
+    from deployments.ray_head import free_port
     from inference.ensemble import Ensemble
+    from scripts.lab.models import train_small_models
+    from scripts.lab.services import PrivatePostgres, PrivateRedis
 
     settings = load_settings()
     symbols = list(settings.market.symbols)

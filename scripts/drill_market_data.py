@@ -5,7 +5,7 @@
 
 Why a separate drill with the live (Binance) feed: a replay restarted by a new actor starts its file
 again, so only the live source has "candles that closed while the actor was dead" to fetch. The
-exchange is the fake Binance server (tests/fake_binance.py) on loopback, serving the shipped sample
+exchange is the fake Binance server (scripts/lab/fake_binance.py) on loopback, serving the shipped sample
 re-timed so its candles close on the real clock; this script pushes each closed candle on the kline
 websocket at its close, like Binance does.
 
@@ -80,7 +80,7 @@ class Pusher(threading.Thread):
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from tests.fake_binance import FakeBinance
+    from scripts.lab.fake_binance import FakeBinance
 
     connect(args.gcs_address)
     candles = retimed_sample(int(time.time() * 1000))

@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from deployments.ray_head import free_port  # noqa: F401  (tests import it from here)
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,14 +45,6 @@ def real_candles() -> dict[str, pd.DataFrame]:
 @pytest.fixture(scope="session")
 def has_shared_data() -> bool:
     return all((SHARED_DATA / f"{s}_5m.parquet").exists() for s in SYMBOLS)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from configs.settings import load_settings
 from deployments.feed import CandleEvent, FeedClock
 from features.candles import FIVE_MINUTES_MS
 from features.indicators import WARMUP
-from tests.fake_binance import load_test_candles
+from scripts.lab.fake_binance import load_test_candles
 
 KEY = "hardening-test-key-0123456789abcdef"
 OTHER_KEY = "hardening-test-key-fedcba9876543210"
@@ -30,7 +30,7 @@ VERSIONS = {"range_predictor": "v1", "tpsl_classifier": "v1", "signal_classifier
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
     """A private redis-server for one test module (tests/serving_app.py's, stopped at the end)."""
-    from tests.serving_app import PrivateRedis
+    from scripts.lab.services import PrivateRedis
 
     server = PrivateRedis(tmp_path_factory.mktemp("hardening-redis"))
     server.start()

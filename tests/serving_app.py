@@ -12,8 +12,6 @@ they should in production: never in Serve args.
 from __future__ import annotations
 
 import secrets
-import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,57 +21,13 @@ import httpx
 import pytest
 
 from deployments.auth import write_api_keys_file
-from tests.conftest import SAMPLE_DATA, SYMBOLS, free_port
+from scripts.lab.models import train_small_models
+from scripts.lab.services import PrivateRedis
+from tests.conftest import SAMPLE_DATA, SYMBOLS
 
 APP_NAME = "ml-engine"
 REPLAY_SPEED = 100.0
 REPLAY_HISTORY = 1100
-
-
-class PrivateRedis:
-    """A redis-server of our own on a free loopback port (stop / start at will), optionally with a
-    password (``requirepass``)."""
-
-    def __init__(self, workdir: Path, password: str | None = None) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.password = password
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.fail("redis-server is not installed (bash scripts/services.sh needs it too)")
-        auth = ["--requirepass", self.password] if self.password else []
-        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.workdir), *auth],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = self.client()
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-    def client(self):
-        import redis
-
-        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5)
 
 
 @dataclass
@@ -143,17 +97,6 @@ def _serve_running() -> bool:
         return _get_global_client() is not None
     except Exception:  # no Serve controller in this cluster yet
         return False
-
-
-def train_small_models(out: Path) -> Path:
-    """A complete model set on the shipped sample, two rounds per booster (seconds, not minutes)."""
-    from configs.settings import get_settings
-    from training.engines import PlainEngine
-    from training.train import train, with_overrides
-
-    train(with_overrides(get_settings(), rounds=2, folds=2), {s: SAMPLE_DATA / f"{s}_5m.parquet" for s in SYMBOLS},
-          PlainEngine(nthread=1), out=out)
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """The Binance feed at scale (issue 18 point 3): combined streams and weight-paced REST backfill.
 
-Against the fake exchange on loopback (tests/fake_binance.py), which counts request weight per
+Against the fake exchange on loopback (scripts/lab/fake_binance.py), which counts request weight per
 window like Binance (``X-MBX-USED-WEIGHT-<window>`` on every answer, 429 with Retry-After over the
 limit, 418 for a request sent before that Retry-After passed) and serves combined streams. The
 exchange's window is one second here (``X-MBX-USED-WEIGHT-1S``) so that pacing across windows takes
@@ -21,7 +21,7 @@ from deployments.binance_hub import BinanceHub
 from deployments.binance_rest import WeightPacer, retry_after_s, used_weight
 from features.candles import FIVE_MINUTES_MS
 from features.synthetic import synthetic_candles
-from tests.fake_binance import FakeBinance, load_test_candles
+from scripts.lab.fake_binance import FakeBinance, load_test_candles
 
 HISTORY = 20
 

@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 
 from deployments.db.migrate import Migration, MigrationError, apply_migrations, load_migrations
-from tests.postgres_util import fresh_database
+from scripts.lab.services import fresh_database
 
 COLUMNS = {
     "prediction_logs": {"id", "symbol", "horizon", "candle_open_time", "model_version", "predicted_high",

@@ -34,7 +34,7 @@ from features.barriers import barrier_distances
 from features.costs import Costs, round_trip_cost
 from features.labels import SL, TP, build_labels, naive_sigma
 from tests.conftest import free_port
-from tests.postgres_util import fresh_database
+from scripts.lab.services import fresh_database
 
 H = (6, 18, 36, 72)
 FEE = 0.001

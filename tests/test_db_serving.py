@@ -24,8 +24,8 @@ from configs.settings import load_settings
 from deployments.auth import write_api_keys_file
 from features.labels import build_labels
 from tests.conftest import SAMPLE_DATA, SYMBOLS, free_port
-from tests.postgres_util import fresh_database
-from tests.serving_app import PrivateRedis
+from scripts.lab.services import fresh_database
+from scripts.lab.services import PrivateRedis
 from tests.test_db_resolver import _by_hand_trade
 
 pytestmark = pytest.mark.timeout(600)

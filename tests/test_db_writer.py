@@ -26,7 +26,7 @@ from deployments.db.spool import Spool
 from deployments.db.writer import LogWriter
 from tests.conftest import ROOT, free_port
 from tests.log_writer_child import row as child_row
-from tests.postgres_util import PrivatePostgres, fresh_database, wait_for
+from scripts.lab.services import PrivatePostgres, fresh_database, wait_for
 
 
 @pytest.fixture(scope="module")

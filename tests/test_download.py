@@ -1,4 +1,4 @@
-"""features.download against a fake Binance serving real candles (see tests/fake_binance.py).
+"""features.download against a fake Binance serving real candles (see scripts/lab/fake_binance.py).
 
 The candles come from the shared real data (a window around the 2023-03-24 Binance halt, so a
 real gap crosses the paging), else from data/sample, else synthetic.
@@ -25,7 +25,7 @@ from features.download import (
     parse_time_ms,
 )
 from configs.errors import ConfigError, MarketDataError
-from tests.fake_binance import REPO_ROOT, FakeBinance, load_test_candles
+from scripts.lab.fake_binance import REPO_ROOT, FakeBinance, load_test_candles
 
 STEP = 5 * 60 * 1000
 SYMBOL = "BTCUSDT"

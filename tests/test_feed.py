@@ -13,7 +13,7 @@ import pytest
 from deployments.binance_feed import BinanceSource, closed_rows, stream_root
 from deployments.feed import CandleEvent, ReplaySource, find_gaps
 from features.candles import FIVE_MINUTES_MS
-from tests.fake_binance import FakeBinance, load_test_candles
+from scripts.lab.fake_binance import FakeBinance, load_test_candles
 
 
 async def _collect(source, into: list[CandleEvent], until: int) -> None:

@@ -28,7 +28,7 @@ from deployments.db.writer import LogWriter
 from tests.conftest import free_port
 from tests.hardening_report import record
 from tests.log_writer_child import row
-from tests.postgres_util import fresh_database, wait_for
+from scripts.lab.services import fresh_database, wait_for
 from tests.test_db_writer import _settings, private_pg  # noqa: F401 (a fixture)
 
 

@@ -29,7 +29,7 @@ from tests.conftest import free_port
 from tests.hardening_report import record
 from tests.hardening_util import (VERSIONS, StubBackend, acall, call, error_of, forecast_for, make_app,
                                   redis_server)  # noqa: F401 (a fixture)
-from tests.postgres_util import wait_for
+from scripts.lab.services import wait_for
 from tests.test_serving import _new_model_set
 from inference.registry import CURRENT_FILE, MODEL_NAMES, ModelRegistry
 

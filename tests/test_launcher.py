@@ -32,7 +32,7 @@ import pytest
 
 from deployments.ray_head import port_open, session_pids
 from features.candles import FIVE_MINUTES_MS
-from tests.fake_binance import FakeBinance, load_test_candles
+from scripts.lab.fake_binance import FakeBinance, load_test_candles
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "launcher-test-key-0123456789abcdef"

@@ -1,7 +1,8 @@
 """The package layering (issue 16): serving never imports training code, the serving contract
 (``inference``) imports neither training, the deployments, Ray nor pandas, so a model pool loads only
-what inference needs, and ``configs`` (settings and the error hierarchy) is the bottom layer that
-imports no other project package. Checked on the source (every import, function-local ones
+what inference needs, ``configs`` (settings and the error hierarchy) is the bottom layer that
+imports no other project package, and scripts and benchmarks never import the test suite (what
+both need, the private services and the fake exchange, lives in ``scripts/lab/``). Checked on the source (every import, function-local ones
 included)."""
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def _imported_modules(folder: str) -> dict[str, str]:
     ("deployments", ("training",)),
     ("inference", ("training", "deployments", "ray", "pandas", "scripts", "tests")),
     ("features", ("training", "deployments", "inference", "scripts", "tests")),
+    ("scripts", ("tests",)),  # the lab (scripts/lab/) serves both; tests may import scripts, not vice versa
+    ("bench", ("tests",)),
 ])
 def test_layer_does_not_import(folder, forbidden):
     bad = {m: where for m, where in _imported_modules(folder).items() if m.split(".")[0] in forbidden}

@@ -13,7 +13,7 @@ import pytest
 from deployments import health
 from features.candles import FIVE_MINUTES_MS, load_candles
 from tests.conftest import SAMPLE_DATA
-from tests.fake_binance import FakeBinance, load_test_candles
+from scripts.lab.fake_binance import FakeBinance, load_test_candles
 
 
 def _router(newest: int | None = None):

@@ -164,7 +164,7 @@ def test_gate_averages_relative_changes_so_no_horizon_dominates():
 
 def test_pull_candles_resumes_to_the_last_closed_candle(tmp_path, sample):
     from configs.settings import load_settings
-    from tests.fake_binance import FakeBinance
+    from scripts.lab.fake_binance import FakeBinance
 
     full = {s: load_candles(p).tail(3000).reset_index(drop=True) for s, p in SHIPPED.items()}
     data_dir = tmp_path / "data"

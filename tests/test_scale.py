@@ -74,7 +74,8 @@ def scale_app(ray_cluster, small_models, tmp_path_factory):
     from configs.settings import load_settings
     from deployments.app import build_graph, start_serve_on_free_port
     from deployments.auth import write_api_keys_file
-    from tests.serving_app import PrivateRedis, _serve_running
+    from scripts.lab.services import PrivateRedis
+    from tests.serving_app import _serve_running
 
     root = tmp_path_factory.mktemp("scale")
     redis = PrivateRedis(root)

@@ -23,7 +23,7 @@ from configs.errors import (ConfigError, FeatureError, MarketDataError, ModelLoa
                              PredictionError)
 from features.indicators import WARMUP
 from tests.conftest import free_port
-from tests.fake_binance import load_test_candles
+from scripts.lab.fake_binance import load_test_candles
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT_KEY = "unit-test-key-of-24-chars+"

@@ -1,4 +1,4 @@
-"""A fake Binance spot REST server on loopback, serving real candles, for tests.
+"""A fake Binance spot REST server on loopback, serving real candles, for tests and drills.
 
 Why a real HTTP server and not a mocked client: the code under test talks to Binance through
 python-binance and ``requests``; only a real socket exercises URL building, query encoding,
@@ -59,7 +59,7 @@ _ERROR_BODIES: dict[int, dict[str, Any]] = {
     504: {"code": -1007, "msg": "Timeout waiting for response from backend server."},
 }
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA_DIR = Path(os.environ.get("MLE_SHARED_DATA_DIR") or (REPO_ROOT.parent / "shared" / "data" if (
     REPO_ROOT.parent / "shared" / "data").exists() else "/work/shared/data"))
 SAMPLE_DATA_DIR = Path(os.environ.get("MLE_SAMPLE_DATA_DIR", REPO_ROOT / "data" / "sample"))

@@ -1,10 +1,14 @@
-"""PostgreSQL for the log tests: throw-away databases on the shared server, and a private server.
+"""Real services of one's own for tests, drills and checks: PostgreSQL and Redis.
 
-The shared server (127.0.0.1:5432, database ``test``) may hold other tests' ``ml`` schema, so the
-log tests never touch it: each gets a fresh database it creates and drops. Outage tests need a
-server they may stop and restart at will: :class:`PrivatePostgres` runs ``initdb`` into a temp dir
-and ``pg_ctl`` on a free port (as the ``postgres`` user when the tests run as root, since initdb
-refuses root).
+The shared PostgreSQL (127.0.0.1:5432, database ``test``) may hold other runs' ``ml`` schema, so
+the log tests never touch it: each gets a fresh database it creates and drops
+(:func:`fresh_database`). Outage tests and drills need servers they may stop and restart at will:
+:class:`PrivatePostgres` runs ``initdb`` into a temp dir and ``pg_ctl`` on a free port (as the
+``postgres`` user when run as root, since initdb refuses root); :class:`PrivateRedis` runs a
+``redis-server`` on a free loopback port (never the shared 6379).
+
+Here, not under ``tests/``, because ``scripts/check_outcomes.py`` runs them too and scripts never
+import the test suite (tests/test_layering.py); the tests import them from here.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import asyncpg
 
-from tests.conftest import free_port
+if TYPE_CHECKING:
+    import redis
+
+from deployments.ray_head import free_port
 
 SHARED_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -95,6 +102,52 @@ class PrivatePostgres:
         except subprocess.CalledProcessError:
             pass  # not running
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PrivateRedis:
+    """A redis-server of our own on a free loopback port (stop / start at will), optionally with a
+    password (``requirepass``)."""
+
+    def __init__(self, workdir: Path, password: str | None = None) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.password = password
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server is not installed (bash scripts/services.sh needs it too)")
+        auth = ["--requirepass", self.password] if self.password else []
+        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.workdir), *auth],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = self.client()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def client(self) -> "redis.Redis":
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password, socket_timeout=5)
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
