@@ -36,7 +36,7 @@ import pandas as pd  # noqa: E402
 
 from configs.settings import get_settings  # noqa: E402
 from training.backtest.strategy import load_strategies  # noqa: E402
-from features.build import build_features  # noqa: E402
+from features.batch import build_features  # noqa: E402
 from features.labels import EXPIRED, SL, TP, first_touch  # noqa: E402
 from training.backtest.engine import run_strategies  # noqa: E402
 from training.backtest.signals import signal_table  # noqa: E402

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from configs.settings import Settings, load_settings  # noqa: E402
 from deployments.api import DatabaseProbe, create_app  # noqa: E402
 from deployments.cache import CacheUnavailable, RedisGateway, prediction_key  # noqa: E402
-from deployments.feature_builder import MarketState  # noqa: E402
+from deployments.market_state import MarketState  # noqa: E402
 from deployments.feed import CandleEvent, FeedClock, find_gaps  # noqa: E402
 from deployments.metrics import EngineMetrics  # noqa: E402
 from deployments.render import describe_models  # noqa: E402

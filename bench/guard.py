@@ -56,7 +56,7 @@ class FixedBackend:
 def build(guarded: bool):
     from configs.settings import load_settings
     from deployments.api import create_app
-    from deployments.feature_builder import MarketState
+    from deployments.market_state import MarketState
     from deployments.feed import CandleEvent, FeedClock
     from deployments.guard import RequestGuard
     from deployments.metrics import EngineMetrics

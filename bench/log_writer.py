@@ -227,7 +227,7 @@ def cached_request(settings, url: str, tmp: Path, n: int, rounds: int) -> None:
 
     from deployments.api import create_app
     from deployments.db.serving_log import DbServingLog
-    from deployments.feature_builder import MarketState
+    from deployments.market_state import MarketState
     from deployments.feed import CandleEvent, FeedClock
     from deployments.metrics import EngineMetrics
     from deployments.service import PredictionService

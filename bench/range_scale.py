@@ -43,8 +43,8 @@ from bench.range_report import print_report  # noqa: E402
 from configs.settings import get_settings  # noqa: E402
 from features.volatility import apply_har, fit_har, har_inputs, har_target  # noqa: E402
 from training.data import load_histories, prepare, subsample_stride, to_ms, walk_forward_splits  # noqa: E402
-from training.metrics import coverage, mae, pinball, r2  # noqa: E402
-from training.models import TargetSpec, fit_booster, predict_raw, xgb_params  # noqa: E402
+from training.scores import coverage, mae, pinball, r2  # noqa: E402
+from training.boosters import TargetSpec, fit_booster, predict_raw, xgb_params  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 CROSS = ("rv_12", "rv_48", "rv_288", "parkinson_48", "roc_1", "roc_6", "roc_36", "h1_ret_1", "volume_z_48")

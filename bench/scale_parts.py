@@ -113,7 +113,7 @@ def inprocess_pass(n: int, closes: int, models: str, redis, history: int = 1100)
     from deployments.auth import deployment_secret
     from deployments.cache import make_entry, prediction_key, signal_channel
     from deployments.render import signal_body
-    from features.builder import FeatureBuilder
+    from features.incremental import FeatureBuilder
     from features.indicators import feature_set_hash
     from inference.ensemble import Ensemble
 

@@ -1,7 +1,7 @@
 """Candles, features and labels: one definition for training and serving."""
 
-from features.build import build_features
-from features.builder import FeatureBuilder
+from features.batch import build_features
+from features.incremental import FeatureBuilder
 from features.candles import load_candles
 from features.indicators import FEATURE_GROUPS, WARMUP, feature_names, feature_set_hash
 from features.labels import build_labels

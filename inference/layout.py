@@ -1,6 +1,6 @@
 """The model layout, defined once: models -> boosters -> output columns.
 
-Training reads it to know which boosters to fit (``training.models.base_specs``), the ensemble to
+Training reads it to know which boosters to fit (``training.boosters.base_specs``), the ensemble to
 know which to load and check (``inference.ensemble``), and both turn raw booster outputs into a
 model's stage output with the same :func:`inference.transforms.stage_output`. Adding a booster or
 an output column is a change here and nowhere else.

@@ -75,7 +75,7 @@ class StubBackend:
 
 def market(symbols=("BTCUSDT",), versions: dict[str, str] = VERSIONS):
     """A FeatureBuilder state with ``symbols`` warmed up and published with ``versions``."""
-    from deployments.feature_builder import MarketState
+    from deployments.market_state import MarketState
 
     state = MarketState()
     for symbol in symbols:

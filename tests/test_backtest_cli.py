@@ -77,7 +77,7 @@ def test_cli_flags_in_sample_and_refuses_bad_input(registry, capsys):
 def test_batch_signals_equal_per_row_forecasts(registry):
     """The backtest's batch path gives exactly what serving's one-row calls give."""
     from configs.settings import get_settings
-    from features.build import build_features
+    from features.batch import build_features
     from features.candles import load_candles
     from training.backtest.signals import forecasts_to_frame
     from inference.ensemble import Ensemble

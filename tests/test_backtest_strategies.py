@@ -11,7 +11,7 @@ from training.backtest.strategy import load_strategies
 from features.candles import FIVE_MINUTES_MS
 from configs.errors import ConfigError
 from training.backtest.baselines import buy_and_hold, random_entry_baseline, random_signals, random_trades
-from training.backtest.metrics import calibration, max_drawdown, per_month, summarize
+from training.backtest.trade_stats import calibration, max_drawdown, per_month, summarize
 from training.backtest.simulate import Costs, simulate
 from training.backtest.strategy import select_signals
 
@@ -141,7 +141,7 @@ def test_random_entry_baseline_is_deterministic_by_seed(real_candles):
 
 
 def test_random_entries_keep_the_geometry_in_volatility_units(real_candles):
-    from features.build import build_features
+    from features.batch import build_features
 
     cands = _real_slice(real_candles)
     atr = {s: build_features(c)["atr_14"].to_numpy() for s, c in cands.items()}

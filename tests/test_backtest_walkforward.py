@@ -14,7 +14,7 @@ import pytest
 
 from training.backtest.strategy import load_strategies
 from features import FEATURE_NAMES
-from features.build import build_features
+from features.batch import build_features
 from features.candles import FIVE_MINUTES_MS
 from training.backtest.engine import run_strategies
 from training.backtest.report import write_report

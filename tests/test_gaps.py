@@ -106,7 +106,7 @@ def test_labels_never_span_a_missing_slot(halt):
 def test_candle_window_keeps_short_gaps_and_the_reseed_equals_the_original(halt):
     """A restarted FeatureBuilder re-seeded from the MarketData window across the halt computes the
     same row as the one that saw every candle live."""
-    from deployments.feature_builder import MarketState
+    from deployments.market_state import MarketState
 
     df, first = halt
     t = df["open_time"].to_numpy(np.int64)
@@ -181,7 +181,7 @@ def test_warming_up_gives_hold_with_a_reason_for_signals_not_a_503():
 def test_resent_candles_neither_reset_the_data_age_nor_count_their_gaps_again(halt):
     """A restarted feed resends candles the FeatureBuilder has (its history, with a clock anchored at
     an older close): the symbol's data age keeps growing and the halt's gap is counted once."""
-    from deployments.feature_builder import MarketState
+    from deployments.market_state import MarketState
 
     df, _ = halt
     t = df["open_time"].to_numpy(np.int64)

@@ -83,7 +83,7 @@ def _event(df, kind="live", previous=None) -> CandleEvent:
 
 
 def test_market_state_ingests_publishes_and_restarts_after_bad_candles():
-    from deployments.feature_builder import MarketState
+    from deployments.market_state import MarketState
 
     candles = load_test_candles("BTCUSDT", WARMUP + 20)
     state = MarketState()
@@ -167,7 +167,7 @@ def test_serve_config_yaml_deploys_the_app_builder_with_valid_args():
 def _service_app(backend, **overrides):
     """The real FastAPI app and request logic, with a stand-in backend (no cluster needed)."""
     from deployments.api import create_app
-    from deployments.feature_builder import MarketState
+    from deployments.market_state import MarketState
     from deployments.metrics import EngineMetrics
     from deployments.service import PredictionService
 
@@ -264,7 +264,7 @@ def test_a_restarted_feature_builder_asks_for_history_and_answers_at_the_next_ca
     """A FeatureBuilder replica restarted mid-stream must not sit out a 1000-candle warm-up: its
     empty windows ask the MarketData actor for the window it keeps (CandleWindow), and the row it
     then computes equals the one the old replica had."""
-    from deployments.feature_builder import MarketState
+    from deployments.market_state import MarketState
     from deployments.feed import CandleWindow
 
     candles = load_test_candles("BTCUSDT", WARMUP + 40)

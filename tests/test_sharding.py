@@ -47,7 +47,7 @@ def test_shard_count_and_names():
 
 
 def test_a_shard_holds_only_its_symbols():
-    from deployments.feature_builder import MarketState
+    from deployments.market_state import MarketState
     from deployments.feed import CandleEvent, FeedClock
 
     symbols = ["BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT"]

@@ -91,7 +91,7 @@ def test_a_shipped_set_that_does_not_match_the_code_is_not_installed(tmp_path):
 
 def _replay(settings, horizon: int) -> dict[str, np.ndarray]:
     """Every candle of the shipped sample, both symbols, through the shipped ensemble (columns)."""
-    from features.build import build_features
+    from features.batch import build_features
     from features.candles import load_candles
 
     ens = Ensemble.load(SHIPPED_MODELS, settings)

@@ -13,7 +13,7 @@ import pytest
 from configs.settings import load_settings
 from configs.symbols import (SYNTHETIC_LAG, model_symbol, parse_synthetic, real_symbol, synthetic_name,
                              synthetic_names)
-from features.build import build_features
+from features.batch import build_features
 from features.candles import FIVE_MINUTES_MS, load_candles
 from configs.errors import ConfigError, MarketDataError
 from features.indicators import WARMUP, feature_group, feature_names

@@ -9,7 +9,7 @@ import pandas as pd
 
 from features.volatility import (HAR_WINDOWS, apply_har, fit_har, har_input_names, har_inputs, har_target)
 from tests.test_features import synthetic
-from training.metrics import pinball
+from training.scores import pinball
 from training.uncertainty import block_sums, coverage_by_group, decile_codes, r2_gain, range_intervals
 
 HORIZONS = (6, 72)

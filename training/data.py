@@ -24,7 +24,7 @@ import pandas as pd
 
 from configs.settings import Settings
 from features.barriers import barrier_inputs, barrier_sigma, fit_barrier_model
-from features.build import build_features
+from features.batch import build_features
 from features.candles import FIVE_MINUTES_MS, load_candles
 from features.costs import Costs
 from configs.errors import ConfigError

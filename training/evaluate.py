@@ -28,7 +28,7 @@ from training.data import Prepared, load_histories, parse_candle_args, prepare, 
 from inference.ensemble import Ensemble
 from training.extras import require
 from training.har_baseline import HAR_DOCUMENT, fit_har_baseline, har_baseline_predictions
-from training.metrics import (BASELINE_VOL_FEATURE, baseline_predictions, ece, har_metrics, range_metrics,
+from training.scores import (BASELINE_VOL_FEATURE, baseline_predictions, ece, har_metrics, range_metrics,
                               reliability_curve, signal_metrics, tpsl_metrics)
 from training.progress import log, progress, setup_logging
 from inference.transforms import meta_class_probs, proposed_side

@@ -37,9 +37,9 @@ from training.data import Fold, Prepared, split_tail, subsample_stride, walk_for
 from training.engines import Engine, FitJob
 from training.intervals import fit_interval_calibration
 from training.meta_label import choose_policy, gross_payoffs, policy_figures, proposal_targets, uniqueness_weights
-from training.metrics import (BASELINE_VOL_FEATURE, auc, baseline_predictions, ece, fit_baselines, fit_isotonic,
+from training.scores import (BASELINE_VOL_FEATURE, auc, baseline_predictions, ece, fit_baselines, fit_isotonic,
                               range_metrics, reliability_curve, signal_metrics, tpsl_metrics)
-from training.models import FitOutcome, TargetSpec, base_specs, meta_specs, target_values
+from training.boosters import FitOutcome, TargetSpec, base_specs, meta_specs, target_values
 from training.progress import log
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from configs.settings import ModelConfig
 from configs.errors import ConfigError
-from training.models import FitOutcome, fit_booster, xgb_params
+from training.boosters import FitOutcome, fit_booster, xgb_params
 from training.engines import FitJob, job_weights, run_fit_job
 from training.progress import log, progress
 

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from training.backtest.metrics import _f, summarize
+from training.backtest.trade_stats import _f, summarize
 from training.backtest.simulate import Costs, simulate
 
 VOL_COLUMN = "atr_14"  # ATR(14)/close of the signal candle (a feature column)

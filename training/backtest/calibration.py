@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from training.backtest.metrics import _f
+from training.backtest.trade_stats import _f
 
 BINS = 10
 CLASSES = {"BUY": 1, "SELL": -1}

@@ -28,7 +28,7 @@ from features.costs import profile_costs
 from configs.settings import Settings, load_settings
 from configs.strategies import Strategy
 from training.backtest.strategy import load_strategies
-from features.build import build_features
+from features.batch import build_features
 from features.candles import FIVE_MINUTES_MS
 from configs.errors import ConfigError, MLEngineError
 from training.backtest.engine import run_strategies

@@ -26,7 +26,7 @@ import pandas as pd
 
 from configs.strategies import Strategy
 from training.backtest.baselines import VOL_COLUMN, add_avg_r_comparison, seed_statistics
-from training.backtest.metrics import _f, summarize
+from training.backtest.trade_stats import _f, summarize
 from training.backtest.simulate import Costs, simulate
 from training.backtest.strategy import passes_filters
 

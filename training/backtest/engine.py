@@ -16,7 +16,7 @@ from configs.strategies import Strategy
 from training.backtest.baselines import buy_and_hold, random_entry_baseline
 from training.backtest.calibration import class_calibration, direction_from_outcomes
 from training.backtest.controls import isolating_baselines
-from training.backtest.metrics import calibration, per_month, summarize
+from training.backtest.trade_stats import calibration, per_month, summarize
 from training.backtest.portfolio import portfolio_summary
 from training.backtest.signals import SignalTable, period_mask
 from training.backtest.simulate import Costs, empty_trades, simulate

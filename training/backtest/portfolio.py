@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from training.backtest.metrics import _f, max_drawdown
+from training.backtest.trade_stats import _f, max_drawdown
 from training.uncertainty import LEVEL, REPLICATES, SEED, block_sums
 
 DAY_MS = 86_400_000

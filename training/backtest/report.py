@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from training.backtest.metrics import drawdown_curve  # noqa: E402
+from training.backtest.trade_stats import drawdown_curve  # noqa: E402
 
 REPORT_FILE = "report.md"
 

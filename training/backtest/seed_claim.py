@@ -21,7 +21,7 @@ import pandas as pd
 
 from configs.settings import load_settings
 from training.backtest.strategy import load_strategies
-from features.build import build_features
+from features.batch import build_features
 from features.costs import Costs
 from training.backtest.simulate import simulate
 from training.backtest.strategy import select_signals
