@@ -33,7 +33,7 @@ from deployments.api import DatabaseProbe, create_app  # noqa: E402
 from deployments.cache import CacheUnavailable, RedisGateway, prediction_key  # noqa: E402
 from deployments.market_state import MarketState  # noqa: E402
 from deployments.feed import CandleEvent, FeedClock, find_gaps  # noqa: E402
-from deployments.metrics import EngineMetrics  # noqa: E402
+from deployments.prometheus import EngineMetrics  # noqa: E402
 from deployments.render import describe_models  # noqa: E402
 from deployments.service import PredictionService  # noqa: E402
 from deployments.state import FeatureRow  # noqa: E402

@@ -59,7 +59,7 @@ def build(guarded: bool):
     from deployments.market_state import MarketState
     from deployments.feed import CandleEvent, FeedClock
     from deployments.guard import RequestGuard
-    from deployments.metrics import EngineMetrics
+    from deployments.prometheus import EngineMetrics
     from deployments.service import PredictionService
     from features.candles import FIVE_MINUTES_MS, load_candles
     from features.indicators import WARMUP

@@ -229,7 +229,7 @@ def cached_request(settings, url: str, tmp: Path, n: int, rounds: int) -> None:
     from deployments.db.serving_log import DbServingLog
     from deployments.market_state import MarketState
     from deployments.feed import CandleEvent, FeedClock
-    from deployments.metrics import EngineMetrics
+    from deployments.prometheus import EngineMetrics
     from deployments.service import PredictionService
     from features.candles import FIVE_MINUTES_MS, load_candles
     from inference.ensemble import Ensemble

@@ -30,7 +30,7 @@ from deployments.auth import retry_after_header
 from deployments.errors import ApiError, install_error_handlers, openapi_errors
 from deployments.guard import API_KEY_HEADER, KID_STATE, MetricsAccess, RequestGuard
 from deployments.hooks import ServingLog
-from deployments.metrics import MetricsUnavailable
+from deployments.prometheus import MetricsUnavailable
 from deployments.service import PredictionService
 from ml_engine_client.models import (HealthDetailedResponse, HealthResponse, IndicatorsResponse, ModelsStatusResponse,
                                      PredictionResponse, ReadinessResponse, SignalResponse)

@@ -21,7 +21,7 @@ from deployments.api import DatabaseProbe, create_app
 from deployments.cache import RedisGateway
 from deployments.guard import MetricsAccess
 from deployments.hooks import load_serving_log
-from deployments.metrics import EngineMetrics, NodeMetricsExport
+from deployments.prometheus import EngineMetrics, NodeMetricsExport
 from deployments.service import PredictionService
 from deployments.sharding import ShardedMarket
 from deployments.state import FeatureRow

@@ -34,7 +34,7 @@ from configs.symbols import real_symbol
 from deployments.binance_actor import RemoteHub
 from deployments.binance_feed import BinanceSource
 from deployments.feed import CandleEvent, CandleWindow, FeedClock, ReplaySource
-from deployments.metrics import EngineMetrics
+from deployments.prometheus import EngineMetrics
 from deployments.outbox import Outbox
 from features.candles import FIVE_MINUTES_MS
 from configs.errors import MarketDataError

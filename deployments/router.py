@@ -44,7 +44,7 @@ from deployments.auth import deployment_secret
 from deployments.close import CandleClose
 from deployments.cache import CacheUnavailable, RedisGateway, make_entry, prediction_key, signal_channel
 from deployments.hooks import load_serving_log
-from deployments.metrics import EngineMetrics
+from deployments.prometheus import EngineMetrics
 from deployments.models import EnsembleCache, fallback_sets
 from deployments.render import describe_models, signal_body
 from deployments.sharding import shard_of

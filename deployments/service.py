@@ -44,7 +44,7 @@ from deployments.auth import ApiKeys, RateLimiter, deployment_secret
 from deployments.cache import CacheUnavailable, RedisGateway, make_entry, prediction_key, read_entry
 from deployments.errors import MarketDataGap, StaleMarketData, status_for
 from deployments.hooks import NullServingLog, RequestRecord, ServingLog
-from deployments.metrics import EngineMetrics
+from deployments.prometheus import EngineMetrics
 from deployments.render import body_prefix, finish, indicators_body, prediction_body, signal_body
 from deployments.state import FeatureRow, MarketSnapshot, SymbolState, iso_time
 from features.candles import FIVE_MINUTES_MS

@@ -23,7 +23,7 @@ DOCS = PROJECT_DIR / "docs"
 def build_openapi() -> dict[str, Any]:
     """The OpenAPI document of the app as the ingress builds it, for the default settings."""
     from deployments.api import create_app
-    from deployments.metrics import EngineMetrics
+    from deployments.prometheus import EngineMetrics
     from deployments.service import PredictionService
 
     # Documented with the code defaults only: a developer's .env or MLE_* variables must not leak

@@ -92,7 +92,7 @@ def make_app(backend=None, *, redis=None, serving_log=None, symbols=("BTCUSDT",)
              metrics_access=None, database_status: str = "up", **overrides):
     """``(app, service)``: the API exactly as the ingress builds it, with the given parts."""
     from deployments.api import create_app
-    from deployments.metrics import EngineMetrics
+    from deployments.prometheus import EngineMetrics
     from deployments.service import PredictionService
 
     settings = load_settings(**{"api_keys": [KEY, OTHER_KEY], "serving_log": "", **overrides})

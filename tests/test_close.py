@@ -16,7 +16,7 @@ import pytest
 from deployments import close as close_module
 from deployments.feed import CandleEvent, FeedClock
 from deployments.hooks import NullServingLog
-from deployments.metrics import EngineMetrics
+from deployments.prometheus import EngineMetrics
 from deployments.sharding import assign
 from features.candles import load_candles
 from configs.errors import ModelNotFoundError

@@ -21,7 +21,7 @@ from configs.settings import load_settings
 from deployments.auth import ApiKeys, new_api_key
 from deployments.cache import RedisGateway
 from deployments.guard import MetricsAccess
-from deployments.metrics import NodeMetricsExport
+from deployments.prometheus import NodeMetricsExport
 from configs.errors import ConfigError
 from tests.conftest import free_port
 from tests.hardening_report import record

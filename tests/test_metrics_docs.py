@@ -1,4 +1,4 @@
-"""docs/metrics.md is generated from deployments/metric_defs.py, and nothing names a series or a
+"""docs/metrics.md is generated from deployments/prometheus_series.py, and nothing names a series or a
 label that the code does not define: the alert rules and the Grafana dashboard (parsed as PromQL),
 README.md and every doc (series written as ``name{label,...}`` must list exactly its labels)."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import promql_parser
 
-from deployments.metric_defs import METRICS, series_labels
+from deployments.prometheus_series import METRICS, series_labels
 from scripts import gen_metrics_docs
 from tests.test_observability import alert_rules, dashboard_exprs
 
@@ -34,7 +34,7 @@ def test_every_definition_is_documented_with_its_labels():
 
 
 def test_the_recorders_register_exactly_the_defined_labels():
-    from deployments.metrics import EngineMetrics
+    from deployments.prometheus import EngineMetrics
 
     registered = {f.name: f for f in EngineMetrics(use_ray=False).registry.collect()}
     for family in registered.values():
@@ -70,7 +70,7 @@ def test_alerts_and_dashboard_select_defined_series_by_defined_labels():
     checked = 0
     for title, expr in exprs:
         for name, labels in _selectors(expr):
-            assert name in SERIES, f"{title}: {name} is not defined in deployments/metric_defs.py"
+            assert name in SERIES, f"{title}: {name} is not defined in deployments/prometheus_series.py"
             assert labels <= SERIES[name], f"{title}: {name} has no label {sorted(labels - SERIES[name])}"
             checked += 1
     assert checked >= 15
@@ -83,7 +83,7 @@ def test_docs_name_defined_series_with_their_labels():
         for m in MENTION.finditer(path.read_text()):
             name, braces = m.group(1), m.group(2)
             where = f"{path.name}: {m.group(0)}"
-            assert name in SERIES, f"{where}: no such series (deployments/metric_defs.py)"
+            assert name in SERIES, f"{where}: no such series (deployments/prometheus_series.py)"
             if braces:
                 inner = braces[1:-1].replace("\\", "")
                 if "=" in inner:

@@ -1,7 +1,7 @@
 """Grafana dashboard, Prometheus scrape config and alert rules: valid, and about metrics that exist.
 
 Every PromQL expression is parsed by a real PromQL parser (promql-parser, the Rust one), and every
-metric it selects must be one the code exports: the engine's own (deployments/metrics.py, exported
+metric it selects must be one the code exports: the engine's own (deployments/prometheus.py, exported
 by Ray as ``ray_<name>``) or Ray Serve's (their names are read from the installed Ray's source).
 The scrape config is checked against the suite's live Ray cluster: the service-discovery file it
 names exists and its targets serve Ray metrics.
@@ -45,9 +45,9 @@ def selected_metrics(expr: str) -> set[str]:
 
 def engine_exports() -> set[str]:
     """Series names of the engine's metrics, as Prometheus sees them from Ray's export: every
-    definition in deployments/metric_defs.py (what the recorders construct), with the suffixes
+    definition in deployments/prometheus_series.py (what the recorders construct), with the suffixes
     Prometheus adds per type."""
-    from deployments.metric_defs import METRICS
+    from deployments.prometheus_series import METRICS
 
     return {f"ray_{s}" for m in METRICS for s in m.series()}
 
@@ -86,7 +86,7 @@ def test_engine_metric_names_are_the_contract_ones():
                      "ray_ml_model_drift"):
         assert required in names
     # The definitions cover what prometheus_client registers at run time (no name is missed or invented).
-    from deployments.metrics import EngineMetrics
+    from deployments.prometheus import EngineMetrics
 
     kinds = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     local = {f"ray_{f.name}{s}" for f in EngineMetrics(use_ray=False).registry.collect() for s in kinds[f.type]}

@@ -168,7 +168,7 @@ def _service_app(backend, **overrides):
     """The real FastAPI app and request logic, with a stand-in backend (no cluster needed)."""
     from deployments.api import create_app
     from deployments.market_state import MarketState
-    from deployments.metrics import EngineMetrics
+    from deployments.prometheus import EngineMetrics
     from deployments.service import PredictionService
 
     settings = load_settings(api_keys=[UNIT_KEY], redis_url=f"redis://127.0.0.1:{free_port()}/0", serving_log="",

@@ -29,15 +29,15 @@ def registry_baselines(settings: Settings) -> Callable[[str], Mapping[tuple[str,
 class LiveGauges:
     """The live figures as Prometheus gauges, recorded with Ray's metrics (exported ``ray_``-prefixed by
     each node's agent; the API's ``/metrics`` serves them under their own names). What each one is
-    exactly: :mod:`deployments.metric_defs` (docs/metrics.md), per window (24h, 7d, all), of the
+    exactly: :mod:`deployments.prometheus_series` (docs/metrics.md), per window (24h, 7d, all), of the
     version serving now: ``ml_interval_coverage_ratio`` and ``ml_signal_hit_ratio``, with the seed's
     ``ml_model_accuracy`` set to their 24 h values; ``ml_model_drift``, ``ml_model_live_mae_ratio``,
     ``ml_model_mae_vs_walk_forward_ratio``, ``ml_signal_cumulative_r``.
     """
 
     def __init__(self) -> None:
-        from deployments.metric_defs import BY_NAME
-        from deployments.metrics import EngineMetrics, make_metric
+        from deployments.prometheus_series import BY_NAME
+        from deployments.prometheus import EngineMetrics, make_metric
 
         self.engine = EngineMetrics(use_ray=True)
         gauge = {name: make_metric(BY_NAME[name], use_ray=True) for name in (

@@ -8,7 +8,7 @@ own names (``ml_predictions_total``...), so a scraper pointed at the API needs n
 Outside Ray (the plain FastAPI baseline) the same names go to a process-local prometheus_client
 registry, so the two apps do the same bookkeeping work per request.
 
-Series: :data:`deployments.metric_defs.METRICS` defines each one (name, type, unit, labels, meaning);
+Series: :data:`deployments.prometheus_series.METRICS` defines each one (name, type, unit, labels, meaning);
 both recorders are built from it, and docs/metrics.md is generated from it.
 """
 
@@ -19,7 +19,7 @@ import re
 import time
 from typing import Any, Callable
 
-from deployments.metric_defs import BY_NAME, MetricDef
+from deployments.prometheus_series import BY_NAME, MetricDef
 
 LATENCY_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 ENGINE_PREFIX = "ml_"

@@ -1,6 +1,6 @@
 """Every Prometheus series of the engine, defined once: name, type, unit, labels and meaning.
 
-Why one table: the recorders (:class:`deployments.metrics.EngineMetrics`, the resolver's
+Why one table: the recorders (:class:`deployments.prometheus.EngineMetrics`, the resolver's
 :class:`~deployments.db.live_gauges.LiveGauges`) construct their metrics from it, docs/metrics.md is
 generated from it (``python -m scripts.gen_metrics_docs``), and tests/test_metrics_docs.py checks
 that every series and label the alert rules, the Grafana dashboard and the docs name is in it. A
