@@ -166,7 +166,7 @@ class BinanceSource:
 
     async def _get_klines(self, client, start_ms: int) -> list:
         """One page of klines, retried with backoff until it works (network, 5xx/429, bad JSON)."""
-        from features.download import PAGE_LIMIT
+        from features.klines_api import PAGE_LIMIT
 
         def note(state) -> None:
             exc = state.outcome.exception()
@@ -185,7 +185,7 @@ class BinanceSource:
     async def _fetch_closed(self, client, start_ms: int, exchange_now: float | None) -> pd.DataFrame:
         """Every closed candle with open_time >= start_ms, paging forward (``exchange_now``: see
         :func:`closed_rows`)."""
-        from features.download import PAGE_LIMIT, klines_to_frame
+        from features.klines_api import PAGE_LIMIT, klines_to_frame
 
         pages: list[pd.DataFrame] = []
         cursor = start_ms

@@ -151,7 +151,7 @@ class BinanceRest:
     headers cannot be read per request when many symbols share it)."""
 
     def __init__(self, api_url: str, pacer: WeightPacer, timeout_s: float = 15.0) -> None:
-        from features.download import api_root
+        from features.klines_api import api_root
 
         self.root = api_root(api_url)
         self.pacer = pacer

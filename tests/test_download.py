@@ -20,10 +20,8 @@ import pytest
 from binance.exceptions import BinanceAPIException
 
 from features.candles import REQUIRED_COLUMNS, gap_report, load_candles
-from features.download import (
-    BASE_URL_ENV, PAGE_LIMIT, RetryPolicy, api_root, download_klines, main, make_client,
-    parse_time_ms,
-)
+from features.download import download_klines, main
+from features.klines_api import BASE_URL_ENV, PAGE_LIMIT, RetryPolicy, api_root, make_client, parse_time_ms
 from configs.errors import ConfigError, MarketDataError
 from scripts.lab.fake_binance import REPO_ROOT, FakeBinance, load_test_candles
 

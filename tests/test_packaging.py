@@ -72,7 +72,7 @@ def test_floors_the_code_needs():
     assert "NoDecode" in (ROOT / "configs" / "settings.py").read_text()
     assert not reqs["pydantic-settings"].specifier.contains("2.6.1")
     assert reqs["pydantic-settings"].specifier.contains("2.7.0")
-    for name in ("requests", "psutil"):  # imported (features/download.py, scripts/drills.py), now declared
+    for name in ("requests", "psutil"):  # imported (features/klines_api.py, scripts/drills.py), now declared
         assert name in _declared("base") | _declared("dev")
 
 
