@@ -35,12 +35,12 @@ async def profile(models: str, port: int, key: str, calls: int) -> list[tuple[st
     from ray import serve
 
     from configs.settings import load_settings
-    from deployments.models import POOL_NAMES
+    from deployments.model_pools import POOL_NAMES
     from inference.ensemble import Ensemble
 
     fb = serve.get_deployment_handle("FeatureBuilder", app_name="ml-engine")
     router = serve.get_deployment_handle("EnsembleRouter", app_name="ml-engine")
-    pools = {m: serve.get_deployment_handle(n, app_name="ml-engine") for m, n in POOL_NAMES.items()}
+    handles = {m: serve.get_deployment_handle(n, app_name="ml-engine") for m, n in POOL_NAMES.items()}
     rows: list = []
     for _ in range(180):  # the replay's history reaches the FeatureBuilder
         rows = await fb.latest_rows.remote()
@@ -50,10 +50,9 @@ async def profile(models: str, port: int, key: str, calls: int) -> list[tuple[st
     if not rows:
         raise SystemExit("no feature rows after 180 s")
     rows = rows[:1]
-    ens = Ensemble.load(models, load_settings(models_dir=models))
-    for model in ens.models.values():  # as in the pools: one thread per call
-        for booster in model.boosters.values():
-            booster.set_param({"nthread": 1})
+    ens = Ensemble.load(models, load_settings(models_dir=models), nthread=1)  # as in the pools
+    # each pool call names its model's version (deployments/model_pools.py: @serve.multiplexed)
+    pools = {m: h.options(multiplexed_model_id=ens.versions[m]) for m, h in handles.items()}
     feats, symbols = np.vstack([r.features for r in rows]), [r.symbol for r in rows]
     closes, times = [r.close for r in rows], [r.open_time for r in rows]
     X = ens.model_input(feats, symbols)
@@ -62,12 +61,12 @@ async def profile(models: str, port: int, key: str, calls: int) -> list[tuple[st
         ens.forecast(feats, symbols, closes, times, 6)
 
     async def base_outputs():
-        out = await asyncio.gather(*(pools[m].predict.remote(X, 6, ens.versions) for m in BASE_MODELS))
+        out = await asyncio.gather(*(pools[m].predict.remote(X, 6) for m in BASE_MODELS))
         return dict(zip(BASE_MODELS, out))
 
     async def fan():
         outs = await base_outputs()
-        await pools["meta_model"].predict.remote(ens.meta_input(X, outs, 6), 6, ens.versions)
+        await pools["meta_model"].predict.remote(ens.meta_input(X, outs, 6), 6)
 
     async def fan_meta_local():
         outs = await base_outputs()
@@ -96,7 +95,7 @@ async def profile(models: str, port: int, key: str, calls: int) -> list[tuple[st
             assert r.status_code == 200, r.text
 
         await timeit("whole ensemble in-process (baseline)", in_process)
-        await timeit("one pool: RangePredictor.predict", lambda: pools["range_predictor"].predict.remote(X, 6, ens.versions))
+        await timeit("one pool: RangePredictor.predict", lambda: pools["range_predictor"].predict.remote(X, 6))
         await timeit("3 base pools in parallel, then MetaModel", fan)
         await timeit("3 base pools in parallel, meta in-process", fan_meta_local)
         await timeit("EnsembleRouter.forecast", lambda: router.forecast.remote(rows, 6))

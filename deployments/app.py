@@ -30,7 +30,7 @@ from deployments.feature_builder import FeatureBuilderDeployment
 from deployments.ingress import ApiIngress
 from deployments.market_feed import MarketFeed
 from configs.errors import ConfigError
-from deployments.models import POOL_NAMES, ModelPool
+from deployments.model_pools import POOL_NAMES, ModelPool
 from deployments.router import EnsembleRouter
 from deployments.sharding import shard_count, shard_name
 

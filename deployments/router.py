@@ -3,9 +3,9 @@
 Forecast of n rows for one horizon (the staged inference API of ``inference.ensemble``)::
 
     X      = ens.model_input(features, symbols)                 # here
-    base   = gather(RangePredictor, TPSLClassifier, SignalClassifier).predict(X, h, versions)
+    base   = gather(RangePredictor, TPSLClassifier, SignalClassifier).predict(X, h)  # @ versions[model]
     meta_X = ens.meta_input(X, base, h)                         # here
-    meta   = MetaModel.predict(meta_X, h, versions)
+    meta   = MetaModel.predict(meta_X, h)                       # @ versions["meta_model"]
     out    = ens.compose(...)                                   # here
 
 At each candle close (:meth:`EnsembleRouter.on_candles` / ``on_close``, called by the MarketData
@@ -17,8 +17,10 @@ log hook, and finally tells the FeatureBuilder the candle is published (ingress 
 to it). Redis down: forecasts are still computed and published to the ingress; only the Redis
 writes are skipped.
 
-New models: a watcher polls the registry's ``current`` pointers every ``model_poll_s``; a new,
-consistent set is loaded beside the old one and swapped in atomically (requests in flight finish
+Models: the router holds each set's metadata and documents only (what ``compose`` needs; every
+file verified, the pools hold the boosters: deployments/model_pools.py) and names each model's
+version in its pool calls. New models: a watcher polls the registry's ``current`` pointers every
+``model_poll_s``; a new, consistent set is loaded beside the old one and swapped in atomically (requests in flight finish
 on the set they started with), then the newest candles are recomputed so caches hold the new
 models' answers. An inconsistent set (promotion half done) is retried, never served.
 
@@ -45,7 +47,7 @@ from deployments.close import CandleClose
 from deployments.cache import CacheUnavailable, RedisGateway, make_entry, prediction_key, signal_channel
 from deployments.hooks import load_serving_log
 from deployments.prometheus import EngineMetrics
-from deployments.models import EnsembleCache, fallback_sets
+from deployments.model_pools import ModelSets, fallback_sets
 from deployments.render import describe_models, signal_body
 from deployments.sharding import shard_of
 from deployments.state import FeatureRow
@@ -75,7 +77,7 @@ class EnsembleRouter(CandleClose):
         self.fbs = list(feature_builder) if isinstance(feature_builder, (list, tuple)) else [feature_builder]
         self.pools = {"range_predictor": range_predictor, "tpsl_classifier": tpsl_classifier,
                       "signal_classifier": signal_classifier, "meta_model": meta_model}
-        self.models = EnsembleCache(self.settings)
+        self.models = ModelSets(self.settings)  # metadata and documents: the pools hold the boosters
         self.ensemble: Ensemble | None = None
         self.loaded_at: float | None = None
         self.load_error: str | None = None
@@ -198,11 +200,12 @@ class EnsembleRouter(CandleClose):
         Why: a killed replica stays in the handle's routing table until Serve notices, and a pool
         whose only replica died has none until a new one starts; a candle close that waited for it
         would hold the feed (every symbol's next candle waits for this one) while data ages past
-        ``max_data_age_s``. The router holds the same model set (``ens``), so the answer is the same.
+        ``max_data_age_s``. The router loads that model of the same set (``ens.versions``; its boosters on the
+        first fallback only), so the answer is the same.
         Engine errors (a bad horizon, a model that cannot answer) are raised, not retried.
         """
         try:
-            return await asyncio.wait_for(self.pools[model].predict.remote(X, horizon, ens.versions),
+            return await asyncio.wait_for(self._pool(model, ens.versions[model]).predict.remote(X, horizon),
                                           self.settings.pool_call_timeout_s)
         except MLEngineError:
             raise
@@ -215,7 +218,19 @@ class EnsembleRouter(CandleClose):
             counts[model] = counts.get(model, 0) + 1
             log.warning("%s pool: %s; computing the stage in the router", model,
                         f"{type(exc).__name__}: {exc}"[:200])
-            return await asyncio.to_thread(ens.predict_stage, model, X, horizon)
+            stage = await self.models.stage(model, ens.versions[model])  # boosters loaded on the first fallback
+            return await asyncio.to_thread(stage.predict, X, horizon)
+
+    def _pool(self, model: str, version: str):
+        """The pool's handle naming ``version`` as its multiplexed model id (Serve routes it to a
+        replica holding that version; deployments/model_pools.py), made once per version."""
+        handles = self.__dict__.setdefault("_pool_handles", {})
+        handle = handles.get((model, version))
+        if handle is None:
+            if len(handles) >= 4 * len(MODEL_NAMES):  # old versions' handles: drop them all, remake on use
+                handles.clear()
+            handle = handles[(model, version)] = self.pools[model].options(multiplexed_model_id=version)
+        return handle
 
     async def forecast(self, rows: list[FeatureRow], horizon: int) -> list[Forecast]:
         """Forecasts of ``rows`` for one horizon (the API's cache-miss path).
@@ -298,6 +313,11 @@ class EnsembleRouter(CandleClose):
         status["pool_fallbacks"] = dict(getattr(self, "fallbacks", {}))
         status["fallback"] = self.fallback
         return status
+
+    async def loaded_models(self) -> dict[str, Any]:
+        """What this replica holds: the sets it composes with (metadata and documents) and the models
+        it loaded with boosters -- none unless a pool failed (``pool_fallbacks``)."""
+        return self.models.loaded()
 
     async def check_health(self) -> None:
         if self._watcher.done() and not self._watcher.cancelled():

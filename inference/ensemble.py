@@ -54,12 +54,11 @@ from features.costs import Costs, round_trip_cost
 from configs.errors import ModelLoadError, PredictionError
 from features.indicators import feature_names, feature_set_hash
 from inference.forecast import FORCED_HOLD_REASONS, Forecast
-from inference.layout import (BASE_MODELS, META_MODEL, MODEL_NAMES, MODELS, RANGE_OUTPUTS, BoosterLayout,
-                              booster_name, expected_boosters)
+from inference.layout import BASE_MODELS, META_MODEL, MODEL_NAMES, MODELS, RANGE_OUTPUTS, expected_boosters
 from inference.registry import LoadedModel, ModelRegistry
-from inference.transforms import (INTERVAL_DOCUMENT, VOL_FEATURE, apply_interval_calibration, expected_net_r,
-                                  meta_columns, meta_matrix, model_columns, proposed_side, range_cost_ratio,
-                                  stage_output)
+from inference.stage import StageModel
+from inference.transforms import (INTERVAL_DOCUMENT, apply_interval_calibration, expected_net_r, meta_columns,
+                                  meta_matrix, model_columns, proposed_side, range_cost_ratio)
 
 __all__ = ["Ensemble"]
 
@@ -69,7 +68,10 @@ _FORCED = frozenset(FORCED_HOLD_REASONS)
 class Ensemble:
     """The four current models, verified and mutually consistent, with the staged inference API."""
 
-    def __init__(self, models: Mapping[str, LoadedModel], settings: Settings) -> None:
+    def __init__(self, models: Mapping[str, LoadedModel], settings: Settings, nthread: int | None = None) -> None:
+        """``models``: the four verified versions. Models loaded with their boosters get a
+        :class:`StageModel` (``predict_stage``); a set loaded without boosters (the router's: the
+        pools hold them) has the same checks, ``model_input``, ``meta_input`` and ``compose``."""
         self.models = dict(models)
         self.settings = settings
         self.versions: dict[str, str] = {name: m.version for name, m in self.models.items()}
@@ -82,9 +84,7 @@ class Ensemble:
         self.feature_names: tuple[str, ...] = tuple(meta["feature_names"])
         self.columns: tuple[str, ...] = model_columns(self.feature_names)
         self._symbol_code = {s: float(i) for i, s in enumerate(self.symbols)}
-        self._vol_index = self.feature_names.index(VOL_FEATURE)
         meta_docs = self.models["meta_model"].documents
-        self._calibration = {h: meta_docs[f"calibration_h{h}"] for h in self.horizons}
         self._policy = {h: meta_docs[f"policy_h{h}"] for h in self.horizons}
         self.barrier_models: dict[str, dict] = dict(meta["barrier_models"])
         self._barriers = {h: self.barrier_models[str(h)] for h in self.horizons}
@@ -92,12 +92,18 @@ class Ensemble:
         self.round_trip_cost = float(round_trip_cost(self.costs))
         # None for a set trained before the interval calibration existed: its intervals are served raw
         self._intervals = self.models["range_predictor"].documents.get(INTERVAL_DOCUMENT)
+        self.stages: dict[str, StageModel] = {name: StageModel(m, nthread) for name, m in self.models.items()
+                                              if m.boosters}
 
     @classmethod
-    def load(cls, models_dir: Path, settings: Settings) -> "Ensemble":
-        """Load the current version of each model (ModelNotFoundError / ModelLoadError otherwise)."""
+    def load(cls, models_dir: Path, settings: Settings, boosters: bool = True,
+             versions: Mapping[str, str] | None = None, nthread: int | None = None) -> "Ensemble":
+        """Load the current version of each model, or ``versions`` (ModelNotFoundError /
+        ModelLoadError otherwise); ``boosters=False``: metadata and documents only, every file verified;
+        ``nthread``: threads per booster call (1 where replicas share the node's cores)."""
         registry = ModelRegistry(models_dir, feature_set_hash(settings.features))
-        return cls({name: registry.load(name) for name in MODEL_NAMES}, settings)
+        return cls({name: registry.load(name, (versions or {}).get(name), boosters=boosters)
+                    for name in MODEL_NAMES}, settings, nthread)
 
     def _check_consistency(self) -> None:
         """Refuse model sets that were not trained together or against other settings."""
@@ -124,7 +130,7 @@ class Ensemble:
                 raise ModelLoadError(f"{name} {self.versions[name]}: barrier models missing or differ from "
                                      "range_predictor's; promote versions trained together")
             expected = expected_boosters(name, ref["horizons"], ref["symbols"], ref["per_symbol"])
-            missing = expected - set(self.models[name].boosters)
+            missing = expected - self.models[name].booster_names
             if missing:
                 raise ModelLoadError(f"{name} {self.versions[name]}: boosters missing: {sorted(missing)}")
         docs = {f"{k}_h{h}" for k in ("calibration", "policy") for h in ref["horizons"]}
@@ -159,37 +165,16 @@ class Ensemble:
             raise PredictionError(f"horizon {horizon} is not one of the model's horizons {list(self.horizons)}")
         return int(horizon)
 
-    def _predict(self, model: str, booster: BoosterLayout, horizon: int, X: np.ndarray) -> np.ndarray | None:
-        """One booster's output as (n, width), routed by symbol when models are per symbol; None for
-        an optional booster the model set lacks (e.g. mean boosters of older sets)."""
-        boosters = self.models[model].boosters
-        n, width = len(X), booster.width
-        if booster.optional and booster_name(booster.target, horizon, self.symbols[0] if self.per_symbol
-                                             else None) not in boosters:
-            return None
-        out = np.full((n, width), np.nan)
-        if n == 0:
-            return out
-        if not self.per_symbol:
-            groups = [(None, np.ones(n, dtype=bool))]
-        else:
-            sym = X[:, -1]
-            groups = [(s, sym == code) for s, code in self._symbol_code.items()]
-        for symbol, rows in groups:
-            if not rows.any():
-                continue
-            pred = boosters[booster_name(booster.target, horizon, symbol)].inplace_predict(X[rows])
-            out[rows] = np.asarray(pred, dtype=np.float64).reshape(int(rows.sum()), width)
-        return out
-
     def predict_stage(self, model_name: str, X: np.ndarray, horizon: int) -> np.ndarray:
         """Raw outputs of one model for n rows (columns: ``inference.layout.OUTPUT_COLUMNS``)."""
         horizon = self._check_horizon(horizon)
         if model_name not in MODELS:
             raise PredictionError(f"unknown model {model_name!r}; one of {MODEL_NAMES}")
-        X = np.asarray(X, dtype=np.float64)
-        raw = {b.target: self._predict(model_name, b, horizon, X) for b in MODELS[model_name]}
-        return stage_output(model_name, raw, X[:, self._vol_index], horizon, self._calibration[horizon])
+        stage = self.stages.get(model_name)
+        if stage is None:
+            raise ModelLoadError(f"{model_name} {self.versions[model_name]}: its boosters are not loaded in this "
+                                 "process (a metadata-only set: its model pool holds them)")
+        return stage.predict(X, horizon)
 
     def barriers(self, features: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
         """TP and SL distances (fractions of close) of each feature row: the labels' barriers."""

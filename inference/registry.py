@@ -89,6 +89,13 @@ class LoadedModel:
     boosters: dict[str, xgb.Booster] = field(repr=False)
     documents: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    @property
+    def booster_names(self) -> frozenset[str]:
+        """The boosters this version holds (its verified file list), loaded or not: the consistency
+        checks read this, so a set loaded without boosters (the router's) is checked the same way."""
+        return frozenset(name[: -len(BOOSTER_SUFFIX)] for name in self.metadata.get("files", {})
+                         if name.endswith(BOOSTER_SUFFIX))
+
 
 def fsync_dir(path: Path) -> None:
     """Make a directory's entries (a rename, a new file) durable: fsync of the file alone is not."""
@@ -263,29 +270,32 @@ class ModelRegistry:
                                  f"this engine computes {self.feature_hash!r} (features or their parameters "
                                  "changed); retrain the models")
 
-    def load(self, model: str, version: str | None = None) -> LoadedModel:
+    def load(self, model: str, version: str | None = None, boosters: bool = True) -> LoadedModel:
         """Load and verify a version (default: the current one).
 
         Raises :class:`ModelNotFoundError` when the model or version does not exist and
         :class:`ModelLoadError` when it exists but cannot be trusted (checksum, feature set, format).
+        ``boosters=False`` builds no booster (``LoadedModel.boosters`` is empty) but verifies every
+        file all the same: a process that only composes forecasts (the router) holds the metadata
+        and documents, yet still refuses a set whose boosters a pool could not load.
         """
         version = version or self.current(model)
         meta = self._read_metadata(model, version)
         self._check_feature_hash(model, version, meta)
         files = self._verified_files(model, version, meta)
-        boosters: dict[str, xgb.Booster] = {}
+        loaded: dict[str, xgb.Booster] = {}
         documents: dict[str, Any] = {}
         for name, data in files.items():
             try:
-                if name.endswith(BOOSTER_SUFFIX):
+                if name.endswith(BOOSTER_SUFFIX) and boosters:
                     booster = xgb.Booster()
                     booster.load_model(bytearray(data))
-                    boosters[name[: -len(BOOSTER_SUFFIX)]] = booster
+                    loaded[name[: -len(BOOSTER_SUFFIX)]] = booster
                 elif name.endswith(".json"):
                     documents[name[: -len(".json")]] = json.loads(data)
             except (xgb.core.XGBoostError, ValueError) as exc:
                 raise ModelLoadError(f"model {model!r} version {version!r}: cannot read {name}: {exc}") from None
-        return LoadedModel(model, version, self.root / model / version, meta, boosters, documents)
+        return LoadedModel(model, version, self.root / model / version, meta, loaded, documents)
 
     # ---- writing -------------------------------------------------------------------------------
     def save(self, model: str, version: str, boosters: Mapping[str, xgb.Booster | bytes | bytearray],

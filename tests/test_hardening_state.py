@@ -280,7 +280,7 @@ def test_registry_names_cannot_leave_the_registry(tmp_path):
 
 
 def test_a_truncated_booster_behind_current_serves_the_previous_set(tmp_path, serving_app):
-    from deployments.models import EnsembleCache
+    from deployments.model_pools import ModelSets
     from deployments.router import EnsembleRouter
 
     models = shutil.copytree(serving_app.models_dir, tmp_path / "models")
@@ -294,7 +294,7 @@ def test_a_truncated_booster_behind_current_serves_the_previous_set(tmp_path, se
 
     router = object.__new__(EnsembleRouter.func_or_class)  # the real methods, without Serve
     router.settings = load_settings(models_dir=str(models))
-    router.models, router.pinned_versions = EnsembleCache(router.settings), None
+    router.models, router.pinned_versions = ModelSets(router.settings), None
     router.ensemble = router.loaded_at = router.load_error = router.fallback = None
     router.candles = 0
     assert asyncio.run(router._check_models()) is True

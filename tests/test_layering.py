@@ -49,7 +49,7 @@ def test_layer_does_not_import(folder, forbidden):
 def test_importing_the_serving_side_loads_no_training_module():
     """What a replica imports: the router, the pools and the ingress pull in no ``training`` module
     (so none of its import-time settings) — checked in a fresh interpreter."""
-    code = ("import sys, deployments.router, deployments.models, deployments.ingress, inference.ensemble;"
+    code = ("import sys, deployments.router, deployments.model_pools, deployments.ingress, inference.ensemble;"
             "print(sorted(m for m in sys.modules if m == 'training' or m.startswith('training.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -115,7 +115,7 @@ def _deployment_classes(module) -> dict:
     """Deployment name -> class, for the deployments the app module wires together."""
     from ray.serve import Deployment
 
-    from deployments.models import POOL_NAMES, ModelPool
+    from deployments.model_pools import POOL_NAMES, ModelPool
 
     out = {v.name: v.func_or_class for v in vars(module).values() if isinstance(v, Deployment)}
     for name in POOL_NAMES.values():  # one class, deployed under one name per model

@@ -151,7 +151,7 @@ def test_serve_config_yaml_deploys_the_app_builder_with_valid_args():
     from ray.serve.schema import ServeDeploySchema
 
     from deployments.app import build_app
-    from deployments.models import POOL_NAMES
+    from deployments.model_pools import POOL_NAMES
 
     config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve_config.yaml").read_text()))
     (app,) = config.applications
