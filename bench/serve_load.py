@@ -1,7 +1,7 @@
 """Load benchmark: what `make serve` starts vs the same API as one plain FastAPI + uvicorn process vs a
 bare FastAPI app, same run.
 
-    .venv/bin/python bench/serve_load.py [--duration 5] [--models models] [--modes shipped]
+    .venv/bin/python bench/serve_load.py [--duration 5] [--models models] [--modes shipped] [--pyspy]
 
 Measures p50 / p99 latency and throughput at concurrency 1, 16 and 64 for cached /predictions,
 uncached /predictions (``Cache-Control: no-cache``: the whole ensemble is computed) and /signals, for:
@@ -18,7 +18,9 @@ uncached /predictions (``Cache-Control: no-cache``: the whole ensemble is comput
 
 Prints the table, the ratios to ``plain`` and ``bare``, the goals, and a CPU profile (CPU ms per request
 by process: load generator, HAProxy, replicas, Redis, PostgreSQL, ... and "other", the machine's
-other load). Load: wrk (one thread, bounded duration) when installed, else an asyncio aiohttp
+other load), and the memory (RSS / PSS) of every process group, summed for the whole graph; with
+``--pyspy``, one more uncached cell per Serve target under py-spy says where the replicas' CPU goes
+(bench/serve_where.py). Load: wrk (one thread, bounded duration) when installed, else an asyncio aiohttp
 client. A 1 s warm-up precedes every measured cell.
 """
 
@@ -50,6 +52,7 @@ from dataclasses import dataclass, field  # noqa: E402
 
 from bench.load_targets import (_CLEANUP, Bare, Baseline, PrivateDatabase, PrivateRedis, ServeApp,  # noqa: E402
                                 haproxy_env, Shipped)
+from bench.serve_where import memory_by_group, print_memory, processes, spy_start, spy_summary  # noqa: E402
 
 ENDPOINTS = (
     ("cached /predictions", "/predictions", {"symbol": "BTCUSDT", "horizon": 6}, {}),
@@ -189,6 +192,24 @@ def cpu_delta(before: dict, after: dict, redis_port: int) -> dict[str, float]:
     return dict(groups)
 
 
+GRAPH_GROUPS = ("haproxy", "serve proxy", "ingress replica", "router replica", "model pool replicas",
+                "other serve replicas", "launcher", "ray system")
+SPIED = ("ingress replica", "router replica", "model pool replicas")
+
+
+def profiled_cell(target, key: str, duration: float, loadgen, outdir: Path) -> None:
+    """One more uncached /predictions c=1 cell (not in the table: py-spy slows what it samples),
+    with every ingress, router and pool replica recorded; prints where their CPU goes."""
+    label, path, body, headers = ENDPOINTS[1]
+    pids = {g: v for g, v in processes(GROUPS).items() if g in SPIED}
+    spies = spy_start(pids, duration + 1, outdir)
+    res = loadgen(target.url + path, body, {"X-API-Key": key, **headers}, 1, duration)
+    for proc in spies:
+        proc.wait(timeout=60)
+    print(f"\n{target.name}: {label} c=1 under py-spy: {res.rps:.1f} req/s, p50 {res.p50_ms:.2f} ms")
+    spy_summary(outdir, res.requests)
+
+
 # ---- the run ---------------------------------------------------------------------------------------
 
 def measure(target, key: str, conc_levels: list[int], duration: float, loadgen, redis_port: int,
@@ -296,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="shipped (what make serve starts), and/or the graph deployed by code: default (Serve's "
                         "default proxy), ha (HAProxy + throughput-optimized), ha2 (the same, 2 ingress replicas)")
     p.add_argument("--concurrency", default="1,16,64")
+    p.add_argument("--pyspy", action="store_true",
+                   help="after a Serve target's cells, one more (untimed) uncached c=1 cell under py-spy: where it goes")
     args = p.parse_args(argv)
     from configs.settings import load_settings
     from deployments.launcher import ensure_models
@@ -312,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
           f"models {models}; private redis :{redis.port}; machine: {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
     results: dict = {}
+    memory: dict[str, dict] = {}
     targets = ["bare", "plain"]
     cached = [e for e in ENDPOINTS if e[0] == "cached /predictions"]
     database = None
@@ -326,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         base = Baseline(models, key, redis.url)
         try:
             measure(base, key, conc_levels, args.duration, loadgen, redis.port, results)
+            memory["plain"] = memory_by_group(GROUPS, redis.port)
         finally:
             base.stop()
         modes = {  # name, environment, ingress replicas, description
@@ -345,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(app.name)
             try:
                 measure(app, key, conc_levels, args.duration, loadgen, redis.port, results)
+                memory[app.name] = memory_by_group(GROUPS, redis.port)
+                if args.pyspy:
+                    profiled_cell(app, key, args.duration, loadgen, workdir / f"spy-{app.name}")
             finally:
                 app.stop()
     finally:
@@ -358,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     print_vs_bare(results, targets, conc_levels)
     print_goals(results, targets)
     print_profile(results, targets)
+    for name, mem in memory.items():
+        print_memory(name, mem, ("baseline process",) if name == "plain" else GRAPH_GROUPS)
     return 0
 
 

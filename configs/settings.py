@@ -208,7 +208,7 @@ class Settings(BaseSettings):
     metrics_cache_s: float = Field(5.0, ge=0, le=300)  # GET /metrics serves the node export this long
     handle_timeout_s: float = Field(10.0, gt=0, le=300)  # every DeploymentHandle call on a request path
     # A model-pool call the router waits for before computing that stage itself (a dead or stuck
-    # replica must never hold a candle close or a request: the router has the same model set loaded).
+    # replica must never hold a candle close or a request: the router loads that model of the same set).
     pool_call_timeout_s: float = Field(2.0, gt=0, le=60)
     http_host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
