@@ -10,8 +10,9 @@ set ``MLE_API_KEYS`` in the cluster's environment or point ``api_keys_file`` at 
 Graph::
 
     MarketFeed --(owns)--> MarketData actor per symbol --on_candles--> EnsembleRouter
-    ApiIngress --forecast (cache miss)--> EnsembleRouter --> RangePredictor | TPSLClassifier |
-                                                             SignalClassifier (parallel) --> MetaModel
+    ApiIngress --cache miss--> RangePredictor | TPSLClassifier | SignalClassifier (parallel) --> MetaModel
+               (the EnsembleRouter's forecast when that fails or no model set is published)
+    EnsembleRouter --candle close--> the same pools
     EnsembleRouter --ingest/publish--> FeatureBuilder shards --snapshot (long-poll)--> ApiIngress
     (FeatureBuilder, FeatureBuilder1, ...: Settings.feature_shards, symbols by rendezvous hash)
 """
@@ -76,7 +77,7 @@ def build_graph(args: dict[str, Any] | None = None, ingress_replicas: int = 1) -
         overrides)
     feed = MarketFeed.options(logging_config=quiet).bind(router, overrides)
     return ApiIngress.options(logging_config={"enable_access_log": settings.serve_access_log},
-                              num_replicas=ingress_replicas).bind(router, fb, feed, overrides)
+                              num_replicas=ingress_replicas).bind(router, fb, feed, overrides, pools)
 
 
 def build_pool(args: dict[str, Any] | None = None) -> Application:

@@ -3,7 +3,9 @@
 It answers cached requests itself -- no DeploymentHandle call on the hot path (one extra hop cost
 about 4x throughput here) -- from the market snapshot that the FeatureBuilder pushes to it
 (long-poll) and the answers it has rendered for the current candle. Only cache misses go to the
-EnsembleRouter, and only /health/detailed and /models/status ask other deployments anything.
+model pools (directly, with the set the candle was published with; the EnsembleRouter when that
+fails: :class:`ServeBackend`), and only /health/detailed and /models/status ask other deployments
+anything.
 """
 
 from __future__ import annotations
@@ -11,21 +13,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 from ray import serve
 
 from configs.precedence import setting_sources
-from configs.settings import load_settings
+from configs.settings import Settings, load_settings
 from deployments.api import DatabaseProbe, create_app
 from deployments.cache import RedisGateway
 from deployments.guard import MetricsAccess
 from deployments.hooks import load_serving_log
 from deployments.prometheus import EngineMetrics, NodeMetricsExport
+from deployments.model_pools import ModelSets
+from deployments.pool_forecast import BatchedForecasts, PoolHandles
 from deployments.service import PredictionService
 from deployments.sharding import ShardedMarket
 from deployments.state import FeatureRow
 from deployments.tunables import INGRESS_TUNABLES, apply_tunables, replica_identity
+from features.errors import PredictionError
+from inference.ensemble import Ensemble
 
 log = logging.getLogger("ray.serve")
 
@@ -33,13 +40,42 @@ APP_NAME = "ml-engine"
 
 
 class ServeBackend:
-    """The service's backend inside Serve: the router for forecasts, the feed and Serve for status."""
+    """The service's backend inside Serve: the model pools (and the router) for forecasts, the feed
+    and Serve for status.
 
-    def __init__(self, router, market_feed) -> None:
+    A cache miss goes through the pools from here (deployments/pool_forecast.py) with the model set
+    the market snapshot says the symbol's candle was published with -- the router's served set --
+    so it costs one hop fewer than through the router. Without a set (no model yet, a publish error)
+    or when that pass fails (a pool replica died, the set no longer loads) the router answers: it
+    decides the served set and computes a failed pool's stage itself."""
+
+    def __init__(self, router, market_feed, pools: Mapping[str, Any] | None = None,
+                 settings: Settings | None = None) -> None:
         self.router = router
         self.market_feed = market_feed
+        self.versions_of: Callable[[str], dict[str, str]] = lambda symbol: {}
+        self.fast: BatchedForecasts | None = None
+        if pools is not None and settings is not None:
+            self.sets = ModelSets(settings)
+            self.handles = PoolHandles(pools)
+            self.pool_timeout_s = settings.pool_call_timeout_s
+            self.fast = BatchedForecasts(self._stage, settings.handle_timeout_s)
+        self.fast_failures = 0
+
+    async def _stage(self, ens: Ensemble, model: str, X: np.ndarray, horizon: int) -> np.ndarray:
+        return await self.handles.stage(ens, model, X, horizon, self.pool_timeout_s)
 
     async def forecast(self, rows: Sequence[FeatureRow], horizon: int) -> list[Any]:
+        versions = self.versions_of(rows[0].symbol) if self.fast is not None and rows else {}
+        if versions and all(self.versions_of(r.symbol) == versions for r in rows):
+            try:
+                return await self.fast.forecast(await self.sets.get(versions), rows, horizon)
+            except PredictionError:
+                raise  # the request's own problem (a horizon the models lack): the router would say the same
+            except Exception as exc:  # a dead pool replica, a set that no longer loads: the router decides
+                self.fast_failures += 1
+                log.warning("forecast through the pools failed (%s); asking the router",
+                            f"{type(exc).__name__}: {exc}"[:200])
         return await self.router.forecast.remote(list(rows), horizon)
 
     async def models_status(self) -> dict[str, Any]:
@@ -72,7 +108,8 @@ def _serve_status() -> dict[str, Any]:
 @serve.ingress()
 class ApiIngress:
     async def __init__(self, router, feature_builder, market_feed,
-                       settings_overrides: dict[str, Any] | None = None) -> None:
+                       settings_overrides: dict[str, Any] | None = None,
+                       pools: Mapping[str, Any] | None = None) -> None:
         self.overrides = dict(settings_overrides or {})
         self.settings = load_settings(**self.overrides)
         # One handle per FeatureBuilder shard; each is long-polled, their snapshots combined.
@@ -82,9 +119,11 @@ class ApiIngress:
         self.metrics = EngineMetrics(use_ray=True)
         self.serving_log = load_serving_log(self.settings, "ingress")
         await self.serving_log.start()
-        self.service = PredictionService(self.settings, ServeBackend(router, market_feed), redis=redis,
+        backend = ServeBackend(router, market_feed, pools, self.settings)
+        self.service = PredictionService(self.settings, backend, redis=redis,
                                          metrics=self.metrics, serving_log=self.serving_log,
                                          settings_sources=setting_sources(settings_overrides or {}))
+        backend.versions_of = self._served_versions
         self.database = DatabaseProbe(self.settings.database_url, timeout_s=min(2.0, self.settings.db_timeout_s))
         self.metrics_export = NodeMetricsExport(self.settings.metrics_cache_s)
         # Serve's HAProxy mode connects to this replica itself: every client's address is the proxy's.
@@ -101,6 +140,11 @@ class ApiIngress:
                 log.warning("no market snapshot yet from shard %d: %s", shard, exc)
         self._tasks = [*(asyncio.create_task(self._follow_market(i)) for i in range(len(self.fbs))),
                        asyncio.create_task(self._tick()), asyncio.create_task(self._follow_nodes())]
+
+    def _served_versions(self, symbol: str) -> dict[str, str]:
+        """The model set the symbol's newest candle was published with (the router's served set)."""
+        st = self.service.market.symbols.get(symbol)
+        return st.model_versions if st is not None and st.published else {}
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``user_config: {rate_limit_per_minute}`` (deployments/tunables.py): the next request is limited

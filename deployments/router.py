@@ -1,12 +1,7 @@
 """The EnsembleRouter: composes the model pools into forecasts, and does the candle-close work.
 
-Forecast of n rows for one horizon (the staged inference API of ``inference.ensemble``)::
-
-    X      = ens.model_input(features, symbols)                 # here
-    base   = gather(RangePredictor, TPSLClassifier, SignalClassifier).predict(X, h)  # @ versions[model]
-    meta_X = ens.meta_input(X, base, h)                         # here
-    meta   = MetaModel.predict(meta_X, h)                       # @ versions["meta_model"]
-    out    = ens.compose(...)                                   # here
+Forecast of n rows for one horizon: deployments/pool_forecast.py (model input and composition
+here, each model's stage in its pool, at the version of the served set).
 
 At each candle close (:meth:`EnsembleRouter.on_candles` / ``on_close``, called by the MarketData
 actors; one batched pass for every symbol of the close, :mod:`deployments.close`): the FeatureBuilder
@@ -48,6 +43,7 @@ from deployments.cache import CacheUnavailable, RedisGateway, make_entry, predic
 from deployments.hooks import load_serving_log
 from deployments.prometheus import EngineMetrics
 from deployments.model_pools import ModelSets, fallback_sets
+from deployments.pool_forecast import BatchedForecasts, PoolHandles, forecast_through
 from deployments.render import describe_models, signal_body
 from deployments.sharding import shard_of
 from deployments.state import FeatureRow
@@ -56,7 +52,7 @@ from configs.errors import MLEngineError, ModelLoadError, ModelNotFoundError
 from features.indicators import feature_set_hash
 from inference.ensemble import Ensemble
 from inference.forecast import Forecast
-from inference.layout import BASE_MODELS, MODEL_NAMES
+from inference.layout import MODEL_NAMES
 from inference.registry import check_name
 
 log = logging.getLogger("ray.serve")
@@ -78,6 +74,8 @@ class EnsembleRouter(CandleClose):
         self.pools = {"range_predictor": range_predictor, "tpsl_classifier": tpsl_classifier,
                       "signal_classifier": signal_classifier, "meta_model": meta_model}
         self.models = ModelSets(self.settings)  # metadata and documents: the pools hold the boosters
+        self.handles = PoolHandles(self.pools)
+        self.batched = BatchedForecasts(self._stage, self.settings.handle_timeout_s)
         self.ensemble: Ensemble | None = None
         self.loaded_at: float | None = None
         self.load_error: str | None = None
@@ -183,15 +181,7 @@ class EnsembleRouter(CandleClose):
 
     # ---- forecasts -------------------------------------------------------------------------
     async def _forecast(self, ens: Ensemble, rows: Sequence[FeatureRow], horizon: int) -> list[Forecast]:
-        features = np.vstack([r.features for r in rows])
-        symbols = [r.symbol for r in rows]
-        X = ens.model_input(features, symbols)
-        base = await asyncio.gather(*(self._stage(ens, m, X, horizon) for m in BASE_MODELS))
-        outputs = dict(zip(BASE_MODELS, base))
-        meta_X = ens.meta_input(X, outputs, horizon)
-        outputs["meta_model"] = await self._stage(ens, "meta_model", meta_X, horizon)
-        return ens.compose(features, symbols, [r.close for r in rows], [r.open_time for r in rows], horizon,
-                           outputs)
+        return await forecast_through(ens, self._stage, rows, horizon)
 
     async def _stage(self, ens: Ensemble, model: str, X: np.ndarray, horizon: int) -> np.ndarray:
         """One model's stage output from its pool, or computed here when the pool fails or does not
@@ -205,8 +195,7 @@ class EnsembleRouter(CandleClose):
         Engine errors (a bad horizon, a model that cannot answer) are raised, not retried.
         """
         try:
-            return await asyncio.wait_for(self._pool(model, ens.versions[model]).predict.remote(X, horizon),
-                                          self.settings.pool_call_timeout_s)
+            return await self.handles.stage(ens, model, X, horizon, self.settings.pool_call_timeout_s)
         except MLEngineError:
             raise
         except Exception as exc:  # a dead or unavailable replica, a timeout, a lost connection
@@ -221,55 +210,15 @@ class EnsembleRouter(CandleClose):
             stage = await self.models.stage(model, ens.versions[model])  # boosters loaded on the first fallback
             return await asyncio.to_thread(stage.predict, X, horizon)
 
-    def _pool(self, model: str, version: str):
-        """The pool's handle naming ``version`` as its multiplexed model id (Serve routes it to a
-        replica holding that version; deployments/model_pools.py), made once per version."""
-        handles = self.__dict__.setdefault("_pool_handles", {})
-        handle = handles.get((model, version))
-        if handle is None:
-            if len(handles) >= 4 * len(MODEL_NAMES):  # old versions' handles: drop them all, remake on use
-                handles.clear()
-            handle = handles[(model, version)] = self.pools[model].options(multiplexed_model_id=version)
-        return handle
-
     async def forecast(self, rows: list[FeatureRow], horizon: int) -> list[Forecast]:
-        """Forecasts of ``rows`` for one horizon (the API's cache-miss path).
+        """Forecasts of ``rows`` for one horizon (the API's cache-miss path when the ingress's own
+        pass through the pools fails or it holds no model set).
 
         Concurrent calls are batched: one pass through the pools (four model calls) for all the rows
         of a horizon, instead of four model calls per request.
         """
-        out = await self._forecast_batched((list(rows), int(horizon)))
-        if isinstance(out, Exception):
-            raise out
-        return out
-
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
-    async def _forecast_batched(self, items: list[tuple[list[FeatureRow], int]]) -> list[Any]:
-        try:
-            ens = self._require()
-        except MLEngineError as exc:
-            return [exc] * len(items)
-        by_horizon: dict[int, list[int]] = {}
-        for i, (_, horizon) in enumerate(items):
-            by_horizon.setdefault(horizon, []).append(i)
-        out: list[Any] = [None] * len(items)
-
-        async def one(horizon: int, idx: list[int]) -> None:
-            rows = [r for i in idx for r in items[i][0]]
-            try:  # a request path: the pool hops get the same deadline as the ingress's hop here
-                forecasts = await asyncio.wait_for(self._forecast(ens, rows, horizon), self.settings.handle_timeout_s)
-            except Exception as exc:  # one horizon's failure must not fail the others
-                for i in idx:
-                    out[i] = exc
-                return
-            start = 0
-            for i in idx:
-                n = len(items[i][0])
-                out[i] = forecasts[start:start + n]
-                start += n
-
-        await asyncio.gather(*(one(h, idx) for h, idx in by_horizon.items()))
-        return out
+        self.forecast_calls = getattr(self, "forecast_calls", 0) + 1
+        return await self.batched.forecast(self._require(), rows, horizon)
 
     # ---- candle close: deployments/close.py (CandleClose) ------------------------------------
     def _ttl(self, ttl_s: float | None) -> float:
@@ -316,8 +265,9 @@ class EnsembleRouter(CandleClose):
 
     async def loaded_models(self) -> dict[str, Any]:
         """What this replica holds: the sets it composes with (metadata and documents) and the models
-        it loaded with boosters -- none unless a pool failed (``pool_fallbacks``)."""
-        return self.models.loaded()
+        it loaded with boosters -- none unless a pool failed (``pool_fallbacks``); and how many cache
+        misses it answered (``forecast_calls``: the ingress asks only when its own pass fails)."""
+        return {**self.models.loaded(), "forecast_calls": getattr(self, "forecast_calls", 0)}
 
     async def check_health(self) -> None:
         if self._watcher.done() and not self._watcher.cancelled():

@@ -458,17 +458,22 @@ def test_new_model_version_is_picked_up_without_restart_or_failed_requests(servi
 
 def test_each_pool_holds_only_its_models_boosters_and_the_router_none(serving_app):
     """Issue 16: a pool replica loads its own model (the versions requests name, at most two), the
-    router the sets' metadata and documents only -- boosters only of a model whose pool failed."""
+    router the sets' metadata and documents only -- boosters only of a model whose pool failed; a
+    cache miss goes from the ingress to the pools, not through the router."""
     from ray import serve
 
     from deployments.model_pools import MODELS_PER_REPLICA, POOL_NAMES
     from inference.registry import ModelRegistry
     from tests.serving_app import APP_NAME
 
-    with serving_app.client(serving_app.new_key()) as c:  # a forecast through every pool
+    router = serve.get_deployment_handle("EnsembleRouter", app_name=APP_NAME)
+    calls = router.loaded_models.remote().result(timeout_s=30)["forecast_calls"]
+    with serving_app.client(serving_app.new_key()) as c:  # a forecast through every pool, from the ingress
         r = c.post("/predictions", json={"symbol": "BTCUSDT", "horizon": 6}, headers={"Cache-Control": "no-cache"})
         assert r.status_code == 200, r.text
     served = r.json()["model_versions"]
+    held = router.loaded_models.remote().result(timeout_s=30)
+    assert held["forecast_calls"] == calls  # the miss went to the pools directly, not through the router
     registry = ModelRegistry(serving_app.models_dir)
     for model, name in POOL_NAMES.items():
         stats = serve.get_deployment_handle(name, app_name=APP_NAME).stats.remote().result(timeout_s=30)
@@ -476,8 +481,6 @@ def test_each_pool_holds_only_its_models_boosters_and_the_router_none(serving_ap
         assert len(stats["loaded_versions"]) <= MODELS_PER_REPLICA
         for version, boosters in stats["boosters"].items():  # this model's files, no other model's
             assert set(boosters) == registry.load(model, version, boosters=False).booster_names, (model, version)
-    router = serve.get_deployment_handle("EnsembleRouter", app_name=APP_NAME)
-    held = router.loaded_models.remote().result(timeout_s=30)
     assert served in held["sets"]
     failed = set(router.status.remote().result(timeout_s=30)["pool_fallbacks"])
     assert {m for m, _ in held["booster_models"]} <= failed, (held, failed)
