@@ -31,7 +31,7 @@ from deployments.service import PredictionService
 from deployments.sharding import ShardedMarket
 from deployments.state import FeatureRow
 from deployments.tunables import INGRESS_TUNABLES, apply_tunables, replica_identity
-from features.errors import PredictionError
+from configs.errors import PredictionError
 from inference.ensemble import Ensemble
 
 log = logging.getLogger("ray.serve")
