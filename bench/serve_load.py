@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                 measure(app, key, conc_levels, args.duration, loadgen, redis.port, results)
                 memory[app.name] = memory_by_group(GROUPS, redis.port)
                 if args.pyspy:
-                    profiled_cell(app, key, args.duration, loadgen, workdir / f"spy-{app.name}")
+                    profiled_cell(app, key, args.duration, loadgen, Path(tempfile.mkdtemp(prefix=f"mle-spy-{app.name}-")))
             finally:
                 app.stop()
     finally:

@@ -99,8 +99,15 @@ def spy_start(pids: dict[str, list[int]], seconds: float, outdir: Path) -> list[
     return procs
 
 
+# Innermost frames of threads py-spy counts as active that wait in native code (Ray's core worker
+# loop, thread bodies that are one native call, lock and selector waits): not CPU, left out.
+NATIVE_WAITS = re.compile(r"^(main_loop|run|wait|select|poll|acquire|_wait_for_tstate_lock|sleep|_worker) \(")
+
+
 def _leaf_bucket(stack: str) -> str:
     leaf = stack.rsplit(";", 1)[-1]
+    if NATIVE_WAITS.match(leaf):
+        return "native wait"
     for name, rx in BUCKETS:
         if rx.search(leaf):
             return name
@@ -117,14 +124,19 @@ def spy_summary(outdir: Path, requests: int) -> None:
             stack, _, count = line.rpartition(" ")
             if not stack or not count.isdigit():
                 continue
-            per_group[group][_leaf_bucket(stack)] += int(count)
+            bucket = _leaf_bucket(stack)
+            per_group[group][bucket] += int(count)
+            if bucket == "native wait":
+                continue
             frames = [fr for fr in stack.split(";") if "(" in fr]
             ours = [fr for fr in frames if re.search(r"(deployments|inference|bench)/", fr)]
             top[group][(ours[-1] if ours else frames[-1] if frames else stack).split(" (")[0]] += int(count)
     print(f"\npy-spy (100 Hz, active threads: a sample is 10 ms of CPU), {requests} requests, "
-          "share by innermost frame")
+          f"share by innermost frame; raw stacks in {outdir}")
     for group, buckets in per_group.items():
-        total = sum(buckets.values())
+        waits = buckets.pop("native wait", 0)
+        total = max(sum(buckets.values()), 1)
+        print(f"  {group:<22} {100 * waits / (waits + total):.0f}% of samples were native waits (left out)")
         ms = 10.0 * total / max(requests, 1)
         parts = ", ".join(f"{b} {100 * n / total:.0f}%" for b, n in buckets.most_common(6))
         print(f"  {group:<22} ~{ms:5.2f} CPU-ms/req sampled: {parts}")
