@@ -36,7 +36,7 @@ SETTINGS = get_settings()
 @pytest.fixture(scope="module")
 def rows() -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
     """The sample's last 300 candles of each symbol as feature rows (warm-up rows included)."""
-    from features.build import build_features
+    from features.batch import build_features
     from features.candles import load_candles
 
     names = Ensemble.load(SHIPPED_MODELS, SETTINGS, boosters=False).feature_names
