@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -56,11 +57,11 @@ def overrides_for(n: int, models: str, redis_url: str, keys_file: str, spool: st
 class Subscriber(threading.Thread):
     """Every ``signals:*`` message's arrival time, by (symbol, horizon, candle)."""
 
-    def __init__(self, redis_port: int) -> None:
+    def __init__(self, redis_url: str) -> None:
         import redis
 
         super().__init__(daemon=True)
-        self.pubsub = redis.Redis(port=redis_port).pubsub()
+        self.pubsub = redis.Redis.from_url(redis_url).pubsub()
         self.pubsub.psubscribe("signals:*")
         self.arrived: dict[tuple[str, int, int], float] = {}
         self.stop = threading.Event()
@@ -72,26 +73,104 @@ class Subscriber(threading.Thread):
                 body = json.loads(msg["data"])
                 self.arrived[(body["symbol"], body["horizon"], body["candle_open_time"])] = time.monotonic()
 
-    def wait(self, keys: list[tuple[str, int, int]], timeout: float) -> float:
+    def wait(self, keys: list[tuple[str, int, int]], timeout: float) -> float | None:
+        """When the last of ``keys`` arrived; None if some had not within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if all(k in self.arrived for k in keys):
                 return max(self.arrived[k] for k in keys)
             time.sleep(0.002)
-        missing = [k for k in keys if k not in self.arrived]
-        raise SystemExit(f"{len(missing)} forecasts never published, e.g. {missing[:3]}")
+        return None
 
 
-def newest(symbols: list[str], shards: int) -> dict[str, tuple[int, bool]]:
+def newest(symbols: list[str], shards: int, app: str = APP) -> dict[str, tuple[int, bool]]:
     from ray import serve
 
     from deployments.sharding import shard_name
 
     out = {}
     for i in range(shards):
-        snap = serve.get_deployment_handle(shard_name(i), app_name=APP).snapshot.remote(-1, 0.0).result(timeout_s=60)
+        snap = serve.get_deployment_handle(shard_name(i), app_name=app).snapshot.remote(-1, 0.0).result(timeout_s=60)
         out.update({s: (st.open_time, st.published) for s, st in snap.symbols.items()})
     return out
+
+
+def wait_started(symbols: list[str], shards: int, timeout_s: float = 600, app: str = APP) -> tuple[dict[str, int], float]:
+    """Once every symbol's newest candle is published (the graph is up): each symbol's candle and
+    the seconds it took."""
+    t = time.monotonic()
+    error = "not every symbol published"
+    while True:
+        try:
+            state = newest(symbols, shards, app)
+            if set(state) == set(symbols) and all(p for _, p in state.values()):
+                return {s: ot for s, (ot, _) in state.items()}, time.monotonic() - t
+        except Exception as exc:  # still deploying
+            error = f"{type(exc).__name__}: {exc}"[:300]
+        if time.monotonic() - t > timeout_s:
+            raise SystemExit(f"{len(symbols)} symbols: the graph did not publish every symbol within {timeout_s:.0f} s "
+                             f"(last: {error})")
+        time.sleep(0.5)
+
+
+def measure_closes(open_time: dict[str, int], horizons: list[int], closes: int, redis_url: str,
+                   cpu_groups: Callable[[], dict[str, float]], budget_s: float | None = None,
+                   app: str = APP) -> dict[str, Any]:
+    """``closes`` candle closes of every symbol (after two warm-up ones), each once the previous
+    one's forecasts are all published: close -> ready seconds and the CPU seconds ``cpu_groups``
+    counted meanwhile (by group). With ``budget_s`` the run stops at the first close slower than
+    that (``over_budget``: with fewer than 100 closes p99 is the slowest close, so it is over too)."""
+    from ray import serve
+
+    from features.candles import FIVE_MINUTES_MS
+
+    feed = serve.get_deployment_handle("MarketFeed", app_name=app)
+    sub = Subscriber(redis_url)
+    sub.start()
+    wait_s = 120.0 if budget_s is None else 4 * budget_s
+    latencies: list[float] = []
+    groups0: dict[str, float] = {}
+    over = False
+    try:
+        for k in range(closes + 2):  # two warm-up closes
+            if k == 2:
+                groups0 = cpu_groups()
+            open_time = {s: ot + FIVE_MINUTES_MS for s, ot in open_time.items()}
+            keys_now = [(s, h, ot) for s, ot in open_time.items() for h in horizons]
+            t0 = time.monotonic()
+            try:
+                feed.step_all.remote(1).result(timeout_s=300 if budget_s is None else wait_s)
+                ready = sub.wait(keys_now, wait_s)
+            except TimeoutError:
+                ready = None
+            if ready is None and budget_s is None:
+                missing = [key for key in keys_now if key not in sub.arrived]
+                raise SystemExit(f"{len(missing)} forecasts never published, e.g. {missing[:3]}")
+            latency = float("inf") if ready is None else ready - t0
+            if k >= 2:
+                latencies.append(latency)
+            if budget_s is not None and latency > budget_s:
+                over = True
+                break
+    finally:
+        sub.stop.set()
+    groups = {g: t - groups0.get(g, 0.0) for g, t in cpu_groups().items()} if groups0 else {}
+    return {"latencies": latencies, "cpu_groups": groups, "over_budget": over}
+
+
+def close_row(n: int, horizons: int, measured: dict[str, Any]) -> dict[str, Any]:
+    """The per-size figures from :func:`measure_closes`' result (CPU over the closes measured)."""
+    lat = sorted(measured["latencies"])
+    groups = measured["cpu_groups"]
+    cpu = sum(groups.values())
+    done = max(1, len(lat))
+    p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("inf")
+    return {"symbols": n, "horizons": horizons, "closes": len(lat),
+            "close_to_ready_p50_s": round(statistics.median(lat), 4) if lat else None,
+            "close_to_ready_p99_s": round(p99, 4) if p99 != float("inf") else None,
+            "cpu_ms_per_symbol_horizon": round(1000 * cpu / (done * n * horizons), 3),
+            "cpu_share": {g: round(t / cpu, 3) for g, t in sorted(groups.items(), key=lambda x: -x[1])
+                          if cpu > 0 and t / cpu >= 0.01}}
 
 
 def run_graph(n: int, closes: int, models: str, redis: PrivateRedis, workdir: Path) -> dict:
@@ -101,57 +180,23 @@ def run_graph(n: int, closes: int, models: str, redis: PrivateRedis, workdir: Pa
     from deployments.app import build_graph
     from deployments.auth import write_api_keys_file
     from deployments.sharding import shard_count
-    from features.candles import FIVE_MINUTES_MS
 
     keys = write_api_keys_file(workdir / f"keys-{n}", [secrets.token_urlsafe(24)])
     ov = overrides_for(n, models, redis.url, str(keys), str(workdir / "spool"))
     settings = load_settings(**ov)
     symbols, horizons = list(settings.market.symbols), list(settings.market.horizons)
     shards = shard_count(settings.feature_shards, len(symbols))
-    t = time.monotonic()
     serve.run(build_graph(ov), name=APP, route_prefix="/scale", blocking=False)
-    while True:
-        try:
-            state = newest(symbols, shards)
-            if len(state) == n and all(p for _, p in state.values()):
-                break
-        except Exception:  # still deploying
-            pass
-        if time.monotonic() - t > 600:
-            raise SystemExit(f"{n} symbols: the graph did not publish every symbol within 600 s")
-        time.sleep(0.5)
-    started_s = time.monotonic() - t
-    feed = serve.get_deployment_handle("MarketFeed", app_name=APP)
-    sub = Subscriber(redis.port)
-    sub.start()
-    open_time = {s: ot for s, (ot, _) in state.items()}
-    latencies: list[float] = []
-    groups0: dict[str, float] = {}
-    redis0 = 0.0
-    for k in range(closes + 2):  # two warm-up closes
-        if k == 2:
-            groups0, redis0 = cluster_cpu_groups(), redis_cpu_s(redis.proc.pid)
-        open_time = {s: ot + FIVE_MINUTES_MS for s, ot in open_time.items()}
-        keys_now = [(s, h, open_time[s]) for s in symbols for h in horizons]
-        t0 = time.monotonic()
-        feed.step_all.remote(1).result(timeout_s=300)
-        ready = sub.wait(keys_now, 120)
-        if k >= 2:
-            latencies.append(ready - t0)
-    groups = {g: t - groups0.get(g, 0.0) for g, t in cluster_cpu_groups().items()}
-    groups["redis-server"] = redis_cpu_s(redis.proc.pid) - redis0
-    cpu = sum(groups.values())
+    open_time, started_s = wait_started(symbols, shards)
+
+    def cpu_groups() -> dict[str, float]:
+        return {**cluster_cpu_groups(), "redis-server": redis_cpu_s(redis.proc.pid)}
+
+    measured = measure_closes(open_time, horizons, closes, redis.url, cpu_groups)
     rss, pss = cluster_memory_gib()
-    sub.stop.set()
     serve.delete(APP)
-    latencies.sort()
-    return {"symbols": n, "shards": shards, "horizons": len(horizons), "closes": closes,
-            "close_to_ready_p50_s": round(statistics.median(latencies), 4),
-            "close_to_ready_p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 4),
-            "cpu_ms_per_symbol_horizon": round(1000 * cpu / (closes * n * len(horizons)), 3),
-            "rss_gib": round(rss, 3), "pss_gib": round(pss, 3), "startup_s": round(started_s, 1),
-            "cpu_share": {g: round(t / cpu, 3) for g, t in sorted(groups.items(), key=lambda x: -x[1])
-                          if cpu > 0 and t / cpu >= 0.01}}
+    return {**close_row(n, len(horizons), measured), "shards": shards, "rss_gib": round(rss, 3),
+            "pss_gib": round(pss, 3), "startup_s": round(started_s, 1)}
 
 
 def main() -> int:

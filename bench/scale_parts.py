@@ -7,6 +7,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -54,11 +55,12 @@ def _group(cmd: str) -> str:
     return title or "ray system"
 
 
-def cluster_cpu_groups() -> dict[str, float]:
-    """CPU seconds of the cluster's processes by :func:`_group`."""
+def cluster_cpu_groups(pids: Iterable[int] | None = None) -> dict[str, float]:
+    """CPU seconds of the cluster's processes by :func:`_group`: ``pids``, or this driver's
+    descendants (a cluster it started itself)."""
     procs = _procs()
     out: dict[str, float] = {}
-    for pid in _cluster(procs):
+    for pid in _cluster(procs) if pids is None else [p for p in pids if p in procs]:
         g = _group(procs[pid][2])
         out[g] = out.get(g, 0.0) + procs[pid][1]
     return out
@@ -74,11 +76,12 @@ def redis_cpu_s(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / _CLK
 
 
-def cluster_memory_gib() -> tuple[float, float]:
-    """RSS and PSS of the cluster's processes, idle pooled workers left out (no part of the graph)."""
+def cluster_memory_gib(pids: Iterable[int] | None = None) -> tuple[float, float]:
+    """RSS and PSS of the cluster's processes (as in :func:`cluster_cpu_groups`), idle pooled
+    workers left out (no part of the graph)."""
     procs = _procs()
     rss = pss = 0
-    for pid in _cluster(procs):
+    for pid in _cluster(procs) if pids is None else [p for p in pids if p in procs]:
         if "ray::IDLE" in procs[pid][2]:
             continue
         try:

@@ -69,10 +69,10 @@ def proxies_answering(lab: LabNetwork, key: str) -> dict[str, int]:
     return out
 
 
-def replicas_per_node(lab: LabNetwork) -> dict[str, dict[str, int]]:
-    """{node_ip: {deployment: RUNNING replicas}}."""
+def replicas_per_node(lab: LabNetwork, app: str = cn.APP) -> dict[str, dict[str, int]]:
+    """{node_ip: {deployment: RUNNING replicas}} of application ``app``."""
     out: dict[str, Counter] = {}
-    for dep, replicas in cn.serve_replicas(lab).items():
+    for dep, replicas in cn.serve_replicas(lab, app).items():
         for r in replicas:
             if r.get("state") == "RUNNING":
                 out.setdefault(r.get("node_ip") or "?", Counter())[dep] += 1

@@ -62,6 +62,10 @@ class LabServices:
         self._forward: TcpForward | None = None
 
     @property
+    def redis_pid(self) -> int | None:
+        return None if self._redis is None else self._redis.pid
+
+    @property
     def redis_url(self) -> str:
         return f"redis://:{self.redis_password}@{self.lab.host_address}:6379/0"
 
@@ -134,8 +138,11 @@ def write_secrets(workdir: Path) -> str:
     return key
 
 
-def start_ray_nodes(lab: LabNetwork, envs: list[dict[str, str]], cpus: int, log_dir: Path) -> None:
-    """The head in namespace 0, a worker in every other one; returns once all have joined."""
+def start_ray_nodes(lab: LabNetwork, envs: list[dict[str, str]], cpus: int, log_dir: Path,
+                    cores: list[int] | None = None) -> None:
+    """The head in namespace 0, a worker in every other one; returns once all have joined. With
+    ``cores``, node ``i``'s processes may run only on CPU core ``cores[i]`` (``taskset``: every
+    process ``ray start`` launches inherits it), so a node is as big as a machine of that many cores."""
     head = lab.address(0)
     ensure_auth_token()
     for i in range(lab.nodes):
@@ -146,6 +153,8 @@ def start_ray_nodes(lab: LabNetwork, envs: list[dict[str, str]], cpus: int, log_
                      "--dashboard-port", str(DASHBOARD_PORT), "--temp-dir", f"/tmp/mle{lab.lab_id}ray"]
         else:
             argv += ["--address", f"{head}:{RAY_PORT}"]
+        if cores is not None:
+            argv = ["taskset", "-c", str(cores[i]), *argv]
         with open(log_dir / f"ray-start-{i}.log", "w") as log:
             rc = subprocess.call(lab.exec_argv(i, argv), env=envs[i], stdout=log, stderr=subprocess.STDOUT,
                                  timeout=240)
@@ -231,17 +240,17 @@ def serve_deploy(lab: LabNetwork, config: Path, log_dir: Path) -> None:
         raise RuntimeError(f"serve deploy failed (exit {rc}); see {log_dir / 'serve-deploy.log'}")
 
 
-def _application(lab: LabNetwork) -> dict[str, Any]:
+def _application(lab: LabNetwork, app: str = APP) -> dict[str, Any]:
     from scripts.rollout import serve_details
 
-    return serve_details(dashboard(lab)).get("applications", {}).get(APP) or {}
+    return serve_details(dashboard(lab)).get("applications", {}).get(app) or {}
 
 
-def serve_replicas(lab: LabNetwork) -> dict[str, list[dict[str, Any]]]:
+def serve_replicas(lab: LabNetwork, app: str = APP) -> dict[str, list[dict[str, Any]]]:
     """{deployment: [replica details]} as Serve reports them."""
-    return {name: d.get("replicas", []) for name, d in _application(lab).get("deployments", {}).items()}
+    return {name: d.get("replicas", []) for name, d in _application(lab, app).get("deployments", {}).items()}
 
 
-def app_status(lab: LabNetwork) -> tuple[str, dict[str, str]]:
-    app = _application(lab)
+def app_status(lab: LabNetwork, name: str = APP) -> tuple[str, dict[str, str]]:
+    app = _application(lab, name)
     return app.get("status", "NOT_STARTED"), {n: d["status"] for n, d in app.get("deployments", {}).items()}
