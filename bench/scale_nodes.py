@@ -1,7 +1,7 @@
 """Does adding a node raise the symbols one candle close handles within 5 s? (issue 18 point 5)
 
-    sudo .venv/bin/python bench/scale_nodes.py [--nodes 1,2] [--ladder 100,200,300,400,600,800]
-                                               [--closes 20] [--budget-s 5] [--lab-id 218] [--json]
+    .venv/bin/python bench/scale_nodes.py [--nodes 1,2] [--ladder 100,200,...,1600] [--closes 20]
+                                          [--budget-s 5] [--lab-id 218] [--json]      # as root
 
 Per setup (1 node, then 2) a lab cluster of :mod:`scripts.cluster_nodes` -- one Ray node per network
 namespace, services through the bridge -- with node ``i`` pinned to CPU core ``i`` (``taskset`` on
@@ -13,18 +13,20 @@ and CPU measurements, :func:`bench.scale.measure_closes`) the way an operator de
 and these, so that the replicas spread over the nodes (:func:`spread_config`):
 
 - EnsembleRouter and each model pool: one replica per node (a fixed count, ``max_replicas_per_node: 1``);
-- ApiIngress: one replica per node; MarketFeed (and its MarketData actors) on the head;
+- ApiIngress: one replica per node; MarketFeed on the head (its MarketData actors where Ray puts
+  them: soft affinity to MarketFeed's node; each size reports where they ran);
 - ``feature_shards`` max(nodes, one per 100 symbols), shard ``i`` on node ``i mod nodes``;
 - ``feed_symbols_per_actor`` min(100, symbols / nodes): at least one MarketData actor per node, so a
   close reaches the router as several calls and every router replica gets a share of it.
 
 With one node all of these are the code's defaults. A setup walks its ladder up from the bottom
-(a later setup from the previous one's best size) and stops at the first size whose close -> ready
-p99 over ``--closes`` closes exceeds ``--budget-s`` (its first close over the budget ends it: with
-fewer than 100 closes p99 is the slowest close). Printed: per setup the largest size within the
-budget, its p50 / p99, CPU-ms per symbol-horizon (every process of every node plus the lab's Redis,
-not this driver), RSS / PSS of all nodes, where the CPU went per node; and the ratio of the
-largest sizes (2 nodes / 1 node).
+(a later setup from the previous one's best size), skipping the rungs a proportional estimate keeps
+within budget (:func:`walk`), and ends at a size within budget whose next rung is over: close ->
+ready p99 over ``--closes`` closes above ``--budget-s`` (its first close over the budget ends it:
+with fewer than 100 closes p99 is the slowest close). Printed: per setup the largest size within
+the budget (">=" when it is the top rung), its p50 / p99, CPU-ms per symbol-horizon (every process
+of every node plus the lab's Redis, not this driver), RSS / PSS of all nodes, where the CPU went
+per node; and the ratio of the largest sizes (2 nodes / 1 node).
 
 Needs root (network namespaces). The driver that steps the feed runs inside the head's namespace
 (a Ray driver must share a node's address); it is not pinned and its CPU is not counted, nor is the
@@ -55,6 +57,7 @@ from bench.scale_parts import cluster_cpu_groups, cluster_memory_gib, redis_cpu_
 from scripts import cluster_nodes as cn  # noqa: E402
 from scripts.lab_network import LabNetwork  # noqa: E402
 
+LADDER = (100, 200, 300, 400, 500, 600, 800, 1000, 1200, 1600)
 LAB_ID = 218  # 10.213.218.0/24: not the drill's default (7), its test's (201) or docs/operations.md's (12)
 
 
@@ -117,6 +120,23 @@ def node_cores(pids: list[int]) -> list[int]:
     return sorted(cores)
 
 
+def actors_per_node(lab: LabNetwork, class_name: str) -> dict[str, int]:
+    """{node address: ALIVE actors of ``class_name``} (the MarketData actors are no Serve replicas)."""
+    import httpx
+
+    nodes = cn.alive_nodes(lab)
+    r = httpx.get(f"{cn.dashboard(lab)}/api/v0/actors", headers=cn.auth_headers(), timeout=30,
+                  params={"limit": 1000, "filter_keys": "class_name", "filter_predicates": "=",
+                          "filter_values": class_name, "detail": "true"})
+    r.raise_for_status()
+    out: dict[str, int] = {}
+    for a in r.json()["data"]["result"]["result"]:
+        if a.get("state") == "ALIVE":
+            ip = nodes.get(a.get("node_id"), "?")
+            out[ip] = out.get(ip, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def wait_alone(lab: LabNetwork, app: str, timeout_s: float = 180) -> None:
     """Until ``app`` is the only application (the previous size's teardown must not overlap the closes)."""
     from scripts.rollout import serve_details
@@ -146,21 +166,23 @@ def run_size(n: int, spec: dict[str, Any], lab: LabNetwork) -> dict[str, Any]:
                         cn.code_actor_options("FeatureBuilder"), app)
     path = workdir / f"serve-{n}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    t0 = time.monotonic()
     cn.serve_deploy(lab, path, workdir)
-    open_time, started_s = wait_started(symbols, shards, app=app)
+    open_time, started_s = wait_started(symbols, shards, t0, app=app)
     wait_alone(lab, app)
     _say(f"{lab.nodes} node(s), {n} symbols: every symbol published after {started_s:.0f} s; closing")
     measured = measure_closes(open_time, horizons, spec["closes"], spec["redis_url"],
                               lab_cpu_groups(lab, spec["redis_pid"]), spec["budget_s"], app)
     rss, pss = cluster_memory_gib(p for i in range(lab.nodes) for p in lab.pids(i) if p != os.getpid())
     placement = replicas_per_node(lab, app)
+    feed_actors = actors_per_node(lab, "MarketData")
     cores = {f"node{i}": node_cores([p for p in lab.pids(i) if p != os.getpid()]) for i in range(lab.nodes)}
     row = close_row(n, len(horizons), measured)
     node_cpu: dict[str, float] = {}
     for g, t in measured["cpu_groups"].items():
         node_cpu[g.split(" ", 1)[0]] = node_cpu.get(g.split(" ", 1)[0], 0.0) + t
     total = sum(node_cpu.values()) or 1.0
-    row.update(nodes=lab.nodes, shards=shards, feed_actors=math.ceil(n / ov["feed_symbols_per_actor"]),
+    row.update(nodes=lab.nodes, shards=shards, feed_actors=feed_actors,
                within_budget=not measured["over_budget"] and len(measured["latencies"]) == spec["closes"],
                node_cpu_share={k: round(v / total, 3) for k, v in sorted(node_cpu.items())},
                replicas_per_node=placement, cores_per_node=cores, rss_gib=round(rss, 3), pss_gib=round(pss, 3),
@@ -168,20 +190,31 @@ def run_size(n: int, spec: dict[str, Any], lab: LabNetwork) -> dict[str, Any]:
     return row
 
 
-def walk(ladder: list[int], start: int, within: Callable[[int], bool]) -> int | None:
-    """The largest ladder size within budget, walking up from index ``start`` to the first size over
-    (or, if ``start`` itself is over, down to the first within); None when none is."""
-    if within(ladder[start]):
-        best = ladder[start]
-        for n in ladder[start + 1:]:
-            if not within(n):
-                break
-            best = n
-        return best
-    for n in reversed(ladder[:start]):
-        if within(n):
-            return n
-    return None
+def walk(ladder: list[int], start: int, budget_s: float, measure: Callable[[int], float | None]) -> int | None:
+    """The largest ladder size within budget; ``measure(n)`` is its p99 seconds, None when over.
+
+    Why it jumps: a size near the limit costs minutes (start-up, then 20 closes of up to 5 s each),
+    so rungs that cannot fail are skipped. Close -> ready grows less than in proportion to the size
+    (a fixed part per close), so from a size ``n`` within budget at p99 ``p`` every rung up to
+    ``n * budget / p`` is expected within too: the walk goes straight to the largest of them (at
+    least the next rung); if that one is over, it walks up the skipped rungs one by one. The answer
+    is always a measured size within budget whose next rung was measured over (or the top rung).
+    From a ``start`` that is itself over, it walks down to the first size within; None when none is."""
+    p = measure(ladder[start])
+    if p is None:
+        return next((n for n in reversed(ladder[:start]) if measure(n) is not None), None)
+    i = start
+    while i + 1 < len(ladder):
+        estimate = ladder[i] * budget_s / max(p, 1e-3)
+        j = max((k for k in range(i + 1, len(ladder)) if ladder[k] <= estimate), default=i + 1)
+        q = measure(ladder[j])
+        if q is None:
+            for k in range(i + 1, j):
+                if measure(ladder[k]) is None:
+                    return ladder[k - 1]
+            return ladder[j - 1]
+        i, p = j, q
+    return ladder[i]
 
 
 def driver(spec: dict[str, Any]) -> int:
@@ -194,14 +227,14 @@ def driver(spec: dict[str, Any]) -> int:
              configure_logging=False)
     results = Path(spec["results"])
 
-    def within(n: int) -> bool:
+    def measure(n: int) -> float | None:
         row = run_size(n, spec, lab)
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
         _say(f"{lab.nodes} node(s), {n} symbols: p99 {row['close_to_ready_p99_s']} s over {row['closes']} closes")
-        return row["within_budget"]
+        return row["close_to_ready_p99_s"] if row["within_budget"] else None
 
-    walk(spec["ladder"], spec["start"], within)
+    walk(spec["ladder"], spec["start"], spec["budget_s"], measure)
     return 0
 
 
@@ -243,13 +276,14 @@ def summary(nodes: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
     best = max(ok, key=lambda r: r["symbols"]) if ok else None
     over = [r for r in rows if not r["within_budget"] and (best is None or r["symbols"] > best["symbols"])]
     return {"nodes": nodes, "cores": nodes, "max_symbols_within_budget": best["symbols"] if best else 0,
+            "top_of_ladder": best is not None and not over and best["symbols"] == max(r["symbols"] for r in rows),
             "at_max": best, "first_over": min(over, key=lambda r: r["symbols"]) if over else None, "sizes": rows}
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nodes", default="1,2", help="comma-separated node counts, one core each (at most the cores)")
-    p.add_argument("--ladder", default="100,200,300,400,600,800", help="comma-separated symbol counts, ascending")
+    p.add_argument("--ladder", default=",".join(map(str, LADDER)), help="comma-separated symbol counts, ascending")
     p.add_argument("--closes", type=int, default=20, help="measured closes per size (after 2 warm-up closes)")
     p.add_argument("--budget-s", type=float, default=5.0, help="close -> ready p99 a size must stay within")
     p.add_argument("--cpus-per-node", type=int, default=2,
@@ -303,11 +337,13 @@ def table(out: dict[str, Any]) -> str:
     for s in out["setups"]:
         r, o = s["at_max"] or {}, s["first_over"]
         over = "-" if o is None else f"{o['symbols']}: {o['close_to_ready_p99_s'] or 'no answer'} ({o['closes']} closes)"
-        lines.append(f"| {s['nodes']} | {s['max_symbols_within_budget']} | {r.get('close_to_ready_p50_s', '-')} "
+        most = (">=" if s["top_of_ladder"] else "") + str(s["max_symbols_within_budget"])
+        lines.append(f"| {s['nodes']} | {most} | {r.get('close_to_ready_p50_s', '-')} "
                      f"| {r.get('close_to_ready_p99_s', '-')} | {r.get('cpu_ms_per_symbol_horizon', '-')} "
                      f"| {r.get('rss_gib', '-')} | {r.get('pss_gib', '-')} | {over} |")
-    lines.append(f"ratio (symbols within budget, {out['setups'][-1]['nodes']} nodes / {out['setups'][0]['nodes']}): "
-                 f"{out['ratio']}")
+    if len(out["setups"]) > 1:
+        lines.append(f"ratio (symbols within budget, {out['setups'][-1]['nodes']} nodes / "
+                     f"{out['setups'][0]['nodes']}): {out['ratio']}")
     for s in out["setups"]:
         for r in s["sizes"]:
             lines.append(f"{s['nodes']} node(s), {r['symbols']} symbols: p50 {r['close_to_ready_p50_s']} p99 "

@@ -62,17 +62,37 @@ def test_layout_at_one_node_is_the_code_defaults_and_gives_every_node_a_feed_act
         assert -(-symbols // two["feed_symbols_per_actor"]) >= 2
 
 
-def test_walk_finds_the_largest_size_within_budget_from_either_side():
-    ladder = [100, 200, 300, 400, 600]
-    capacity = 350
+def _measuring(p99_of, budget_s: float = 5.0):
+    """A ``measure`` for :func:`walk` from a latency model, recording what it was asked."""
     tried: list[int] = []
 
-    def within(n: int) -> bool:
+    def measure(n: int) -> float | None:
         tried.append(n)
-        return n <= capacity
+        p = p99_of(n)
+        return p if p <= budget_s else None
 
-    assert walk(ladder, 0, within) == 300 and tried == [100, 200, 300, 400]  # stops at the first over
-    tried.clear()
-    assert walk(ladder, 4, within) == 300 and tried == [600, 400, 300]  # started above: walks down
-    tried.clear()
-    assert walk(ladder, 2, lambda n: False) is None
+    return measure, tried
+
+
+def test_walk_jumps_over_rungs_the_estimate_keeps_within_and_stops_at_the_first_over():
+    ladder = [100, 200, 300, 400, 500, 600]
+    measure, tried = _measuring(lambda n: 0.2 + 0.01 * n)  # within 5 s up to 480 symbols
+    assert walk(ladder, 0, 5.0, measure) == 400
+    assert tried == [100, 400, 500]  # 100 -> 1.2 s: up to 416 expected within; 400 -> 4.2 s: 500 is next
+
+
+def test_walk_checks_the_skipped_rungs_when_a_jump_lands_over():
+    ladder = [100, 200, 300, 400, 500, 600]
+    measure, tried = _measuring(lambda n: 0.01 * n + 0.00002 * n * n)  # faster than in proportion: over above 309
+    assert walk(ladder, 0, 5.0, measure) == 300
+    assert tried == [100, 400, 200, 300]  # 100 -> 1.2 s: 400 expected within, is over; 200 and 300 are not
+
+
+def test_walk_from_a_start_over_goes_down_and_reports_the_top_or_none():
+    ladder = [100, 200, 300, 400, 500]
+    measure, tried = _measuring(lambda n: 0.014 * n)  # within up to 357
+    assert walk(ladder, 4, 5.0, measure) == 300 and tried == [500, 400, 300]
+    measure, tried = _measuring(lambda n: 0.001 * n)
+    assert walk(ladder, 0, 5.0, measure) == 500 and tried == [100, 500]  # the top rung: a lower bound
+    measure, tried = _measuring(lambda n: 9.0)
+    assert walk(ladder, 2, 5.0, measure) is None and tried == [300, 200, 100]
