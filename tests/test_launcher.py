@@ -1,11 +1,14 @@
 """``make serve`` as an operator runs it (issue 12, points 1 and 7): ``python -m deployments.launcher``
-in a subprocess, deploying the committed serve_config.yaml with the shipped fast ingress.
+(directly, or through ``make serve``) in a subprocess, deploying the committed serve_config.yaml with
+the shipped fast ingress.
 
-1. With ``MLE_FEED=binance`` against the fake exchange on loopback, the engine streams the exchange's
-   candles although serve_config.yaml says ``feed: replay`` (the environment wins over its args), and
-   /health/detailed says which feed, which clock and where the choice came from. SIGTERM then stops
-   everything the launcher started -- the Ray head's whole session, HAProxy, the feed -- and frees
-   its ports within 10 s.
+1. ``make serve`` with ``MLE_FEED=binance`` against the fake exchange on loopback: the engine streams
+   the exchange's candles although serve_config.yaml says ``feed: replay`` (the environment wins over
+   its args), and /health/detailed says which feed, which clock and where the choice came from.
+   SIGTERM to ``make`` (what a supervisor sends the process it started) then reaches the launcher
+   (the recipe execs it), which stops everything it started -- the Ray head's whole session,
+   HAProxy, the feed -- frees its ports within 10 s and exits 0. One run serves both tests (a start
+   is ~45 s of the suite): the first observes it, the second stops it.
 2. Ctrl-C (SIGINT) while it is still starting stops it the same way.
 3. The default replay, stopped by SIGKILL (what a supervisor does after its grace period): the
    watchdog stops the Ray head by itself, and nothing answers on the API port any more.
@@ -150,47 +153,69 @@ def _exchange_candles() -> dict:
     return out
 
 
-@pytest.mark.timeout(420)
-def test_binance_from_the_environment_beats_the_committed_config_and_sigterm_stops_everything(models, tmp_path):
+@pytest.fixture(scope="module")
+def binance_make_serve(small_models, tmp_path_factory):
+    """``make serve`` fed by the fake exchange (``MLE_FEED=binance``), serving; with the exchange's
+    candles (the live one at index HISTORY is not on the exchange yet). Stopped by the last test
+    of the module; stopped here whatever happened."""
+    tmp = tmp_path_factory.mktemp("make-serve-binance")
+    models = Path(shutil.copytree(small_models, tmp / "models"))
     candles = _exchange_candles()
     with FakeBinance({s: df.iloc[:HISTORY] for s, df in candles.items()}) as fake:
-        launcher = Launcher(tmp_path, models, {"MLE_FEED": "binance", "MLE_BINANCE_API_URL": fake.base_url,
-                                               "MLE_BINANCE_WS_URL": f"ws://127.0.0.1:{fake.port}/ws"})
+        launcher = Launcher(tmp, models, {"MLE_FEED": "binance", "MLE_BINANCE_API_URL": fake.base_url,
+                                          "MLE_BINANCE_WS_URL": f"ws://127.0.0.1:{fake.port}/ws"},
+                            argv=["make", "--no-print-directory", "serve"])
         try:
             launcher.wait_serving()
-            health = launcher.health()
-            config = health["market"]["config"]
-            assert config["feed"] == "binance" and config["sources"]["feed"] == "environment", config
-            assert health["market"]["feed"]["feed"] == "binance"
-            live = int(candles["BTCUSDT"].open_time[HISTORY])
-            fake.add_candles("BTCUSDT", candles["BTCUSDT"].iloc[HISTORY:])
-            fake.wait_for_ws("BTCUSDT", 1, timeout=60)
-            fake.push_kline("BTCUSDT", candles["BTCUSDT"].iloc[HISTORY].to_dict(), closed=True)
-            deadline = time.monotonic() + 60
-            while (btc := launcher.health()["market"]["symbols"]["BTCUSDT"])["candle_open_time"] != live:
-                assert time.monotonic() < deadline, f"the exchange's candle {live} never arrived: {btc}"
-                time.sleep(0.5)
-            assert btc["source"] == "binance" and btc["clock"] == "exchange" and btc["clock_rate"] == 1.0
-            # Both symbols on one combined websocket of the feed's Binance hub (issue 18).
-            hub = launcher.health()["market"]["feed"]["binance"]
-            assert hub["connections"] == 1 and hub["streams"] == 2 and fake.ws_handshakes[0] == 2, hub
-            assert abs(btc["clock_offset_s"]) < 5, btc  # the fake exchange's server time is this host's
-            # The exchange's newest closed candle (closed 20 s to 5 min 20 s before the test began), not a replay.
-            assert 0 < btc["data_age_wall_s"] < 600, btc
-            assert abs(btc["data_age_s"] - btc["data_age_wall_s"]) < 5, btc
-            r = httpx.post(f"{launcher.base}/predictions", json={"symbol": "BTCUSDT", "horizon": 6},
-                           headers={"X-API-Key": KEY}, timeout=10)
-            assert r.status_code == 200 and r.json()["candle_open_time"] == live, r.text
-            assert _haproxy_in(launcher.head_sid), "make serve runs Serve's HAProxy ingress"
-
-            t0 = time.monotonic()
-            launcher.proc.send_signal(signal.SIGTERM)
-            launcher.proc.wait(timeout=30)
-            took = _wait_gone(launcher, t0)
-            assert launcher.proc.returncode == 0, launcher.log()
-            assert took <= STOP_BUDGET_S, f"SIGTERM: everything stopped after {took:.1f} s\n{launcher.log()}"
+            yield launcher, fake, candles
         finally:
             launcher.cleanup()
+
+
+@pytest.mark.timeout(420)
+def test_binance_from_the_environment_beats_the_committed_config(binance_make_serve):
+    launcher, fake, candles = binance_make_serve
+    health = launcher.health()
+    config = health["market"]["config"]
+    assert config["feed"] == "binance" and config["sources"]["feed"] == "environment", config
+    assert health["market"]["feed"]["feed"] == "binance"
+    live = int(candles["BTCUSDT"].open_time[HISTORY])
+    fake.add_candles("BTCUSDT", candles["BTCUSDT"].iloc[HISTORY:])
+    fake.wait_for_ws("BTCUSDT", 1, timeout=60)
+    fake.push_kline("BTCUSDT", candles["BTCUSDT"].iloc[HISTORY].to_dict(), closed=True)
+    deadline = time.monotonic() + 60
+    while (btc := launcher.health()["market"]["symbols"]["BTCUSDT"])["candle_open_time"] != live:
+        assert time.monotonic() < deadline, f"the exchange's candle {live} never arrived: {btc}"
+        time.sleep(0.5)
+    assert btc["source"] == "binance" and btc["clock"] == "exchange" and btc["clock_rate"] == 1.0
+    # Both symbols on one combined websocket of the feed's Binance hub (issue 18).
+    hub = launcher.health()["market"]["feed"]["binance"]
+    assert hub["connections"] == 1 and hub["streams"] == 2 and fake.ws_handshakes[0] == 2, hub
+    assert abs(btc["clock_offset_s"]) < 5, btc  # the fake exchange's server time is this host's
+    # The exchange's newest closed candle (closed 20 s to 5 min 20 s before the test began), not a replay.
+    assert 0 < btc["data_age_wall_s"] < 600, btc
+    assert abs(btc["data_age_s"] - btc["data_age_wall_s"]) < 5, btc
+    r = httpx.post(f"{launcher.base}/predictions", json={"symbol": "BTCUSDT", "horizon": 6},
+                   headers={"X-API-Key": KEY}, timeout=10)
+    assert r.status_code == 200 and r.json()["candle_open_time"] == live, r.text
+    assert _haproxy_in(launcher.head_sid), "make serve runs Serve's HAProxy ingress"
+
+
+@pytest.mark.timeout(420)
+def test_sigterm_to_make_serve_stops_everything(binance_make_serve):
+    """A supervisor signals the process it started: `make`. make passes SIGTERM to its recipe's
+    process, which must be the launcher itself (the recipe execs it), not a shell that dies and
+    leaves the launcher serving; the launcher's clean stop is an exit 0 (make reports any other
+    status of its recipe, or a death by signal, as ``make: *** [...]``)."""
+    launcher, _, _ = binance_make_serve
+    assert launcher.proc.poll() is None, f"make serve is not running any more:\n{launcher.log()}"
+    t0 = time.monotonic()
+    launcher.proc.terminate()
+    took = _wait_gone(launcher, t0)
+    assert took <= STOP_BUDGET_S, f"SIGTERM to make: everything stopped after {took:.1f} s\n{launcher.log()}"
+    launcher.proc.wait(timeout=30)
+    assert launcher.proc.returncode == -signal.SIGTERM, launcher.proc.returncode  # make re-raises it
+    assert "make: ***" not in launcher.log(), f"the launcher did not exit 0:\n{launcher.log()}"
 
 
 @pytest.mark.timeout(420)
@@ -243,22 +268,5 @@ def test_sigint_while_starting_stops_everything(models, tmp_path):
         assert "is serving on" not in launcher.log(), "the signal came too late to test the start-up"
         assert launcher.proc.returncode == 0, launcher.log()
         assert took <= STOP_BUDGET_S, f"SIGINT while starting: everything stopped after {took:.1f} s\n{launcher.log()}"
-    finally:
-        launcher.cleanup()
-
-
-@pytest.mark.timeout(420)
-def test_sigterm_to_make_serve_stops_everything(models, tmp_path):
-    """A supervisor signals the process it started: `make`. make passes SIGTERM to its recipe's
-    process, which must be the launcher itself (the recipe execs it), not a shell that dies and
-    leaves the launcher serving."""
-    launcher = Launcher(tmp_path, models, {}, argv=["make", "--no-print-directory", "serve"])
-    try:
-        launcher.wait_serving()
-        t0 = time.monotonic()
-        launcher.proc.terminate()
-        took = _wait_gone(launcher, t0)
-        assert took <= STOP_BUDGET_S, f"SIGTERM to make: everything stopped after {took:.1f} s"
-        launcher.proc.wait(timeout=10)
     finally:
         launcher.cleanup()
