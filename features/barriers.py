@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from configs.settings import LabelParams
+from configs.sections import LabelParams
 
 # Feature columns whose logarithm enters the regression, then those entering as they are.
 BARRIER_LOG_INPUTS: tuple[str, ...] = ("atr_14", "rv_12", "rv_48", "rv_288", "parkinson_12", "parkinson_48",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from configs.settings import FeatureParams
+from configs.sections import FeatureParams
 from features.candles import bridge_gaps, segment_ids
 from features.indicators import WARMUP, compute_features, feature_names
 

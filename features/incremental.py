@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from configs.settings import FeatureParams
+from configs.sections import FeatureParams
 from features.candles import FIVE_MINUTES_MS
 from configs.errors import CandleDataError, FeatureError
 from features.indicators import WARMUP, compute_features, feature_names

@@ -22,7 +22,7 @@ from functools import lru_cache
 import numpy as np
 import talib
 
-from configs.settings import MAX_FEATURE_WINDOW, FeatureParams
+from configs.sections import MAX_FEATURE_WINDOW, FeatureParams
 
 # Candles a row needs behind it (itself included) before it is defined. Chosen so the slowest
 # recursive indicator allowed by FeatureParams (period 60) has decayed its seed below 1e-14.

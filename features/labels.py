@@ -21,7 +21,7 @@ import pandas as pd
 import talib
 from numpy.lib.stride_tricks import sliding_window_view
 
-from configs.settings import LabelParams
+from configs.sections import LabelParams
 from features.barriers import barrier_distances
 from features.candles import segment_ids
 from features.costs import Costs, holding_hours, net_return, round_trip_cost

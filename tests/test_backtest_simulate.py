@@ -159,7 +159,7 @@ def test_bad_signal_tables_are_refused():
 def test_matches_the_labels_on_real_candles(real_candles):
     """Entered at the next open with barriers re-anchored, the simulator's outcomes agree with the
     training labels (entered at the signal close) wherever the next open equals that close."""
-    from configs.settings import LabelParams
+    from configs.sections import LabelParams
     from features.barriers import barrier_distances
     from features.costs import Costs, round_trip_cost
     from features.labels import build_labels, naive_sigma

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from configs.settings import LabelParams
+from configs.sections import LabelParams
 from features import WARMUP, FeatureBuilder, build_features
 from features.barriers import BARRIER_INPUTS, barrier_distances, barrier_inputs, barrier_sigma, fit_barrier_model
 from features.candles import FIVE_MINUTES_MS

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from configs.settings import FeatureParams
+from configs.sections import FeatureParams
 from features import FEATURE_NAMES, WARMUP, FeatureBuilder, build_features, feature_set_hash
 from features.candles import FIVE_MINUTES_MS, bridge_gaps, segment_ids
 from configs.errors import CandleDataError, FeatureError

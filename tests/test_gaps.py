@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from configs.settings import FeatureParams
+from configs.sections import FeatureParams
 from deployments.feed import CandleEvent, CandleWindow, FeedClock, find_gaps
 from deployments.state import MarketSnapshot
 from features import WARMUP, FeatureBuilder, build_features, build_labels

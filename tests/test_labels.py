@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import talib
 
-from configs.settings import LabelParams
+from configs.sections import LabelParams
 from features.barriers import barrier_distances
 from features.costs import Costs
 from features.labels import BUY, EXPIRED, HOLD, SELL, SL, TP, build_labels, first_touch

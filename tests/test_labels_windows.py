@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from configs.settings import LabelParams
+from configs.sections import LabelParams
 from features.barriers import barrier_distances
 from features.costs import Costs, round_trip_cost
 from features.labels import (EXPIRED, SL, TP, build_labels, first_touch, future_extremes, naive_sigma,

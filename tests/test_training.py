@@ -131,7 +131,8 @@ def test_tampered_file_refused(registry_copy):
 
 
 def test_feature_hash_mismatch_refused(trained):
-    from configs.settings import FeatureParams, load_settings
+    from configs.sections import FeatureParams
+    from configs.settings import load_settings
     from configs.errors import ModelLoadError
     from inference.ensemble import Ensemble
     from inference.registry import ModelRegistry

@@ -15,7 +15,9 @@ import numpy as np
 import pandas as pd
 import xgboost as xgb
 
-from configs.settings import ModelConfig, Settings
+from configs.sections import ModelConfig
+
+from configs.settings import Settings
 from features.labels import SIGNAL_CLASSES
 from inference.layout import BASE_MODELS, META_MODEL, MODELS, booster_name
 from inference.transforms import range_scale

@@ -15,7 +15,7 @@ from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
-from configs.settings import ModelConfig
+from configs.sections import ModelConfig
 from training.boosters import FitOutcome, TargetSpec, fit_booster, predict_raw, xgb_params
 from training.progress import progress
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from configs.settings import LabelParams
+from configs.sections import LabelParams
 from features.labels import build_labels
 from features.volatility import apply_har, fit_har, har_inputs, har_target
 

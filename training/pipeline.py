@@ -28,7 +28,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from configs.settings import ModelConfig, Settings
+from configs.sections import ModelConfig
+
+from configs.settings import Settings
 from features.costs import Costs, round_trip_cost
 from inference.layout import BASE_MODELS, MODEL_NAMES, MODELS
 from inference.transforms import (INTERVAL_DOCUMENT, VOL_FEATURE, apply_calibration, meta_matrix, proposed_side,

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from configs.settings import ModelConfig
+from configs.sections import ModelConfig
 from configs.errors import ConfigError
 from training.boosters import FitOutcome, fit_booster, xgb_params
 from training.engines import FitJob, job_weights, run_fit_job
