@@ -104,10 +104,6 @@ class CandleClose:
             if res.needs_history:  # a restarted shard: the actor resends its window, then this event
                 out[i]["open_time"] = None
                 continue
-            try:
-                self.log.candles_closed(event)  # the outcome resolver's candles
-            except Exception:
-                log.exception("serving log hook failed")
             if res.process:
                 todo[res.symbol] = i
         if todo:

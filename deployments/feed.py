@@ -100,44 +100,87 @@ class CandleEvent:
         return df
 
 
-class CandleWindow:
-    """The newest ``size`` candles a MarketData actor has delivered, back to the last long gap.
+# The candles a MarketData actor keeps per symbol: the longest any reader needs -- the outcome
+# resolver scores forecasts up to 14 days old (a PostgreSQL outage delays resolution), the
+# FeatureBuilder's re-seed takes the last 2 x the feature warm-up of them.
+HISTORY_CANDLES = 14 * 288
 
-    A restarted FeatureBuilder has empty windows; re-seeding it from here lets it answer at the next
-    candle instead of after a 1000-candle warm-up. Short gaps (at most ``max_bridge`` missing slots)
-    stay in the window -- the FeatureBuilder bridges them exactly as it did the first time -- and a
-    longer gap restarts the window, as it restarts features.
+
+class CandleWindow:
+    """One symbol's candle history in the engine: the newest ``keep`` candles its MarketData actor
+    delivered, and the one place they are kept.
+
+    Why one owner: the FeatureBuilder's windows and the outcome resolver's history are both lost
+    when their process restarts, and both are refilled from here (the feed outlives neither and
+    needs the candles anyway); a copy per reader would be memory and one more thing to get wrong.
+    Readers take the range they need:
+
+    - :meth:`history_event` (``open_time`` / ``ohlcv`` / ``len``): the FeatureBuilder's re-seed, the
+      newest ``size`` candles back to the last long gap -- short gaps (at most ``max_bridge``
+      missing slots) stay in it, and the FeatureBuilder bridges them exactly as it did the first
+      time; a longer gap restarts features, so the re-seed starts after it;
+    - :meth:`outcome_candles`: the outcome resolver's refill, every candle kept (across long gaps:
+      a forecast made before a halt is still scored against the candles before it).
+
+    Memory: ``keep`` candles per symbol (5 float64 + 1 int64 each, 48 bytes: 194 KiB at 14 days).
     """
 
-    def __init__(self, symbol: str, size: int, max_bridge: int = 0) -> None:
+    def __init__(self, symbol: str, size: int, max_bridge: int = 0, keep: int | None = None) -> None:
         self.symbol = symbol
         self.size = int(size)
         self.max_bridge = int(max_bridge)
-        self.open_time = np.empty(0, dtype=np.int64)
-        self.ohlcv = np.empty((0, len(_FIELDS)), dtype=np.float64)
+        self.keep = max(self.size, int(keep) if keep is not None else self.size)
+        self._times = np.empty(0, dtype=np.int64)
+        self._values = np.empty((0, len(_FIELDS)), dtype=np.float64)
+        self._start = 0  # index in the arrays of the first candle after the last long gap
+
+    @property
+    def _reseed_from(self) -> int:
+        return max(self._start, len(self._times) - self.size)
+
+    @property
+    def open_time(self) -> np.ndarray:
+        """Open times of the re-seed range (see the class docstring)."""
+        return self._times[self._reseed_from:]
+
+    @property
+    def ohlcv(self) -> np.ndarray:
+        return self._values[self._reseed_from:]
 
     def __len__(self) -> int:
-        return len(self.open_time)
+        return len(self._times) - self._reseed_from
 
     def _breaks(self, steps: np.ndarray) -> np.ndarray:
         """Which steps between consecutive candles are gaps too long to bridge."""
         return steps > (self.max_bridge + 1) * FIVE_MINUTES_MS
 
     def remember(self, event: CandleEvent) -> None:
+        """Add the event's candles newer than the newest kept (a resent history adds nothing)."""
         t, v = event.open_time, event.ohlcv
-        if len(self.open_time):
-            new = t > self.open_time[-1]
+        base = len(self._times)
+        if base:
+            new = t > self._times[-1]
             t, v = t[new], v[new]
-            if len(t) and self._breaks(np.array([t[0] - self.open_time[-1]]))[0]:
-                self.open_time, self.ohlcv = self.open_time[:0], self.ohlcv[:0]
+            if len(t) and self._breaks(np.array([t[0] - self._times[-1]]))[0]:
+                self._start = base
         steps = np.flatnonzero(self._breaks(np.diff(t)))
-        if len(steps):  # keep only the tail of this event after its last long gap
-            t, v = t[steps[-1] + 1:], v[steps[-1] + 1:]
-        self.open_time = np.concatenate([self.open_time, t])[-self.size:]
-        self.ohlcv = np.concatenate([self.ohlcv, v])[-self.size:]
+        if len(steps):  # the re-seed starts after this event's last long gap
+            self._start = base + int(steps[-1]) + 1
+        self._times = np.concatenate([self._times, t])
+        self._values = np.concatenate([self._values, v])
+        drop = len(self._times) - self.keep
+        if drop > 0:
+            self._times, self._values = self._times[drop:], self._values[drop:]
+            self._start = max(0, self._start - drop)
 
     def history_event(self, clock: FeedClock, source: str) -> CandleEvent:
+        """The re-seed range as one ``history`` event (for a FeatureBuilder that lost its windows)."""
         return CandleEvent(self.symbol, self.open_time.copy(), self.ohlcv.copy(), "history", clock, source)
+
+    def outcome_candles(self) -> list[tuple[int, float, float, float]]:
+        """Every candle kept as ``(open_time, high, low, close)``: what the outcome resolver scores with."""
+        return list(zip(self._times.tolist(), self._values[:, 1].tolist(), self._values[:, 2].tolist(),
+                        self._values[:, 3].tolist()))
 
 
 def find_gaps(open_time: np.ndarray, previous: int | None) -> tuple[tuple[int, int], ...]:

@@ -6,15 +6,16 @@ Serving calls a :class:`ServingLog` at these points and nowhere else:
   horizon it computed) are written to Redis and published: the prediction/signal log rows;
 - ``request_served(record, forecast)`` in the API ingress, after every /predictions and /signals
   response (cached or computed), so requests can be audited and served forecasts tied to them;
-- ``candles_closed(event)`` in the EnsembleRouter, for every candle event the feed delivers (the
-  outcome resolver scores logged forecasts against these candles); ``live_metrics()`` adds the
-  rolling live accuracy to ``/models/status``.
+- ``candles_closed(event, window)`` in each MarketData actor, for every candle event the graph took
+  (the outcome resolver scores logged forecasts against these candles), with the symbol's
+  :class:`~deployments.feed.CandleWindow` -- the engine's one candle history, which a restarted
+  resolver is refilled from; ``live_metrics()`` adds the rolling live accuracy to ``/models/status``.
 
 The logging calls are synchronous and must not block or raise: an implementation enqueues and writes in the
 background (batching, spooling to disk while PostgreSQL is down). ``start()`` runs once in the
 replica's event loop, ``health()`` feeds ``/health/detailed``'s ``database`` entry and ``close()``
 flushes at shutdown. The implementation is chosen by ``Settings.serving_log`` ("module:factory",
-called with the Settings and the role, "router" or "ingress"); empty means :class:`NullServingLog`.
+called with the Settings and the role, "router", "ingress" or "feed"); empty means :class:`NullServingLog`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from configs.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-Role = Literal["router", "ingress"]
+Role = Literal["router", "ingress", "feed"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class ServingLog(Protocol):
 
     def request_served(self, record: RequestRecord, forecast: Any | None) -> None: ...
 
-    def candles_closed(self, event: Any) -> None: ...
+    def candles_closed(self, event: Any, window: Any | None = None) -> None: ...
 
     async def live_metrics(self) -> dict[str, Any]: ...
 
@@ -75,7 +76,7 @@ class NullServingLog:
     def request_served(self, record: RequestRecord, forecast: Any | None) -> None:
         return None
 
-    def candles_closed(self, event: Any) -> None:
+    def candles_closed(self, event: Any, window: Any | None = None) -> None:
         return None
 
     async def live_metrics(self) -> dict[str, Any]:
@@ -135,7 +136,7 @@ class JsonLinesServingLog:
 
         self._write("request", {**asdict(record), "forecast_candle": getattr(forecast, "candle_open_time", None)})
 
-    def candles_closed(self, event: Any) -> None:
+    def candles_closed(self, event: Any, window: Any | None = None) -> None:
         self._write("candles", {"symbol": event.symbol, "event_kind": event.kind, "count": len(event.open_time),
                                 "last_open_time": int(event.open_time[-1])})
 

@@ -33,7 +33,8 @@ from configs.settings import Settings, load_settings
 from configs.symbols import real_symbol
 from deployments.binance_actor import RemoteHub
 from deployments.binance_feed import BinanceSource
-from deployments.feed import CandleEvent, CandleWindow, FeedClock, ReplaySource
+from deployments.feed import HISTORY_CANDLES, CandleEvent, CandleWindow, FeedClock, ReplaySource
+from deployments.hooks import NullServingLog, ServingLog, load_serving_log
 from deployments.prometheus import EngineMetrics
 from deployments.outbox import Outbox
 from features.candles import FIVE_MINUTES_MS
@@ -75,10 +76,12 @@ class SymbolFeed:
     """
 
     def __init__(self, symbol: str, router, settings: Settings, metrics: EngineMetrics,
-                 resume_after: int | None = None, outbox: Outbox | None = None, hub=None) -> None:
+                 resume_after: int | None = None, outbox: Outbox | None = None, hub=None,
+                 serving_log: ServingLog | None = None) -> None:
         self.symbol = symbol
         self.router = router
         self.outbox = outbox or Outbox(router)
+        self.log = serving_log or NullServingLog()  # the outcome resolver's candles (role "feed")
         self.settings = settings
         self.source = make_source(self.settings, symbol, hub)
         self.delivered = 0
@@ -94,9 +97,11 @@ class SymbolFeed:
         self._task: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
         self._delivered_event = asyncio.Event()
-        # The newest candles delivered (plus the one being delivered): what a restarted
-        # FeatureBuilder is re-seeded with, so it answers at the next candle, not 1000 candles later.
-        self.window = CandleWindow(symbol, 2 * WARMUP, self.settings.features.max_bridge_candles)
+        # The engine's one candle history of this symbol (delivered candles, plus the one being
+        # delivered): a restarted FeatureBuilder is re-seeded from it, so it answers at the next
+        # candle, not 1000 candles later, and a restarted outcome resolver is refilled from it.
+        self.window = CandleWindow(symbol, 2 * WARMUP, self.settings.features.max_bridge_candles,
+                                   keep=HISTORY_CANDLES)
         self.reseeds = 0
 
     async def start(self) -> None:
@@ -178,12 +183,20 @@ class SymbolFeed:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
+            self._taken(event)
             self.delivered += candles
             self.last_delivered_at = time.time()
             self.last_open_time = max(event.last_open_time, self.last_open_time or event.last_open_time)
             self._clock = event.clock
             self._delivered_event.set()
             return
+
+    def _taken(self, event: CandleEvent) -> None:
+        """The graph took ``event``: its candles go on to the outcome resolver (never into delivery)."""
+        try:
+            self.log.candles_closed(event, self.window)
+        except Exception:
+            log.exception("%s: serving log hook failed", self.symbol)
 
     async def wait_done(self) -> None:
         """Returns when the source has ended (a finished replay); MarketFeed's watcher waits on it."""
@@ -254,7 +267,9 @@ class MarketData:
         metrics = EngineMetrics(use_ray=True)
         hints = resume_after if isinstance(resume_after, dict) else {symbols[0]: resume_after}
         outbox = Outbox(router)
-        self.feeds = {s: SymbolFeed(s, router, settings, metrics, hints.get(s), outbox, hub) for s in symbols}
+        self.log = load_serving_log(settings, "feed")  # candles to the outcome resolver
+        self.feeds = {s: SymbolFeed(s, router, settings, metrics, hints.get(s), outbox, hub, self.log)
+                      for s in symbols}
 
     def _feed(self, symbol: str | None) -> SymbolFeed:
         if symbol is None:
@@ -266,6 +281,7 @@ class MarketData:
         return self.feeds[symbol]
 
     async def start(self) -> None:
+        await self.log.start()
         for feed in self.feeds.values():
             await feed.start()
 

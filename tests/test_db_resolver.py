@@ -29,6 +29,7 @@ from deployments.db.outcomes import CandleHistory, resolve_predictions, resolve_
 from deployments.db.resolver import OutcomeResolver, start_resolver
 from deployments.db.rows import PredictionRow, SignalRow, rows_from_forecast
 from deployments.db.writer import LogWriter
+from deployments.feed import CandleEvent, CandleWindow, FeedClock
 from features.candles import FIVE_MINUTES_MS
 from features.barriers import barrier_distances
 from features.costs import Costs, round_trip_cost
@@ -379,7 +380,8 @@ def test_late_and_out_of_order_candles(real_candles):
 
 def test_forwarder_refills_a_restarted_resolver(real_candles, ray_cluster):
     """Ray restarts a crashed resolver with an empty history; the feed-side forwarder notices (new
-    instance id in the reply) and sends its recent candles again, so no due row lacks its candles."""
+    instance id in the reply) and refills it from the feed's CandleWindow -- the one candle history,
+    the forwarder keeps no copy -- so no due row lacks its candles."""
     import ray
 
     df = real_candles["BTCUSDT"].iloc[-50:].reset_index(drop=True)
@@ -387,14 +389,20 @@ def test_forwarder_refills_a_restarted_resolver(real_candles, ray_cluster):
     actor = start_resolver(settings, name=f"resolver_restart_{free_port()}", detached=False,
                            database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/x", baselines={})
 
+    window = CandleWindow("BTCUSDT", 40, keep=40)  # the feed's window, bounded at 40 candles
+    clock = FeedClock(time.time(), 0.0, 1.0)
+
     async def push(fwd: CandleForwarder, rows: range) -> None:
         for i in rows:
             c = df.iloc[i]
+            window.remember(CandleEvent("BTCUSDT", np.array([int(c["open_time"])]),
+                                        df[["open", "high", "low", "close", "volume"]].to_numpy()[i:i + 1],
+                                        "live", clock, "test"))
             fwd.push("BTCUSDT", int(c["open_time"]), float(c["high"]), float(c["low"]), float(c["close"]))
         await fwd.drain()
 
     async def scenario() -> tuple[int, int]:
-        fwd = CandleForwarder(lambda: actor, keep=40)
+        fwd = CandleForwarder(lambda: actor, history=lambda symbol: window.outcome_candles())
         await push(fwd, range(0, 30))
         before = (await actor.status.remote())["history_candles"]["BTCUSDT"]
         ray.kill(actor, no_restart=False)  # a crash: Ray restarts it, empty
@@ -414,4 +422,4 @@ def test_forwarder_refills_a_restarted_resolver(real_candles, ray_cluster):
     finally:
         ray.kill(actor, no_restart=True)
     assert before == 30
-    assert after == 40  # the forwarder's last 40 candles (its bound), not just the 20 sent after the restart
+    assert after == 40  # the window's 40 candles (its bound), not just the 20 sent after the restart

@@ -129,6 +129,29 @@ def test_candle_window_keeps_short_gaps_and_the_reseed_equals_the_original(halt)
     assert len(window) == 1
 
 
+def test_candle_window_is_the_one_history_the_resolver_is_refilled_from(halt):
+    """The window keeps, bounded by ``keep``, every candle across long gaps for the outcome resolver
+    (a forecast made before a halt is scored with the candles before it), while the FeatureBuilder's
+    re-seed range starts after the last long gap, at most ``size`` candles."""
+    df, first = halt
+    t = df["open_time"].to_numpy(np.int64)
+    v = df[FIELDS].to_numpy(np.float64)
+    clock = FeedClock(time.time(), float(t[-1] + FIVE_MINUTES_MS), 1.0)
+    window = CandleWindow("BTCUSDT", 100, max_bridge=36, keep=len(df) - 100)
+    window.remember(CandleEvent("BTCUSDT", t, v, "history", clock, "test", find_gaps(t, None)))
+    late_t = t[-5:] + 100 * FIVE_MINUTES_MS  # after a gap too long to bridge (95 missing > 36)
+    window.remember(CandleEvent("BTCUSDT", late_t, v[-5:], "live", clock, "test", find_gaps(late_t, int(t[-1]))))
+    assert list(window.open_time) == list(late_t)  # the re-seed: after the long gap only
+    kept = window.outcome_candles()  # across the halt (bridged) and the long gap, the newest ``keep``
+    assert [c[0] for c in kept] == (list(t) + list(late_t))[-window.keep:] and len(kept) == window.keep
+    assert kept[-1] == (int(late_t[-1]), float(v[-1, 1]), float(v[-1, 2]), float(v[-1, 3]))
+    # Within the bound the re-seed is the newest ``size`` candles back to the last long gap.
+    window.remember(CandleEvent("BTCUSDT", late_t[-1] + FIVE_MINUTES_MS * np.arange(1, 201), np.repeat(v[-1:], 200, 0),
+                                "live", clock, "test"))
+    assert len(window) == 100 and window.open_time[-1] == late_t[-1] + 200 * FIVE_MINUTES_MS
+    assert len(window.outcome_candles()) == window.keep
+
+
 def _with_age(service, age_s: float) -> None:
     """Move the market clock so that BTCUSDT's newest candle closed ``age_s`` feed seconds ago."""
     snap = service.market

@@ -5,8 +5,10 @@ One instance per replica, by role:
 
 - ``router`` (EnsembleRouter): ``candle_closed(forecasts)`` logs every forecast computed at a candle
   close (prediction + signal rows) through this process's :class:`LogWriter`;
-  ``candles_closed(event)`` forwards the event's candles, in order, to the :class:`OutcomeResolver`
-  actor (started here if the cluster has none), which resolves what came due;
+- ``feed`` (each MarketData actor): ``candles_closed(event, window)`` forwards the candles the graph
+  took, in order, to the :class:`OutcomeResolver` actor (started here if the cluster has none),
+  which resolves what came due; a restarted resolver is refilled from ``window``, the feed's
+  :class:`~deployments.feed.CandleWindow` (the engine's one candle history). No writer, no spool;
 - ``ingress`` (ApiIngress): ``request_served(record, forecast)`` logs the forecast a request was
   answered with — usually already logged at the close, so it costs a dictionary lookup — and
   ``health()``/``live_metrics()`` ask the resolver for the drift verdict and rolling accuracy.
@@ -55,26 +57,33 @@ class DbServingLog:
     def __init__(self, settings: Settings, role: str) -> None:
         self.settings = settings
         self.role = role
-        self.writer = LogWriter(settings, name=role)
+        self.writer = LogWriter(settings, name=role) if role != "feed" else None
         self.forwarder: CandleForwarder | None = None
+        self._windows: dict[str, Any] = {}  # symbol -> the feed's CandleWindow (role feed)
         self._resolver: Any = None
         self._last_live: dict[str, Any] = {}
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.writer.start)
-        if self.role == "router":
-            self.forwarder = CandleForwarder(self._resolver_handle, retry_s=1.0)
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.start)
+        if self.role == "feed":
+            self.forwarder = CandleForwarder(self._resolver_handle, retry_s=1.0, history=self._feed_candles)
+
+    def _feed_candles(self, symbol: str) -> list[tuple[int, float, float, float]]:
+        """A restarted resolver's refill: the feed's candles of ``symbol`` (nothing copied here)."""
+        window = self._windows.get(symbol)
+        return window.outcome_candles() if window is not None else []
 
     # ---- resolver handle -----------------------------------------------------------------------
     def _resolver_handle(self, create: bool | None = None) -> Any:
-        """The cluster's resolver (the router creates it; the ingress only looks it up)."""
+        """The cluster's resolver (the feed creates it; the ingress only looks it up)."""
         import ray
 
-        create = self.role == "router" if create is None else create
+        create = self.role == "feed" if create is None else create
         name = resolver_name(self.settings)
         if create:
-            # Detached: it outlives router replicas and redeploys, so its candle history (the last
-            # 14 days) survives them; a crash is refilled by the CandleForwarder.
+            # Detached: it outlives the graph's processes and redeploys, so its candle history (the
+            # last 14 days) survives them; a crash is refilled from the feed's CandleWindow.
             self._resolver = start_resolver(self.settings, name=name, namespace=RESOLVER_NAMESPACE, detached=True)
         else:
             try:
@@ -85,16 +94,20 @@ class DbServingLog:
 
     # ---- hook points ---------------------------------------------------------------------------
     def candle_closed(self, forecasts: Sequence[Any]) -> None:
-        self.writer.log_forecasts(forecasts)
+        if self.writer is not None:
+            self.writer.log_forecasts(forecasts)
 
     def request_served(self, record: Any, forecast: Any | None) -> None:
-        if forecast is not None and getattr(record, "status", 200) == 200:
+        if self.writer is not None and forecast is not None and getattr(record, "status", 200) == 200:
             self.writer.log_forecasts((forecast,))
 
-    def candles_closed(self, event: Any) -> None:
-        """Closed candles of one symbol (a MarketData event: history, backfill or live), for the resolver."""
+    def candles_closed(self, event: Any, window: Any | None = None) -> None:
+        """Closed candles of one symbol the graph took (a MarketData event: history, backfill or live),
+        for the resolver; ``window``: the symbol's CandleWindow, read when the resolver restarts."""
         if self.forwarder is None:
             return
+        if window is not None:
+            self._windows[event.symbol] = window
         try:
             ohlcv = event.ohlcv
             for i, t in enumerate(event.open_time.tolist()):
@@ -127,6 +140,8 @@ class DbServingLog:
 
     async def health(self) -> dict[str, Any]:
         """``/health/detailed``'s ``database.log``: writer (spool, losses), resolver, drift."""
+        if self.writer is None:
+            return {"status": "up", "forwarder": {"sent": self.forwarder.sent if self.forwarder else 0}}
         writer = self.writer.status()
         out: dict[str, Any] = {"status": log_status(writer), "writer": writer}
         try:
@@ -144,7 +159,8 @@ class DbServingLog:
                 await asyncio.wait_for(self.forwarder.drain(), 5.0)
             except Exception:
                 pass
-        await asyncio.to_thread(self.writer.close, 5.0)
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.close, 5.0)
 
 
 def log_status(writer: dict[str, Any], now: float | None = None) -> str:
