@@ -122,7 +122,7 @@ class CandleWindow:
     - :meth:`outcome_candles`: the outcome resolver's refill, every candle kept (across long gaps:
       a forecast made before a halt is still scored against the candles before it).
 
-    Memory: ``keep`` candles per symbol (5 float64 + 1 int64 each, 48 bytes: 194 KiB at 14 days).
+    Memory: ``keep`` candles per symbol (5 float64 + 1 int64 each, 48 bytes: 189 KiB at 14 days).
     """
 
     def __init__(self, symbol: str, size: int, max_bridge: int = 0, keep: int | None = None) -> None:
