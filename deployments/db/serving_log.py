@@ -119,7 +119,7 @@ class DbServingLog:
     async def _ask(self, method: str) -> Any:
         handle = self._resolver or self._resolver_handle(create=False)
         if handle is None:
-            raise LookupError("the outcome resolver is not running (it starts with the EnsembleRouter)")
+            raise LookupError("the outcome resolver is not running (the MarketData actors start it with their first candles)")
         return await asyncio.wait_for(getattr(handle, method).remote(), CALL_TIMEOUT_S)
 
     async def live_metrics(self) -> dict[str, Any]:
