@@ -214,43 +214,69 @@ def write_decision(record: Mapping[str, Any], path: Path) -> None:
         f.flush()
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    t_start = time.perf_counter()
+def _settings(args: argparse.Namespace) -> Settings:
+    """Settings with the command line's gate and model overrides, validated (bounds) like the YAML and
+    MLE_* values."""
     overrides = {f"retrain_{k}": getattr(args, k) for k in ("margin", "tolerance", "min_eval_rows", "holdout_days")
                  if getattr(args, k) is not None}
-    # Command-line overrides go through the same validation (bounds) as the YAML and MLE_* values.
     base = load_settings(**overrides) if overrides else get_settings()
-    settings = with_overrides(base, args.rounds, args.folds, args.max_rows)
+    return with_overrides(base, args.rounds, args.folds, args.max_rows)
+
+
+def _candle_files(args: argparse.Namespace, settings: Settings) -> dict[str, Path]:
+    """Step 1: the fixed ``--candles`` files, else every real symbol's file brought up to date."""
+    if args.candles:
+        if not args.no_download:
+            raise MLEngineError("--candles names fixed files: combine it with --no-download")
+        return parse_candle_args(args.candles)
+    return pull_candles(settings, settings.market.real_symbols, Path(args.data_dir or settings.data_dir),
+                        download=not args.no_download, base_url=args.base_url)
+
+
+def _champion(registry: ModelRegistry, settings: Settings) -> tuple[dict[str, str] | None, Ensemble | None, str | None]:
+    """The current set: (its versions, the loaded ensemble, why there is none to compare with)."""
+    versions = _current_versions(registry)
+    if versions is None:
+        return None, None, "no champion in the registry"
+    try:
+        return versions, _load_version(registry, versions, settings), None
+    except (ModelLoadError, ModelNotFoundError) as exc:
+        return versions, None, f"champion {versions['range_predictor']} cannot be loaded: {exc}"
+
+
+def _judge(champion: Ensemble | None, champion_problem: str | None, challenger: Ensemble,
+           histories: Mapping[str, pd.DataFrame], settings: Settings, start: int,
+           record: dict[str, Any]) -> Verdict:
+    """Step 4: score both sets on the window from ``start`` (into ``record``) and apply the gate."""
+    challenger_scores = score(challenger, histories, settings, start)
+    record["challenger"]["scores"] = challenger_scores
+    if champion is None:
+        verdict = Verdict(True, f"{champion_problem}: the challenger is promoted without comparison", {})
+    else:
+        champion_scores = score(champion, histories, settings, start)
+        record["champion"]["scores"] = champion_scores
+        verdict = compare(champion_scores, challenger_scores, settings.retrain_margin, settings.retrain_tolerance)
+    record["changes"] = verdict.changes
+    return verdict
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """One retraining round (steps 1-6 of the module docstring); returns the logged decision."""
+    t_start = time.perf_counter()
+    settings = _settings(args)
     models_dir = Path(args.out) if args.out else settings.models_dir
     log_path = Path(args.log) if args.log else settings.retrain_log
     registry = ModelRegistry(models_dir, feature_set_hash(settings.features))
     timings: dict[str, float] = {}
 
-    # 1. candles
     t0 = time.perf_counter()
-    if args.candles:
-        paths = parse_candle_args(args.candles)
-        if not args.no_download:
-            raise MLEngineError("--candles names fixed files: combine it with --no-download")
-    else:
-        paths = pull_candles(settings, settings.market.real_symbols, Path(args.data_dir or settings.data_dir),
-                             download=not args.no_download, base_url=args.base_url)
+    paths = _candle_files(args, settings)  # 1. candles
     histories = load_histories(paths)
     timings["candles"] = time.perf_counter() - t0
 
-    # 2. window
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # 2. window
     data = prepare(histories, settings)
-    champion_versions = _current_versions(registry)
-    champion: Ensemble | None = None
-    champion_problem = None
-    if champion_versions is None:
-        champion_problem = "no champion in the registry"
-    else:
-        try:
-            champion = _load_version(registry, champion_versions, settings)
-        except (ModelLoadError, ModelNotFoundError) as exc:
-            champion_problem = f"champion {champion_versions['range_predictor']} cannot be loaded: {exc}"
+    champion_versions, champion, champion_problem = _champion(registry, settings)
     champ_last = champion_last_candle(registry) if champion is not None else None
     start, holdout = evaluation_start(data.open_time, settings, champ_last)
     eval_rows = np.flatnonzero(data.open_time >= start)
@@ -279,18 +305,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings["train_challenger"] = time.perf_counter() - t0
     record["challenger"] = {"versions": challenger_version, "trained_until": _iso(start), "train_rows": trained.rows}
 
-    # 4. score both on the unseen window
-    t0 = time.perf_counter()
-    challenger = _load_version(registry, challenger_version, settings)
-    challenger_scores = score(challenger, histories, settings, start)
-    record["challenger"]["scores"] = challenger_scores
-    if champion is None:
-        verdict = Verdict(True, f"{champion_problem}: the challenger is promoted without comparison", {})
-    else:
-        champion_scores = score(champion, histories, settings, start)
-        record["champion"]["scores"] = champion_scores
-        verdict = compare(champion_scores, challenger_scores, settings.retrain_margin, settings.retrain_tolerance)
-    record["changes"] = verdict.changes
+    t0 = time.perf_counter()  # 4. score both on the unseen window
+    verdict = _judge(champion, champion_problem, _load_version(registry, challenger_version, settings), histories,
+                     settings, start, record)
     timings["evaluate"] = time.perf_counter() - t0
 
     # 5. promote (all four together: the serving graph swaps on the `current` pointers)
