@@ -15,16 +15,11 @@ from pathlib import Path
 
 import httpx
 
+from deployments.ray_head import free_port
+from scripts.lab.services import PrivateRedis as LabRedis
+
 ROOT = Path(__file__).resolve().parents[1]
 SYMBOLS = ("BTCUSDT", "ETHUSDT")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, key: str, timeout: float = 600, proc: subprocess.Popen | None = None) -> None:
@@ -216,24 +211,9 @@ def haproxy_env(workdir: Path) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith("RAY_SERVE_")}
 
 
-class PrivateRedis:
+class PrivateRedis(LabRedis):
+    """The lab's private redis-server (scripts/lab/services.py), started at once as the benchmarks use it."""
+
     def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(workdir)], stdout=subprocess.DEVNULL)
-        import redis
-
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis(port=self.port).ping()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+        super().__init__(workdir)
+        self.start()
