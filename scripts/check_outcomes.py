@@ -30,9 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from typing import Any
+
 import asyncpg
 import httpx
 import numpy as np
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -92,29 +95,277 @@ async def _rows(url: str, table: str) -> list[dict]:
         await conn.close()
 
 
-def main() -> int:
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--day", type=int, default=288, help="candles streamed per symbol (288 = one day)")
     parser.add_argument("--outage-s", type=float, default=20.0, help="seconds PostgreSQL stays down")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (spool, server logs)")
     parser.add_argument("--quick", action="store_true",
                         help="without a model set, train a 2-round one (its signals are mostly HOLD)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    import ray
+
+def _model_set(args: argparse.Namespace, settings: Any, tmp: Path) -> Path:
+    """The configured model set if it loads, else one trained on the sample (as ``make serve`` would)."""
+    from inference.ensemble import Ensemble
+    from scripts.lab.models import train_small_models
+
+    try:
+        Ensemble.load(settings.models_dir, settings)
+        return settings.models_dir
+    except Exception:
+        pass
+    if args.quick:
+        print(f"no loadable model set in {settings.models_dir}: training a 2-round one on the sample")
+        return train_small_models(tmp / "models")
+    # what make serve does: the shipped sample, the configured training parameters
+    from configs.settings import get_settings
+    from training.engines import PlainEngine
+    from training.train import train
+
+    print(f"no loadable model set in {settings.models_dir}: training one on the sample (as make serve)")
+    models_dir = tmp / "models"
+    train(get_settings(), {s: settings.sample_dir / f"{s}_5m.parquet" for s in settings.market.symbols},
+          PlainEngine(), out=models_dir)
+    return models_dir
+
+
+def _replay_files(settings: Any, tmp: Path, day: int) -> tuple[dict[str, Path], dict[str, pd.DataFrame]]:
+    """Per symbol the sample's last ``HISTORY + day + 80`` candles, written where the replay reads them."""
+    files, frames = {}, {}
+    for s in settings.market.symbols:
+        df = load_candles(settings.sample_dir / f"{s}_5m.parquet").iloc[-(HISTORY + day + 80):]
+        frames[s] = df.reset_index(drop=True)
+        files[s] = tmp / f"{s}_5m.parquet"
+        frames[s].to_parquet(files[s])
+    return files, frames
+
+
+def _deploy(models_dir: Path, files: dict[str, Path], tmp: Path, redis_url: str, pg_url: str
+            ) -> tuple[Any, httpx.Client, float]:
+    """``make serve``'s application on this script's Ray cluster: (MarketFeed handle, client, start)."""
     from ray import serve
 
     from deployments.app import deploy, start_serve
-    from features import build_features
-    from features.labels import build_labels
     from deployments.ray_head import free_port
+
+    key = secrets.token_urlsafe(24)
+    port = free_port()
+    keys_file = write_api_keys_file(tmp / "api_keys", [key])  # keys never go in Serve args
+    overrides = {"models_dir": str(models_dir), "api_keys_file": str(keys_file), "redis_url": redis_url,
+                 "database_url": pg_url, "spool_dir": str(tmp / "spool"), "replay_speed": 0.0,
+                 "replay_history": HISTORY, "replay_files": {s: str(p) for s, p in files.items()}}
+    start_serve("127.0.0.1", port)
+    t_start = time.monotonic()
+    deploy(overrides, name="ml-engine")
+    feed = serve.get_deployment_handle("MarketFeed", app_name="ml-engine")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key}, timeout=30)
+    return feed, client, t_start
+
+
+def _streamed(feed: Any) -> dict[str, dict]:
+    return feed.status.remote().result(timeout_s=60)["symbols"]
+
+
+def _outage(args: argparse.Namespace, pg: Any, feed: Any, client: httpx.Client, checks: Checks) -> None:
+    """Stop PostgreSQL a third into the day for ``--outage-s`` while candles keep closing; health must say so."""
+    while min(st["candles"] for st in _streamed(feed).values()) < HISTORY + args.day // 3:
+        time.sleep(0.5)
+    pg.stop("immediate")
+    t_down = time.monotonic()
+    print(f"PostgreSQL stopped (immediate) at {min(st['candles'] for st in _streamed(feed).values()) - HISTORY} "
+          "candles streamed")
+    time.sleep(args.outage_s)
+    log_health = client.get("/health/detailed").json()["database"]["log"]
+    streamed_in_outage = min(st["candles"] for st in _streamed(feed).values()) - HISTORY
+    pg.start()
+    spooled = log_health["writer"].get("node_spool_pending_bytes", 0)
+    print(f"PostgreSQL restarted after {time.monotonic() - t_down:.0f}s; during the outage /health/detailed "
+          f"said: writer postgres={log_health['writer']['postgres']}, {spooled} bytes spooled on this node, "
+          f"resolver postgres={log_health['resolver'].get('postgres')}; {streamed_in_outage} candles "
+          "streamed by then")
+    checks.check(log_health["writer"]["postgres"] == "down" and spooled > 0,
+                 "health showed the outage and the spooled rows")
+
+
+def _wait_backlog(pg_url: str, frames: dict[str, pd.DataFrame], n_forecasts: int) -> tuple[list[dict], list[dict]]:
+    """Wait (5 min at most) until every forecast is logged and every closed window resolved."""
+    deadline = time.monotonic() + 300
+    while True:
+        sigs = asyncio.run(_rows(pg_url, "signal_logs"))
+        preds = asyncio.run(_rows(pg_url, "prediction_logs"))
+        due = [r for r in sigs + preds if r["resolve_after"] <= int(frames[r["symbol"]]["open_time"].iloc[-1])]
+        if len(sigs) >= n_forecasts and all(r["resolved_at"] is not None for r in due):
+            return sigs, preds
+        if time.monotonic() > deadline:
+            print(f"  backlog not done: {len(sigs)}/{n_forecasts} signals logged, "
+                  f"{sum(r['resolved_at'] is None for r in due)} due rows unresolved")
+            return sigs, preds
+        time.sleep(1.0)
+
+
+class Truth:
+    """One symbol's replayed candles and what a direct computation says about them."""
+
+    def __init__(self, df: pd.DataFrame, settings: Any, ens: Any, symbol: str) -> None:
+        from features import build_features
+        from features.labels import build_labels
+
+        self.df, self.ens, self.symbol = df, ens, symbol
+        self.feats = build_features(df, settings.features).to_numpy()
+        self.labels = build_labels(df, list(settings.market.horizons))
+        self.t = df["open_time"].to_numpy(np.int64)
+        self.high, self.low, self.close = (df[k].to_numpy() for k in ("high", "low", "close"))
+        self.index = {int(x): i for i, x in enumerate(self.t)}
+
+    def forecast(self, i: int, h: int) -> Any:
+        return self.ens.forecast(self.feats[i][None, :], [self.symbol], [float(self.close[i])], [int(self.t[i])], h)[0]
+
+
+def _check_predictions(truth: Truth, rows: list[dict], checks: Checks, live: dict[str, Any]) -> None:
+    """Each logged prediction equals ``Ensemble.forecast``; each resolved one equals ``build_labels``."""
+    s, t, labels = truth.symbol, truth.t, truth.labels
+    for r in rows:
+        i, h = truth.index[r["candle_open_time"]], r["horizon"]
+        f = truth.forecast(i, h)
+        checks.check(_close(r["predicted_high"], f.pred_high_pct) and _close(r["predicted_low"], f.pred_low_pct)
+                     and _close(r["high_lower"], f.high_lower) and _close(r["low_upper"], f.low_upper),
+                     f"{s} {t[i]} h={h}: logged forecast differs from Ensemble.forecast")
+        fh = labels[f"fut_high_{h}"].iloc[i]
+        if not np.isfinite(fh):
+            checks.check(r["resolved_at"] is None, f"{s} {t[i]} h={h}: resolved past the replay's end")
+            continue
+        fl = labels[f"fut_low_{h}"].iloc[i]
+        checks.check(r["resolve_status"] == "ok" and r["actual_high"] == fh and r["actual_low"] == fl,
+                     f"{s} {t[i]} h={h}: actual {r['actual_high']},{r['actual_low']} vs labels {fh},{fl}")
+        mae = (abs(r["predicted_high"] - fh) + abs(r["predicted_low"] - fl)) / 2
+        checks.check(_close(r["mae"], mae), f"{s} {t[i]} h={h}: mae")
+        live["mae"].append(mae)
+        hi_in = r["high_lower"] <= fh <= r["high_upper"]
+        lo_in = r["low_lower"] <= fl <= r["low_upper"]
+        checks.check(r["inside_interval"] == (hi_in and lo_in), f"{s} {t[i]} h={h}: inside_interval")
+        live["cov"].append((int(hi_in) + int(lo_in)) / 2)  # numpy bools add as "or"
+
+
+def _check_signals(truth: Truth, rows: list[dict], checks: Checks, live: dict[str, Any], settings: Any) -> None:
+    """Each logged signal equals ``Ensemble.forecast``; each resolved trade equals a scalar barrier walk."""
+    s, t = truth.symbol, truth.t
+    fee, slip, borrow = settings.fee_rate, settings.slippage_rate, settings.borrow_rate / 8760.0
+    for r in rows:
+        i, h = truth.index[r["candle_open_time"]], r["horizon"]
+        f = truth.forecast(i, h)
+        checks.check(r["signal_type"] == f.signal_type and _close(r["confidence"], f.confidence),
+                     f"{s} {t[i]} h={h}: logged signal differs from Ensemble.forecast")
+        if i + h >= len(truth.df):
+            checks.check(r["resolved_at"] is None, f"{s} {t[i]} h={h}: signal resolved past the end")
+            continue
+        if r["signal_type"] == "HOLD":
+            checks.check(r["resolve_status"] == "not_traded", f"{s} {t[i]} h={h}: HOLD status")
+            continue
+        w = slice(i + 1, i + h + 1)
+        out = _scalar_trade(r["signal_type"] == "BUY", r["entry_price"], r["take_profit"], r["stop_loss"],
+                            truth.high[w], truth.low[w], truth.close[w], fee, slip, borrow)
+        checks.check(r["outcome"] == out[0] and _close(r["exit_price"], out[1], 1e-12)
+                     and _close(r["pnl_percent"], out[2]) and _close(r["r_multiple"], out[3]),
+                     f"{s} {t[i]} h={h}: signal {r['outcome']} {r['exit_price']} vs {out[:2]}")
+        live["traded"] += 1
+        live["tp"] += out[0] == "tp"
+        live["r"] += out[3]
+
+
+def _check_rows(settings: Any, ens: Any, frames: dict[str, pd.DataFrame], expected: dict[str, np.ndarray],
+                preds: list[dict], sigs: list[dict], checks: Checks) -> dict[str, Any]:
+    """Every symbol's rows: logged exactly once, equal to the direct computation; the live figures' inputs."""
+    horizons = list(settings.market.horizons)
+    live: dict[str, Any] = {"mae": [], "cov": [], "tp": 0, "traded": 0, "r": 0.0}
+    for s in settings.market.symbols:
+        truth = Truth(frames[s], settings, ens, s)
+        p_rows = [r for r in preds if r["symbol"] == s]
+        s_rows = [r for r in sigs if r["symbol"] == s]
+        keys_p = [(r["candle_open_time"], r["horizon"]) for r in p_rows]
+        keys_s = [(r["candle_open_time"], r["horizon"]) for r in s_rows]
+        want = {(int(truth.t[i]), h) for i in expected[s] for h in horizons}
+        checks.check(len(keys_s) == len(set(keys_s)) and set(keys_s) == want,
+                     f"{s}: {len(keys_s)} signal rows, {len(set(keys_s))} distinct, {len(want)} expected")
+        checks.check(len(keys_p) == len(set(keys_p)) and set(keys_p) <= want,
+                     f"{s}: prediction rows duplicated or unexpected")
+        _check_predictions(truth, p_rows, checks, live)
+        _check_signals(truth, s_rows, checks, live, settings)
+    return live
+
+
+def _check_live(client: httpx.Client, ens: Any, live_direct: dict[str, Any], checks: Checks
+                ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """``/models/status``'s live figures equal the direct ones; no row dropped or rejected."""
+    time.sleep(2.0)  # the resolver refreshes its figures at most once a second
+    status = client.get("/models/status").json()
+    live = status.get("live", {}).get("models", {})
+    rp = live.get("range_predictor", {}).get(ens.versions["range_predictor"], {}).get("all", {})
+    mm = live.get("meta_model", {}).get(ens.versions["meta_model"], {}).get("all", {})
+    n = len(live_direct["mae"])
+    checks.check(rp.get("n") == n, f"/models/status live n {rp.get('n')} vs {n} resolved predictions "
+                                   f"(live: {str(status.get('live'))[:1500]})")
+    checks.check(_close(rp.get("mae"), float(np.mean(live_direct["mae"])) if n else float("nan")),
+                 f"/models/status live MAE {rp.get('mae')}")
+    cov = float(np.mean(live_direct["cov"])) if n else float("nan")
+    checks.check(_close(rp.get("interval_coverage"), cov),
+                 f"/models/status interval coverage {rp.get('interval_coverage')} vs {cov}")
+    checks.check((mm.get("n") or 0) == live_direct["traded"],
+                 f"/models/status signals n {mm.get('n')} vs {live_direct['traded']} traded")
+    if live_direct["traded"]:
+        checks.check(_close(mm.get("hit_rate"), live_direct["tp"] / live_direct["traded"]), "hit rate")
+        checks.check(_close(mm.get("cumulative_r"), live_direct["r"], 1e-9, 1e-9), "cumulative R")
+    health = client.get("/health/detailed").json()["database"]["log"]
+    checks.check(health["writer"]["rows_dropped"] == 0 and health["writer"]["rows_rejected"] == 0,
+                 "rows dropped or rejected")
+    return rp, mm, health
+
+
+def _report(ens: Any, preds: list[dict], sigs: list[dict], n_forecasts: int, live_direct: dict[str, Any],
+            rp: dict[str, Any], mm: dict[str, Any], health: dict[str, Any]) -> None:
+    kinds = {k: sum(r["signal_type"] == k for r in sigs) for k in ("BUY", "SELL", "HOLD")}
+    print(f"signals by type: {kinds}; traded signals resolved and checked: {live_direct['traded']}")
+    print(f"logged: {len(preds)} prediction rows, {len(sigs)} signal rows ({n_forecasts} forecasts); "
+          f"resolved: {sum(r['resolved_at'] is not None for r in preds)} predictions, "
+          f"{sum(r['resolved_at'] is not None for r in sigs)} signals")
+    print(f"/models/status live (all): range_predictor {ens.versions['range_predictor']}: n={rp.get('n')} "
+          f"MAE={rp.get('mae')} walk-forward MAE={rp.get('walk_forward_mae')} ratio={rp.get('mae_ratio')} "
+          f"coverage={rp.get('interval_coverage')}; meta_model: n={mm.get('n')} hit rate={mm.get('hit_rate')} "
+          f"cumulative R={mm.get('cumulative_r')}")
+    print(f"drift: {health['drift']}")
+
+
+def _run(args: argparse.Namespace, settings: Any, tmp: Path, pg: Any, redis: Any, checks: Checks,
+         models_dir: Path, ens: Any) -> None:
+    """Deploy, stream the day with the outage, wait for the backlog, check everything (on this
+    script's own Ray cluster, started by :func:`main`)."""
+    files, frames = _replay_files(settings, tmp, args.day)
+    feed, client, t_start = _deploy(models_dir, files, tmp, redis.url, pg.url)
+    symbols = list(settings.market.symbols)
+    print(f"engine deployed in {time.monotonic() - t_start:.0f}s; replaying {args.day} candles x "
+          f"{len(symbols)} symbols as fast as the graph takes them")
+    _outage(args, pg, feed, client, checks)
+    while any(st["state"] != "finished" for st in _streamed(feed).values()):
+        time.sleep(0.5)
+    print(f"replay finished after {time.monotonic() - t_start:.0f}s")
+    expected = {s: HISTORY - 1 + np.arange(args.day + 80 + 1) for s in symbols}  # fresh candles: last of
+    n_forecasts = sum(len(v) for v in expected.values()) * len(settings.market.horizons)  # history + stream
+    sigs, preds = _wait_backlog(pg.url, frames, n_forecasts)
+    live_direct = _check_rows(settings, ens, frames, expected, preds, sigs, checks)
+    rp, mm, health = _check_live(client, ens, live_direct, checks)
+    _report(ens, preds, sigs, n_forecasts, live_direct, rp, mm, health)
+    client.close()
+
+
+def main() -> int:
+    args = _parse_args()
+    import ray
+    from ray import serve
+
     from inference.ensemble import Ensemble
-    from scripts.lab.models import train_small_models
     from scripts.lab.services import PrivatePostgres, PrivateRedis
 
     settings = load_settings()
-    symbols = list(settings.market.symbols)
-    horizons = list(settings.market.horizons)
     tmp = Path(tempfile.mkdtemp(prefix="mle-check-"))
     pg = PrivatePostgres()
     redis = PrivateRedis(tmp)
@@ -123,179 +374,13 @@ def main() -> int:
     try:
         pg.start()
         redis.start()
-        try:
-            Ensemble.load(settings.models_dir, settings)
-            models_dir = settings.models_dir
-        except Exception:
-            if args.quick:
-                print(f"no loadable model set in {settings.models_dir}: training a 2-round one on the sample")
-                models_dir = train_small_models(tmp / "models")
-            else:  # what make serve does: the shipped sample, the configured training parameters
-                from configs.settings import get_settings
-                from training.engines import PlainEngine
-                from training.train import train
-
-                print(f"no loadable model set in {settings.models_dir}: training one on the sample (as make serve)")
-                models_dir = tmp / "models"
-                train(get_settings(), {s: settings.sample_dir / f"{s}_5m.parquet" for s in symbols}, PlainEngine(),
-                      out=models_dir)
+        models_dir = _model_set(args, settings, tmp)
         ens = Ensemble.load(models_dir, settings)
-        files, frames = {}, {}
-        for s in symbols:
-            df = load_candles(settings.sample_dir / f"{s}_5m.parquet").iloc[-(HISTORY + args.day + 80):]
-            frames[s] = df.reset_index(drop=True)
-            files[s] = tmp / f"{s}_5m.parquet"
-            frames[s].to_parquet(files[s])
-        key = secrets.token_urlsafe(24)
-        port = free_port()
-        keys_file = write_api_keys_file(tmp / "api_keys", [key])  # keys never go in Serve args
-        overrides = {"models_dir": str(models_dir), "api_keys_file": str(keys_file), "redis_url": redis.url,
-                     "database_url": pg.url, "spool_dir": str(tmp / "spool"), "replay_speed": 0.0,
-                     "replay_history": HISTORY, "replay_files": {s: str(p) for s, p in files.items()}}
         # address="local": always a new cluster of our own, never another engineer's running one.
         ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False,
                  log_to_driver=False, runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
         own_ray = True
-        start_serve("127.0.0.1", port)
-        t_start = time.monotonic()
-        deploy(overrides, name="ml-engine")
-        feed = serve.get_deployment_handle("MarketFeed", app_name="ml-engine")
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key}, timeout=30)
-
-        def delivered() -> dict[str, dict]:
-            return feed.status.remote().result(timeout_s=60)["symbols"]
-
-        print(f"engine deployed in {time.monotonic() - t_start:.0f}s; replaying {args.day} candles x "
-              f"{len(symbols)} symbols as fast as the graph takes them")
-        while min(st["candles"] for st in delivered().values()) < HISTORY + args.day // 3:
-            time.sleep(0.5)
-        pg.stop("immediate")
-        t_down = time.monotonic()
-        print(f"PostgreSQL stopped (immediate) at {min(st['candles'] for st in delivered().values()) - HISTORY} "
-              "candles streamed")
-        time.sleep(args.outage_s)
-        log_health = client.get("/health/detailed").json()["database"]["log"]
-        streamed_in_outage = min(st["candles"] for st in delivered().values()) - HISTORY
-        pg.start()
-        spooled = log_health["writer"].get("node_spool_pending_bytes", 0)
-        print(f"PostgreSQL restarted after {time.monotonic() - t_down:.0f}s; during the outage /health/detailed "
-              f"said: writer postgres={log_health['writer']['postgres']}, {spooled} bytes spooled on this node, "
-              f"resolver postgres={log_health['resolver'].get('postgres')}; {streamed_in_outage} candles "
-              "streamed by then")
-        checks.check(log_health["writer"]["postgres"] == "down" and spooled > 0,
-                     "health showed the outage and the spooled rows")
-        while any(st["state"] != "finished" for st in delivered().values()):
-            time.sleep(0.5)
-        print(f"replay finished after {time.monotonic() - t_start:.0f}s")
-
-        # Wait for the backlog: every forecast logged and every closed window resolved.
-        expected = {s: HISTORY - 1 + np.arange(args.day + 80 + 1) for s in symbols}  # fresh candles: last of
-        n_forecasts = sum(len(v) for v in expected.values()) * len(horizons)          # the history + the stream
-        deadline = time.monotonic() + 300
-        while True:
-            sigs = asyncio.run(_rows(pg.url, "signal_logs"))
-            preds = asyncio.run(_rows(pg.url, "prediction_logs"))
-            due = [r for r in sigs + preds if r["resolve_after"] <= int(frames[r["symbol"]]["open_time"].iloc[-1])]
-            if len(sigs) >= n_forecasts and all(r["resolved_at"] is not None for r in due):
-                break
-            if time.monotonic() > deadline:
-                print(f"  backlog not done: {len(sigs)}/{n_forecasts} signals logged, "
-                      f"{sum(r['resolved_at'] is None for r in due)} due rows unresolved")
-                break
-            time.sleep(1.0)
-
-        fee, slip, borrow = settings.fee_rate, settings.slippage_rate, settings.borrow_rate / 8760.0
-        live_direct = {"mae": [], "cov": [], "tp": 0, "traded": 0, "r": 0.0}
-        for s in symbols:
-            df = frames[s]
-            feats = build_features(df, settings.features).to_numpy()
-            labels = build_labels(df, horizons)
-            t = df["open_time"].to_numpy(np.int64)
-            high, low, close = (df[k].to_numpy() for k in ("high", "low", "close"))
-            index = {int(x): i for i, x in enumerate(t)}
-            p_rows = [r for r in preds if r["symbol"] == s]
-            s_rows = [r for r in sigs if r["symbol"] == s]
-            keys_p = [(r["candle_open_time"], r["horizon"]) for r in p_rows]
-            keys_s = [(r["candle_open_time"], r["horizon"]) for r in s_rows]
-            want = {(int(t[i]), h) for i in expected[s] for h in horizons}
-            checks.check(len(keys_s) == len(set(keys_s)) and set(keys_s) == want,
-                         f"{s}: {len(keys_s)} signal rows, {len(set(keys_s))} distinct, {len(want)} expected")
-            checks.check(len(keys_p) == len(set(keys_p)) and set(keys_p) <= want,
-                         f"{s}: prediction rows duplicated or unexpected")
-            for r in p_rows:
-                i, h = index[r["candle_open_time"]], r["horizon"]
-                f = ens.forecast(feats[i][None, :], [s], [float(close[i])], [int(t[i])], h)[0]
-                checks.check(_close(r["predicted_high"], f.pred_high_pct) and _close(r["predicted_low"], f.pred_low_pct)
-                             and _close(r["high_lower"], f.high_lower) and _close(r["low_upper"], f.low_upper),
-                             f"{s} {t[i]} h={h}: logged forecast differs from Ensemble.forecast")
-                fh = labels[f"fut_high_{h}"].iloc[i]
-                if np.isfinite(fh):
-                    fl = labels[f"fut_low_{h}"].iloc[i]
-                    checks.check(r["resolve_status"] == "ok" and r["actual_high"] == fh and r["actual_low"] == fl,
-                                 f"{s} {t[i]} h={h}: actual {r['actual_high']},{r['actual_low']} vs labels {fh},{fl}")
-                    mae = (abs(r["predicted_high"] - fh) + abs(r["predicted_low"] - fl)) / 2
-                    checks.check(_close(r["mae"], mae), f"{s} {t[i]} h={h}: mae")
-                    live_direct["mae"].append(mae)
-                    hi_in = r["high_lower"] <= fh <= r["high_upper"]
-                    lo_in = r["low_lower"] <= fl <= r["low_upper"]
-                    checks.check(r["inside_interval"] == (hi_in and lo_in), f"{s} {t[i]} h={h}: inside_interval")
-                    live_direct["cov"].append((int(hi_in) + int(lo_in)) / 2)  # numpy bools add as "or"
-                else:
-                    checks.check(r["resolved_at"] is None, f"{s} {t[i]} h={h}: resolved past the replay's end")
-            for r in s_rows:
-                i, h = index[r["candle_open_time"]], r["horizon"]
-                f = ens.forecast(feats[i][None, :], [s], [float(close[i])], [int(t[i])], h)[0]
-                checks.check(r["signal_type"] == f.signal_type and _close(r["confidence"], f.confidence),
-                             f"{s} {t[i]} h={h}: logged signal differs from Ensemble.forecast")
-                if i + h >= len(df):
-                    checks.check(r["resolved_at"] is None, f"{s} {t[i]} h={h}: signal resolved past the end")
-                    continue
-                if r["signal_type"] == "HOLD":
-                    checks.check(r["resolve_status"] == "not_traded", f"{s} {t[i]} h={h}: HOLD status")
-                    continue
-                w = slice(i + 1, i + h + 1)
-                out = _scalar_trade(r["signal_type"] == "BUY", r["entry_price"], r["take_profit"], r["stop_loss"],
-                                    high[w], low[w], close[w], fee, slip, borrow)
-                checks.check(r["outcome"] == out[0] and _close(r["exit_price"], out[1], 1e-12)
-                             and _close(r["pnl_percent"], out[2]) and _close(r["r_multiple"], out[3]),
-                             f"{s} {t[i]} h={h}: signal {r['outcome']} {r['exit_price']} vs {out[:2]}")
-                live_direct["traded"] += 1
-                live_direct["tp"] += out[0] == "tp"
-                live_direct["r"] += out[3]
-
-        time.sleep(2.0)  # the resolver refreshes its figures at most once a second
-        status = client.get("/models/status").json()
-        version = ens.versions["range_predictor"]
-        live = status.get("live", {}).get("models", {})
-        rp = live.get("range_predictor", {}).get(version, {}).get("all", {})
-        mm = live.get("meta_model", {}).get(ens.versions["meta_model"], {}).get("all", {})
-        n = len(live_direct["mae"])
-        checks.check(rp.get("n") == n, f"/models/status live n {rp.get('n')} vs {n} resolved predictions "
-                                       f"(live: {str(status.get('live'))[:1500]})")
-        checks.check(_close(rp.get("mae"), float(np.mean(live_direct["mae"])) if n else float("nan")),
-                     f"/models/status live MAE {rp.get('mae')}")
-        cov = float(np.mean(live_direct["cov"])) if n else float("nan")
-        checks.check(_close(rp.get("interval_coverage"), cov),
-                     f"/models/status interval coverage {rp.get('interval_coverage')} vs {cov}")
-        checks.check((mm.get("n") or 0) == live_direct["traded"],
-                     f"/models/status signals n {mm.get('n')} vs {live_direct['traded']} traded")
-        if live_direct["traded"]:
-            checks.check(_close(mm.get("hit_rate"), live_direct["tp"] / live_direct["traded"]), "hit rate")
-            checks.check(_close(mm.get("cumulative_r"), live_direct["r"], 1e-9, 1e-9), "cumulative R")
-        health = client.get("/health/detailed").json()["database"]["log"]
-        checks.check(health["writer"]["rows_dropped"] == 0 and health["writer"]["rows_rejected"] == 0,
-                     "rows dropped or rejected")
-        kinds = {k: sum(r["signal_type"] == k for r in sigs) for k in ("BUY", "SELL", "HOLD")}
-        print(f"signals by type: {kinds}; traded signals resolved and checked: {live_direct['traded']}")
-        print(f"logged: {len(preds)} prediction rows, {len(sigs)} signal rows ({n_forecasts} forecasts); "
-              f"resolved: {sum(r['resolved_at'] is not None for r in preds)} predictions, "
-              f"{sum(r['resolved_at'] is not None for r in sigs)} signals")
-        print(f"/models/status live (all): range_predictor {version}: n={rp.get('n')} MAE={rp.get('mae')} "
-              f"walk-forward MAE={rp.get('walk_forward_mae')} ratio={rp.get('mae_ratio')} "
-              f"coverage={rp.get('interval_coverage')}; meta_model: n={mm.get('n')} hit rate={mm.get('hit_rate')} "
-              f"cumulative R={mm.get('cumulative_r')}")
-        print(f"drift: {health['drift']}")
-        client.close()
+        _run(args, settings, tmp, pg, redis, checks, models_dir, ens)
     finally:
         if own_ray:  # only the cluster this script started (serve.shutdown would otherwise connect to one)
             try:
