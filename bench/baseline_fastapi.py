@@ -22,7 +22,6 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
@@ -30,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from configs.settings import Settings, load_settings  # noqa: E402
 from deployments.api import DatabaseProbe, create_app  # noqa: E402
-from deployments.cache import CacheUnavailable, RedisGateway, prediction_key  # noqa: E402
+from deployments.cache import CacheUnavailable, RedisGateway, make_entry, prediction_key  # noqa: E402
 from deployments.market_state import MarketState  # noqa: E402
 from deployments.feed import CandleEvent, FeedClock, find_gaps  # noqa: E402
 from deployments.prometheus import EngineMetrics  # noqa: E402
@@ -81,8 +80,9 @@ async def precompute(service: PredictionService, backend: LocalBackend, redis: R
     for symbol, st in service.market.symbols.items():
         row = st.row()
         for h in service.horizons:
-            f = (await backend.forecast([row], h))[0].to_dict()
-            items.append((prediction_key(symbol, h, row.open_time), json.dumps(f), 3600.0))
+            f = (await backend.forecast([row], h))[0]
+            items.append((prediction_key(symbol, h, row.open_time), make_entry(f, service.feature_hash, service.secret),
+                          3600.0))
     try:
         await redis.set_many(items)
     except CacheUnavailable:

@@ -42,9 +42,12 @@ class FixedBackend:
         from inference.forecast import Forecast
 
         r = rows[0]
-        return [Forecast(r.symbol, horizon, r.open_time, r.close, 0.004, -0.003, 0.001, 0.008, -0.007, -0.001,
-                         0.5, 0.4, (0.2, 0.5, 0.3), "HOLD", 0.5, r.close, r.close * 1.004, r.close * 0.997, None,
-                         {"range_predictor": "v1"})]
+        return [Forecast(symbol=r.symbol, horizon=horizon, candle_open_time=r.open_time, close=r.close,
+                         pred_high_pct=0.004, pred_low_pct=-0.003, high_lower=0.001, high_upper=0.008,
+                         low_lower=-0.007, low_upper=-0.001, p_tp_long=0.5, p_tp_short=0.4,
+                         signal_probs=(0.2, 0.5, 0.3), signal_type="HOLD", confidence=0.5, entry_price=r.close,
+                         take_profit=r.close * 1.004, stop_loss=r.close * 0.997, reason=None,
+                         model_versions={"range_predictor": "v1"})]
 
     async def models_status(self):
         return {"loaded": True, "versions": {}, "models": {}}

@@ -28,7 +28,6 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
 
 import asyncpg  # noqa: E402
 
@@ -40,22 +39,24 @@ from deployments.db.migrate import apply_migrations  # noqa: E402
 from deployments.db.rows import rows_from_forecast  # noqa: E402
 from deployments.db.insert import insert_rows  # noqa: E402
 from deployments.db.writer import LogWriter  # noqa: E402
+from inference.forecast import Forecast  # noqa: E402
 
 HORIZONS = (6, 18, 36, 72)
 SYMBOLS = ("BTCUSDT", "ETHUSDT")
 
 
-def forecasts(n_candles: int, version: str) -> list[SimpleNamespace]:
-    """What candle closes produce: every symbol x horizon per candle (Forecast's logged fields)."""
+def forecasts(n_candles: int, version: str) -> list[Forecast]:
+    """What candle closes produce: every symbol x horizon per candle."""
     out = []
     for c in range(n_candles):
         for s in SYMBOLS:
             for h in HORIZONS:
                 close = 40_000.0 + c
-                out.append(SimpleNamespace(
+                out.append(Forecast(
                     symbol=s, horizon=h, candle_open_time=1_700_000_000_000 + c * 300_000, close=close,
                     pred_high_pct=0.004, pred_low_pct=-0.003, high_lower=0.001, high_upper=0.009, low_lower=-0.008,
-                    low_upper=-0.0005, signal_type=("BUY", "SELL", "HOLD")[c % 3], confidence=0.61,
+                    low_upper=-0.0005, p_tp_long=0.55, p_tp_short=0.4, signal_probs=(0.2, 0.5, 0.3),
+                    signal_type=("BUY", "SELL", "HOLD")[c % 3], confidence=0.61,
                     entry_price=close, take_profit=close * 1.004, stop_loss=close * 0.997, reason=None,
                     model_versions={"range_predictor": version, "tpsl_classifier": version,
                                     "signal_classifier": version, "meta_model": version}))
@@ -323,8 +324,8 @@ def cached_request(settings, url: str, tmp: Path, n: int, rounds: int) -> None:
     plumbing = med["service"]["no-op hook"] - med["service"]["no log"]
     ours = med["service"]["with log"] - med["service"]["no-op hook"]
     print(f"  added to a cached HTTP request of {http * 1e6:.0f} us: logging in all {total * 1e6:+.1f} us = "
-          f"{100 * total / http:+.2f}% (goal < 1%), of which the serving hook's plumbing (Forecast from the "
-          f"cached dict + RequestRecord) {plumbing * 1e6:+.1f} us = {100 * plumbing / http:+.2f}% and the "
+          f"{100 * total / http:+.2f}% (goal < 1%), of which the serving hook's plumbing (RequestRecord "
+          f"and the hook call) {plumbing * 1e6:+.1f} us = {100 * plumbing / http:+.2f}% and the "
           f"PostgreSQL log itself {ours * 1e6:+.1f} us = {100 * ours / http:+.2f}%")
     print(f"  (the hook logged {st['rows_submitted']} rows for {2 * rounds * n + len(SYMBOLS) * len(HORIZONS)} "
           f"answers: a cached forecast served again is recognised, not re-logged; dropped {st['rows_dropped']})")

@@ -3,7 +3,6 @@ the in-process baseline of one candle close."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -115,7 +114,7 @@ def inprocess_pass(n: int, closes: int, models: str, redis, history: int = 1100)
     from configs.settings import load_settings
     from deployments.auth import deployment_secret
     from deployments.cache import make_entry, prediction_key, signal_channel
-    from deployments.render import signal_body
+    from deployments.render import signal_message
     from features.incremental import FeatureBuilder
     from features.indicators import feature_set_hash
     from inference.ensemble import Ensemble
@@ -150,9 +149,8 @@ def inprocess_pass(n: int, closes: int, models: str, redis, history: int = 1100)
         now = time.time()
         for h in horizons:
             for f in ens.forecast(X, symbols, closes_, times, h):
-                d = f.to_dict()
-                pipe.set(prediction_key(f.symbol, f.horizon, f.candle_open_time), make_entry(d, fhash, secret), px=300_000)
-                pipe.publish(signal_channel(f.symbol), json.dumps({**signal_body(d), "published_at": now}))
+                pipe.set(prediction_key(f.symbol, f.horizon, f.candle_open_time), make_entry(f, fhash, secret), px=300_000)
+                pipe.publish(signal_channel(f.symbol), signal_message(f, now))
         pipe.execute()
         walls.append(time.perf_counter() - t0)
     cpu = time.process_time() - cpu0 + redis_cpu_s(redis.proc.pid) - r0

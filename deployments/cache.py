@@ -28,17 +28,17 @@ import hashlib
 import hmac
 import json
 import logging
-import math
 import time
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from configs.settings import redact_url, scrub
+from inference.forecast import Forecast
 
 log = logging.getLogger(__name__)
 
@@ -185,83 +185,67 @@ class RedisGateway:
 RejectReason = Literal["unreadable", "signature", "schema", "identity", "feature_set", "model_versions"]
 
 
-class CacheEntry(BaseModel):
-    """A ``prediction:*`` value: ``Forecast.to_dict()`` plus what it was made with and its signature
-    (tests/test_hardening_state.py keeps its fields equal to Forecast's)."""
+class CacheEntry(Forecast):
+    """A ``prediction:*`` value: the :class:`~inference.forecast.Forecast` JSON plus what it was made
+    with and its signature (the fields are Forecast's, so the two cannot drift apart). Stricter than
+    a Forecast where serving needs it: a forecast without a positive close is never served from here."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    symbol: str
-    horizon: int
-    candle_open_time: int
-    close: float = Field(gt=0, allow_inf_nan=False)
-    pred_high_pct: Optional[float] = Field(allow_inf_nan=False)
-    pred_low_pct: Optional[float] = Field(allow_inf_nan=False)
-    high_lower: Optional[float] = Field(allow_inf_nan=False)
-    high_upper: Optional[float] = Field(allow_inf_nan=False)
-    low_lower: Optional[float] = Field(allow_inf_nan=False)
-    low_upper: Optional[float] = Field(allow_inf_nan=False)
-    p_tp_long: Optional[float] = Field(allow_inf_nan=False)
-    p_tp_short: Optional[float] = Field(allow_inf_nan=False)
-    signal_probs: list[Optional[float]] = Field(min_length=3, max_length=3)
-    signal_type: Literal["BUY", "SELL", "HOLD"]
-    confidence: Optional[float] = Field(ge=0, le=1, allow_inf_nan=False)
-    entry_price: Optional[float] = Field(allow_inf_nan=False)
-    take_profit: Optional[float] = Field(allow_inf_nan=False)
-    stop_loss: Optional[float] = Field(allow_inf_nan=False)
-    reason: Optional[str]
-    model_versions: dict[str, str]
-    reason_detail: Optional[str] = None
-    pred_high_mean_pct: Optional[float] = Field(default=None, allow_inf_nan=False)
-    pred_low_mean_pct: Optional[float] = Field(default=None, allow_inf_nan=False)
-    expected_r: Optional[float] = Field(default=None, allow_inf_nan=False)
-    cost_r: Optional[float] = Field(default=None, allow_inf_nan=False)
-    p_win: Optional[float] = Field(default=None, ge=0, le=1, allow_inf_nan=False)
-    fee_profile: Optional[str] = None
+    close: Annotated[float, Field(gt=0, allow_inf_nan=False)]
     feature_set_hash: str
     sig: str
 
-    @field_validator("signal_probs")
-    @classmethod
-    def _probs(cls, v: list[Optional[float]]) -> list[Optional[float]]:
-        if any(p is not None and not (math.isfinite(p) and 0 <= p <= 1) for p in v):
-            raise ValueError("probabilities must be in [0, 1]")
-        return v
+    def forecast(self) -> Forecast:
+        """The entry without its provenance (fields already validated)."""
+        values = {k: v for k, v in self.__dict__.items() if k not in _PROVENANCE}
+        return Forecast.model_construct(**values)
 
 
-def _signature(body: dict[str, Any], secret: bytes) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hmac.new(secret, canonical.encode(), hashlib.sha256).hexdigest()
+_PROVENANCE = frozenset({"feature_set_hash", "sig"})
+# The signature closes the value: ``{…forecast…,"feature_set_hash":"…","sig":"<64 hex>"}``. It is the
+# HMAC of the exact bytes before it (closed with ``}``), so verifying needs neither a parse nor a
+# canonical re-serialisation; re-encoding an entry in any way breaks it.
+_SIG_OPEN, _SIG_LEN = b',"sig":"', 64
+_SIG_TAIL = len(_SIG_OPEN) + _SIG_LEN + 2
 
 
-def make_entry(forecast: dict[str, Any], feature_set_hash: str, secret: bytes) -> str:
-    """The Redis value of a forecast (``Forecast.to_dict()``): tagged and signed."""
-    body = {**forecast, "feature_set_hash": feature_set_hash}
-    return json.dumps({**body, "sig": _signature(body, secret)}, allow_nan=False)
+def _signature(body: bytes, secret: bytes) -> str:
+    return hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def sign_entry(body: bytes, feature_set_hash: str, secret: bytes) -> bytes:
+    """A JSON object's bytes, tagged with the feature set and signed (see ``_SIG_OPEN``)."""
+    tagged = b"%s,\"feature_set_hash\":%s}" % (body.rstrip()[:-1], json.dumps(feature_set_hash).encode())
+    return b"%s%s%s\"}" % (tagged[:-1], _SIG_OPEN, _signature(tagged, secret).encode())
+
+
+def make_entry(forecast: Forecast, feature_set_hash: str, secret: bytes) -> bytes:
+    """The Redis value of a forecast (its JSON, ``Forecast.to_json``): tagged and signed."""
+    return sign_entry(forecast.to_json(), feature_set_hash, secret)
+
+
+def _signed_body(raw: bytes) -> tuple[bytes, bytes] | None:
+    """``(signed bytes, signature)`` of a value shaped like :func:`sign_entry`'s, else None."""
+    if len(raw) <= _SIG_TAIL or raw[-_SIG_TAIL:-_SIG_TAIL + len(_SIG_OPEN)] != _SIG_OPEN or not raw.endswith(b'"}'):
+        return None
+    return raw[:-_SIG_TAIL] + b"}", raw[-_SIG_LEN - 2:-2]
 
 
 def read_entry(raw: bytes | str, *, symbol: str, horizon: int, candle_open_time: int,
                model_versions: dict[str, str], feature_set_hash: str,
-               secret: bytes) -> tuple[dict[str, Any] | None, RejectReason | None]:
+               secret: bytes) -> tuple[Forecast | None, RejectReason | None]:
     """``(forecast, None)`` for an entry this engine may serve for that key, else ``(None, reason)``.
 
     ``model_versions`` is the model set the market snapshot says the candle was published with;
     an entry of any other set (or of none) is stale."""
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None, "unreadable"
-    if not isinstance(data, dict) or not isinstance(data.get("sig"), str):
-        return None, "signature"
-    body = {k: v for k, v in data.items() if k != "sig"}
-    try:
-        expected = _signature(body, secret)
-    except (TypeError, ValueError):  # NaN, Infinity or a non-JSON value: nothing this engine signed
-        return None, "signature"
-    if not hmac.compare_digest(expected, data["sig"]):
+    raw = raw.encode() if isinstance(raw, str) else bytes(raw)
+    signed = _signed_body(raw)
+    if signed is None:
+        return None, "signature" if _is_json_object(raw) else "unreadable"
+    body, sig = signed
+    if not hmac.compare_digest(_signature(body, secret).encode(), sig):
         return None, "signature"
     try:
-        entry = CacheEntry.model_validate(data)
+        entry = CacheEntry.model_validate_json(raw)
     except ValidationError:
         return None, "schema"
     if (entry.symbol, entry.horizon, entry.candle_open_time) != (symbol, horizon, candle_open_time):
@@ -270,4 +254,11 @@ def read_entry(raw: bytes | str, *, symbol: str, horizon: int, candle_open_time:
         return None, "feature_set"
     if not model_versions or entry.model_versions != model_versions:
         return None, "model_versions"
-    return entry.model_dump(exclude={"feature_set_hash", "sig"}), None
+    return entry.forecast(), None
+
+
+def _is_json_object(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), dict)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False

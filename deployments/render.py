@@ -1,8 +1,14 @@
 """What a forecast looks like on the wire: /predictions and /signals bodies and pub/sub messages.
 
-Pure functions of ``Forecast.to_dict()`` (the form cached in Redis), shared by the API and the
-candle-close publisher so a subscriber and a caller see the same fields. Prices are absolute,
-``*_pct`` fields are percent of the candle's close (0.4 = +0.4%).
+Pure functions of a :class:`~inference.forecast.Forecast` (the object cached in Redis), shared by
+the API and the candle-close publisher so a subscriber and a caller see the same fields. Prices are
+absolute, ``*_pct`` fields are percent of the candle's close (0.4 = +0.4%).
+
+The bodies' fields are the response models' (``ml_engine_client.models``, the schema of
+docs/openapi.json): a signal takes every field :class:`SignalBody` shares with the forecast by name,
+as the forecast's JSON has it, and derives the rest (:data:`SIGNAL_DERIVED`); a prediction is all
+derived (prices and percent from the forecast's fractions). tests/test_forecast_contract.py keeps
+both equal to the models.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from typing import Any
 from deployments.state import iso_time
 from configs.errors import FeatureError
 from features.indicators import FEATURE_GROUPS, feature_group
+from inference.forecast import Forecast
+from ml_engine_client.models import SignalBody
 
 GROUP_TITLES = {
     "volatility": "Volatility (ATR, realised and range-based volatility)",
@@ -25,84 +33,78 @@ GROUP_TITLES = {
     "data_quality": "Data quality (candles bridging a short gap among the last day's)",
 }
 
+# The signal body's fields that are the forecast's own, and those derived from it.
+SIGNAL_FROM_FORECAST: frozenset[str] = frozenset(SignalBody.model_fields) & frozenset(Forecast.model_fields)
+SIGNAL_DERIVED: tuple[str, ...] = ("horizon_minutes", "probabilities", "candle_time")
+_SIGNAL_ORDER = tuple(SignalBody.model_fields)
+_SIGNAL_DUMP = SIGNAL_FROM_FORECAST | {"signal_probs"}  # the source of ``probabilities``
+# What a prediction needs defined (finite), or there is no prediction to give.
+_RANGE_FIELDS = ("pred_high_pct", "pred_low_pct", "high_lower", "high_upper", "low_lower", "low_upper")
+
 
 def _pct(frac: float) -> float:
     return frac * 100.0
 
 
-def _means(f: dict[str, Any], price) -> dict[str, Any]:
+def _means(f: Forecast, price) -> dict[str, Any]:
     """The mean forecasts as prices and percent (None when the model set has none)."""
     out: dict[str, Any] = {}
     for side in ("high", "low"):
-        v = f.get(f"pred_{side}_mean_pct")
-        ok = v is not None and math.isfinite(v)
+        v = getattr(f, f"pred_{side}_mean_pct")
+        ok = math.isfinite(v)
         out[f"predicted_{side}_mean"] = price(v) if ok else None
         out[f"predicted_{side}_mean_pct"] = _pct(v) if ok else None
     return out
 
 
-def prediction_body(f: dict[str, Any], coverage: float) -> dict[str, Any]:
+def prediction_body(f: Forecast, coverage: float) -> dict[str, Any]:
     """The /predictions answer for one forecast; FeatureError (503) when the range is undefined."""
-    needed = ("pred_high_pct", "pred_low_pct", "high_lower", "high_upper", "low_lower", "low_upper")
-    if any(f.get(k) is None for k in needed) or not f.get("close"):
-        raise FeatureError(f"no prediction for {f['symbol']} at candle {iso_time(f['candle_open_time'])}: "
-                           f"{f.get('reason_detail') or f.get('reason') or 'model output undefined'}")
-    close = float(f["close"])
+    close = f.close
+    if not all(math.isfinite(getattr(f, k)) for k in _RANGE_FIELDS) or not (math.isfinite(close) and close):
+        raise FeatureError(f"no prediction for {f.symbol} at candle {iso_time(f.candle_open_time)}: "
+                           f"{f.reason_detail or f.reason or 'model output undefined'}")
 
     def price(frac: float) -> float:
         return close * (1.0 + frac)
 
-    versions = f.get("model_versions") or {}
+    versions = f.model_versions
     return {
-        "symbol": f["symbol"],
-        "horizon": f["horizon"],
-        "horizon_minutes": f["horizon"] * 5,
-        "candle_open_time": f["candle_open_time"],
-        "candle_time": iso_time(f["candle_open_time"]),
+        "symbol": f.symbol,
+        "horizon": f.horizon,
+        "horizon_minutes": f.horizon * 5,
+        "candle_open_time": f.candle_open_time,
+        "candle_time": iso_time(f.candle_open_time),
         "close": close,
-        "predicted_high": price(f["pred_high_pct"]),
-        "predicted_high_pct": _pct(f["pred_high_pct"]),
-        "predicted_low": price(f["pred_low_pct"]),
-        "predicted_low_pct": _pct(f["pred_low_pct"]),
+        "predicted_high": price(f.pred_high_pct),
+        "predicted_high_pct": _pct(f.pred_high_pct),
+        "predicted_low": price(f.pred_low_pct),
+        "predicted_low_pct": _pct(f.pred_low_pct),
         **_means(f, price),
         "interval": {
             "coverage": coverage,
-            "high": {"lower": price(f["high_lower"]), "upper": price(f["high_upper"]),
-                     "lower_pct": _pct(f["high_lower"]), "upper_pct": _pct(f["high_upper"])},
-            "low": {"lower": price(f["low_lower"]), "upper": price(f["low_upper"]),
-                    "lower_pct": _pct(f["low_lower"]), "upper_pct": _pct(f["low_upper"])},
+            "high": {"lower": price(f.high_lower), "upper": price(f.high_upper),
+                     "lower_pct": _pct(f.high_lower), "upper_pct": _pct(f.high_upper)},
+            "low": {"lower": price(f.low_lower), "upper": price(f.low_upper),
+                    "lower_pct": _pct(f.low_lower), "upper_pct": _pct(f.low_upper)},
         },
         "model_version": versions.get("range_predictor"),
-        "model_versions": versions,
+        "model_versions": dict(versions),
     }
 
 
-def signal_body(f: dict[str, Any]) -> dict[str, Any]:
-    """The /signals answer (and the ``signals:{symbol}`` message) for one forecast."""
-    probs = f.get("signal_probs") or [None, None, None]
-    return {
-        "symbol": f["symbol"],
-        "horizon": f["horizon"],
-        "horizon_minutes": f["horizon"] * 5,
-        "signal_type": f["signal_type"],
-        "confidence": f["confidence"],
-        "entry_price": f.get("entry_price"),
-        "take_profit": f.get("take_profit"),
-        "stop_loss": f.get("stop_loss"),
-        "reason": f.get("reason"),
-        "reason_detail": f.get("reason_detail"),
-        "probabilities": {"SELL": probs[0], "HOLD": probs[1], "BUY": probs[2]},
-        "p_tp_long": f.get("p_tp_long"),
-        "p_tp_short": f.get("p_tp_short"),
-        "expected_r": f.get("expected_r"),
-        "cost_r": f.get("cost_r"),
-        "p_win": f.get("p_win"),
-        "fee_profile": f.get("fee_profile"),
-        "close": f["close"],
-        "candle_open_time": f["candle_open_time"],
-        "candle_time": iso_time(f["candle_open_time"]),
-        "model_versions": f.get("model_versions") or {},
-    }
+def signal_body(f: Forecast) -> dict[str, Any]:
+    """The /signals answer (and the ``signals:{symbol}`` message) for one forecast: the forecast's
+    own fields as its JSON has them (undefined numbers null), then the derived ones."""
+    own = f.model_dump(mode="json", include=_SIGNAL_DUMP)
+    sell, hold, buy = own.pop("signal_probs")
+    own.update(horizon_minutes=f.horizon * 5, probabilities={"SELL": sell, "HOLD": hold, "BUY": buy},
+               candle_time=iso_time(f.candle_open_time))
+    return {k: own[k] for k in _SIGNAL_ORDER}
+
+
+def signal_message(f: Forecast, published_at: float) -> bytes:
+    """One ``signals:{symbol}`` message (``SignalMessage``): the signal body and when it was published."""
+    return b"%s,\"published_at\":%s}" % (body_prefix(signal_body(f)), repr(float(published_at)).encode())
 
 
 def body_prefix(body: dict[str, Any]) -> bytes:

@@ -28,7 +28,6 @@ without one serves the newest older complete set that loads. ``fallback`` in /mo
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any, Sequence
@@ -44,7 +43,7 @@ from deployments.hooks import load_serving_log
 from deployments.prometheus import EngineMetrics
 from deployments.model_pools import ModelSets, fallback_sets
 from deployments.pool_forecast import BatchedForecasts, PoolHandles, forecast_through
-from deployments.render import describe_models, signal_body
+from deployments.render import describe_models, signal_message
 from deployments.sharding import shard_of
 from deployments.state import FeatureRow
 from deployments.tunables import ROUTER_TUNABLES, apply_tunables, replica_identity
@@ -234,11 +233,10 @@ class EnsembleRouter(CandleClose):
         items, messages = [], []
         now = time.time()
         for f in forecasts:
-            d = f.to_dict()
             items.append((prediction_key(f.symbol, f.horizon, f.candle_open_time),
-                          make_entry(d, self.feature_hash, self.secret), self._ttl(ttl_s.get(f.symbol))))
+                          make_entry(f, self.feature_hash, self.secret), self._ttl(ttl_s.get(f.symbol))))
             if publish:
-                messages.append((signal_channel(f.symbol), json.dumps({**signal_body(d), "published_at": now})))
+                messages.append((signal_channel(f.symbol), signal_message(f, now)))
         try:
             await self.redis.set_many(items, messages)
         except CacheUnavailable as exc:

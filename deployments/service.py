@@ -50,6 +50,7 @@ from deployments.state import FeatureRow, MarketSnapshot, SymbolState, iso_time
 from features.candles import FIVE_MINUTES_MS
 from configs.errors import FeatureError, MarketDataError, MLEngineError, PredictionError
 from features.indicators import feature_names, feature_set_hash
+from inference.forecast import Forecast
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +60,11 @@ Endpoint = Literal["predictions", "signals"]
 class Backend(Protocol):
     """How the service computes forecasts and learns about models and the runtime."""
 
-    async def forecast(self, rows: Sequence[FeatureRow], horizon: int) -> list[Any]: ...
+    async def forecast(self, rows: Sequence[FeatureRow], horizon: int) -> list[Forecast]: ...
 
     async def models_status(self) -> dict[str, Any]: ...
 
     async def runtime_status(self) -> dict[str, Any]: ...
-
-
-def forecast_from_dict(d: dict[str, Any]):
-    """A ``inference.ensemble.Forecast`` from its ``to_dict()`` (None -> NaN), for the log hook."""
-    from inference.forecast import Forecast
-
-    nan = float("nan")
-    fields = dict(d)
-    for k in ("close", "pred_high_pct", "pred_low_pct", "high_lower", "high_upper", "low_lower", "low_upper",
-              "p_tp_long", "p_tp_short", "confidence", "entry_price", "pred_high_mean_pct", "pred_low_mean_pct",
-              "expected_r", "cost_r", "p_win"):
-        if fields.get(k) is None:
-            fields[k] = nan
-    fields["signal_probs"] = tuple(nan if p is None else p for p in (d.get("signal_probs") or (None,) * 3))
-    return Forecast(**fields)
 
 
 class PredictionService:
@@ -107,9 +93,8 @@ class PredictionService:
         self.auth_failures = RateLimiter(settings.auth_failures_per_minute, redis, prefix="authfail")
         self.market = MarketSnapshot.empty(self.symbols)
         self.started_at = time.time()
-        # (endpoint, symbol, horizon) -> (candle_open_time, rendered prefix, forecast dict)
-        # (endpoint, symbol, horizon) -> (candle, rendered body prefix, forecast dict, its Forecast for the log)
-        self._local: dict[tuple[str, str, int], tuple[int, bytes, dict[str, Any], Any]] = {}
+        # (endpoint, symbol, horizon) -> (candle, rendered body prefix, the Forecast it renders, for the log)
+        self._local: dict[tuple[str, str, int], tuple[int, bytes, Forecast]] = {}
         self._inflight: dict[tuple[str, int, int], asyncio.Task] = {}
 
     def set_rate_limit(self, per_minute: int) -> None:
@@ -169,7 +154,8 @@ class PredictionService:
         """The JSON body for /predictions or /signals (raises engine errors -> 4xx/5xx JSON)."""
         t0 = time.perf_counter()
         arrived = time.time()
-        status, source, forecast, open_time, obj = 500, "cache", None, None, None
+        status, source, open_time = 500, "cache", None
+        served: Forecast | None = None  # what the answer rendered: the log hook's forecast
         try:
             st, age = self.current(symbol)
             open_time = st.open_time
@@ -177,7 +163,7 @@ class PredictionService:
             entry = None if fresh else self._local.get(key)
             if entry is not None and entry[0] == open_time:
                 self.metrics.cache_hit("local")
-                prefix, forecast, obj = entry[1], entry[2], entry[3]
+                prefix, served = entry[1], entry[2]
             else:
                 if not fresh:
                     self.metrics.cache_miss("local")
@@ -187,10 +173,9 @@ class PredictionService:
                     forecast = await self._compute(st, horizon, fresh)
                 prefix = body_prefix(prediction_body(forecast, self.coverage) if endpoint == "predictions"
                                      else signal_body(forecast))
-                # The log hook's Forecast is built once per rendered answer, not per request.
-                obj = forecast_from_dict(forecast) if self._log_enabled else None
+                served = forecast
                 if self.market.symbols.get(symbol) is st:  # the candle did not move on meanwhile
-                    self._local[key] = (open_time, prefix, forecast, obj)
+                    self._local[key] = (open_time, prefix, forecast)
             body = finish(prefix, source == "cache", age)
             status = 200
             self.metrics.prediction_served(symbol, horizon, endpoint, source, time.perf_counter() - t0)
@@ -208,27 +193,29 @@ class PredictionService:
         finally:
             if self._log_enabled:
                 self._log_request(arrived, endpoint, kid, symbol, horizon, status, time.perf_counter() - t0, source,
-                                  open_time, obj)
+                                  open_time, served)
 
     def _forced_hold(self, symbol: str, horizon: int, exc: MLEngineError) -> bytes:
         """The /signals answer while data is missing: HOLD, confidence 0, no trade, the error code as reason."""
         st = self.market.symbols.get(symbol) or SymbolState(symbol)
-        f = {"symbol": symbol, "horizon": horizon, "signal_type": "HOLD", "confidence": 0.0, "entry_price": None,
-             "take_profit": None, "stop_loss": None, "reason": status_for(exc)[1], "reason_detail": str(exc),
-             "signal_probs": None, "p_tp_long": None, "p_tp_short": None, "close": st.close,
-             "expected_r": None, "cost_r": None, "p_win": None, "fee_profile": self.settings.fee_profile,
-             "candle_open_time": st.open_time, "model_versions": st.model_versions}
+        nan = float("nan")
+        f = Forecast.model_construct(
+            symbol=symbol, horizon=horizon, candle_open_time=st.open_time, close=nan if st.close is None else st.close,
+            pred_high_pct=nan, pred_low_pct=nan, high_lower=nan, high_upper=nan, low_lower=nan, low_upper=nan,
+            p_tp_long=nan, p_tp_short=nan, signal_probs=(nan, nan, nan), signal_type="HOLD", confidence=0.0,
+            entry_price=nan, take_profit=None, stop_loss=None, reason=status_for(exc)[1], reason_detail=str(exc),
+            model_versions=dict(st.model_versions or {}), fee_profile=self.settings.fee_profile)
         return finish(body_prefix(signal_body(f)), False, st.data_age_s() or 0.0)
 
     def _log_request(self, arrived: float, endpoint: str, kid: str, symbol: str, horizon: int, status: int,
-                     latency: float, source: str, open_time: int | None, forecast: Any | None) -> None:
+                     latency: float, source: str, open_time: int | None, forecast: Forecast | None) -> None:
         try:
             self.log.request_served(RequestRecord(arrived, f"/{endpoint}", kid, symbol, horizon, status, latency,
                                                   source, open_time), forecast)
         except Exception:  # the log must never break an answer
             log.exception("serving log hook failed")
 
-    async def _from_redis(self, st: SymbolState, horizon: int) -> dict[str, Any] | None:
+    async def _from_redis(self, st: SymbolState, horizon: int) -> Forecast | None:
         """The Redis entry, or None -- a ``redis`` miss however it came about (none, down, refused)."""
         forecast = await self._redis_entry(st, horizon)
         if forecast is None:
@@ -237,7 +224,7 @@ class PredictionService:
             self.metrics.cache_hit("redis")
         return forecast
 
-    async def _redis_entry(self, st: SymbolState, horizon: int) -> dict[str, Any] | None:
+    async def _redis_entry(self, st: SymbolState, horizon: int) -> Forecast | None:
         if self.redis is None or st.open_time is None:
             return None
         key = prediction_key(st.symbol, horizon, st.open_time)
@@ -256,7 +243,7 @@ class PredictionService:
             return None
         return forecast
 
-    async def _compute(self, st: SymbolState, horizon: int, fresh: bool) -> dict[str, Any]:
+    async def _compute(self, st: SymbolState, horizon: int, fresh: bool) -> Forecast:
         row = st.row()
         if row is None:
             raise FeatureError(f"{st.symbol}: {st.feature_reason or 'features are not available yet'}")
@@ -269,7 +256,7 @@ class PredictionService:
                 task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))
         return await asyncio.shield(task)
 
-    async def _compute_and_cache(self, st: SymbolState, row: FeatureRow, horizon: int) -> dict[str, Any]:
+    async def _compute_and_cache(self, st: SymbolState, row: FeatureRow, horizon: int) -> Forecast:
         timeout = self.settings.handle_timeout_s
         try:
             forecasts = await asyncio.wait_for(self.backend.forecast([row], horizon), timeout)
@@ -284,7 +271,7 @@ class PredictionService:
                 raise cause from None
             log.warning("forecast through the graph failed: %s", exc)
             raise PredictionError(f"the model graph could not answer ({type(exc).__name__}); retry shortly") from None
-        forecast = forecasts[0].to_dict()
+        forecast = forecasts[0]
         if self.redis is not None:
             try:
                 await self.redis.set_many([(prediction_key(row.symbol, horizon, row.open_time),

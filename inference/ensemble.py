@@ -53,7 +53,7 @@ from features.barriers import barrier_distances, barrier_sigma
 from features.costs import Costs, round_trip_cost
 from configs.errors import ModelLoadError, PredictionError
 from features.indicators import feature_names, feature_set_hash
-from inference.forecast import FORCED_HOLD_REASONS, Forecast
+from inference.forecast import FORCED_HOLD_REASONS, FORECAST_FIELDS, Forecast
 from inference.layout import BASE_MODELS, META_MODEL, MODEL_NAMES, MODELS, RANGE_OUTPUTS, expected_boosters
 from inference.registry import LoadedModel, ModelRegistry
 from inference.stage import StageModel
@@ -311,19 +311,16 @@ class Ensemble:
         horizon = int(horizon)
         versions = self.versions
         lists = {k: v.tolist() for k, v in c.items()}  # Python floats/ints/strs, once per column
-        forecasts: list[Forecast] = []
-        for i in range(len(lists["symbol"])):
-            ok = lists["reason"][i] not in _FORCED
-            forecasts.append(Forecast(
-                lists["symbol"][i], horizon, lists["candle_open_time"][i], lists["close"][i],
-                lists["pred_high_pct"][i], lists["pred_low_pct"][i], lists["high_lower"][i],
-                lists["high_upper"][i], lists["low_lower"][i], lists["low_upper"][i], lists["p_tp_long"][i],
-                lists["p_tp_short"][i], tuple(lists["signal_probs"][i]), lists["signal_type"][i],
-                lists["confidence"][i], lists["entry_price"][i], lists["take_profit"][i] if ok else None,
-                lists["stop_loss"][i] if ok else None, lists["reason"][i], dict(versions),
-                lists["reason_detail"][i], lists["pred_high_mean_pct"][i], lists["pred_low_mean_pct"][i],
-                lists["expected_r"][i], lists["cost_r"][i], lists["p_win"][i],
-                lists["fee_profile"][i]))
+        lists["take_profit"] = [tp if r not in _FORCED else None for tp, r in zip(lists["take_profit"], lists["reason"])]
+        lists["stop_loss"] = [sl if r not in _FORCED else None for sl, r in zip(lists["stop_loss"], lists["reason"])]
+        lists["signal_probs"] = [tuple(p) for p in lists["signal_probs"]]
+        names = [k for k in FORECAST_FIELDS if k in lists]
+        # Built without re-validation: every value comes from the columns above, of the field's type
+        # (tests/test_forecast_contract.py validates composed forecasts against the model).
+        construct = Forecast.model_construct
+        forecasts: list[Forecast] = [
+            construct(horizon=horizon, model_versions=dict(versions), **dict(zip(names, values)))
+            for values in zip(*(lists[k] for k in names))]
         return forecasts
 
     def forecast(self, features: np.ndarray, symbols: Sequence[str], closes: Sequence[float],

@@ -1,13 +1,19 @@
 """What the engine answers: the :class:`Forecast` of one symbol, candle and horizon, and the codes
 of why a forecast is HOLD. Kept apart from the inference code (``inference.ensemble``, which
 re-exports them) so the serving layer and the logs can name the contract without the models.
+
+One type from the ensemble to every reader: the router writes ``Forecast`` JSON to Redis
+(``deployments.cache``), the ingress parses it back into a ``Forecast``, renders the HTTP bodies
+and the ``signals:{symbol}`` message from it (``deployments.render``) and hands the same object
+to the log rows (``deployments.db.rows``). There is no second list of its fields to keep in step.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Literal, Optional
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, WithJsonSchema
 
 # Why a forecast is HOLD (the ``reason`` field; None for a BUY or SELL). Forced HOLDs have no
 # forecast (NaN ranges, confidence 0, no trade); the serving layer adds ``market_data_gap`` and
@@ -27,51 +33,81 @@ FORCED_HOLD_REASONS: tuple[str, ...] = ("features_unavailable", "unknown_symbol"
 MODEL_HOLD_REASONS: tuple[str, ...] = ("edge_below_costs", "low_confidence")
 HOLD_REASONS: tuple[str, ...] = FORCED_HOLD_REASONS + MODEL_HOLD_REASONS
 
+NAN = float("nan")
 
 
-@dataclass(frozen=True)
-class Forecast:
-    """One prediction for one symbol, candle and horizon (JSON-ready via :meth:`to_dict`)."""
+def _null_is_nan(v: object) -> object:
+    return NAN if v is None else v
+
+
+def _nan_is_null(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def _probability(v: float) -> float:
+    if math.isfinite(v) and not 0.0 <= v <= 1.0:
+        raise ValueError("a probability must be in [0, 1] (or undefined)")
+    return v
+
+
+# The one place NaN meets JSON: inside the engine an undefined number is NaN (vectorised code, the
+# backtests' columns); in JSON (Redis, model_dump(mode="json"), what the views render) it is null,
+# and null parses back to NaN. Infinity is undefined too (null on the wire).
+_NAN_SCHEMA = WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "null"}]})
+Number = Annotated[float, BeforeValidator(_null_is_nan), PlainSerializer(_nan_is_null, when_used="json"),
+                   _NAN_SCHEMA]
+Probability = Annotated[float, BeforeValidator(_null_is_nan), AfterValidator(_probability),
+                        PlainSerializer(_nan_is_null, when_used="json"), _NAN_SCHEMA]
+SignalType = Literal["BUY", "SELL", "HOLD"]
+
+
+class Forecast(BaseModel):
+    """One prediction for one symbol, candle and horizon: the Redis JSON, the source of the HTTP
+    bodies and of the log rows. Frozen: one object is cached, served and logged.
+
+    Prices are absolute; ``*_pct`` fields are fractions of ``close`` (0.004 = +0.4 %). Undefined
+    numbers are NaN here and null in JSON (:data:`Number`); ``take_profit``/``stop_loss`` are None
+    for a forced HOLD (no trade).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     symbol: str
     horizon: int
     candle_open_time: int
-    close: float
-    pred_high_pct: float
-    pred_low_pct: float
-    high_lower: float
-    high_upper: float
-    low_lower: float
-    low_upper: float
-    p_tp_long: float
-    p_tp_short: float
-    signal_probs: tuple[float, float, float]
-    signal_type: str
-    confidence: float
-    entry_price: float
-    take_profit: float | None
-    stop_loss: float | None
-    reason: str | None = None
-    model_versions: dict[str, str] = field(default_factory=dict)
-    reason_detail: str | None = None
+    close: Number
+    pred_high_pct: Number
+    pred_low_pct: Number
+    high_lower: Number
+    high_upper: Number
+    low_lower: Number
+    low_upper: Number
+    p_tp_long: Probability
+    p_tp_short: Probability
+    signal_probs: tuple[Probability, Probability, Probability] = Field(description="SELL, HOLD, BUY")
+    signal_type: SignalType
+    confidence: Probability
+    entry_price: Number
+    take_profit: Optional[Number]
+    stop_loss: Optional[Number]
+    reason: Optional[str] = None
+    model_versions: dict[str, str] = Field(default_factory=dict)
+    reason_detail: Optional[str] = None
     # Mean forecasts (squared-error boosters): the point forecast R² rewards. The median
     # (``pred_*_pct``) is what MAE rewards and what a trader's "typical" move is; NaN when the model
     # set has no mean boosters.
-    pred_high_mean_pct: float = float("nan")
-    pred_low_mean_pct: float = float("nan")
+    pred_high_mean_pct: Number = NAN
+    pred_low_mean_pct: Number = NAN
     # The trade's economics (issue 15): expected net R after the fee profile's costs, the round trip
     # in units of the stop distance, the calibrated P(net R > 0) of the proposed side, the profile.
-    expected_r: float = float("nan")
-    cost_r: float = float("nan")
-    p_win: float = float("nan")
-    fee_profile: str | None = None
+    expected_r: Number = NAN
+    cost_r: Number = NAN
+    p_win: Probability = NAN
+    fee_profile: Optional[str] = None
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types; NaN becomes ``None`` (JSON has no NaN)."""
-        d = asdict(self)
-        d["signal_probs"] = list(self.signal_probs)
-        for k, v in d.items():
-            if isinstance(v, float) and not math.isfinite(v):
-                d[k] = None
-        d["signal_probs"] = [None if not math.isfinite(p) else p for p in self.signal_probs]
-        return d
+    def to_json(self) -> bytes:
+        """The JSON of this forecast (what Redis holds; :meth:`model_validate_json` reads it back)."""
+        return self.__pydantic_serializer__.to_json(self)
+
+
+FORECAST_FIELDS: tuple[str, ...] = tuple(Forecast.model_fields)

@@ -43,9 +43,11 @@ def forecast_for(row, horizon: int, versions: dict[str, str] = VERSIONS, shift: 
     from inference.forecast import Forecast
 
     close = float(row.close)
-    return Forecast(row.symbol, horizon, int(row.open_time), close, 0.004 + shift, -0.003 + shift, 0.001, 0.008,
-                    -0.007, -0.001, 0.55, 0.4, (0.2, 0.5, 0.3), "HOLD", 0.5, close, close * 1.004, close * 0.997,
-                    None, dict(versions))
+    return Forecast(symbol=row.symbol, horizon=horizon, candle_open_time=int(row.open_time), close=close,
+                    pred_high_pct=0.004 + shift, pred_low_pct=-0.003 + shift, high_lower=0.001, high_upper=0.008,
+                    low_lower=-0.007, low_upper=-0.001, p_tp_long=0.55, p_tp_short=0.4, signal_probs=(0.2, 0.5, 0.3),
+                    signal_type="HOLD", confidence=0.5, entry_price=close, take_profit=close * 1.004,
+                    stop_loss=close * 0.997, reason=None, model_versions=dict(versions))
 
 
 class StubBackend:

@@ -15,7 +15,6 @@ import math
 import time
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import asyncpg
 import numpy as np
@@ -34,8 +33,10 @@ from features.candles import FIVE_MINUTES_MS
 from features.barriers import barrier_distances
 from features.costs import Costs, round_trip_cost
 from features.labels import SL, TP, build_labels, naive_sigma
+from inference.forecast import Forecast
 from tests.conftest import free_port
 from scripts.lab.services import fresh_database
+from tests.forecast_util import make_forecast
 
 H = (6, 18, 36, 72)
 FEE = 0.001
@@ -169,8 +170,8 @@ def test_resolver_with_postgres_down_resolves_nothing_and_says_so():
 
 
 # ---- end to end: writer -> PostgreSQL -> resolver actor on replayed candles ---------------------------------
-def _forecasts(symbol: str, df: pd.DataFrame, rows: np.ndarray) -> tuple[list[SimpleNamespace], pd.DataFrame]:
-    """Forecast-shaped objects for every replayed candle and horizon, and the plan as a table."""
+def _forecasts(symbol: str, df: pd.DataFrame, rows: np.ndarray) -> tuple[list[Forecast], pd.DataFrame]:
+    """Forecasts for every replayed candle and horizon, and the plan as a table."""
     out, plan = [], []
     t = df["open_time"].to_numpy()
     for h in H:
@@ -179,12 +180,12 @@ def _forecasts(symbol: str, df: pd.DataFrame, rows: np.ndarray) -> tuple[list[Si
         for j, r in enumerate(rows):
             version = "rv1" if j < len(rows) // 2 else "rv2"  # a model promoted mid-day
             ph, pl = scale * (1 + 0.3 * math.sin(r)), -scale * (1 + 0.3 * math.cos(r))
-            f = SimpleNamespace(symbol=symbol, horizon=h, candle_open_time=int(t[r]), close=float(c0[j]),
-                                pred_high_pct=ph, pred_low_pct=pl, high_lower=0.2 * scale, high_upper=2.5 * scale,
-                                low_lower=-2.5 * scale, low_upper=-0.2 * scale, signal_type=kind[j], confidence=0.6,
-                                entry_price=float(c0[j]), take_profit=float(tp[j]) if kind[j] != "HOLD" else None,
-                                stop_loss=float(sl[j]) if kind[j] != "HOLD" else None, reason=None,
-                                model_versions={"range_predictor": version, "meta_model": "m" + version})
+            f = make_forecast(symbol=symbol, horizon=h, candle_open_time=int(t[r]), close=float(c0[j]),
+                              pred_high_pct=ph, pred_low_pct=pl, high_lower=0.2 * scale, high_upper=2.5 * scale,
+                              low_lower=-2.5 * scale, low_upper=-0.2 * scale, signal_type=kind[j], confidence=0.6,
+                              entry_price=float(c0[j]), take_profit=float(tp[j]) if kind[j] != "HOLD" else None,
+                              stop_loss=float(sl[j]) if kind[j] != "HOLD" else None, reason=None,
+                              model_versions={"range_predictor": version, "meta_model": "m" + version})
             out.append(f)
             plan.append({"symbol": symbol, "horizon": h, "row": int(r), "candle_open_time": int(t[r]),
                          "version": version, "ph": ph, "pl": pl, "hl": f.high_lower, "hu": f.high_upper,

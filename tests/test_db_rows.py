@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 import uuid
-from types import SimpleNamespace
-
 import pytest
 
 from deployments.db.rows import (NAMESPACE, PredictionRow, SignalRow, decode, encode, prediction_id,
                                  rows_from_forecast, signal_id, uuid5_str)
+from tests.forecast_util import make_forecast
 
 
 def _forecast(**kw):
@@ -20,7 +19,7 @@ def _forecast(**kw):
                                              "signal_classifier": "s1", "meta_model": "m1"},
                 expected_r=0.12, cost_r=0.3, p_win=0.6, fee_profile="spot_taker")
     base.update(kw)
-    return SimpleNamespace(**base)
+    return make_forecast(**base)
 
 
 def test_ids_are_uuid5_and_deterministic():

@@ -15,7 +15,6 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 import asyncpg
 import pytest
@@ -24,7 +23,9 @@ from configs.settings import load_settings
 from deployments.db.rows import PredictionRow, encode, rows_from_forecast
 from deployments.db.spool import Spool
 from deployments.db.writer import LogWriter
+from inference.forecast import Forecast
 from tests.conftest import ROOT, free_port
+from tests.forecast_util import make_forecast
 from tests.log_writer_child import row as child_row
 from scripts.lab.services import PrivatePostgres, fresh_database, wait_for
 
@@ -43,15 +44,15 @@ def _settings(**kw):
     return load_settings(**base)
 
 
-def _forecast(i: int, symbol: str = "BTCUSDT") -> SimpleNamespace:
-    """A Forecast-shaped object (the contract's logged fields)."""
+def _forecast(i: int, symbol: str = "BTCUSDT") -> Forecast:
+    """A Forecast with the given logged fields."""
     close = 40_000.0 + i
-    return SimpleNamespace(symbol=symbol, horizon=(6, 18, 36, 72)[i % 4], candle_open_time=1_700_000_000_000 + i * 300_000,
-                           close=close, pred_high_pct=0.004, pred_low_pct=-0.003, high_lower=0.001, high_upper=0.009,
-                           low_lower=-0.008, low_upper=-0.0005, signal_type=("BUY", "SELL", "HOLD")[i % 3],
-                           confidence=0.61, entry_price=close, take_profit=close * 1.004, stop_loss=close * 0.997,
-                           reason=None, model_versions={"range_predictor": "r1", "meta_model": "m1"},
-                           expected_r=0.001 * i, cost_r=0.25, p_win=0.61, fee_profile="spot_taker")
+    return make_forecast(symbol=symbol, horizon=(6, 18, 36, 72)[i % 4], candle_open_time=1_700_000_000_000 + i * 300_000,
+                         close=close, pred_high_pct=0.004, pred_low_pct=-0.003, high_lower=0.001, high_upper=0.009,
+                         low_lower=-0.008, low_upper=-0.0005, signal_type=("BUY", "SELL", "HOLD")[i % 3],
+                         confidence=0.61, entry_price=close, take_profit=close * 1.004, stop_loss=close * 0.997,
+                         reason=None, model_versions={"range_predictor": "r1", "meta_model": "m1"},
+                         expected_r=0.001 * i, cost_r=0.25, p_win=0.61, fee_profile="spot_taker")
 
 
 def _query(url: str, sql: str):

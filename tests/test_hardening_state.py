@@ -21,7 +21,7 @@ import pytest
 from configs.settings import load_settings, redact_url
 from deployments import health
 from deployments.api import DatabaseProbe
-from deployments.cache import RedisGateway, make_entry
+from deployments.cache import RedisGateway, make_entry, sign_entry
 from deployments.db.serving_log import log_status
 from deployments.db.writer import LogWriter
 from configs.errors import ModelNotFoundError
@@ -38,8 +38,12 @@ from inference.registry import CURRENT_FILE, MODEL_NAMES, ModelRegistry
 
 def _plants(service, row) -> dict[str, bytes | str]:
     """Entries someone (an older engine, an attacker) could have left under the candle's key."""
-    h, secret, sign = service.feature_hash, service.secret, make_entry
-    wrong = forecast_for(row, 6, shift=0.05).to_dict()  # a 5 % higher range: a wrong answer is visible
+    h, secret = service.feature_hash, service.secret
+
+    def sign(body: dict, feature_set_hash: str, key: bytes) -> bytes:  # signed as the router signs a Forecast
+        return sign_entry(json.dumps(body).encode(), feature_set_hash, key)
+
+    wrong = forecast_for(row, 6, shift=0.05).model_dump(mode="json")  # a 5 % higher range: a wrong answer is visible
     missing = {k: v for k, v in wrong.items() if k != "signal_type"}
     tampered = json.loads(sign(wrong, h, secret))
     tampered["pred_high_pct"] = 0.5
@@ -68,7 +72,7 @@ def test_poisoned_and_stale_cache_entries_are_misses_never_answers(redis_server)
             service._local.clear()  # the ingress's memory: force the Redis read this test is about
             answers[label] = (await acall(app, "POST", "/predictions", json={"symbol": "BTCUSDT", "horizon": 6}),
                               await acall(app, "POST", "/signals", json={"symbol": "BTCUSDT", "horizon": 6}))
-        good = make_entry(forecast_for(st.row(), 6, shift=0.02).to_dict(), service.feature_hash, service.secret)
+        good = make_entry(forecast_for(st.row(), 6, shift=0.02), service.feature_hash, service.secret)
         redis_server.client().set(key, good)
         service._local.clear()
         honoured = await acall(app, "POST", "/predictions", json={"symbol": "BTCUSDT", "horizon": 6})
@@ -98,12 +102,10 @@ def test_poisoned_and_stale_cache_entries_are_misses_never_answers(redis_server)
 def test_the_cache_entry_schema_is_the_forecast_plus_its_provenance():
     """A field added to Forecast must reach CacheEntry too, or every entry the router writes would be
     refused as ``schema`` (correct, but a cache that never hits)."""
-    import dataclasses
-
     from deployments.cache import CacheEntry
     from inference.forecast import Forecast
 
-    assert set(CacheEntry.model_fields) == {f.name for f in dataclasses.fields(Forecast)} | {"feature_set_hash",
+    assert set(CacheEntry.model_fields) == set(Forecast.model_fields) | {"feature_set_hash",
                                                                                              "sig"}
 
 

@@ -239,9 +239,12 @@ def test_undefined_features_give_503_for_predictions_and_hold_with_a_reason_for_
     class Undefined:
         async def forecast(self, rows, horizon):
             r = rows[0]
-            return [Forecast(r.symbol, horizon, r.open_time, r.close, nan, nan, nan, nan, nan, nan, nan, nan,
-                             (nan, nan, nan), "HOLD", 0.0, r.close, None, None,
-                             "features_unavailable", {}, "features undefined (warm-up or a long data gap): 3 of 54 "
+            return [Forecast(symbol=r.symbol, horizon=horizon, candle_open_time=r.open_time, close=r.close,
+                             pred_high_pct=nan, pred_low_pct=nan, high_lower=nan, high_upper=nan, low_lower=nan,
+                             low_upper=nan, p_tp_long=nan, p_tp_short=nan, signal_probs=(nan, nan, nan),
+                             signal_type="HOLD", confidence=0.0, entry_price=r.close, take_profit=None,
+                             stop_loss=None, reason="features_unavailable", model_versions={},
+                             reason_detail="features undefined (warm-up or a long data gap): 3 of 54 "
                              "values missing")]
 
         async def models_status(self):

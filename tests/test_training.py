@@ -101,7 +101,7 @@ def test_registry_round_trip(trained, candle_slices):
         assert f.p_win == f.confidence and 0 < f.cost_r <= 1 / k + 1e-9 and f.fee_profile == settings.fee_profile
         assert math.isfinite(f.expected_r) and (f.signal_type == "HOLD" or f.expected_r > 0)
         assert abs(sum(f.signal_probs) - 1) < 1e-5 and f.model_versions == ens.versions
-        json.dumps(f.to_dict(), allow_nan=False)
+        json.dumps(f.model_dump(mode="json"), allow_nan=False)
 
 
 def test_tampered_file_refused(registry_copy):
@@ -367,7 +367,7 @@ def test_ensemble_holds_with_reason_on_bad_rows(trained, candle_slices):
     # A symbol the models do not know is forecast with the default symbol_id (configs.symbols.model_symbol).
     assert fc[2].symbol == "DOGEUSDT" and math.isfinite(fc[2].pred_high_pct) and fc[2].reason != "unknown_symbol"
     assert fc[3].signal_type == "HOLD" and fc[3].reason == "market_data_invalid" and "close" in fc[3].reason_detail
-    d = fc[0].to_dict()
+    d = fc[0].model_dump(mode="json")
     json.dumps(d, allow_nan=False)
     assert d["pred_high_pct"] is None and d["signal_type"] == "HOLD" and d["reason"]
     # Staged calls give exactly what forecast() gives (what serving relies on).
@@ -375,7 +375,7 @@ def test_ensemble_holds_with_reason_on_bad_rows(trained, candle_slices):
     outs = {m: ens.predict_stage(m, X, 6) for m in ("range_predictor", "tpsl_classifier", "signal_classifier")}
     outs["meta_model"] = ens.predict_stage("meta_model", ens.meta_input(X, outs, 6), 6)
     staged = ens.compose(feats, symbols, closes, data.open_time[:4], 6, outs)
-    assert json.dumps([f.to_dict() for f in staged]) == json.dumps([f.to_dict() for f in fc])
+    assert json.dumps([f.model_dump(mode="json") for f in staged]) == json.dumps([f.model_dump(mode="json") for f in fc])
 
 
 def _trading(ens, min_expected_r=None):
@@ -584,7 +584,7 @@ def test_mean_forecast_beside_the_quantiles(trained, candle_slices):
     without = ens.forecast(feats, syms, closes, times, 6)
     assert [f.reason for f in without] == [f.reason for f in with_mean]
     assert [f.pred_high_pct for f in without] == [f.pred_high_pct for f in with_mean]
-    assert all(math.isnan(f.pred_high_mean_pct) and f.to_dict()["pred_low_mean_pct"] is None for f in without)
+    assert all(math.isnan(f.pred_high_mean_pct) and f.model_dump(mode="json")["pred_low_mean_pct"] is None for f in without)
 
 
 def test_per_symbol_models_route_rows_by_symbol(candle_slices, tmp_path):

@@ -1,4 +1,4 @@
-"""Log rows: what one :class:`inference.ensemble.Forecast` becomes in ``ml.prediction_logs`` / ``ml.signal_logs``.
+"""Log rows: what one :class:`inference.forecast.Forecast` becomes in ``ml.prediction_logs`` / ``ml.signal_logs``.
 
 Pure (no I/O). Ids are deterministic UUIDs (uuid5 of symbol, horizon, candle and model versions):
 the same forecast logged twice — at candle close and again by a request that served it from the
@@ -14,39 +14,14 @@ import math
 import time
 import uuid
 from functools import lru_cache
-from typing import Any, NamedTuple, Protocol, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from features.candles import FIVE_MINUTES_MS
+from inference.forecast import Forecast
 
 NAMESPACE = uuid.UUID("6f1c2d4e-9a57-4d1b-8e0c-3b7f5a2e9c61")
 PREDICTION, SIGNAL = "p", "s"
 RANGE_MODEL, SIGNAL_MODEL = "range_predictor", "meta_model"
-
-
-class ForecastLike(Protocol):
-    """The fields of ``inference.ensemble.Forecast`` that are logged (the inference contract)."""
-
-    symbol: str
-    horizon: int
-    candle_open_time: int
-    close: float
-    pred_high_pct: float
-    pred_low_pct: float
-    high_lower: float
-    high_upper: float
-    low_lower: float
-    low_upper: float
-    signal_type: str
-    confidence: float
-    entry_price: float | None
-    take_profit: float | None
-    stop_loss: float | None
-    reason: str | None
-    model_versions: dict[str, str]
-    expected_r: float
-    cost_r: float
-    p_win: float
-    fee_profile: str | None
 
 
 class PredictionRow(NamedTuple):
@@ -143,7 +118,7 @@ def _versions_strings(items: tuple[tuple[str, str], ...]) -> tuple[str, str]:
     return ",".join(f"{k}={v}" for k, v in items), json.dumps(dict(items), sort_keys=True)
 
 
-def rows_from_forecast(f: ForecastLike, created_ms: int | None = None) -> list[PredictionRow | SignalRow]:
+def rows_from_forecast(f: Forecast, created_ms: int | None = None) -> list[PredictionRow | SignalRow]:
     """The rows one forecast is logged as.
 
     A prediction row only when the range forecast is a number: a forced HOLD (warm-up, gap) has
@@ -165,14 +140,8 @@ def rows_from_forecast(f: ForecastLike, created_ms: int | None = None) -> list[P
     rows.append(SignalRow(_signal_id(f.symbol, h, cot, vkey), f.symbol, h, cot, due, str(f.signal_type),
                           float(f.confidence), _finite(f.entry_price), _finite(f.take_profit),
                           _finite(f.stop_loss), versions.get(SIGNAL_MODEL, vkey), vjson, f.reason,
-                          created_ms, *_economics(f)))
+                          created_ms, _finite(f.expected_r), _finite(f.cost_r), _finite(f.p_win), f.fee_profile))
     return rows
-
-
-def _economics(f: Any) -> tuple[float | None, float | None, float | None, str | None]:
-    """``expected_r``, ``cost_r``, ``p_win``, ``fee_profile`` (None for a forecast-like without them)."""
-    return (_finite(getattr(f, "expected_r", None)), _finite(getattr(f, "cost_r", None)),
-            _finite(getattr(f, "p_win", None)), getattr(f, "fee_profile", None))
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)

@@ -35,9 +35,10 @@ from typing import Any, Iterable, Sequence
 
 from configs.settings import Settings
 from deployments.db.drain import SpoolDrain
-from deployments.db.rows import ForecastLike, PredictionRow, SignalRow, encode, rows_from_forecast
+from deployments.db.rows import PredictionRow, SignalRow, encode, rows_from_forecast
 from deployments.db.spool import Spool, SpoolWriteError
 from deployments.db.spool_files import node_pending_bytes
+from inference.forecast import Forecast
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class LogWriter(SpoolDrain):
         self._thread = None
 
     # ---- request path --------------------------------------------------------------------------
-    def log_forecasts(self, forecasts: Iterable[ForecastLike]) -> int:
+    def log_forecasts(self, forecasts: Iterable[Forecast]) -> int:
         """Log forecasts (prediction + signal rows each); returns rows accepted. Never raises."""
         try:
             rows: list[PredictionRow | SignalRow] = []
