@@ -27,6 +27,7 @@ from typing import Any, Literal, Protocol, Sequence
 
 from configs.settings import Settings
 from configs.errors import ConfigError
+from inference.forecast import Forecast
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,9 @@ class RequestRecord:
 class ServingLog(Protocol):
     async def start(self) -> None: ...
 
-    def candle_closed(self, forecasts: Sequence[Any]) -> None: ...
+    def candle_closed(self, forecasts: Sequence[Forecast]) -> None: ...
 
-    def request_served(self, record: RequestRecord, forecast: Any | None) -> None: ...
+    def request_served(self, record: RequestRecord, forecast: Forecast | None) -> None: ...
 
     def candles_closed(self, event: Any, window: Any | None = None) -> None: ...
 
@@ -70,10 +71,10 @@ class NullServingLog:
     async def start(self) -> None:
         return None
 
-    def candle_closed(self, forecasts: Sequence[Any]) -> None:
+    def candle_closed(self, forecasts: Sequence[Forecast]) -> None:
         return None
 
-    def request_served(self, record: RequestRecord, forecast: Any | None) -> None:
+    def request_served(self, record: RequestRecord, forecast: Forecast | None) -> None:
         return None
 
     def candles_closed(self, event: Any, window: Any | None = None) -> None:
@@ -126,12 +127,12 @@ class JsonLinesServingLog:
         if self._file is not None:
             self._file.write(json.dumps({"kind": kind, **payload}, default=str) + "\n")
 
-    def candle_closed(self, forecasts: Sequence[Any]) -> None:
+    def candle_closed(self, forecasts: Sequence[Forecast]) -> None:
         for f in forecasts:
             self._write("forecast", {"symbol": f.symbol, "horizon": f.horizon, "candle_open_time": f.candle_open_time,
                                      "signal_type": f.signal_type, "model_versions": f.model_versions})
 
-    def request_served(self, record: RequestRecord, forecast: Any | None) -> None:
+    def request_served(self, record: RequestRecord, forecast: Forecast | None) -> None:
         from dataclasses import asdict
 
         self._write("request", {**asdict(record), "forecast_candle": getattr(forecast, "candle_open_time", None)})

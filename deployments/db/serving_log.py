@@ -29,6 +29,7 @@ from configs.settings import Settings
 from deployments.db.forwarder import CandleForwarder
 from deployments.db.resolver import ACTOR_NAME, start_resolver
 from deployments.db.writer import LogWriter
+from inference.forecast import Forecast
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +94,11 @@ class DbServingLog:
         return self._resolver
 
     # ---- hook points ---------------------------------------------------------------------------
-    def candle_closed(self, forecasts: Sequence[Any]) -> None:
+    def candle_closed(self, forecasts: Sequence[Forecast]) -> None:
         if self.writer is not None:
             self.writer.log_forecasts(forecasts)
 
-    def request_served(self, record: Any, forecast: Any | None) -> None:
+    def request_served(self, record: Any, forecast: Forecast | None) -> None:
         if self.writer is not None and forecast is not None and getattr(record, "status", 200) == 200:
             self.writer.log_forecasts((forecast,))
 
