@@ -64,7 +64,7 @@ def test_a_set_without_boosters_composes_what_the_in_process_ensemble_forecasts(
         outputs = {m: stages[m].predict(X, h) for m in BASE_MODELS}
         outputs[META_MODEL] = stages[META_MODEL].predict(bare.meta_input(X, outputs, h), h)
         composed = bare.compose(feats, syms, closes, times, h, outputs)
-        assert [f.to_dict() for f in composed] == [f.to_dict() for f in full.forecast(feats, syms, closes, times, h)]
+        assert [f.to_json() for f in composed] == [f.to_json() for f in full.forecast(feats, syms, closes, times, h)]
     with pytest.raises(ModelLoadError, match="boosters are not loaded in this process"):
         bare.predict_stage("range_predictor", bare.model_input(feats[:2], syms[:2]), 6)
 
