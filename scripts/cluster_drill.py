@@ -69,6 +69,18 @@ def proxies_answering(lab: LabNetwork, key: str) -> dict[str, int]:
     return out
 
 
+def wait_proxies(lab: LabNetwork, key: str, timeout_s: float) -> dict[str, int]:
+    """Every node's proxy status, asked until all answer 200 or ``timeout_s`` has passed: the proxies
+    on the other nodes answer once they have learnt the ingress replicas' addresses (a second or
+    two after the head's), which a fixed sleep could only guess. The last statuses either way."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = proxies_answering(lab, key)
+        if all(s == 200 for s in statuses.values()) or time.monotonic() > deadline:
+            return statuses
+        time.sleep(0.5)
+
+
 def replicas_per_node(lab: LabNetwork, app: str = cn.APP) -> dict[str, dict[str, int]]:
     """{node_ip: {deployment: RUNNING replicas}} of application ``app``."""
     out: dict[str, Counter] = {}
@@ -79,15 +91,20 @@ def replicas_per_node(lab: LabNetwork, app: str = cn.APP) -> dict[str, dict[str,
     return {ip: dict(sorted(c.items())) for ip, c in sorted(out.items())}
 
 
-def train_on_cluster(lab: LabNetwork, workdir: Path, rounds: int) -> dict[str, Any]:
-    """Ray Train on the cluster through the job server; which nodes its workers ran on."""
+def train_on_cluster(lab: LabNetwork, workdir: Path, rounds: int, folds: int | None = None,
+                     max_rows: int | None = None) -> dict[str, Any]:
+    """Ray Train on the cluster through the job server; which nodes its workers ran on.
+
+    ``folds`` / ``max_rows`` shrink the walk-forward and every fit (the test's short run: what it
+    checks is where Ray put the workers, not the models); None keeps configs/models.yaml's."""
     storage = workdir / "ray-storage"  # every lab node sees this host's disk: the shared folder
     storage.mkdir(exist_ok=True)
     sample = load_settings().sample_dir
     job_id = f"mle-lab{lab.lab_id}-train-{int(time.time())}"
     train = (f"cd {PROJECT_DIR} && {sys.executable} -m training.train --engine ray --num-workers 2 "
              f"--candles {sample / 'BTCUSDT_5m.parquet'} {sample / 'ETHUSDT_5m.parquet'} --rounds {rounds} "
-             f"--out {workdir / 'trained'} --no-promote --storage-path {storage} --json")
+             f"--out {workdir / 'trained'} --no-promote --storage-path {storage} --json"
+             + (f" --folds {folds}" if folds is not None else "") + (f" --max-rows {max_rows}" if max_rows else ""))
     t0 = time.monotonic()
     with open(workdir / "train-job.log", "w") as log:
         rc = subprocess.call([cn.ray_cli(), "job", "submit", "--address", cn.dashboard(lab), "--submission-id",
@@ -184,6 +201,27 @@ def pick_victim(lab: LabNetwork, per_node: dict[str, dict[str, int]]) -> int:
     return max(workers, key=lambda i: sum(per_node.get(lab.address(i), {}).values()))
 
 
+def deploy_and_train(args: argparse.Namespace, lab: LabNetwork, key: str, workdir: Path,
+                     t0: float) -> dict[str, Any]:
+    """Steps 2 and 3 on started nodes: deploy, check placement and proxies, train. ``start_s``
+    counts from ``t0``, before ``ray start``."""
+    config, changes = cn.lab_serve_config(workdir, lab.nodes)
+    cn.serve_deploy(lab, config, workdir)
+    wait_http(f"http://{lab.address(0)}:{cn.HTTP_PORT}", key, args.start_timeout_s)
+    out: dict[str, Any] = {"nodes": lab.nodes, "node_addresses": [lab.address(i) for i in range(lab.nodes)],
+                           "serve_config_changes": changes, "start_s": round(time.monotonic() - t0, 1)}
+    _say(f"deployed and answering after {out['start_s']} s")
+    statuses = wait_proxies(lab, key, args.proxy_timeout_s)
+    out["replicas_per_node"] = replicas_per_node(lab)
+    out["proxy_statuses"] = statuses
+    out["proxies_answering"] = sum(1 for s in statuses.values() if s == 200)
+    if args.train:
+        out["train"] = train_on_cluster(lab, workdir, args.train_rounds, args.train_folds, args.train_max_rows)
+        out["train_workers_nodes"] = out["train"]["nodes"]
+        _say(f"trained in {out['train']['seconds']} s on {out['train_workers_nodes']}")
+    return out
+
+
 def run_drill(args: argparse.Namespace, lab: LabNetwork, workdir: Path) -> dict[str, Any]:
     key = cn.write_secrets(workdir)
     services = cn.LabServices(lab, workdir).start()
@@ -195,22 +233,7 @@ def run_drill(args: argparse.Namespace, lab: LabNetwork, workdir: Path) -> dict[
         envs = [cn.node_env(lab, services, workdir, i, models) for i in range(lab.nodes)]
         t0 = time.monotonic()
         cn.start_ray_nodes(lab, envs, args.cpus_per_node, workdir)
-        config, changes = cn.lab_serve_config(workdir, lab.nodes)
-        cn.serve_deploy(lab, config, workdir)
-        head_url = f"http://{lab.address(0)}:{cn.HTTP_PORT}"
-        wait_http(head_url, key, args.start_timeout_s)
-        out: dict[str, Any] = {"nodes": lab.nodes, "node_addresses": [lab.address(i) for i in range(lab.nodes)],
-                               "serve_config_changes": changes, "start_s": round(time.monotonic() - t0, 1)}
-        time.sleep(3)  # proxies on the other nodes learn the ingress replicas' addresses
-        _say(f"deployed and answering after {out['start_s']} s")
-        out["replicas_per_node"] = replicas_per_node(lab)
-        statuses = proxies_answering(lab, key)
-        out["proxy_statuses"] = statuses
-        out["proxies_answering"] = sum(1 for s in statuses.values() if s == 200)
-        if args.train:
-            out["train"] = train_on_cluster(lab, workdir, args.train_rounds)
-            out["train_workers_nodes"] = out["train"]["nodes"]
-            _say(f"trained in {out['train']['seconds']} s on {out['train_workers_nodes']}")
+        out = deploy_and_train(args, lab, key, workdir, t0)
         watch = SignalWatch(services.redis_url)
         victim = pick_victim(lab, out["replicas_per_node"])
         out["killed_node_replicas"] = out["replicas_per_node"].get(lab.address(victim), {})
@@ -253,6 +276,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--start-timeout-s", type=float, default=300.0, help="deploy until the first 200")
     p.add_argument("--no-train", dest="train", action="store_false", help="skip the Ray Train step")
     p.add_argument("--train-rounds", type=int, default=20, help="boosting rounds of the drill's training run")
+    p.add_argument("--train-folds", type=int, default=None, help="walk-forward folds of that run (default: models.yaml)")
+    p.add_argument("--train-max-rows", type=int, default=None, help="rows per fit of that run (default: models.yaml)")
+    p.add_argument("--proxy-timeout-s", type=float, default=30.0, help="wait this long for every node's proxy to answer")
     p.add_argument("--workdir", default=None, help="logs and the shared folder (default var/cluster-drill/lab<id>)")
     p.add_argument("--keep", action="store_true", help="leave the cluster running (tear down with --down)")
     p.add_argument("--down", action="store_true", help="only tear down a kept lab of --lab-id")

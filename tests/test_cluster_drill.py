@@ -1,7 +1,8 @@
 """A short run of ``python -m scripts.cluster_drill``: two Ray nodes in their own network namespaces.
 
 The full drill (three nodes, longer load) is the script itself; this runs the same code with two
-nodes, a small training run and a short load, and checks what must hold on any run: the graph
+nodes, a small training run (two rounds, one fold, 1000 rows per fit: what is checked is where Ray
+Train put its workers) and a short load, and checks what must hold on any run: the graph
 spans both nodes, both proxies answer on their own addresses, Ray Train put a worker on each node,
 Serve recovers on the survivor, no candle close went unpublished and the lab is gone afterwards.
 """
@@ -28,6 +29,7 @@ def test_two_node_cluster_serves_trains_and_survives_a_node_loss(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "scripts.cluster_drill", "--nodes", "2", "--lab-id", str(LAB_ID), "--json",
          "--rate", "10", "--warm-s", "3", "--after-s", "5", "--max-recovery-s", "90", "--train-rounds", "2",
+         "--train-folds", "1", "--train-max-rows", "1000",
          "--workdir", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
     assert proc.stdout.strip(), proc.stderr[-3000:]
