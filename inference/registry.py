@@ -45,12 +45,14 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
-
-import xgboost as xgb
+from typing import TYPE_CHECKING, Any, Mapping
 
 from configs.errors import ModelLoadError, ModelNotFoundError
 from inference.layout import MODEL_NAMES
+
+if TYPE_CHECKING:
+    import xgboost as xgb
+
 
 METADATA_FILE = "metadata.json"
 CURRENT_FILE = "current"
@@ -283,18 +285,14 @@ class ModelRegistry:
         meta = self._read_metadata(model, version)
         self._check_feature_hash(model, version, meta)
         files = self._verified_files(model, version, meta)
-        loaded: dict[str, xgb.Booster] = {}
         documents: dict[str, Any] = {}
         for name, data in files.items():
-            try:
-                if name.endswith(BOOSTER_SUFFIX) and boosters:
-                    booster = xgb.Booster()
-                    booster.load_model(bytearray(data))
-                    loaded[name[: -len(BOOSTER_SUFFIX)]] = booster
-                elif name.endswith(".json"):
+            if name.endswith(".json"):
+                try:
                     documents[name[: -len(".json")]] = json.loads(data)
-            except (xgb.core.XGBoostError, ValueError) as exc:
-                raise ModelLoadError(f"model {model!r} version {version!r}: cannot read {name}: {exc}") from None
+                except ValueError as exc:
+                    raise ModelLoadError(f"model {model!r} version {version!r}: cannot read {name}: {exc}") from None
+        loaded = _boosters(model, version, files) if boosters else {}
         return LoadedModel(model, version, self.root / model / version, meta, loaded, documents)
 
     # ---- writing -------------------------------------------------------------------------------
@@ -307,6 +305,8 @@ class ModelRegistry:
         ``documents`` become ``<name>.json``. The metadata gets the feature-set hash of this registry
         unless it already names one, and a sha256 of every file.
         """
+        import xgboost as xgb
+
         check_name("model", model)
         check_name("version", version)
         model_dir = self.root / model
@@ -373,6 +373,25 @@ class ModelRegistry:
                "promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         self.root.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(self.root / CURRENT_SET_FILE, json.dumps(doc, indent=1) + "\n")
+
+
+def _boosters(model: str, version: str, files: Mapping[str, bytes]) -> dict[str, "xgb.Booster"]:
+    """The version's boosters built from their verified bytes. XGBoost is imported here, not with
+    this module: it brings scikit-learn and SciPy, about 115 MiB in a process that only composes
+    forecasts from the documents (the router, the ingress)."""
+    import xgboost as xgb
+
+    out: dict[str, xgb.Booster] = {}
+    for name, data in files.items():
+        if not name.endswith(BOOSTER_SUFFIX):
+            continue
+        try:
+            booster = xgb.Booster()
+            booster.load_model(bytearray(data))
+        except xgb.core.XGBoostError as exc:
+            raise ModelLoadError(f"model {model!r} version {version!r}: cannot read {name}: {exc}") from None
+        out[name[: -len(BOOSTER_SUFFIX)]] = booster
+    return out
 
 
 def _json_default(obj: Any) -> Any:

@@ -54,3 +54,16 @@ def test_importing_the_serving_side_loads_no_training_module():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_router_and_the_ingress_import_no_xgboost():
+    """They compose forecasts from a set's documents and never build a booster (the pools do, and the
+    router only for a failed pool): XGBoost, with the scikit-learn and SciPy it imports, is about
+    115 MiB per process -- so importing them, or loading a set without boosters, loads none of it."""
+    code = ("import sys; import deployments.router, deployments.ingress, deployments.app;"
+            "from configs.settings import get_settings; from deployments.launcher import SHIPPED_MODELS;"
+            "from inference.ensemble import Ensemble; Ensemble.load(SHIPPED_MODELS, get_settings(), boosters=False);"
+            "print(sorted(m for m in ('xgboost', 'sklearn', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
