@@ -292,14 +292,14 @@ def print_goals(results: dict, targets: list[str]) -> None:
         print(f"  (plain, in-process ensemble: uncached p50 at c=1 {u.p50_ms:.2f} ms)")
 
 
-def print_profile(results: dict, targets: list[str]) -> None:
-    print("\nCPU profile: CPU ms per request by process group during the c=16 runs "
+def print_profile(results: dict, targets: list[str], conc: int = 16) -> None:
+    print(f"\nCPU profile: CPU ms per request by process group during the c={conc} runs "
           "(2 cores = 2000 CPU ms per wall second)")
     groups = [g for g, _ in GROUPS] + ["other (not this benchmark)"]
     for label in ("cached /predictions", "uncached /predictions"):
         print(f"  {label}")
         for t in targets:
-            r = results.get((t, label, 16))
+            r = results.get((t, label, conc))
             if r is None or not r.requests:
                 continue
             parts = [(g, 1000 * r.cpu.get(g, 0.0) / r.requests) for g in groups if r.cpu.get(g, 0.0) > 0]
@@ -385,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, targets, conc_levels)
     print_vs_bare(results, targets, conc_levels)
     print_goals(results, targets)
-    print_profile(results, targets)
+    for conc in conc_levels:  # c=1: every miss is its own pass; c=16: concurrent misses are batched
+        print_profile(results, targets, conc)
     for name, mem in memory.items():
         print_memory(name, mem, ("baseline process",) if name == "plain" else GRAPH_GROUPS)
     return 0

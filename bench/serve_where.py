@@ -99,9 +99,10 @@ def spy_start(pids: dict[str, list[int]], seconds: float, outdir: Path) -> list[
     return procs
 
 
-# Innermost frames of threads py-spy counts as active that wait in native code (Ray's core worker
-# loop, thread bodies that are one native call, lock and selector waits): not CPU, left out.
-NATIVE_WAITS = re.compile(r"^(main_loop|run|wait|select|poll|acquire|_wait_for_tstate_lock|sleep|_worker) \(")
+# Innermost frames of threads that are in native code (Ray's core worker loop, a thread body that is
+# one native call -- gRPC, Ray's own threads --, lock and selector waits): py-spy cannot tell their
+# work from their waits, so they are counted apart; the Python breakdown is over the rest.
+NATIVE_WAITS = re.compile(r"^(?:\w+\.)?(main_loop|run|wait|select|poll|acquire|_wait_for_tstate_lock|sleep|_worker) \(")
 
 
 def _leaf_bucket(stack: str) -> str:
@@ -136,7 +137,8 @@ def spy_summary(outdir: Path, requests: int) -> None:
     for group, buckets in per_group.items():
         waits = buckets.pop("native wait", 0)
         total = max(sum(buckets.values()), 1)
-        print(f"  {group:<22} {100 * waits / (waits + total):.0f}% of samples were native waits (left out)")
+        print(f"  {group:<22} {100 * waits / (waits + total):.0f}% of samples in native threads (Ray core worker, "
+              "gRPC; busy or waiting: left out)")
         ms = 10.0 * total / max(requests, 1)
         parts = ", ".join(f"{b} {100 * n / total:.0f}%" for b, n in buckets.most_common(6))
         print(f"  {group:<22} ~{ms:5.2f} CPU-ms/req sampled: {parts}")
