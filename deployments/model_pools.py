@@ -152,7 +152,7 @@ class ModelSets:
 class ModelPool:
     """One model's replica pool (deployed four times, named by :data:`POOL_NAMES`)."""
 
-    def __init__(self, model_name: str, settings_overrides: dict[str, Any] | None = None) -> None:
+    async def __init__(self, model_name: str, settings_overrides: dict[str, Any] | None = None) -> None:
         if model_name not in MODEL_NAMES:
             raise ValueError(f"unknown model {model_name!r}")
         self.model_name = model_name
@@ -162,6 +162,17 @@ class ModelPool:
         self._apply_batching()
         self.batches = 0
         self.rows = 0
+        self._preload = asyncio.create_task(self._load_current())
+
+    async def _load_current(self) -> None:
+        """Load the registry's current version of this model before the first request asks for it:
+        a cold pool (XGBoost imported, boosters built on first use) could miss the router's
+        ``pool_call_timeout_s`` at the first candle close. Best effort: a request names the version."""
+        try:
+            version = (await asyncio.to_thread(self.registry.current_versions))[self.model_name]
+            await self.stage_model(version)
+        except Exception as exc:  # no model yet, a broken current set: the first request says why
+            log.warning("%s: current version not preloaded: %s", self.model_name, exc)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``user_config: {batch_max_size, batch_wait_s}`` (deployments/tunables.py): applied to the
