@@ -109,7 +109,20 @@ class LabNetwork:
                 time.sleep(0.2)
             self.kill_node(i, signal.SIGKILL)
             _ip("netns", "del", self.namespace(i), check=False)
+        # `netns del` only unmounts the name: a namespace that something still holds (a process
+        # not yet reaped, an open fd) lives on with its veth end, and so does the host end on the
+        # bridge, which the next `up` of this id then cannot create. Deleting the host end of a
+        # veth removes both ends, wherever the peer lives.
+        for link in self._host_links():
+            _ip("link", "del", link, check=False)
         _ip("link", "del", self.bridge, check=False)
+
+    def _host_links(self) -> list[str]:
+        """This lab id's veth ends on the host (``mle<id>v<i>``), whatever the node count that made them."""
+        out = _ip("-o", "link", "show", "type", "veth", check=False).stdout
+        names = (line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line)
+        prefix = f"mle{self.lab_id}v"
+        return [n for n in names if n.startswith(prefix) and n[len(prefix):].isdigit()]
 
     def exec_argv(self, i: int, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.namespace(i), *argv]
