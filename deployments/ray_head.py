@@ -45,6 +45,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ray_cli() -> str:
+    """This environment's ``ray`` (beside its Python), else the one on PATH."""
+    cli = Path(sys.executable).with_name("ray")
+    return str(cli) if cli.exists() else shutil.which("ray") or "ray"
+
+
+def ensure_auth_token(env: dict[str, str]) -> Path | None:
+    """Generate Ray's auth token when ``env`` asks for token auth and none is there yet.
+
+    Why: ``ray start --head`` in token mode refuses to start without a token (it never creates one;
+    ``ray.init`` of a local cluster does), so on a fresh machine ``make serve`` died at its first
+    step. The token goes where every Ray process and CLI of this user looks (``~/.ray/auth_token``,
+    readable only by its owner); one set explicitly (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``)
+    is left alone. Returns the file generated, if any."""
+    if env.get("RAY_AUTH_MODE") != "token" or env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH"):
+        return None
+    token = Path(env.get("HOME") or Path.home()) / ".ray" / "auth_token"
+    if token.exists():
+        return None
+    subprocess.run([ray_cli(), "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
+                   timeout=60)
+    token.chmod(0o600)
+    return token
+
+
 def session_pids(sid: int) -> list[int]:
     """Live processes of session ``sid`` (zombies excluded: they hold no port and cannot be killed)."""
     out = []
@@ -126,8 +151,8 @@ class RayHead:
     def __init__(self, port: int, env: dict[str, str], dashboard_port: int | None = None,
                  log_path: Path | None = None, watchdog: bool = True) -> None:
         self.port = port
-        ray_cli = Path(sys.executable).with_name("ray")
-        cmd = [str(ray_cli) if ray_cli.exists() else shutil.which("ray") or "ray", "start", "--head",
+        ensure_auth_token(env)
+        cmd = [ray_cli(), "start", "--head",
                "--port", str(port), "--dashboard-host", "127.0.0.1", "--block", "--disable-usage-stats"]
         if dashboard_port is not None:
             cmd += ["--dashboard-port", str(dashboard_port)]

@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,8 @@ import httpx
 import yaml
 
 from configs.settings import PROJECT_DIR
+from deployments import ray_head
+from deployments.ray_head import ray_cli  # noqa: F401  (cluster_drill calls cn.ray_cli)
 from scripts.lab_network import LabNetwork, TcpForward
 
 RAY_PORT = 6380
@@ -31,17 +31,11 @@ HTTP_PORT = 8000
 APP = "ml-engine"
 
 
-def ray_cli() -> str:
-    cli = Path(sys.executable).with_name("ray")
-    return str(cli) if cli.exists() else shutil.which("ray") or "ray"
-
-
 def ensure_auth_token() -> None:
     """Ray's token auth across nodes: every node (and every CLI call) reads the same token file;
     a cluster of separate machines copies it to each (docs/operations.md)."""
-    if not (Path.home() / ".ray" / "auth_token").exists():
-        subprocess.run([ray_cli(), "get-auth-token", "--generate"], check=True, capture_output=True, timeout=60)
     os.environ["RAY_AUTH_MODE"] = "token"  # for the CLI calls this process makes (serve deploy, job submit)
+    ray_head.ensure_auth_token(dict(os.environ))
 
 
 def auth_headers() -> dict[str, str]:

@@ -220,9 +220,16 @@ def test_sigterm_to_make_serve_stops_everything(binance_make_serve):
 
 @pytest.mark.timeout(420)
 def test_sigkill_of_the_launcher_stops_the_ray_head_by_itself(models, tmp_path):
-    launcher = Launcher(tmp_path, models, {})
+    """Also a fresh machine's first ``make serve``: a home with no Ray auth token yet (``ray start``
+    in token mode refuses to start without one; the launcher generates it)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    assert not {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ), "a token from the environment"
+    launcher = Launcher(tmp_path, models, {"HOME": str(home)})
     try:
         launcher.wait_serving()
+        token = home / ".ray" / "auth_token"
+        assert token.exists() and token.stat().st_mode & 0o077 == 0, "the generated token must be the owner's only"
         health = launcher.health()
         assert health["market"]["config"]["feed"] == "replay"
         assert health["market"]["config"]["sources"]["feed"] == "args"  # serve_config.yaml's default
