@@ -68,16 +68,7 @@ class Bare:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_fastapi.py"), "--port",
                                       str(self.port)], cwd=ROOT, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the bare FastAPI app did not start")
-            time.sleep(0.2)
+        _wait_health(self.url, timeout=60)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
@@ -196,6 +187,55 @@ class ServeApp:
         finally:
             ray.shutdown()
             self.head.stop()
+
+
+class BareServe(ServeApp):
+    """bench/bare_fastapi.py's fixed dict as the only Serve deployment (one ingress replica, 0.5 CPU),
+    in the mode ``make serve`` ships (HAProxy + throughput-optimized): Serve's own floor per
+    request, with none of the engine's code."""
+
+    def __init__(self, workdir: Path) -> None:  # noqa: super().__init__ deploys the engine: not called
+        from deployments.launcher import RayHead
+
+        self.name = "bare-serve"
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
+               **haproxy_env(workdir)}
+        os.environ["RAY_AUTH_MODE"] = env["RAY_AUTH_MODE"]
+        self.head = RayHead(free_port(), env, dashboard_port=free_port(), log_path=workdir / "ray-bare-serve.log")
+        try:
+            self.head.wait_ready()
+            from ray import serve
+
+            from bench.bare_fastapi import build
+            from deployments.app import start_serve_on_free_port
+
+            self.head.connect()
+            self.http_port = start_serve_on_free_port("127.0.0.1")
+            self.url = f"http://127.0.0.1:{self.http_port}"
+
+            @serve.deployment(name="BareIngress", ray_actor_options={"num_cpus": 0.5})
+            @serve.ingress(build())
+            class BareIngress:
+                pass
+
+            serve.run(BareIngress.bind(), name="bare", route_prefix="/")
+            _wait_health(self.url)
+        except BaseException:
+            self.stop()
+            raise
+
+
+def _wait_health(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{url} did not answer /health")
+        time.sleep(0.2)
 
 
 _CLEANUP: list[Path] = []

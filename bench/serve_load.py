@@ -19,7 +19,7 @@ uncached /predictions (``Cache-Control: no-cache``: the whole ensemble is comput
 Prints the table, the ratios to ``plain`` and ``bare``, the goals, and a CPU profile (CPU ms per request
 by process: load generator, HAProxy, replicas, Redis, PostgreSQL, ... and "other", the machine's
 other load), and the memory (RSS / PSS) of every process group, summed for the whole graph; with
-``--pyspy``, one more uncached cell per Serve target under py-spy says where the replicas' CPU goes
+``--pyspy``, two more cells per Serve target under py-spy (uncached c=1, cached c=16) say where the replicas' CPU goes
 (bench/serve_where.py). Load: wrk (one thread, bounded duration) when installed, else an asyncio aiohttp
 client. A 1 s warm-up precedes every measured cell.
 """
@@ -50,7 +50,7 @@ import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
-from bench.load_targets import (_CLEANUP, Bare, Baseline, PrivateDatabase, PrivateRedis, ServeApp,  # noqa: E402
+from bench.load_targets import (_CLEANUP, Bare, BareServe, Baseline, PrivateDatabase, PrivateRedis, ServeApp,  # noqa: E402
                                 haproxy_env, Shipped)
 from bench.serve_where import memory_by_group, print_memory, processes, spy_start, spy_summary  # noqa: E402
 
@@ -146,7 +146,7 @@ GROUPS = (
     ("load generator", re.compile(r"^wrk\b|serve_load\.py")),
     ("haproxy", re.compile(r"haproxy")),
     ("serve proxy", re.compile(r"ray::ProxyActor|ray::ServeProxy|SERVE_PROXY")),
-    ("ingress replica", re.compile(r"ServeReplica:ml-engine:ApiIngress")),
+    ("ingress replica", re.compile(r"ServeReplica:(ml-engine:ApiIngress|bare:BareIngress)")),
     ("router replica", re.compile(r"ServeReplica:ml-engine:EnsembleRouter")),
     ("model pool replicas", re.compile(r"ServeReplica:ml-engine:(RangePredictor|TPSLClassifier|SignalClassifier|MetaModel)")),
     ("other serve replicas", re.compile(r"ServeReplica:ml-engine:|ray::MarketData|ray::ServeController")),
@@ -197,16 +197,17 @@ GRAPH_GROUPS = ("haproxy", "serve proxy", "ingress replica", "router replica", "
 SPIED = ("ingress replica", "router replica", "model pool replicas")
 
 
-def profiled_cell(target, key: str, duration: float, loadgen, outdir: Path) -> None:
-    """One more uncached /predictions c=1 cell (not in the table: py-spy slows what it samples),
-    with every ingress, router and pool replica recorded; prints where their CPU goes."""
-    label, path, body, headers = ENDPOINTS[1]
+def profiled_cell(target, key: str, duration: float, loadgen, outdir: Path, endpoint: int = 1, conc: int = 1) -> None:
+    """One more cell (not in the table: py-spy slows what it samples) -- by default uncached
+    /predictions at c=1 --, with every ingress, router and pool replica recorded; prints where their
+    CPU goes."""
+    label, path, body, headers = ENDPOINTS[endpoint]
     pids = {g: v for g, v in processes(GROUPS).items() if g in SPIED}
     spies = spy_start(pids, duration + 1, outdir)
-    res = loadgen(target.url + path, body, {"X-API-Key": key, **headers}, 1, duration)
+    res = loadgen(target.url + path, body, {"X-API-Key": key, **headers}, conc, duration)
     for proc in spies:
         proc.wait(timeout=60)
-    print(f"\n{target.name}: {label} c=1 under py-spy: {res.rps:.1f} req/s, p50 {res.p50_ms:.2f} ms")
+    print(f"\n{target.name}: {label} c={conc} under py-spy: {res.rps:.1f} req/s, p50 {res.p50_ms:.2f} ms")
     spy_summary(outdir, res.requests)
 
 
@@ -292,6 +293,32 @@ def print_goals(results: dict, targets: list[str]) -> None:
         print(f"  (plain, in-process ensemble: uncached p50 at c=1 {u.p50_ms:.2f} ms)")
 
 
+def served_cpu_ms(r: Result) -> float:
+    """CPU ms per request of everything that served it: every group but the load generator and the
+    machine's other load (Redis and PostgreSQL included: both targets use them)."""
+    spent = sum(v for g, v in r.cpu.items() if g != "load generator" and not g.startswith("other ("))
+    return 1000 * spent / max(r.requests, 1)
+
+
+def print_cost_goals(results: dict, targets: list[str], conc_levels: list[int]) -> None:
+    """Issue 18 point 4: CPU per uncached forecast through the graph <= 3x the in-process ensemble's
+    (the plain app, same run), cached answers <= 1.5x the plain app's CPU per request."""
+    print("\nCost per request (CPU ms of everything that served it, load generator excluded)")
+    for label, goal in (("cached /predictions", 1.5), ("uncached /predictions", 3.0)):
+        for conc in conc_levels:
+            base = results.get(("plain", label, conc))
+            if base is None:
+                continue
+            cells = [f"plain {served_cpu_ms(base):.2f}"]
+            for t in [t for t in targets if t != "plain"]:
+                r = results.get((t, label, conc))
+                if r is not None and r.requests:
+                    ratio = served_cpu_ms(r) / max(served_cpu_ms(base), 1e-9)
+                    mark = "" if t in ("bare", "bare-serve") else f" ({'MET' if ratio <= goal else 'NOT MET'})"
+                    cells.append(f"{t} {served_cpu_ms(r):.2f} = {ratio:.2f}x{mark}")
+            print(f"  {label:<22} c={conc:<3} goal <= {goal:g}x plain: " + " | ".join(cells))
+
+
 def print_profile(results: dict, targets: list[str], conc: int = 16) -> None:
     print(f"\nCPU profile: CPU ms per request by process group during the c={conc} runs "
           "(2 cores = 2000 CPU ms per wall second)")
@@ -317,8 +344,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="shipped (what make serve starts), and/or the graph deployed by code: default (Serve's "
                         "default proxy), ha (HAProxy + throughput-optimized), ha2 (the same, 2 ingress replicas)")
     p.add_argument("--concurrency", default="1,16,64")
+    p.add_argument("--bare-serve", action="store_true",
+                   help="also the bare app as a Serve deployment behind HAProxy: Serve's own floor per request")
     p.add_argument("--pyspy", action="store_true",
-                   help="after a Serve target's cells, one more (untimed) uncached c=1 cell under py-spy: where it goes")
+                   help="after a Serve target's cells, two more (untimed) under py-spy, uncached c=1 and cached "
+                        "c=16: where their CPU goes")
     args = p.parse_args(argv)
     from configs.settings import load_settings
     from deployments.launcher import ensure_models
@@ -346,6 +376,14 @@ def main(argv: list[str] | None = None) -> int:
             measure(bare, key, conc_levels, args.duration, loadgen, redis.port, results, endpoints=cached)
         finally:
             bare.stop()
+        if args.bare_serve:
+            print("bare-serve: the same fixed dict as a Serve ingress behind HAProxy (throughput mode)", flush=True)
+            bare_serve = BareServe(workdir)
+            targets.append(bare_serve.name)
+            try:
+                measure(bare_serve, key, conc_levels, args.duration, loadgen, redis.port, results, endpoints=cached)
+            finally:
+                bare_serve.stop()
         print("plain FastAPI + uvicorn (one process, the same API code)", flush=True)
         base = Baseline(models, key, redis.url)
         try:
@@ -371,8 +409,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 measure(app, key, conc_levels, args.duration, loadgen, redis.port, results)
                 memory[app.name] = memory_by_group(GROUPS, redis.port)
-                if args.pyspy:
-                    profiled_cell(app, key, args.duration, loadgen, Path(tempfile.mkdtemp(prefix=f"mle-spy-{app.name}-")))
+                if args.pyspy:  # a miss alone, then cached answers under load: where each one's CPU goes
+                    for endpoint, conc in ((1, 1), (0, 16)):
+                        profiled_cell(app, key, args.duration, loadgen, endpoint=endpoint, conc=conc,
+                                      outdir=Path(tempfile.mkdtemp(prefix=f"mle-spy-{app.name}-{endpoint}-")))
             finally:
                 app.stop()
     finally:
@@ -385,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, targets, conc_levels)
     print_vs_bare(results, targets, conc_levels)
     print_goals(results, targets)
+    print_cost_goals(results, targets, conc_levels)
     for conc in conc_levels:  # c=1: every miss is its own pass; c=16: concurrent misses are batched
         print_profile(results, targets, conc)
     for name, mem in memory.items():
