@@ -56,3 +56,17 @@ def test_unknown_symbol_takes_the_pooled_table_and_no_document_changes_nothing()
     # too few rows for a bin: factor 1, the interval is served as the boosters gave it
     thin = fit_interval_calibration(rng[:150], y_hi[:150], y_lo[:150], sym[:150])
     np.testing.assert_allclose(apply_interval_calibration(thin, rng[:150], sym[:150]), rng[:150])
+
+
+def test_many_symbols_at_once_equal_each_row_alone():
+    """A close of hundreds of symbols (most unknown to the calibration: the pooled table) is
+    calibrated in one pass per table; each row must come out as it would alone."""
+    rng, y_hi, y_lo, sym = _rows(4_000, seed=4)
+    doc = fit_interval_calibration(rng, y_hi, y_lo, sym)
+    rows = rng[:300]
+    names = np.array(["BTCUSDT", "ETHUSDT"] + [f"SYN{i:03d}USDT" for i in range(298)], dtype=object)
+    np.random.default_rng(5).shuffle(names)
+    together = apply_interval_calibration(doc, rows, names)
+    alone = np.vstack([apply_interval_calibration(doc, rows[i:i + 1], names[i:i + 1]) for i in range(len(rows))])
+    np.testing.assert_array_equal(together, alone)
+    assert not np.array_equal(together, rows)
