@@ -8,8 +8,8 @@ per *pass* instead of once per symbol -- XGBoost predicts 200 rows in about the 
    ``@serve.batch``: what arrives while the previous pass runs (or within ``CLOSE_BATCH_WAIT_S``)
    is the next pass;
 2. each FeatureBuilder shard gets its symbols' events in one ``ingest_many`` call;
-3. the new feature rows go through the ensemble as one batch per horizon (each model pool gets
-   one request per horizon with every row);
+3. the new feature rows go through the ensemble as one pass: each model pool gets one request
+   with every row for every horizon (deployments/pool_forecast.py);
 4. Redis: every ``prediction:...`` SET and every ``signals:{symbol}`` PUBLISH in one pipeline;
 5. the serving log gets every forecast in one ``candle_closed`` call (one spool write; the writer
    inserts them with one multi-row statement per table);
@@ -120,8 +120,7 @@ class CandleClose:
                 ens = self._require()
                 versions = ens.versions
                 rows = [results[i].row for i in ready]
-                batches = await asyncio.gather(*(self._forecast(ens, rows, h) for h in self.settings.market.horizons))
-                forecasts = [f for batch in batches for f in batch]
+                forecasts = await self._forecast(ens, rows)
                 await self._cache(forecasts, rows, publish=True,
                                   ttl_s={events[i].symbol: events[i].expires_in_s for i in ready})
                 self.candles += len(rows)

@@ -26,7 +26,7 @@ from deployments.guard import MetricsAccess
 from deployments.hooks import load_serving_log
 from deployments.prometheus import EngineMetrics, NodeMetricsExport
 from deployments.model_pools import ModelSets
-from deployments.pool_forecast import BatchedForecasts, PoolHandles
+from deployments.pool_forecast import BatchedForecasts, Part, PoolHandles
 from deployments.service import PredictionService
 from deployments.sharding import ShardedMarket
 from deployments.state import FeatureRow
@@ -62,8 +62,8 @@ class ServeBackend:
             self.fast = BatchedForecasts(self._stage, settings.handle_timeout_s)
         self.fast_failures = 0
 
-    async def _stage(self, ens: Ensemble, model: str, X: np.ndarray, horizon: int) -> np.ndarray:
-        return await self.handles.stage(ens, model, X, horizon, self.pool_timeout_s)
+    async def _stage(self, ens: Ensemble, model: str, parts: Sequence[Part]) -> list[np.ndarray]:
+        return await self.handles.stage(ens, model, parts, self.pool_timeout_s)
 
     async def forecast(self, rows: Sequence[FeatureRow], horizon: int) -> list[Any]:
         versions = self.versions_of(rows[0].symbol) if self.fast is not None and rows else {}

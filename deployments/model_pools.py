@@ -160,6 +160,7 @@ class ModelPool:
         self.settings = load_settings(**self.overrides)
         self.registry = ModelRegistry(self.settings.models_dir, feature_set_hash(self.settings.features))
         self._apply_batching()
+        self.requests = 0
         self.batches = 0
         self.rows = 0
         self._preload = asyncio.create_task(self._load_current())
@@ -200,13 +201,20 @@ class ModelPool:
     async def predict(self, X: np.ndarray, horizon: int) -> np.ndarray:
         """This model's raw stage output for the rows of ``X`` (see inference.ensemble), computed by
         the version the request names: ``handle.options(multiplexed_model_id=version)``."""
+        return (await self.predict_many([(X, horizon)]))[0]
+
+    async def predict_many(self, parts: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+        """:meth:`predict` of each (rows, horizon) part in one request (a candle close asks for
+        every horizon at once: one request's fixed cost instead of one per horizon)."""
         version = serve.get_multiplexed_model_id()
         if not version:
             raise PredictionError(f"{self.model_name}: a request names the model version as multiplexed_model_id")
-        out = await self._batched((X, int(horizon), version))
-        if isinstance(out, Exception):  # a failed group is returned, not raised, by the batch
-            raise out
-        return out
+        self.requests += 1
+        outs = await asyncio.gather(*(self._batched((X, int(horizon), version)) for X, horizon in parts))
+        for out in outs:
+            if isinstance(out, Exception):  # a failed group is returned, not raised, by the batch
+                raise out
+        return list(outs)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def _batched(self, items: list[tuple[np.ndarray, int, str]]) -> list[Any]:
@@ -232,8 +240,8 @@ class ModelPool:
         return out
 
     async def stats(self) -> dict[str, Any]:
-        """Batches and rows computed, and the versions this replica holds (newest use last)."""
+        """Requests answered, batches and rows computed, and the versions this replica holds (newest use last)."""
         wrapper = getattr(self, "__serve_multiplex_wrapper", None)  # set by @serve.multiplexed on first use
         held: dict[str, StageModel] = dict(wrapper.models) if wrapper is not None else {}
-        return {"model": self.model_name, "batches": self.batches, "rows": self.rows,
+        return {"model": self.model_name, "requests": self.requests, "batches": self.batches, "rows": self.rows,
                 "loaded_versions": list(held), "boosters": {v: sorted(s.boosters) for v, s in held.items()}}

@@ -1,18 +1,22 @@
 """Forecasts through the model pools: the staged pipeline, shared by the router and the ingress.
 
-Forecast of n rows for one horizon with a set's metadata-only :class:`inference.ensemble.Ensemble`
-(the staged inference API)::
+Forecast of n rows for one or more horizons with a set's metadata-only
+:class:`inference.ensemble.Ensemble` (the staged inference API)::
 
-    X      = ens.model_input(features, symbols)                                  # here
-    base   = gather(RangePredictor, TPSLClassifier, SignalClassifier).predict(X, h)  # @ versions[model]
-    meta_X = ens.meta_input(X, base, h)                                          # here
-    meta   = MetaModel.predict(meta_X, h)                                        # @ versions["meta_model"]
-    out    = ens.compose(...)                                                    # here
+    X      = ens.model_input(features, symbols)                                       # here
+    base   = gather(RangePredictor, TPSLClassifier, SignalClassifier)
+               .predict_many([(X, h) for h in horizons])                              # @ versions[model]
+    meta_X = [ens.meta_input(X, base[h], h) for h in horizons]                        # here
+    meta   = MetaModel.predict_many([(meta_X[h], h) for h in horizons])               # @ versions["meta_model"]
+    out    = [ens.compose(..., h, ...) for h in horizons]                             # here
 
-Who runs it: the router at each candle close (every symbol of the close in one pass) and the
-ingress on a cache miss (its fast path: the pools directly, one hop fewer than through the router;
-deployments/ingress.py). Concurrent misses are batched (:class:`BatchedForecasts`): what queues
-while a pass runs is the next pass, one call per pool for all its rows.
+One call per pool per pass, whatever the number of horizons: a pool call's fixed cost (Serve's
+request path on both sides, a Ray task, its serialisation) is paid four times per pass, not
+sixteen. Who runs it: the router at each candle close (every symbol and every horizon of the close
+in one pass) and the ingress on a cache miss (its fast path: the pools directly, one hop fewer than
+through the router; deployments/ingress.py). Concurrent misses are batched
+(:class:`BatchedForecasts`): what queues while a pass runs is the next pass, one call per pool for
+all its rows.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from inference.ensemble import Ensemble
 from inference.forecast import Forecast
 from inference.layout import BASE_MODELS, META_MODEL, MODEL_NAMES
 
-# stage(ens, model, X, horizon) -> that model's stage output for the rows of X
-Stage = Callable[[Ensemble, str, np.ndarray, int], Awaitable[np.ndarray]]
+# One stage input: (model input rows, horizon).
+Part = tuple[np.ndarray, int]
+# stage(ens, model, parts) -> that model's stage output for each part, in order (one pool call)
+Stage = Callable[[Ensemble, str, Sequence[Part]], Awaitable[list[np.ndarray]]]
 
 
 class PoolHandles:
@@ -48,20 +54,32 @@ class PoolHandles:
             handle = self._handles[(model, version)] = self.pools[model].options(multiplexed_model_id=version)
         return handle
 
-    async def stage(self, ens: Ensemble, model: str, X: np.ndarray, horizon: int, timeout_s: float) -> np.ndarray:
-        """One pool call for the set's version of ``model`` (raises on failure or after ``timeout_s``)."""
-        return await asyncio.wait_for(self.of(model, ens.versions[model]).predict.remote(X, horizon), timeout_s)
+    async def stage(self, ens: Ensemble, model: str, parts: Sequence[Part], timeout_s: float) -> list[np.ndarray]:
+        """One pool call for the set's version of ``model`` with every part (raises on failure or
+        after ``timeout_s``)."""
+        handle = self.of(model, ens.versions[model])
+        return await asyncio.wait_for(handle.predict_many.remote(list(parts)), timeout_s)
 
 
-async def forecast_through(ens: Ensemble, stage: Stage, rows: Sequence[FeatureRow], horizon: int) -> list[Forecast]:
-    """The forecasts of ``rows`` for one horizon, each model's stage by ``stage`` (see the module docstring)."""
+async def forecast_horizons(ens: Ensemble, stage: Stage, rows: Sequence[FeatureRow],
+                            horizons: Sequence[int]) -> list[list[Forecast]]:
+    """The forecasts of ``rows`` for each of ``horizons`` (in order), each model's stage by one
+    ``stage`` call (see the module docstring)."""
+    horizons = [int(h) for h in horizons]
     features = np.vstack([r.features for r in rows])
     symbols = [r.symbol for r in rows]
     X = ens.model_input(features, symbols)
-    base = await asyncio.gather(*(stage(ens, m, X, horizon) for m in BASE_MODELS))
-    outputs = dict(zip(BASE_MODELS, base))
-    outputs[META_MODEL] = await stage(ens, META_MODEL, ens.meta_input(X, outputs, horizon), horizon)
-    return ens.compose(features, symbols, [r.close for r in rows], [r.open_time for r in rows], horizon, outputs)
+    base = await asyncio.gather(*(stage(ens, m, [(X, h) for h in horizons]) for m in BASE_MODELS))
+    outputs = [{m: base[j][k] for j, m in enumerate(BASE_MODELS)} for k in range(len(horizons))]
+    meta = await stage(ens, META_MODEL, [(ens.meta_input(X, outputs[k], h), h) for k, h in enumerate(horizons)])
+    closes, times = [r.close for r in rows], [r.open_time for r in rows]
+    return [ens.compose(features, symbols, closes, times, h, {**outputs[k], META_MODEL: meta[k]})
+            for k, h in enumerate(horizons)]
+
+
+async def forecast_through(ens: Ensemble, stage: Stage, rows: Sequence[FeatureRow], horizon: int) -> list[Forecast]:
+    """The forecasts of ``rows`` for one horizon."""
+    return (await forecast_horizons(ens, stage, rows, [horizon]))[0]
 
 
 class BatchedForecasts:

@@ -42,7 +42,7 @@ from deployments.cache import CacheUnavailable, RedisGateway, make_entry, predic
 from deployments.hooks import load_serving_log
 from deployments.prometheus import EngineMetrics
 from deployments.model_pools import ModelSets, fallback_sets
-from deployments.pool_forecast import BatchedForecasts, PoolHandles, forecast_through
+from deployments.pool_forecast import BatchedForecasts, Part, PoolHandles, forecast_horizons
 from deployments.render import describe_models, signal_message
 from deployments.sharding import shard_of
 from deployments.state import FeatureRow
@@ -167,8 +167,7 @@ class EnsembleRouter(CandleClose):
         ens = self.ensemble
         if not rows or ens is None:
             return
-        results = await asyncio.gather(*(self._forecast(ens, rows, h) for h in self.settings.market.horizons))
-        forecasts = [f for batch in results for f in batch]
+        forecasts = await self._forecast(ens, rows)
         await self._cache(forecasts, rows, publish=False)
         await asyncio.gather(*(fb.refresh.remote(ens.versions) for fb in self.fbs))
 
@@ -179,10 +178,12 @@ class EnsembleRouter(CandleClose):
         return self.ensemble
 
     # ---- forecasts -------------------------------------------------------------------------
-    async def _forecast(self, ens: Ensemble, rows: Sequence[FeatureRow], horizon: int) -> list[Forecast]:
-        return await forecast_through(ens, self._stage, rows, horizon)
+    async def _forecast(self, ens: Ensemble, rows: Sequence[FeatureRow]) -> list[Forecast]:
+        """Every horizon's forecasts of ``rows`` (one call per pool), horizon by horizon."""
+        batches = await forecast_horizons(ens, self._stage, rows, self.settings.market.horizons)
+        return [f for batch in batches for f in batch]
 
-    async def _stage(self, ens: Ensemble, model: str, X: np.ndarray, horizon: int) -> np.ndarray:
+    async def _stage(self, ens: Ensemble, model: str, parts: Sequence[Part]) -> list[np.ndarray]:
         """One model's stage output from its pool, or computed here when the pool fails or does not
         answer within ``pool_call_timeout_s``.
 
@@ -194,7 +195,7 @@ class EnsembleRouter(CandleClose):
         Engine errors (a bad horizon, a model that cannot answer) are raised, not retried.
         """
         try:
-            return await self.handles.stage(ens, model, X, horizon, self.settings.pool_call_timeout_s)
+            return await self.handles.stage(ens, model, parts, self.settings.pool_call_timeout_s)
         except MLEngineError:
             raise
         except Exception as exc:  # a dead or unavailable replica, a timeout, a lost connection
@@ -207,7 +208,7 @@ class EnsembleRouter(CandleClose):
             log.warning("%s pool: %s; computing the stage in the router", model,
                         f"{type(exc).__name__}: {exc}"[:200])
             stage = await self.models.stage(model, ens.versions[model])  # boosters loaded on the first fallback
-            return await asyncio.to_thread(stage.predict, X, horizon)
+            return await asyncio.to_thread(lambda: [stage.predict(X, horizon) for X, horizon in parts])
 
     async def forecast(self, rows: list[FeatureRow], horizon: int) -> list[Forecast]:
         """Forecasts of ``rows`` for one horizon (the API's cache-miss path when the ingress's own

@@ -120,7 +120,8 @@ def scale_app(ray_cluster, small_models, tmp_path_factory):
 def test_twenty_symbols_are_forecast_cached_and_published_at_one_close(scale_app):
     """One close of 20 symbols: every symbol-horizon's prediction is in Redis and its signal on
     ``signals:{symbol}``, every shard marks its symbols published, and each model pool saw the
-    close as one batch per horizon (20 rows each)."""
+    close as one request (every horizon: its fixed cost paid once per close) computed as one batch
+    per horizon (20 rows each)."""
     app = scale_app
     assert all(app.shards) and sum(map(len, app.shards)) == 20 == len(app.symbols)
     before = {s: st.open_time for s, st in app.states().items()}
@@ -150,6 +151,7 @@ def test_twenty_symbols_are_forecast_cached_and_published_at_one_close(scale_app
         now = _handle(p).stats.remote().result(timeout_s=30)
         assert now["rows"] - stats[p]["rows"] == 20 * len(app.horizons), p
         assert now["batches"] - stats[p]["batches"] == len(app.horizons), p  # one batch per horizon
+        assert now["requests"] - stats[p]["requests"] == 1, p  # one request per close, all horizons
 
 
 def test_a_killed_feature_builder_shard_loses_no_symbol(scale_app):
