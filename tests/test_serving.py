@@ -479,6 +479,7 @@ def test_each_pool_holds_only_its_models_boosters_and_the_router_none(serving_ap
         stats = serve.get_deployment_handle(name, app_name=APP_NAME).stats.remote().result(timeout_s=30)
         assert stats["model"] == model and served[model] in stats["loaded_versions"], stats["loaded_versions"]
         assert len(stats["loaded_versions"]) <= MODELS_PER_REPLICA
+        assert stats["libraries"] == {"xgboost": True, "sklearn": False}, (model, stats["libraries"])  # ~60 MiB less
         for version, boosters in stats["boosters"].items():  # this model's files, no other model's
             assert set(boosters) == registry.load(model, version, boosters=False).booster_names, (model, version)
     assert served in held["sets"]
