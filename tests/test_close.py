@@ -2,7 +2,7 @@
 shards (the deployment class, called directly), the model and Redis steps recorded instead of run.
 
 One pass over a close of four symbols on two shards is one ingest call per shard, one forecast
-batch per horizon with every row, one Redis pipeline and one publish call per shard; a shard that
+pass with every row for every horizon, one Redis pipeline and one publish call per shard; a shard that
 does not answer holds up only its own symbols; no model publishes the candles with the error."""
 
 from __future__ import annotations
@@ -68,9 +68,10 @@ def _router(shards: list[Shard], ensemble=None):
     versions = {"range_predictor": "v1"}
     router._require = lambda: ensemble if ensemble is not None else SimpleNamespace(versions=versions)
 
-    async def forecast(ens, rows, horizon):
-        router.forecasts.append((horizon, sorted(r.symbol for r in rows)))
-        return [SimpleNamespace(symbol=r.symbol, horizon=horizon) for r in rows]
+    async def forecast(ens, rows):  # every horizon in one pass (one call per pool: deployments/pool_forecast.py)
+        horizons = tuple(router.settings.market.horizons)
+        router.forecasts.append((horizons, sorted(r.symbol for r in rows)))
+        return [SimpleNamespace(symbol=r.symbol, horizon=h) for h in horizons for r in rows]
 
     async def cache(forecasts, rows, *, publish, ttl_s=None):
         router.cached.append((len(forecasts), publish, sorted(ttl_s)))
@@ -92,7 +93,7 @@ def _history(symbol: str, n: int = 1100) -> CandleEvent:
                        FeedClock(0.0, float(df["open_time"].iloc[-1]) + 300_000), "test")
 
 
-def test_one_pass_is_one_call_per_shard_and_one_batch_per_horizon():
+def test_one_pass_is_one_call_per_shard_and_one_forecast_pass_for_every_horizon():
     shards = [Shard(0), Shard(1)]
     router = _router(shards)
     out = asyncio.run(router.close_candles([_history(s) for s in SYMBOLS]))
@@ -100,7 +101,7 @@ def test_one_pass_is_one_call_per_shard_and_one_batch_per_horizon():
     owned = assign(SYMBOLS, 2)
     for shard, mine in zip(shards, owned):
         assert shard.calls == [("ingest_many", len(mine)), ("publish_many", len(mine))]
-    assert router.forecasts == [(h, sorted(SYMBOLS)) for h in router.settings.market.horizons]
+    assert router.forecasts == [(tuple(router.settings.market.horizons), sorted(SYMBOLS))]
     assert router.cached == [(4 * len(router.settings.market.horizons), True, sorted(SYMBOLS))]
     assert router.candles == 4
 

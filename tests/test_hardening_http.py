@@ -93,7 +93,9 @@ def test_a_50mb_body_without_a_key_is_refused_at_once_and_costs_the_ingress_no_m
     sending then. With a Content-Length the ingress's peak memory does not move at all. A chunked
     body is pulled into the replica by Serve itself (its proxy forwards what arrives until the answer
     is out), so there the peak grows by about what arrived meanwhile (measured: 1.1-1.2x the bytes
-    sent). Without the guard FastAPI reads and joins the whole body on top: 2.5x or more."""
+    sent on a quiet machine, up to 1.8x with the suite's other work on both cores). Without the
+    guard FastAPI reads and joins the whole body on top of that: 2.5x or more. The bound sits
+    between: 2.2x."""
     port = int(serving_app.base_url.rsplit(":", 1)[1])
     pid = _ingress_pid(ray_cluster)
     head = "POST /predictions HTTP/1.1\r\nHost: engine\r\nContent-Type: application/json\r\n"
@@ -109,7 +111,7 @@ def test_a_50mb_body_without_a_key_is_refused_at_once_and_costs_the_ingress_no_m
     assert [r[:2] for r in results.values()] == [(413, "payload_too_large"), (401, "unauthorized"),
                                                  (413, "payload_too_large")], results
     for name, (_status, _error, sent, seconds, grown) in results.items():
-        allowed = 2 * MB if name == "declared" else 1.6 * sent + 4 * MB
+        allowed = 2 * MB if name == "declared" else 2.2 * sent + 4 * MB
         assert seconds < 10 and grown < allowed, f"{name}: {sent / MB:.1f} MB sent, peak memory +{grown / MB:.1f} MB"
     record("huge bodies (deployed)", "50 MB with Content-Length and no key, 50 MB chunked without and with a key: "
            + ", ".join(f"{n} {r[0]} after {r[2] / MB:.0f} MB sent, peak +{r[4] / MB:.1f} MB" for n, r in results.items()),
