@@ -246,9 +246,24 @@ class EnsembleRouter(CandleClose):
     async def newest_candle(self, symbol: str) -> int | None:
         """The newest candle of ``symbol`` the FeatureBuilder holds: where a new MarketData actor
         resumes (None: it holds none, e.g. a fresh deployment)."""
-        snap = await self.fbs[shard_of(symbol, len(self.fbs))].snapshot.remote(-1, 0.0)
-        st = snap.symbols.get(symbol)
-        return None if st is None else st.open_time
+        return await self._newest_batched(symbol)
+
+    @serve.batch(max_batch_size=512, batch_wait_timeout_s=0.01)  # 512: the router's max_ongoing_requests
+    async def _newest_batched(self, symbols: list[str]) -> list[int | None]:
+        """Concurrent asks as one :meth:`newest_candles`. Why: at a start every symbol's feed asks at
+        once; a whole-shard snapshot per symbol (200 of them at 200 symbols) kept the router busy
+        long enough for its autoscaler to add a replica."""
+        return await self.newest_candles(symbols)
+
+    async def newest_candles(self, symbols: list[str]) -> list[int | None]:
+        """:meth:`newest_candle` of each of ``symbols``, from one snapshot per shard."""
+        shards = sorted({shard_of(s, len(self.fbs)) for s in symbols})
+        snaps = dict(zip(shards, await asyncio.gather(*(self.fbs[i].snapshot.remote(-1, 0.0) for i in shards))))
+        out: list[int | None] = []
+        for s in symbols:
+            st = snaps[shard_of(s, len(self.fbs))].symbols.get(s)
+            out.append(None if st is None else st.open_time)
+        return out
 
     # ---- status ----------------------------------------------------------------------------
     async def tunables(self) -> dict[str, Any]:

@@ -45,12 +45,17 @@ class Shard:
         self.hang = hang
         self.ingest_many = _Remote(self._ingest)
         self.publish_many = _Remote(self._publish)
+        self.snapshot = _Remote(self._snapshot)
 
     async def _ingest(self, events):
         self.calls.append(("ingest_many", len(events)))
         if self.hang:
             await asyncio.sleep(3600)
         return await self.dep.ingest_many(events)
+
+    async def _snapshot(self, after, timeout_s):
+        self.calls.append(("snapshot", 1))
+        return await self.dep.snapshot(after, timeout_s)
 
     async def _publish(self, items):
         self.calls.append(("publish_many", len(items)))
@@ -141,3 +146,21 @@ def test_a_symbol_no_shard_holds_fails_only_its_event():
     assert out[0]["published"]
     with pytest.raises(Exception, match="not one of the engine's symbols"):
         raise out[1]
+
+
+def test_a_start_of_every_feed_at_once_asks_each_shard_once_for_the_newest_candles():
+    """Every symbol's feed asks the router where to resume at once (deployments/market_data.py): one
+    snapshot per shard answers them all, not one whole-shard snapshot per symbol."""
+    shards = [Shard(0), Shard(1)]
+    router = _router(shards)
+    events = [_history(s) for s in SYMBOLS]
+
+    async def go():
+        await router.close_candles(events)
+        for shard in shards:
+            shard.calls.clear()
+        return await router.newest_candles([*SYMBOLS, "NOTHELDUSDT"])  # what one batch of concurrent asks runs
+
+    newest = asyncio.run(go())
+    assert newest == [int(e.open_time[-1]) for e in events] + [None]
+    assert [shard.calls for shard in shards] == [[("snapshot", 1)], [("snapshot", 1)]]
