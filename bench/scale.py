@@ -95,10 +95,15 @@ def newest(symbols: list[str], shards: int, app: str = APP) -> dict[str, tuple[i
     return out
 
 
+class GraphNotStarted(RuntimeError):
+    """The graph of a size did not publish every symbol in time (it may not even fit the cluster)."""
+
+
 def wait_started(symbols: list[str], shards: int, since: float, timeout_s: float = 600,
                  app: str = APP) -> tuple[dict[str, int], float]:
     """Once every symbol's newest candle is published (the graph is up): each symbol's candle and
-    the seconds since ``since`` (``time.monotonic()`` before the deploy)."""
+    the seconds since ``since`` (``time.monotonic()`` before the deploy); GraphNotStarted after
+    ``timeout_s``."""
     t = since
     error = "not every symbol published"
     while True:
@@ -109,8 +114,8 @@ def wait_started(symbols: list[str], shards: int, since: float, timeout_s: float
         except Exception as exc:  # still deploying
             error = f"{type(exc).__name__}: {exc}"[:300]
         if time.monotonic() - t > timeout_s:
-            raise SystemExit(f"{len(symbols)} symbols: the graph did not publish every symbol within {timeout_s:.0f} s "
-                             f"(last: {error})")
+            raise GraphNotStarted(f"{len(symbols)} symbols: the graph did not publish every symbol within "
+                                  f"{timeout_s:.0f} s (last: {error})")
         time.sleep(0.5)
 
 
@@ -190,7 +195,10 @@ def run_graph(n: int, closes: int, models: str, redis: PrivateRedis, workdir: Pa
     shards = shard_count(settings.feature_shards, len(symbols))
     t0 = time.monotonic()
     serve.run(build_graph(ov), name=APP, route_prefix="/scale", blocking=False)
-    open_time, started_s = wait_started(symbols, shards, t0)
+    try:
+        open_time, started_s = wait_started(symbols, shards, t0)
+    except GraphNotStarted as exc:
+        raise SystemExit(str(exc)) from None
 
     def cpu_groups() -> dict[str, float]:
         return {**cluster_cpu_groups(), "redis-server": redis_cpu_s(redis.proc.pid)}

@@ -52,7 +52,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from bench.scale import APP, close_row, measure_closes, overrides_for, wait_started  # noqa: E402
+from bench.scale import APP, GraphNotStarted, close_row, measure_closes, overrides_for, wait_started  # noqa: E402
 from bench.scale_parts import cluster_cpu_groups, cluster_memory_gib, redis_cpu_s  # noqa: E402
 from scripts import cluster_nodes as cn  # noqa: E402
 from scripts.lab_network import LabNetwork  # noqa: E402
@@ -168,7 +168,7 @@ def run_size(n: int, spec: dict[str, Any], lab: LabNetwork) -> dict[str, Any]:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     t0 = time.monotonic()
     cn.serve_deploy(lab, path, workdir)
-    open_time, started_s = wait_started(symbols, shards, t0, app=app)
+    open_time, started_s = wait_started(symbols, shards, t0, timeout_s=spec["start_timeout_s"], app=app)
     wait_alone(lab, app)
     _say(f"{lab.nodes} node(s), {n} symbols: every symbol published after {started_s:.0f} s; closing")
     measured = measure_closes(open_time, horizons, spec["closes"], spec["redis_url"],
@@ -228,7 +228,11 @@ def driver(spec: dict[str, Any]) -> int:
     results = Path(spec["results"])
 
     def measure(n: int) -> float | None:
-        row = run_size(n, spec, lab)
+        try:
+            row = run_size(n, spec, lab)
+        except GraphNotStarted as exc:  # too big to start here (or to fit the nodes' CPUs): over, like a slow close
+            row = {"symbols": n, "nodes": lab.nodes, "within_budget": False, "not_started": str(exc),
+                   "close_to_ready_p99_s": None, "closes": 0}
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
         _say(f"{lab.nodes} node(s), {n} symbols: p99 {row['close_to_ready_p99_s']} s over {row['closes']} closes")
@@ -253,7 +257,8 @@ def run_setup(nodes: int, args: argparse.Namespace, start: int, workdir: Path) -
         _say(f"{nodes} node(s) up (cores {list(range(nodes))}), logs in {workdir}")
         spec = {"lab_id": args.lab_id, "nodes": nodes, "models": args.models, "workdir": str(workdir),
                 "redis_url": services.redis_url, "redis_pid": services.redis_pid, "ladder": args.ladder,
-                "start": start, "closes": args.closes, "budget_s": args.budget_s, "results": str(results)}
+                "start": start, "closes": args.closes, "budget_s": args.budget_s, "results": str(results),
+                "start_timeout_s": args.start_timeout_s}
         # The driver is a client, not a node: Serve's node switches (throughput mode: handles only inside
         # an event loop) stay the nodes'.
         env = {k: v for k, v in envs[0].items() if not k.startswith("RAY_SERVE_")}
@@ -292,6 +297,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default=str(ROOT / "data" / "models"), help="model registry (default: the shipped set)")
     p.add_argument("--lab-id", type=int, default=LAB_ID, help="lab subnet 10.213.<id>.0/24 and name prefix")
     p.add_argument("--setup-timeout-s", type=float, default=1800, help="give up on a setup after this")
+    p.add_argument("--start-timeout-s", type=float, default=300,
+                   help="a size whose graph has not published every symbol after this is over the budget")
     p.add_argument("--workdir", default=None, help="logs and per-size configs (default: a temporary folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--driver", default=None, help=argparse.SUPPRESS)  # internal: the head namespace's driver
@@ -336,7 +343,8 @@ def table(out: dict[str, Any]) -> str:
              "| RSS GiB | PSS GiB | first size over: p99 s |", "|" + "---|" * 8]
     for s in out["setups"]:
         r, o = s["at_max"] or {}, s["first_over"]
-        over = "-" if o is None else f"{o['symbols']}: {o['close_to_ready_p99_s'] or 'no answer'} ({o['closes']} closes)"
+        over = "-" if o is None else (f"{o['symbols']}: did not start" if "not_started" in o else
+                                      f"{o['symbols']}: {o['close_to_ready_p99_s'] or 'no answer'} ({o['closes']} closes)")
         most = (">=" if s["top_of_ladder"] else "") + str(s["max_symbols_within_budget"])
         lines.append(f"| {s['nodes']} | {most} | {r.get('close_to_ready_p50_s', '-')} "
                      f"| {r.get('close_to_ready_p99_s', '-')} | {r.get('cpu_ms_per_symbol_horizon', '-')} "
@@ -346,6 +354,9 @@ def table(out: dict[str, Any]) -> str:
                      f"{out['setups'][0]['nodes']}): {out['ratio']}")
     for s in out["setups"]:
         for r in s["sizes"]:
+            if "not_started" in r:
+                lines.append(f"{s['nodes']} node(s), {r['symbols']} symbols: {r['not_started']}")
+                continue
             lines.append(f"{s['nodes']} node(s), {r['symbols']} symbols: p50 {r['close_to_ready_p50_s']} p99 "
                          f"{r['close_to_ready_p99_s']} s, {r['cpu_ms_per_symbol_horizon']} CPU-ms/symbol-horizon, "
                          f"CPU per node {r['node_cpu_share']}, shards {r['shards']}, feed actors {r['feed_actors']}, "

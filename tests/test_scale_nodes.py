@@ -96,3 +96,20 @@ def test_walk_from_a_start_over_goes_down_and_reports_the_top_or_none():
     assert walk(ladder, 0, 5.0, measure) == 500 and tried == [100, 500]  # the top rung: a lower bound
     measure, tried = _measuring(lambda n: 9.0)
     assert walk(ladder, 2, 5.0, measure) is None and tried == [300, 200, 100]
+
+
+def test_a_size_that_did_not_start_counts_as_over_in_the_summary_and_the_table():
+    """A rung too big to start on the nodes (its replicas do not fit, or it publishes too late) is
+    a size over the budget, not the end of the run: the 1-node walk once jumped from 100 to 1200."""
+    from bench.scale_nodes import summary, table
+
+    ok = {"symbols": 100, "nodes": 1, "within_budget": True, "close_to_ready_p50_s": 0.3, "close_to_ready_p99_s": 0.4,
+          "closes": 20, "cpu_ms_per_symbol_horizon": 1.1, "rss_gib": 3.0, "pss_gib": 2.0, "node_cpu_share": {},
+          "shards": 1, "feed_actors": {}, "replicas_per_node": {}}
+    big = {"symbols": 1200, "nodes": 1, "within_budget": False, "closes": 0, "close_to_ready_p99_s": None,
+           "not_started": "1200 symbols: the graph did not publish every symbol within 300 s"}
+    s = summary(1, [ok, big])
+    assert s["max_symbols_within_budget"] == 100 and s["first_over"] is big and not s["top_of_ladder"]
+    text = table({"budget_s": 5.0, "closes": 20, "ladder": [100, 1200], "loadavg_start": 0.5, "loadavg_end": 1.0,
+                  "setups": [s]})
+    assert "| 1 | 100 |" in text and "1200: did not start" in text and big["not_started"] in text
