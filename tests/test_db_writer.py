@@ -211,6 +211,10 @@ def test_writer_killed_mid_batch_replays_every_row_once(private_pg, tmp_path):
         reader.start()
         try:
             async def blocked_insert():
+                # This connection is inside its transaction (the lock), where PostgreSQL reads
+                # pg_stat_activity once and keeps that snapshot: without clearing it, a first look
+                # taken before the child sent its INSERT is what every later look sees.
+                await conn.execute("SELECT pg_stat_clear_snapshot()")
                 return await conn.fetchval(
                     "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                     "AND query LIKE 'INSERT INTO ml.prediction_logs%'")
