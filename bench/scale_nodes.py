@@ -1,6 +1,6 @@
 """Does adding a node raise the symbols one candle close handles within 5 s? (issue 18 point 5)
 
-    .venv/bin/python bench/scale_nodes.py [--nodes 1,2] [--ladder 100,200,...,1600] [--closes 20]
+    .venv/bin/python bench/scale_nodes.py [--nodes 1,2] [--ladder 100,200,...,1600] [--closes 20] [--start-timeout-s 300]
                                           [--budget-s 5] [--lab-id 218] [--json]      # as root
 
 Per setup (1 node, then 2) a lab cluster of :mod:`scripts.cluster_nodes` -- one Ray node per network
