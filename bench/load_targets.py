@@ -152,6 +152,11 @@ class ServeApp:
 
     def __init__(self, name: str, env_extra: dict[str, str], models: Path, key: str, redis_url: str,
                  workdir: Path, ingress_replicas: int = 1) -> None:
+        self.models, self.key, self.redis_url, self.ingress_replicas = models, key, redis_url, ingress_replicas
+        self._start(name, env_extra, workdir)
+
+    def _start(self, name: str, env_extra: dict[str, str], workdir: Path) -> None:
+        """The head, this driver connected, Serve on a free port, then :meth:`_deploy`."""
         from deployments.launcher import RayHead
 
         self.name = name
@@ -161,21 +166,25 @@ class ServeApp:
         self.head = RayHead(free_port(), env, dashboard_port=free_port(), log_path=workdir / f"ray-{name}.log")
         try:
             self.head.wait_ready()
-            from deployments.app import deploy, start_serve_on_free_port
+            from deployments.app import start_serve_on_free_port
 
             self.head.connect()
             self.http_port = start_serve_on_free_port("127.0.0.1")
             self.url = f"http://127.0.0.1:{self.http_port}"
-            from deployments.auth import write_api_keys_file
-
-            keys_file = write_api_keys_file(workdir / f"api_keys-{name}", [key])
-            deploy({"models_dir": str(models), "api_keys_file": str(keys_file), "rate_limit_per_minute": 10**9,
-                    "redis_url": redis_url, "replay_speed": 0, "replay_history": 10**9, "max_data_age_s": 1e9,
-                    "serving_log": "", "serve_access_log": False}, ingress_replicas=ingress_replicas)
-            wait_http(self.url, key)
+            self._deploy(workdir)
         except BaseException:
             self.stop()  # never leave a Ray head behind
             raise
+
+    def _deploy(self, workdir: Path) -> None:
+        from deployments.app import deploy
+        from deployments.auth import write_api_keys_file
+
+        keys_file = write_api_keys_file(workdir / f"api_keys-{self.name}", [self.key])
+        deploy({"models_dir": str(self.models), "api_keys_file": str(keys_file), "rate_limit_per_minute": 10**9,
+                "redis_url": self.redis_url, "replay_speed": 0, "replay_history": 10**9, "max_data_age_s": 1e9,
+                "serving_log": "", "serve_access_log": False}, ingress_replicas=self.ingress_replicas)
+        wait_http(self.url, self.key)
 
     def stop(self) -> None:
         import ray
@@ -194,35 +203,21 @@ class BareServe(ServeApp):
     in the mode ``make serve`` ships (HAProxy + throughput-optimized): Serve's own floor per
     request, with none of the engine's code."""
 
-    def __init__(self, workdir: Path) -> None:  # noqa: super().__init__ deploys the engine: not called
-        from deployments.launcher import RayHead
+    def __init__(self, workdir: Path) -> None:
+        self._start("bare-serve", haproxy_env(workdir), workdir)
 
-        self.name = "bare-serve"
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
-               **haproxy_env(workdir)}
-        os.environ["RAY_AUTH_MODE"] = env["RAY_AUTH_MODE"]
-        self.head = RayHead(free_port(), env, dashboard_port=free_port(), log_path=workdir / "ray-bare-serve.log")
-        try:
-            self.head.wait_ready()
-            from ray import serve
+    def _deploy(self, workdir: Path) -> None:
+        from ray import serve
 
-            from bench.bare_fastapi import build
-            from deployments.app import start_serve_on_free_port
+        from bench.bare_fastapi import build
 
-            self.head.connect()
-            self.http_port = start_serve_on_free_port("127.0.0.1")
-            self.url = f"http://127.0.0.1:{self.http_port}"
+        @serve.deployment(name="BareIngress", ray_actor_options={"num_cpus": 0.5})
+        @serve.ingress(build())
+        class BareIngress:
+            pass
 
-            @serve.deployment(name="BareIngress", ray_actor_options={"num_cpus": 0.5})
-            @serve.ingress(build())
-            class BareIngress:
-                pass
-
-            serve.run(BareIngress.bind(), name="bare", route_prefix="/")
-            _wait_health(self.url)
-        except BaseException:
-            self.stop()
-            raise
+        serve.run(BareIngress.bind(), name="bare", route_prefix="/")
+        _wait_health(self.url)
 
 
 def _wait_health(url: str, timeout: float = 120) -> None:
